@@ -1,0 +1,232 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to baileys-dr
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Baileys auth-state codec shared by every baileys-dr module.
+
+Buffer encodings, Baileys' file naming, canonical JSON and the state digest
+(docs/architecture.md, "The state digest (v1)"). The Node twin lives in
+testbed/app/src/digest.js; both are tested against tests/vectors.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import math
+import re
+
+COMPANY_ID_RE = re.compile(r"\A[A-Za-z0-9_-]{1,50}\Z")
+
+# SignalDataTypeMap across Baileys v6.7 to v7 rc.
+KEY_TYPES = (
+    "pre-key",
+    "session",
+    "sender-key",
+    "sender-key-memory",
+    "app-state-sync-key",
+    "app-state-sync-version",
+    "lid-mapping",
+    "device-list",
+    "tctoken",
+    "identity-key",
+)
+
+DIGEST_HEADER = ["baileys-dr-state", 1]
+
+_BASE64_RE = re.compile(r"\A(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}(?:==)?|[A-Za-z0-9+/]{3}=?)?\Z")
+_DIGITS_RE = re.compile(r"\A-?[0-9]+\Z")
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_ESCAPE_RE = re.compile(r'["\\\x00-\x1f]')
+
+
+class Bytes(bytes):
+    """Bytes that stand for a Node Buffer inside a decoded value."""
+
+
+def decode_base64(text):
+    """Standard base64 with optional padding, or None when it is not that."""
+    if not _BASE64_RE.match(text):
+        return None
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def buffer_bytes(value):
+    """The bytes a JSON Buffer object stands for, or None when it is not one."""
+    if not isinstance(value, dict) or value.get("type") != "Buffer" or set(value) != {"type", "data"}:
+        return None
+    data = value["data"]
+    if isinstance(data, str):
+        return decode_base64(data)
+    if isinstance(data, list) and all(type(b) is int and 0 <= b <= 255 for b in data):
+        return bytes(data)
+    return None
+
+
+def revive(value):
+    """Replace every JSON Buffer object (either encoding) by Bytes."""
+    if isinstance(value, dict):
+        raw = buffer_bytes(value)
+        if raw is not None:
+            return Bytes(raw)
+        return {k: revive(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [revive(v) for v in value]
+    return value
+
+
+def _encode_tree(value, encode):
+    if isinstance(value, bytes):
+        return encode(value)
+    if isinstance(value, dict):
+        raw = buffer_bytes(value)
+        if raw is not None:
+            return encode(raw)
+        return {k: _encode_tree(v, encode) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encode_tree(v, encode) for v in value]
+    return value
+
+
+def to_base64_form(value):
+    """Value with every Buffer in the form Baileys' BufferJSON.replacer writes."""
+    return _encode_tree(value, lambda raw: {"type": "Buffer", "data": base64.b64encode(raw).decode("ascii")})
+
+
+def to_array_form(value):
+    """Value with every Buffer in the form the application's JSON.stringify writes."""
+    return _encode_tree(value, lambda raw: {"type": "Buffer", "data": list(raw)})
+
+
+def apply_type_rules(key_type, value):
+    """Protobuf JSON form of app-state-sync-key values, as Baileys revives them."""
+    if key_type != "app-state-sync-key" or not isinstance(value, dict):
+        return value
+    out = dict(value)
+    key_data = out.get("keyData")
+    if isinstance(key_data, str):
+        raw = decode_base64(key_data)
+        if raw is not None:
+            out["keyData"] = Bytes(raw)
+    timestamp = out.get("timestamp")
+    if isinstance(timestamp, str) and _DIGITS_RE.match(timestamp):
+        out["timestamp"] = int(timestamp)
+    return out
+
+
+def _escape(text):
+    return '"' + _ESCAPE_RE.sub(lambda m: _ESCAPES.get(m.group(0)) or "\\u%04x" % ord(m.group(0)), text) + '"'
+
+
+def _number(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        # JSON.stringify turns these into null; JSONB cannot hold them at all.
+        return "null"
+    if value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    return repr(value)
+
+
+def _canonical(value, out):
+    if isinstance(value, bytes):
+        out.append('{"data":"%s","type":"Buffer"}' % base64.b64encode(value).decode("ascii"))
+    elif isinstance(value, dict):
+        raw = buffer_bytes(value)
+        if raw is not None:
+            _canonical(Bytes(raw), out)
+            return
+        out.append("{")
+        for index, name in enumerate(sorted(value, key=lambda k: k.encode("utf-8"))):
+            if index:
+                out.append(",")
+            out.append(_escape(name))
+            out.append(":")
+            _canonical(value[name], out)
+        out.append("}")
+    elif isinstance(value, (list, tuple)):
+        out.append("[")
+        for index, item in enumerate(value):
+            if index:
+                out.append(",")
+            _canonical(item, out)
+        out.append("]")
+    elif isinstance(value, str):
+        out.append(_escape(value))
+    elif value is None:
+        out.append("null")
+    elif isinstance(value, (int, float)):
+        out.append(_number(value))
+    else:
+        raise TypeError("cannot canonicalise a value of type %s" % type(value).__name__)
+
+
+def canonical_json(value, key_type=None):
+    """Canonical JSON text of a decoded JSON value (docs/architecture.md)."""
+    out = []
+    _canonical(apply_type_rules(key_type, value), out)
+    return "".join(out)
+
+
+def sort_key(key_type, key_id):
+    """Order of keys in the digest: (type, id) as UTF-8 bytes, like COLLATE "C"."""
+    return (key_type.encode("utf-8"), key_id.encode("utf-8"))
+
+
+class DigestOrderError(ValueError):
+    pass
+
+
+class StateDigest:
+    """Streaming state digest of one company.
+
+    Keys must arrive sorted by sort_key(); a database query gets that order
+    with ORDER BY key_type COLLATE "C", key_id COLLATE "C".
+    """
+
+    def __init__(self, creds):
+        self._hash = hashlib.sha256()
+        self._last = None
+        self.keys = 0
+        self._line(DIGEST_HEADER)
+        self._hash.update(('["creds",%s]\n' % canonical_json(creds)).encode("utf-8"))
+
+    def _line(self, parts):
+        self._hash.update((canonical_json(parts) + "\n").encode("utf-8"))
+
+    def add(self, key_type, key_id, value):
+        position = sort_key(key_type, key_id)
+        if self._last is not None and position <= self._last:
+            raise DigestOrderError("key %s/%r is out of order or repeated" % (key_type, key_id))
+        self._last = position
+        self.keys += 1
+        self._hash.update(
+            ("[%s,%s,%s]\n" % (_escape(key_type), _escape(key_id), canonical_json(value, key_type))).encode("utf-8")
+        )
+
+    def hexdigest(self):
+        return self._hash.hexdigest()
+
+
+def state_digest(creds, keys):
+    """Digest of a whole company: keys is an iterable of (type, id, value) in any order."""
+    digest = StateDigest(creds)
+    for key_type, key_id, value in sorted(keys, key=lambda k: sort_key(k[0], k[1])):
+        digest.add(key_type, key_id, value)
+    return digest.hexdigest()
+
+
+def fix_file_name(key_id):
+    """Baileys' fixFileName: every '/' becomes '__', then every ':' becomes '-'."""
+    return key_id.replace("/", "__").replace(":", "-")
+
+
+def key_file_name(key_type, key_id):
+    """File name Baileys' useMultiFileAuthState uses for a key."""
+    return "%s-%s.json" % (key_type, fix_file_name(key_id))
