@@ -116,6 +116,8 @@ class Cluster:
 
     def init(self, password):
         os.makedirs(self.base, mode=0o755, exist_ok=True)
+        if self.os_user and self._as_owner(["test", "-x", self.base], check=False).returncode != 0:
+            raise ClusterError("the account %s cannot reach %s: every parent directory must be traversable by it" % (self.os_user, self.base))
         for path in (self.datadir, self.rundir):
             os.makedirs(path, mode=0o700, exist_ok=True)
             self._chown(path)

@@ -1,0 +1,263 @@
+'use strict';
+// baileys-whatsapp-service, test edition: a stand-in for the real WhatsApp
+// service. It loads the Baileys auth state of every company from the store
+// the .env selects, computes the state digest of each (docs/architecture.md)
+// and answers readiness on http://127.0.0.1:<HEALTH_PORT>/health.
+// It never connects to WhatsApp.
+
+const http = require('node:http');
+const fs = require('node:fs');
+const path = require('node:path');
+const { execFileSync } = require('node:child_process');
+const log = require('./log');
+const { loadConfig, publicConfig } = require('./config');
+
+const MAX_ERRORS_SHOWN = 200;
+const RETRY_MIN_MS = 1000;
+const RETRY_MAX_MS = 30000;
+
+function gitRevision(appRoot) {
+  if (!fs.existsSync(path.join(appRoot, '.git'))) return null;
+  try {
+    const out = execFileSync('git', ['-C', appRoot, 'rev-parse', 'HEAD'], { encoding: 'utf8', timeout: 5000, stdio: ['ignore', 'pipe', 'ignore'] });
+    return /^[0-9a-f]{40,64}$/.test(out.trim()) ? out.trim() : null;
+  } catch {
+    return null;
+  }
+}
+
+/** The store module for the selected store, or {error} when this revision has none. */
+function resolveStore(store) {
+  if (store === 'supabase') {
+    return { error: 'store "supabase" is not available in the test application (set USE_LEGACY_SUPABASE=false)' };
+  }
+  try {
+    return { module: require(`./stores/${store}`) };
+  } catch (error) {
+    if (error.code === 'MODULE_NOT_FOUND' && String(error.message).includes(`stores/${store}`)) {
+      return { error: `store "${store}" is not available at this revision (src/stores/${store}.js is absent)` };
+    }
+    return { error: `store "${store}" failed to load: ${error.message}` };
+  }
+}
+
+function capped(list) {
+  if (list.length <= MAX_ERRORS_SHOWN) return list;
+  return list.slice(0, MAX_ERRORS_SHOWN).concat([`... and ${list.length - MAX_ERRORS_SHOWN} more`]);
+}
+
+function createService(options = {}) {
+  const config = options.config || loadConfig();
+  const startedAt = new Date().toISOString();
+  const revision = gitRevision(config.appRoot);
+  const selected = resolveStore(config.store);
+  const state = {
+    loading: false,
+    loadPromise: null,
+    result: null, // {companies, errors, warnings}
+    storeError: null, // store-level failure of the last load (connection, ...)
+    loadedAt: null,
+    loadMs: null,
+    loads: 0,
+    stopping: false,
+    retryTimer: null,
+    retryMs: RETRY_MIN_MS,
+    signalledReady: false,
+  };
+
+  function errors() {
+    const list = [...config.errors];
+    if (selected.error) list.push(selected.error);
+    if (state.storeError) list.push(state.storeError);
+    if (state.result) list.push(...state.result.errors);
+    return list;
+  }
+
+  function isReady() {
+    return !state.loading && state.result !== null && errors().length === 0;
+  }
+
+  function health() {
+    const companies = state.result ? state.result.companies : [];
+    const digests = {};
+    const registrationIds = {};
+    const keys = {};
+    const guessedIds = {};
+    for (const c of companies) {
+      digests[c.id] = c.digest;
+      registrationIds[c.id] = c.registrationId;
+      keys[c.id] = c.keys;
+      if (c.guessedCount) guessedIds[c.id] = { count: c.guessedCount, ambiguous: c.ambiguousCount, listed: c.guessed };
+    }
+    return {
+      ready: isReady(),
+      store: config.store,
+      revision,
+      companies: companies.length,
+      digests,
+      registrationIds,
+      errors: capped(errors()),
+      startedAt,
+      pid: process.pid,
+      loading: state.loading,
+      loadedAt: state.loadedAt,
+      loadMs: state.loadMs,
+      keys,
+      guessedIds,
+      warnings: capped(state.result ? state.result.warnings : []),
+      flags: config.flags,
+      rssBytes: process.memoryUsage().rss,
+    };
+  }
+
+  function scheduleRetry() {
+    if (state.stopping || state.retryTimer) return;
+    const delay = state.retryMs;
+    state.retryMs = Math.min(state.retryMs * 2, RETRY_MAX_MS);
+    log.info('reload_scheduled', { inMs: delay });
+    state.retryTimer = setTimeout(() => {
+      state.retryTimer = null;
+      reload('retry');
+    }, delay);
+    state.retryTimer.unref();
+  }
+
+  async function runLoad(reason) {
+    const started = process.hrtime.bigint();
+    state.loading = true;
+    state.loads += 1;
+    log.info('load_started', { store: config.store, reason, load: state.loads });
+    let done = 0;
+    try {
+      const result = await selected.module.load(config, {
+        isStopping: () => state.stopping,
+        onCompany: () => {
+          done += 1;
+          if (done % 100 === 0) log.info('load_progress', { companies: done });
+        },
+      });
+      state.result = result;
+      state.storeError = null;
+      state.retryMs = RETRY_MIN_MS;
+    } catch (error) {
+      state.storeError = `${config.store} store: ${log.errorText(error)}`;
+      state.result = state.result || { companies: [], errors: [], warnings: [] };
+    } finally {
+      state.loading = false;
+      state.loadedAt = new Date().toISOString();
+      state.loadMs = Number((process.hrtime.bigint() - started) / 1000000n);
+    }
+    const h = health();
+    const mem = process.memoryUsage();
+    log[h.ready ? 'info' : 'error']('load_finished', {
+      store: config.store,
+      ready: h.ready,
+      companies: h.companies,
+      keys: Object.values(h.keys).reduce((a, b) => a + b, 0),
+      errors: h.errors.slice(0, 20),
+      errorCount: errors().length,
+      warningCount: state.result.warnings.length,
+      loadMs: state.loadMs,
+      rssBytes: mem.rss,
+      heapUsedBytes: mem.heapUsed,
+    });
+    for (const c of state.result.companies) {
+      if (c.guessedCount) log.warn('ids_guessed', { company: c.id, count: c.guessedCount, ambiguous: c.ambiguousCount });
+    }
+    if (state.storeError && !state.stopping) scheduleRetry();
+    if (h.ready && !state.signalledReady && typeof process.send === 'function') {
+      state.signalledReady = true;
+      process.send('ready'); // PM2 wait_ready
+    }
+  }
+
+  function reload(reason = 'reload') {
+    if (selected.error || state.stopping) return Promise.resolve();
+    if (state.loadPromise) return state.loadPromise;
+    if (state.retryTimer) {
+      clearTimeout(state.retryTimer);
+      state.retryTimer = null;
+    }
+    state.loadPromise = runLoad(reason).finally(() => {
+      state.loadPromise = null;
+    });
+    return state.loadPromise;
+  }
+
+  function send(res, status, body) {
+    const text = JSON.stringify(body);
+    res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store', 'content-length': Buffer.byteLength(text) });
+    res.end(text);
+  }
+
+  const server = http.createServer((req, res) => {
+    const url = (req.url || '/').split('?')[0];
+    req.resume();
+    if (url === '/health' && (req.method === 'GET' || req.method === 'HEAD')) {
+      const h = health();
+      send(res, h.ready ? 200 : 503, h);
+    } else if (url === '/reload' && req.method === 'POST') {
+      log.info('reload_requested', { remote: req.socket.remoteAddress });
+      reload('http').then(() => {
+        const h = health();
+        send(res, h.ready ? 200 : 503, h);
+      });
+    } else if (url === '/health' || url === '/reload') {
+      send(res, 405, { error: 'method not allowed' });
+    } else {
+      send(res, 404, { error: 'not found' });
+    }
+  });
+
+  function start() {
+    log.info('service_starting', { revision, config: publicConfig(config), node: process.version });
+    if (selected.error) log.error('store_unavailable', { store: config.store, error: selected.error });
+    for (const e of config.errors) log.error('config_error', { error: e });
+    return new Promise((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(config.healthPort, '127.0.0.1', () => {
+        server.off('error', reject);
+        log.info('health_listening', { address: '127.0.0.1', port: server.address().port });
+        resolve(server.address().port);
+        reload('start');
+      });
+    });
+  }
+
+  async function stop(signal) {
+    if (state.stopping) return;
+    state.stopping = true;
+    log.info('service_stopping', { signal });
+    if (state.retryTimer) clearTimeout(state.retryTimer);
+    server.close();
+    server.closeAllConnections && server.closeAllConnections();
+    if (state.loadPromise) {
+      await Promise.race([state.loadPromise.catch(() => {}), new Promise((r) => setTimeout(r, 5000).unref())]);
+    }
+    log.info('service_stopped', { signal });
+  }
+
+  return { start, stop, reload, health, config, server, state };
+}
+
+function main() {
+  const service = createService();
+  const onSignal = (signal) => {
+    service.stop(signal).then(() => process.exit(0));
+  };
+  process.once('SIGINT', () => onSignal('SIGINT'));
+  process.once('SIGTERM', () => onSignal('SIGTERM'));
+  process.on('unhandledRejection', (reason) => log.error('unhandled_rejection', { error: log.errorText(reason) }));
+  process.on('uncaughtException', (error) => {
+    log.error('uncaught_exception', { error: log.errorText(error), stack: String(error.stack || '').split('\n').slice(0, 8) });
+    process.exit(1);
+  });
+  service.start().catch((error) => {
+    log.error('service_failed', { error: log.errorText(error) });
+    process.exit(1);
+  });
+}
+
+if (require.main === module) main();
+
+module.exports = { createService, resolveStore, gitRevision };
