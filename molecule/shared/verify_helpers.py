@@ -1,0 +1,60 @@
+"""Helpers shared by the Molecule scenarios' testinfra tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DB_CONTAINER = "baileys-dr-db"
+APP_USER = "baileys"
+APP_NAME = "baileys-whatsapp-service"
+
+
+def import_module_utils():
+    import ansible.module_utils
+
+    path = os.path.join(ROOT, "module_utils")
+    if path not in ansible.module_utils.__path__:
+        ansible.module_utils.__path__.append(path)
+
+
+def db_params():
+    """Connection to the db container from the control node (its bridge address)."""
+    address = subprocess.run(
+        ["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", DB_CONTAINER],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()[0]
+    return {
+        "login_host": address,
+        "login_port": 5432,
+        "login_user": "baileys",
+        "login_db": "baileys",
+        "login_password": os.environ.get("BAILEYS_DR_MOLECULE_DB_PASSWORD") or "molecule-only-db-password",
+    }
+
+
+def database_digests():
+    """{company: digest} computed by Python from the database rows."""
+    import_module_utils()
+    from ansible.module_utils.baileys_dr_postgres import connect
+    from ansible.module_utils.baileys_dr_store import company_digest, list_companies
+
+    conn = connect(db_params())
+    try:
+        return {company: company_digest(conn, company)[0] for company in list_companies(conn)}
+    finally:
+        conn.close()
+
+
+def readiness(host, port=3011):
+    result = host.run("curl -s -w '\\n%%{http_code}' http://127.0.0.1:%d/health" % port)
+    body, _, status = result.stdout.rstrip().rpartition("\n")
+    return int(status or 0), (json.loads(body) if body else {})
+
+
+def pm2_process(host):
+    out = host.run("su - %s -c 'pm2 jlist'" % APP_USER).stdout
+    line = next((ln for ln in out.splitlines() if ln.lstrip().startswith("[")), "[]")
+    return next((p for p in json.loads(line) if p["name"] == APP_NAME), None)
