@@ -16,7 +16,6 @@
 //
 // Every command prints the state digests it expects the service to report.
 
-const fs = require('node:fs');
 const fsp = require('node:fs/promises');
 const path = require('node:path');
 const crypto = require('node:crypto');

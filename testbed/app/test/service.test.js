@@ -1,0 +1,250 @@
+'use strict';
+// The service with the file store, read by the real Baileys
+// (useMultiFileAuthState): digests equal to the ones of the PostgreSQL JSON
+// form, creds and key-file failures, guessed ids, the health endpoint.
+// Needs node_modules (testbed/bin/install-node-deps; link it as
+// testbed/app/node_modules): skipped, saying so, without it.
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+
+const log = require('../src/log');
+const { loadConfig, selectStore } = require('../src/config');
+
+let haveDeps = true;
+try {
+  require.resolve('baileys');
+  require.resolve('pg');
+  require.resolve('dotenv');
+} catch {
+  haveDeps = false;
+}
+const needDeps = haveDeps ? {} : { skip: 'node_modules missing: run testbed/bin/install-node-deps and link APP_NODE_MODULES as testbed/app/node_modules' };
+
+// Keep the service's JSON log lines out of the test report.
+for (const level of ['info', 'warn', 'error']) log[level] = () => {};
+
+const made = [];
+function tmpdir() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdr-app-test-'));
+  made.push(dir);
+  return dir;
+}
+test.after(() => {
+  for (const dir of made) fs.rmSync(dir, { recursive: true, force: true });
+});
+
+function filesConfig(root, extra = {}) {
+  fs.writeFileSync(path.join(root, '.env'), 'USE_LEGACY_SUPABASE=false\nUSE_DATABASE_AUTH_STATE=false\nUSE_REPOSITORY_PATTERN=false\n');
+  const config = loadConfig({ appRoot: root, env: {} });
+  config.healthPort = 0;
+  return Object.assign(config, extra);
+}
+
+test('store selection follows the flags exactly', () => {
+  assert.equal(selectStore(undefined, undefined), 'supabase');
+  assert.equal(selectStore('true', 'true'), 'supabase');
+  assert.equal(selectStore('False', 'true'), 'supabase');
+  assert.equal(selectStore('false', 'true'), 'postgres');
+  assert.equal(selectStore('false', 'TRUE'), 'files');
+  assert.equal(selectStore('false', undefined), 'files');
+  assert.equal(selectStore('false', 'false'), 'files');
+});
+
+test('.env is read at the app root; the process environment wins, even when empty', { ...needDeps }, () => {
+  const root = tmpdir();
+  fs.writeFileSync(path.join(root, '.env'), [
+    '# comment',
+    'USE_LEGACY_SUPABASE=false',
+    'USE_DATABASE_AUTH_STATE="true"',
+    'POSTGRES_PASSWORD=s3cret',
+    'HEALTH_PORT=3999',
+    'SESSIONS_DIR=sessions',
+  ].join('\n'));
+  const fromFile = loadConfig({ appRoot: root, env: {} });
+  assert.equal(fromFile.store, 'postgres');
+  assert.equal(fromFile.healthPort, 3999);
+  assert.equal(fromFile.sessionsDir, path.join(root, 'sessions'));
+  assert.equal(fromFile.flags.USE_DATABASE_AUTH_STATE.source, '.env');
+  const stale = loadConfig({ appRoot: root, env: { USE_DATABASE_AUTH_STATE: 'false', USE_LEGACY_SUPABASE: '' } });
+  assert.equal(stale.store, 'supabase');
+  assert.equal(stale.flags.USE_LEGACY_SUPABASE.source, 'environment');
+  const fresh = loadConfig({ appRoot: tmpdir(), env: {} });
+  assert.equal(fresh.store, 'supabase');
+  assert.equal(fresh.healthPort, 3011);
+  const { publicConfig } = require('../src/config');
+  assert.ok(!JSON.stringify(publicConfig(fromFile)).includes('s3cret'));
+});
+
+test('file store: Baileys reads back what Baileys wrote; digests equal the PostgreSQL JSON form', { ...needDeps }, async () => {
+  const baileys = await import('baileys');
+  const { makeKeys, asStoredJson, genFiles } = require('../tools/fixture');
+  const { stateDigest } = require('../src/digest');
+  const files = require('../src/stores/files');
+  const root = tmpdir();
+  const sessions = path.join(root, 'baileys_sessions');
+
+  // company A through Baileys' own writer (keys.set, saveCreds)
+  const dir = path.join(sessions, 'company_A');
+  const { state, saveCreds } = await baileys.useMultiFileAuthState(dir);
+  await saveCreds();
+  const keys = makeKeys(baileys, 'A', 30);
+  const data = {};
+  for (const k of keys) (data[k.type] = data[k.type] || {})[k.id] = k.value;
+  await state.keys.set(data);
+  const expectA = stateDigest(JSON.parse(asStoredJson(state.creds)), keys.map((k) => ({ type: k.type, id: k.id, value: JSON.parse(asStoredJson(k.value)) })));
+
+  // companies co1..co3 written directly, with a manifest
+  const gen = await genFiles({ dest: sessions, companies: 3, keys: 25, prefix: 'co', manifest: true });
+  const result = await files.load(filesConfig(root, { sessionsDir: sessions }));
+  assert.deepEqual(result.errors, []);
+  const got = Object.fromEntries(result.companies.map((c) => [c.id, c.digest]));
+  assert.equal(got.A, expectA);
+  for (const [id, digest] of Object.entries(gen.digests)) assert.equal(got[id], digest, id);
+  const a = result.companies.find((c) => c.id === 'A');
+  assert.equal(a.keys, 30);
+  assert.equal(a.registrationId, state.creds.registrationId);
+  assert.ok(a.guessedCount > 0, 'company A is not in the manifest: its ids are guessed');
+  assert.equal(a.ambiguousCount, 0);
+  assert.equal(result.companies.find((c) => c.id === 'co1').guessedCount, 0);
+
+  // without the manifest, the guessed ids of these shapes are right
+  fs.rmSync(path.join(sessions, 'manifest.json'));
+  const again = await files.load(filesConfig(root, { sessionsDir: sessions }));
+  for (const [id, digest] of Object.entries(gen.digests)) assert.equal(again.companies.find((c) => c.id === id).digest, digest);
+});
+
+test('file store: a manifest keeps ids that file names cannot; without it the guess is reported', { ...needDeps }, async () => {
+  const baileys = await import('baileys');
+  const { stateDigest, keyFileName } = require('../src/digest');
+  const files = require('../src/stores/files');
+  const root = tmpdir();
+  const sessions = path.join(root, 'baileys_sessions');
+  const dir = path.join(sessions, 'company_X');
+  const { state, saveCreds } = await baileys.useMultiFileAuthState(dir);
+  await saveCreds();
+  const id = 'ключ:😀/1';
+  await state.keys.set({ session: { [id]: { v: 1 } } });
+  const name = keyFileName('session', id);
+  assert.ok(fs.existsSync(path.join(dir, name)));
+  const expected = stateDigest(JSON.parse(JSON.stringify(state.creds)), [{ type: 'session', id, value: { v: 1 } }]);
+  fs.writeFileSync(path.join(sessions, 'manifest.json'), JSON.stringify({ format: 1, companies: { X: { files: { [name]: { type: 'session', id, sha256: 'x' }, 'creds.json': { type: 'creds' } } } } }));
+  const withManifest = await files.load(filesConfig(root, { sessionsDir: sessions }));
+  assert.equal(withManifest.companies[0].digest, expected);
+  fs.rmSync(path.join(sessions, 'manifest.json'));
+  const guessed = await files.load(filesConfig(root, { sessionsDir: sessions }));
+  assert.notEqual(guessed.companies[0].digest, expected);
+  assert.equal(guessed.companies[0].ambiguousCount, 1);
+  assert.ok(guessed.warnings.some((w) => w.includes('ambiguous')));
+});
+
+test('file store: missing, empty, corrupt or non-object creds.json make the company an error', { ...needDeps }, async () => {
+  const files = require('../src/stores/files');
+  const { genFiles } = require('../tools/fixture');
+  const root = tmpdir();
+  const sessions = path.join(root, 'baileys_sessions');
+  await genFiles({ dest: sessions, companies: 6, keys: 13, prefix: 'c', manifest: false });
+  fs.rmSync(path.join(sessions, 'company_c1', 'creds.json'));
+  fs.writeFileSync(path.join(sessions, 'company_c2', 'creds.json'), '');
+  const text = fs.readFileSync(path.join(sessions, 'company_c3', 'creds.json'), 'utf8');
+  fs.writeFileSync(path.join(sessions, 'company_c3', 'creds.json'), text.slice(0, 100)); // truncated
+  fs.writeFileSync(path.join(sessions, 'company_c4', 'creds.json'), 'null');
+  fs.writeFileSync(path.join(sessions, 'company_c5', 'creds.json'), JSON.stringify(JSON.parse(text.replace(/"data":"[^"]*"/, '"data":[1,2,3]'))));
+  const before = fs.readdirSync(path.join(sessions, 'company_c1'));
+  const result = await files.load(filesConfig(root, { sessionsDir: sessions }));
+  assert.deepEqual(result.companies.map((c) => c.id), ['c6']);
+  const joined = result.errors.join('\n');
+  assert.match(joined, /company c1: creds.json is missing/);
+  assert.match(joined, /company c2: creds.json is not valid JSON/);
+  assert.match(joined, /company c3: creds.json is not valid JSON/);
+  assert.match(joined, /company c4: creds.json is not a JSON object/);
+  assert.match(joined, /company c5: creds.json holds byte-array Buffers/);
+  // Baileys was never given the chance to write fresh creds
+  assert.deepEqual(fs.readdirSync(path.join(sessions, 'company_c1')), before);
+});
+
+test('file store: unreadable key files, bad company dirs and stray files', { ...needDeps }, async () => {
+  const files = require('../src/stores/files');
+  const { genFiles } = require('../tools/fixture');
+  const root = tmpdir();
+  const sessions = path.join(root, 'baileys_sessions');
+  await genFiles({ dest: sessions, companies: 3, keys: 13, prefix: 'k', manifest: false });
+  fs.writeFileSync(path.join(sessions, 'company_k1', 'pre-key-1.json'), '{"private":');
+  fs.writeFileSync(path.join(sessions, 'company_k2', 'pre-key-1.json'), '{"private":{"type":"Buffer","data":[1]},"public":{"type":"Buffer","data":"AQ=="}}');
+  fs.writeFileSync(path.join(sessions, 'company_k3', 'notes.txt'), 'x');
+  fs.mkdirSync(path.join(sessions, 'company_bad.id'));
+  fs.mkdirSync(path.join(sessions, 'lost+found'));
+  const result = await files.load(filesConfig(root, { sessionsDir: sessions }));
+  assert.deepEqual(result.companies.map((c) => c.id), ['k3']);
+  const joined = result.errors.join('\n');
+  assert.match(joined, /company k1: key file "pre-key-1.json" unreadable/);
+  assert.match(joined, /company k2: key file "pre-key-1.json" holds byte-array Buffers/);
+  assert.match(joined, /"company_bad.id": invalid company id/);
+  assert.ok(result.warnings.some((w) => w.includes('notes.txt')));
+  const missing = await files.load(filesConfig(root, { sessionsDir: path.join(root, 'nope') }));
+  assert.match(missing.errors[0], /sessions directory .* is missing/);
+});
+
+test('service: /health and /reload with the file store', { ...needDeps }, async () => {
+  const { createService } = require('../src/index');
+  const { genFiles } = require('../tools/fixture');
+  const root = tmpdir();
+  const sessions = path.join(root, 'baileys_sessions');
+  const gen = await genFiles({ dest: sessions, companies: 2, keys: 20, prefix: 's', manifest: true });
+  const service = createService({ config: filesConfig(root, { sessionsDir: sessions }) });
+  const port = await service.start();
+  try {
+    const base = `http://127.0.0.1:${port}`;
+    let res;
+    for (let i = 0; i < 100; i++) {
+      res = await fetch(`${base}/health`);
+      if (res.status === 200) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.equal(res.status, 200);
+    const h = await res.json();
+    assert.equal(h.ready, true);
+    assert.equal(h.store, 'files');
+    assert.equal(h.revision, null);
+    assert.equal(h.companies, 2);
+    assert.deepEqual(h.digests, gen.digests);
+    assert.deepEqual(Object.keys(h.registrationIds).sort(), ['s1', 's2']);
+    assert.deepEqual(h.errors, []);
+    assert.equal(h.pid, process.pid);
+    assert.ok(!Number.isNaN(Date.parse(h.startedAt)));
+
+    fs.writeFileSync(path.join(sessions, 'company_s2', 'creds.json'), '{');
+    res = await fetch(`${base}/reload`, { method: 'POST' });
+    assert.equal(res.status, 503);
+    const after = await res.json();
+    assert.equal(after.ready, false);
+    assert.match(after.errors.join(), /company s2: creds.json is not valid JSON/);
+    assert.equal((await fetch(`${base}/health`)).status, 503);
+    assert.equal((await fetch(`${base}/reload`)).status, 405);
+    assert.equal((await fetch(`${base}/other`)).status, 404);
+  } finally {
+    await service.stop('test');
+  }
+});
+
+test('service: supabase and unavailable stores are not ready, and say why', { ...needDeps }, async () => {
+  const { createService, resolveStore } = require('../src/index');
+  const root = tmpdir();
+  const config = loadConfig({ appRoot: root, env: {} });
+  config.healthPort = 0;
+  const service = createService({ config });
+  const port = await service.start();
+  try {
+    const res = await fetch(`http://127.0.0.1:${port}/health`);
+    assert.equal(res.status, 503);
+    const h = await res.json();
+    assert.equal(h.store, 'supabase');
+    assert.match(h.errors.join(), /supabase" is not available/);
+  } finally {
+    await service.stop('test');
+  }
+  assert.match(resolveStore('nosuch').error, /store "nosuch" is not available at this revision/);
+});
