@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 
@@ -56,5 +57,5 @@ def readiness(host, port=3011):
 
 def pm2_process(host):
     out = host.run("su - %s -c 'pm2 jlist'" % APP_USER).stdout
-    line = next((ln for ln in out.splitlines() if ln.lstrip().startswith("[")), "[]")
+    line = next((ln for ln in out.splitlines() if re.match(r"\s*\[\s*[{\]]", ln)), "[]")
     return next((p for p in json.loads(line) if p["name"] == APP_NAME), None)
