@@ -17,7 +17,7 @@ const { COMPANY_ID_RE } = require('../config');
 
 const { StateDigest, keyLine, keyFileName, parseKeyFileName, reverseFileName, sortKeys } = digestLib;
 
-const READ_BATCH = 64; // ids per state.keys.get call, read concurrently by Baileys
+const READ_BATCH = 16; // ids per state.keys.get call, read concurrently by Baileys
 const GUESSED_LISTED = 20; // guessed ids listed per company in /health (all are counted)
 
 let baileysPromise = null;
