@@ -13,7 +13,8 @@ description:
   - Makes O(src) (a standby copy or a staged export) the live sessions tree O(dest) with one atomic
     C(renameat2(RENAME_EXCHANGE)); the tree it replaces is kept at O(backup) for rollback.
   - With O(state=restored), puts O(backup) back as O(dest); the tree it replaces is kept beside it
-    (C(<dest>.failed-<timestamp>)) so that nothing is ever deleted.
+    (C(<dest>.failed-<timestamp>)) so that nothing is ever deleted. Without O(backup) (there was no
+    tree before), O(dest) is only moved aside.
   - The cost is independent of the number of keys: the trees are renamed, not copied.
 version_added: "0.1.0"
 author: baileys-dr contributors
@@ -93,6 +94,14 @@ class SessionsSwap:
         if os.stat(path).st_dev != os.stat(os.path.dirname(self.dest)).st_dev:
             self.module.fail_json(msg="%s %s is not on the file system of %s: a swap must be a rename" % (what, path, self.dest))
 
+    def _move_aside(self):
+        if not os.path.lexists(self.dest):
+            return dict(changed=False, dest=self.dest, backup=None)
+        aside = "%s.failed-%s" % (self.dest, _stamp())
+        if not self.module.check_mode:
+            os.rename(self.dest, aside)
+        return dict(changed=True, dest=self.dest, backup=aside)
+
     def run(self):
         state = self.module.params["state"]
         if state == "promoted":
@@ -100,9 +109,9 @@ class SessionsSwap:
                 self.module.fail_json(msg="state=promoted needs src")
             self._check_dir(self.src, "src")
             incoming, backup = self.src, self.backup or "%s.before-%s" % (self.dest, _stamp())
+        elif not self.backup:
+            return self._move_aside()
         else:
-            if not self.backup:
-                self.module.fail_json(msg="state=restored needs backup (the tree to put back)")
             self._check_dir(self.backup, "backup")
             incoming, backup = self.backup, "%s.failed-%s" % (self.dest, _stamp())
         if os.path.lexists(self.dest) and os.path.islink(self.dest):

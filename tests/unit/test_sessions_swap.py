@@ -61,3 +61,10 @@ def test_check_mode_swaps_nothing(tmp_path):
 def test_missing_source_is_a_clear_error(tmp_path):
     ok, result = run_module(baileys_sessions_swap, dict(src=str(tmp_path / "nope"), dest=str(tmp_path / "live")))
     assert not ok and "does not exist" in result["msg"]
+
+
+def test_restore_without_a_previous_tree_moves_the_new_one_aside(tmp_path):
+    live = tree(tmp_path / "baileys_sessions", "new")
+    ok, result = run_module(baileys_sessions_swap, dict(dest=str(live), state="restored"))
+    assert ok and result["changed"] and not live.exists()
+    assert open(os.path.join(result["backup"], "company_a", "creds.json")).read() == "new"

@@ -9,7 +9,6 @@
 
 const fs = require('node:fs');
 const path = require('node:path');
-const dotenv = require('dotenv');
 
 const APP_ROOT = path.resolve(__dirname, '..');
 const COMPANY_ID_RE = /^[A-Za-z0-9_-]{1,50}$/;
@@ -17,7 +16,8 @@ const FLAGS = ['USE_LEGACY_SUPABASE', 'USE_DATABASE_AUTH_STATE', 'USE_REPOSITORY
 
 function readEnvFile(file) {
   try {
-    return { vars: dotenv.parse(fs.readFileSync(file)), error: null, present: true };
+    const text = fs.readFileSync(file);
+    return { vars: require('dotenv').parse(text), error: null, present: true };
   } catch (error) {
     if (error.code === 'ENOENT') return { vars: {}, error: null, present: false };
     return { vars: {}, error: `cannot read ${file}: ${error.message}`, present: false };

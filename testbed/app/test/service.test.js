@@ -12,7 +12,6 @@ const os = require('node:os');
 const path = require('node:path');
 
 const log = require('../src/log');
-const { loadConfig, selectStore } = require('../src/config');
 
 let haveDeps = true;
 try {
@@ -22,7 +21,13 @@ try {
 } catch {
   haveDeps = false;
 }
-const needDeps = haveDeps ? {} : { skip: 'node_modules missing: run testbed/bin/install-node-deps and link APP_NODE_MODULES as testbed/app/node_modules' };
+const MISSING = 'node_modules missing: run testbed/bin/install-node-deps --link';
+if (!haveDeps && process.env.BAILEYS_DR_REQUIRE_DEPS === '1') {
+  test('node_modules are installed (BAILEYS_DR_REQUIRE_DEPS=1)', () => assert.fail(MISSING));
+}
+const needDeps = haveDeps ? {} : { skip: MISSING };
+// src/config.js needs dotenv: loaded only by the tests that may run.
+const loadConfig = (...args) => require('../src/config').loadConfig(...args);
 
 // Keep the service's JSON log lines out of the test report.
 for (const level of ['info', 'warn', 'error']) log[level] = () => {};
@@ -45,6 +50,7 @@ function filesConfig(root, extra = {}) {
 }
 
 test('store selection follows the flags exactly', () => {
+  const { selectStore } = require('../src/config');
   assert.equal(selectStore(undefined, undefined), 'supabase');
   assert.equal(selectStore('true', 'true'), 'supabase');
   assert.equal(selectStore('False', 'true'), 'supabase');

@@ -17,7 +17,7 @@ const { COMPANY_ID_RE } = require('../config');
 
 const { StateDigest, keyLine, keyFileName, parseKeyFileName, reverseFileName, sortKeys } = digestLib;
 
-const READ_BATCH = 16; // ids per state.keys.get call, read concurrently by Baileys
+const READ_BATCH = 64; // ids per state.keys.get call, read concurrently by Baileys
 const GUESSED_LISTED = 20; // guessed ids listed per company in /health (all are counted)
 
 let baileysPromise = null;
@@ -222,6 +222,7 @@ async function load(config, ctx = {}) {
     } catch (error) {
       result.errors.push(`company ${companyId}: ${error.message}`);
     }
+    if (manifestCompany) delete manifest[companyId]; // a large manifest is freed as it is used
     if (ctx.onCompany) ctx.onCompany(companyId);
   }
   return result;
