@@ -59,3 +59,34 @@ def pm2_process(host):
     out = host.run("su - %s -c 'pm2 jlist'" % APP_USER).stdout
     line = next((ln for ln in out.splitlines() if re.match(r"\s*\[\s*[{\]]", ln)), "[]")
     return next((p for p in json.loads(line) if p["name"] == APP_NAME), None)
+
+
+APP_ROOT = "/srv/baileys-app"
+SESSIONS = APP_ROOT + "/baileys_sessions"
+STATE_FILE = "/var/lib/baileys-dr/failover-state.json"
+TAG = "emergency-file-fallback-v1"
+
+
+def as_app_user(host, command):
+    return host.run("su %s -c %s" % (APP_USER, "'" + command.replace("'", "'\\''") + "'"))
+
+
+def git_head(host):
+    return as_app_user(host, "git -C %s rev-parse HEAD" % APP_ROOT).stdout.strip()
+
+
+def git_commit_of(host, ref):
+    return as_app_user(host, "git -C %s rev-parse %s^{commit}" % (APP_ROOT, ref)).stdout.strip()
+
+
+def env_values(host):
+    values = {}
+    for line in host.file(APP_ROOT + "/.env").content_string.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def manifest(host):
+    return json.loads(host.file(SESSIONS + "/.baileys-dr/manifest.json").content_string)

@@ -1,0 +1,708 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: contributors to baileys-dr
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: env_file
+short_description: Set or remove keys in a dotenv (.env) file, keeping everything else
+description:
+  - Sets or removes C(KEY=value) assignments in a dotenv file as the Node C(dotenv) package
+    (v16, v17) reads it, keeping comments, blank lines, line endings, the order of the lines and
+    the layout of the lines it rewrites (C(export) prefix, spacing, trailing comment, quote style
+    when the new value can be written in it).
+  - Values are read with C(dotenv)'s own rules, so a key whose value is already the wanted one is
+    left alone, however it is quoted; a second identical run reports no change.
+  - The file is rewritten atomically, like M(community.general.ini_file) does it: a temporary file in
+    the same directory is written and fsynced, then renamed over the file with
+    C(AnsibleModule.atomic_move), and the directory is fsynced. A crash leaves the old file or the new
+    one, never a mix (a killed run may leave a hidden C(.<name>.tmp-*) file, mode 0600, beside it).
+  - The file keeps its mode, owner and group unless O(mode), O(owner) or O(group) say otherwise; a
+    new file is created 0600 (never world-readable, even for an instant).
+  - Values may be secrets. They never appear in the result: C(changed_keys) holds names only, the
+    echo of the module arguments (C(invocation)) and the diff show C(********) instead of the value
+    of every key matching O(secret_keys_regex).
+  - A key defined more than once is reported in C(duplicates) and as a warning. C(dotenv) uses the
+    last definition, so that is the one updated; removing a key removes every definition of it.
+version_added: "0.1.0"
+author: baileys-dr contributors
+options:
+  path:
+    description:
+      - The dotenv file, for example C(/srv/app/.env).
+      - A symbolic link is followed (the file it points at is edited) unless O(follow=false), which
+        replaces the link by a regular file.
+    type: path
+    required: true
+    aliases: [dest]
+  values:
+    description:
+      - Keys to set, with their new value, or to remove, with C(null).
+      - Key names must match C([A-Za-z_][A-Za-z0-9_]*). Values are strings; integers are written in
+        decimal and booleans as C(true)/C(false) (so an unquoted YAML C(false) gives the C(false) the
+        application compares with). A value holding a line break or a NUL byte is refused.
+      - A new value is written unquoted when it consists of C([A-Za-z0-9_./:@+-]) only, otherwise in
+        double quotes, or in single quotes or backticks when the value holds characters C(dotenv)
+        would change inside double quotes (C(") or C(\\)). A value holding all three quote characters
+        and a backslash cannot be written so that C(dotenv) reads it back unchanged and is refused.
+      - New keys are appended at the end of the file, in the order given.
+    type: dict
+    default: {}
+  state:
+    description:
+      - V(present) makes the file hold O(values).
+      - V(absent) removes the whole file (O(values) must then be empty).
+    type: str
+    choices: [present, absent]
+    default: present
+  create:
+    description:
+      - Create the file when it does not exist. Without it a missing file is an error, unless every
+        key in O(values) is to be removed (nothing to do).
+    type: bool
+    default: false
+  backup:
+    description:
+      - Before changing the file, copy it to C(<path>.<pid>.<YYYY-MM-DD@HH:MM:SS>~) beside it, mode
+        0600 and the file's owner and group (it holds the same secrets). Its path is returned as
+        C(backup_file).
+    type: bool
+    default: false
+  mode:
+    description:
+      - Mode of the file, octal (C('0600')) or symbolic (C(u=rw,g=r)), as for M(ansible.builtin.file).
+      - Default, the mode the file has, or C(0600) for a new file.
+    type: raw
+  owner:
+    description: Owner of the file (name or uid). Default, the file's owner (the module's user for a new file).
+    type: str
+  group:
+    description: Group of the file (name or gid). Default, the file's group.
+    type: str
+  follow:
+    description: Edit the file a symbolic link at O(path) points at, instead of replacing the link.
+    type: bool
+    default: true
+  secret_keys_regex:
+    description:
+      - Python regular expression, searched case-insensitively in each key name; the values of the
+        matching keys are shown as C(********) in the diff and in C(invocation).
+      - Set it to C(.) to hide every value. Comments are always shown as they are.
+    type: str
+    default: PASSWORD|SECRET|TOKEN|KEY|DSN|URL
+  return_previous:
+    description:
+      - Return C(previous), the value every key of O(values) had before the change (as C(dotenv) reads
+        it), so that it can be restored later (failback restores exactly what was there).
+      - The result then carries C(_ansible_no_log), so Ansible hides it from the output while
+        C(register) still gets it. Put C(no_log: true) on the task as well, so that nothing (callbacks,
+        C(-vvv)) ever prints the values, and store them only where secrets may be stored.
+    type: bool
+    default: false
+attributes:
+  check_mode:
+    support: full
+    details: Reports what would change (C(changed), C(changed_keys), the diff) and writes nothing, not even the backup.
+  diff_mode:
+    support: full
+    details: Before and after text of the file, the values of secret keys masked.
+notes:
+  - Compared with M(community.general.ini_file), this module knows dotenv quoting, so C(KEY="a") and
+    C(KEY=a) are the same value.
+  - Comments are kept verbatim: do not keep secrets in comments.
+seealso:
+  - name: dotenv's parser
+    description: The rules this module reads files with.
+    link: https://github.com/motdotla/dotenv/blob/master/lib/main.js
+"""
+
+EXAMPLES = r"""
+- name: Fail over to the file auth store, keeping what was there for the failback
+  env_file:
+    path: /srv/baileys/.env
+    values:
+      USE_LEGACY_SUPABASE: "false"
+      USE_DATABASE_AUTH_STATE: "false"
+      USE_REPOSITORY_PATTERN: "false"
+    backup: true
+    return_previous: true
+  no_log: true
+  register: env_switch
+
+- name: Fail back: restore exactly the previous values (absent keys are removed again)
+  env_file:
+    path: /srv/baileys/.env
+    values: "{{ env_switch.previous | dict2items
+                | items2dict(key_name='key', value_name='value')
+                | combine({}) }}"
+  no_log: true
+
+- name: Rotate the database password (never shown in the diff)
+  env_file:
+    path: /srv/baileys/.env
+    values:
+      POSTGRES_PASSWORD: "{{ vault_postgres_password }}"
+    mode: "0600"
+    owner: baileys
+    group: baileys
+
+- name: Remove a stale key
+  env_file:
+    path: /srv/baileys/.env
+    values:
+      OLD_FLAG: null
+"""
+
+RETURN = r"""
+path:
+  description: The file edited (after following a symbolic link).
+  returned: always
+  type: str
+  sample: /srv/baileys/.env
+changed_keys:
+  description: Names of the keys whose value was (or, in check mode, would be) set or removed. Never values.
+  returned: always
+  type: list
+  elements: str
+  sample: [USE_LEGACY_SUPABASE, USE_DATABASE_AUTH_STATE]
+created:
+  description: Whether the file was (or would be) created.
+  returned: always
+  type: bool
+duplicates:
+  description: Keys defined more than once in the file before the change.
+  returned: always
+  type: list
+  elements: str
+previous:
+  description:
+    - By key of O(values), what the file held before the change; C(value) is C(null) when C(present)
+      is false. Holds secrets: the task must have C(no_log: true).
+  returned: when O(return_previous=true)
+  type: dict
+  sample: {USE_LEGACY_SUPABASE: {present: true, value: "true"}, USE_REPOSITORY_PATTERN: {present: false, value: null}}
+backup_file:
+  description: The backup made before the change.
+  returned: when O(backup=true) and the file was changed
+  type: str
+  sample: /srv/baileys/.env.4242.2025-11-20@09:00:00~
+"""
+
+import errno
+import os
+import re
+import tempfile
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.common.text.converters import to_bytes, to_native
+
+MASK = "********"
+KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+SAFE_UNQUOTED = re.compile(r"[A-Za-z0-9_./:@+-]*\Z")
+QUOTES = "'\"`"
+
+# dotenv's LINE regular expression (lib/main.js, v16 and v17), with JavaScript's \s, \w, ".", "^"
+# and "$" (multiline) spelled out, so that Python reads a file exactly as the application does:
+#   /(?:^|^)\s*(?:export\s+)?([\w.-]+)(?:\s*=\s*?|:\s+?)(\s*'(?:\\'|[^'])*'|\s*"(?:\\"|[^"])*"|
+#    \s*`(?:\\`|[^`])*`|[^#\r\n]+)?\s*(?:#.*)?(?:$|$)/mg
+_WS = "\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_S = "[%s]" % _WS
+_EOL = "\n\r\u2028\u2029"
+_DOTENV_LINE = re.compile(
+    r"(?:(?<=[{eol}])|\A){s}*(?:export{s}+)?(?P<key>[A-Za-z0-9_.-]+)(?P<sep>{s}*={s}*?|:{s}+?)"
+    r"(?P<value>{s}*'(?:\\'|[^'])*'|{s}*\"(?:\\\"|[^\"])*\"|{s}*`(?:\\`|[^`])*`|[^#\r\n]+)?"
+    r"{s}*(?:#[^{eol}]*)?(?=[{eol}]|\Z)".format(s=_S, eol=_EOL)
+)
+_OUTER_QUOTES = re.compile(r"\A(['\"`])([\s\S]*)\1(?=[%s]|\Z)" % _EOL)
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+class EnvFileError(Exception):
+    pass
+
+
+def js_trim(text):
+    return text.strip(_WS.replace("\u2000-\u200a", "".join(chr(c) for c in range(0x2000, 0x200B))))
+
+
+def dotenv_value(raw):
+    """The value dotenv gives to the matched value text raw (None for a missing value)."""
+    value = js_trim(raw or "")
+    quote = value[:1]
+    match = _OUTER_QUOTES.match(value)
+    if match and match.end() == len(value):
+        value = match.group(2)
+    elif match:
+        # JavaScript's replace with /m: the closing quote may end an inner line.
+        value = match.group(2) + value[match.end():]
+    if quote == '"':
+        value = value.replace("\\n", "\n").replace("\\r", "\r")
+    return value
+
+
+def quote_style(value):
+    """The ways value can be written so that dotenv reads it back unchanged, best first."""
+    styles = []
+    if SAFE_UNQUOTED.match(value):
+        styles.append("")
+    if '"' not in value and "\\" not in value:
+        styles.append('"')
+    if "'" not in value:
+        styles.append("'")
+    if "`" not in value:
+        styles.append("`")
+    return styles
+
+
+def encode_value(value, prefer=None):
+    styles = quote_style(value)
+    if not styles:
+        raise EnvFileError("no dotenv quoting reads it back unchanged")
+    style = prefer if prefer in styles else styles[0]
+    return "%s%s%s" % (style, value, style)
+
+
+class Line:
+    """One physical line: its text (without the line break) and its line break."""
+
+    __slots__ = ("text", "eol")
+
+    def __init__(self, text, eol):
+        self.text = text
+        self.eol = eol
+
+
+class Assignment:
+    """One definition dotenv sees: lines first..last of the file."""
+
+    def __init__(self, key, value, first, last, prefix, gap, core, trail, suffix):
+        self.key = key
+        self.value = value
+        self.first = first
+        self.last = last
+        self.prefix = prefix    # start of the first line up to the value (indent, export, key, separator)
+        self.gap = gap          # blanks between separator and value
+        self.core = core        # the value as written (quotes included)
+        self.trail = trail      # blanks after an unquoted value
+        self.suffix = suffix    # rest of the last line (blanks, comment)
+
+    @property
+    def quote(self):
+        core = self.core
+        if len(core) >= 2 and core[0] in QUOTES and core[-1] == core[0]:
+            return core[0]
+        return ""
+
+    def render(self, written):
+        return self.prefix + self.gap + written + self.trail + self.suffix
+
+
+class DotenvDocument:
+    """A dotenv file as lines plus the assignments dotenv finds in them."""
+
+    def __init__(self, text):
+        self.lines = []
+        position = 0
+        for match in _LINE_BREAK.finditer(text):
+            self.lines.append(Line(text[position:match.start()], match.group()))
+            position = match.end()
+        if position < len(text):
+            self.lines.append(Line(text[position:], ""))
+        self.assignments = self._parse()
+
+    def default_eol(self):
+        for line in self.lines:
+            if line.eol:
+                return line.eol
+        return "\n"
+
+    def _parse(self):
+        normalized = "".join(line.text + ("\n" if line.eol else "") for line in self.lines)
+        starts, offset = [], 0
+        for line in self.lines:
+            starts.append(offset)
+            offset += len(line.text) + (1 if line.eol else 0)
+
+        def line_of(position):
+            low, high = 0, len(starts) - 1
+            while low < high:
+                middle = (low + high + 1) // 2
+                if starts[middle] <= position:
+                    low = middle
+                else:
+                    high = middle - 1
+            return low
+
+        assignments, used = [], set()
+        for match in _DOTENV_LINE.finditer(normalized):
+            first = line_of(match.start("key"))
+            value_end = match.end("value") if match.group("value") is not None else match.end("sep")
+            last = line_of(value_end - 1)
+            if set(range(first, last + 1)) & used or normalized[starts[first]:match.start("key")].strip(_WS.replace("\u2000-\u200a", "")).replace("export", "").strip():
+                raise EnvFileError("line %d holds more than one assignment (unusual line separators)" % (first + 1))
+            used.update(range(first, last + 1))
+            raw = match.group("value") or ""
+            core = raw.strip(_S_CHARS)
+            if core:
+                lead = raw[:len(raw) - len(raw.lstrip(_S_CHARS))]
+                gap = "" if "\n" in lead else lead
+                trail = raw[len(lead) + len(core):]
+            else:
+                gap, trail = "", raw if "\n" not in raw else ""
+            line_end = starts[last] + len(self.lines[last].text)
+            assignments.append(Assignment(
+                key=match.group("key"),
+                value=dotenv_value(match.group("value")),
+                first=first,
+                last=last,
+                prefix=normalized[starts[first]:match.end("sep")],
+                gap=gap,
+                core=core,
+                trail=trail,
+                suffix=normalized[value_end:line_end] if value_end <= line_end else "",
+            ))
+        return assignments
+
+    def values(self):
+        """What dotenv reads: the last definition of every key wins."""
+        return {a.key: a.value for a in self.assignments}
+
+    def duplicates(self):
+        seen, duplicated = set(), []
+        for assignment in self.assignments:
+            if assignment.key in seen and assignment.key not in duplicated:
+                duplicated.append(assignment.key)
+            seen.add(assignment.key)
+        return duplicated
+
+    def render(self, replace=None, append=(), mask=None):
+        """Text of the file.
+
+        replace: {index of an assignment: new first line, or None to drop its lines};
+        append: new "KEY=value" lines; mask: a regex whose matching keys' values become MASK.
+        """
+        replace = replace or {}
+        by_first = {a.first: (index, a) for index, a in enumerate(self.assignments)}
+        out, skip_to = [], -1
+        for number, line in enumerate(self.lines):
+            if number <= skip_to:
+                continue
+            entry = by_first.get(number)
+            if entry is None:
+                out.append(self._masked_other(line.text, mask) + line.eol)
+                continue
+            index, assignment = entry
+            skip_to = assignment.last
+            eol = self.lines[assignment.last].eol
+            if index in replace:
+                if replace[index] is None:
+                    continue
+                text = replace[index]
+                if mask is not None and mask.search(assignment.key):
+                    text = assignment.render(MASK)
+                out.append(text + (eol or self.default_eol()))
+            elif mask is not None and mask.search(assignment.key):
+                out.append(assignment.render(MASK) + eol)
+            else:
+                out.extend(l.text + l.eol for l in self.lines[assignment.first:assignment.last + 1])
+        if append:
+            if out and not out[-1].endswith(("\n", "\r")):
+                out[-1] += self.default_eol()
+            for key, text in append:
+                if mask is not None and mask.search(key):
+                    text = "%s=%s" % (key, MASK)
+                out.append(text + self.default_eol())
+        return "".join(out)
+
+    @staticmethod
+    def _masked_other(text, mask):
+        """A line dotenv does not read: shown as is unless it looks like a secret assignment."""
+        if mask is None or not mask.search(text):
+            return text
+        stripped = text.lstrip()
+        if not stripped or stripped.startswith("#"):
+            return text
+        cut = min([i for i in (text.find("="), text.find(":")) if i >= 0] or [-1])
+        return text if cut < 0 else text[:cut + 1] + MASK
+
+
+_S_CHARS = "".join(chr(c) for c in range(0x2000, 0x200B)) + _WS.replace("\u2000-\u200a", "")
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd, data):
+    """os.write until every byte is written (the step a crash can cut short)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view[:1 << 16])
+        view = view[written:]
+
+
+class EnvFile:
+    def __init__(self, module):
+        self.module = module
+        self.params = module.params
+        self.path = self.params["path"]
+        if self.params["follow"] and os.path.islink(self.path):
+            self.path = os.path.realpath(self.path)
+        try:
+            self.secret = re.compile(self.params["secret_keys_regex"], re.IGNORECASE)
+        except re.error as exc:
+            raise EnvFileError("secret_keys_regex %r is not a valid regular expression: %s"
+                               % (self.params["secret_keys_regex"], exc))
+        self.wanted = self._wanted_values()
+        self.result = dict(changed=False, path=self.path, changed_keys=[], created=False, duplicates=[])
+
+    def _wanted_values(self):
+        wanted = {}
+        for key, value in (self.params["values"] or {}).items():
+            if not isinstance(key, str) or not KEY_NAME.match(key):
+                raise EnvFileError("values: invalid key name %r: a key must match [A-Za-z_][A-Za-z0-9_]*" % (key,))
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, int):
+                value = str(value)
+            elif value is not None and not isinstance(value, str):
+                raise EnvFileError("values: the value of %s must be a string or null, not %s" % (key, type(value).__name__))
+            if value is not None:
+                if any(c in value for c in "\n\r\x00"):
+                    raise EnvFileError("values: the value of %s holds a line break or a NUL byte; "
+                                       "env_file writes one line per key" % key)
+                if not quote_style(value):
+                    raise EnvFileError("values: the value of %s holds ', \", ` and \\ together; no dotenv quoting "
+                                       "reads it back unchanged" % key)
+            wanted[key] = value
+        return wanted
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _read(self):
+        if os.path.isdir(self.path):
+            raise EnvFileError("path %s is a directory, not a dotenv file" % self.path)
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise EnvFileError("cannot read %s: %s" % (self.path, exc.strerror))
+        return data.decode("utf-8", errors="surrogateescape")
+
+    # -- planning --------------------------------------------------------------------------------
+
+    def plan(self, document):
+        """(new text, changed keys) for the wanted values."""
+        current = document.values()
+        last = {}
+        for index, assignment in enumerate(document.assignments):
+            last[assignment.key] = index
+        replace, append, changed = {}, [], []
+        for key, value in self.wanted.items():
+            present = key in current
+            if value is None:
+                if not present:
+                    continue
+                for index, assignment in enumerate(document.assignments):
+                    if assignment.key == key:
+                        replace[index] = None
+            else:
+                if present and current[key] == value:
+                    continue
+                if present:
+                    assignment = document.assignments[last[key]]
+                    replace[last[key]] = assignment.render(encode_value(value, prefer=assignment.quote))
+                else:
+                    append.append((key, "%s=%s" % (key, encode_value(value))))
+            changed.append(key)
+        return document.render(replace=replace, append=append), changed
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def run(self):
+        if self.params["state"] == "absent":
+            return self.remove_file()
+        text = self._read()
+        creating = text is None
+        if creating:
+            if not self.params["create"]:
+                if all(value is None for value in self.wanted.values()):
+                    self.result["msg"] = "%s does not exist: no key to remove" % self.path
+                    self._previous(DotenvDocument(""))
+                    return self.result
+                raise EnvFileError("%s does not exist; set create: true to create it" % self.path)
+            text = ""
+        document = DotenvDocument(text)
+        duplicates = document.duplicates()
+        self.result["duplicates"] = duplicates
+        for key in duplicates:
+            self.module.warn("%s is defined %d times in %s; dotenv uses the last definition%s" % (
+                key, sum(1 for a in document.assignments if a.key == key), self.path,
+                ", which is the one set" if self.wanted.get(key) is not None and key in self.wanted else ""))
+        self._previous(document)
+        new_text, changed_keys = self.plan(document)
+        self.result["changed_keys"] = changed_keys
+        content_changed = creating or new_text != text
+        if self.module._diff:
+            self.result["diff"] = dict(
+                before_header=self.path if not creating else "%s (absent)" % self.path,
+                after_header=self.path + (" (changed: %s)" % ", ".join(changed_keys) if changed_keys else ""),
+                before="" if creating else self.masked(text),
+                after=self.masked(new_text),
+            )
+        if content_changed:
+            self.result["changed"] = True
+            self.result["created"] = creating
+            if not self.module.check_mode:
+                if self.params["backup"] and not creating:
+                    self.result["backup_file"] = self.backup()
+                self.write(new_text, creating)
+        if not (creating and self.module.check_mode):
+            self.result["changed"] = self.set_attributes(self.result["changed"])
+        return self.result
+
+    def masked(self, text):
+        return DotenvDocument(text).render(mask=self.secret)
+
+    def _previous(self, document):
+        if not self.params["return_previous"]:
+            return
+        current = document.values()
+        self.result["previous"] = {
+            key: dict(present=key in current, value=current.get(key)) for key in self.wanted
+        }
+        self.result["_ansible_no_log"] = True
+
+    def remove_file(self):
+        if self.wanted:
+            raise EnvFileError("values must be empty with state: absent (it removes the whole file %s)" % self.path)
+        if os.path.isdir(self.path):
+            raise EnvFileError("path %s is a directory, not a dotenv file" % self.path)
+        if not os.path.lexists(self.path):
+            return self.result
+        self.result["changed"] = True
+        if self.module._diff:
+            self.result["diff"] = dict(before_header=self.path, after_header="%s (absent)" % self.path,
+                                       before=self.masked(self._read() or ""), after="")
+        if not self.module.check_mode:
+            if self.params["backup"]:
+                self.result["backup_file"] = self.backup()
+            os.unlink(self.path)
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        return self.result
+
+    def backup(self):
+        """Copy of the file beside it, 0600, same owner and group (it holds the same secrets)."""
+        stamp = time.strftime("%Y-%m-%d@%H:%M:%S~", time.localtime())
+        destination = "%s.%s.%s" % (self.path, os.getpid(), stamp)
+        source_stat = os.stat(self.path)
+        with open(self.path, "rb") as fh:
+            data = fh.read()
+        try:
+            fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise EnvFileError("cannot create the backup %s: %s" % (destination, exc.strerror))
+        try:
+            os.fchmod(fd, 0o600)
+            write_all(fd, data)
+            os.fsync(fd)
+            try:
+                os.fchown(fd, source_stat.st_uid, source_stat.st_gid)
+            except PermissionError:
+                pass
+        finally:
+            os.close(fd)
+        return destination
+
+    def write(self, text, creating):
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".%s.tmp-" % os.path.basename(self.path), dir=directory)
+        except OSError as exc:
+            raise EnvFileError("cannot write in %s: %s" % (directory, exc.strerror))
+        try:
+            try:
+                write_all(fd, to_bytes(text, errors="surrogateescape"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # atomic_move gives a new file 0666 & ~umask after the rename: with this umask a new
+            # .env is 0600 from its first instant; an existing file keeps its mode and owner.
+            umask = os.umask(0o077) if creating else None
+            try:
+                self.module.atomic_move(tmp, self.path)
+            finally:
+                if umask is not None:
+                    os.umask(umask)
+        except BaseException as exc:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            if isinstance(exc, OSError):
+                raise EnvFileError("writing %s failed, the file is unchanged: %s" % (self.path, exc.strerror or exc))
+            raise
+        fsync_dir(directory)
+
+    def set_attributes(self, changed):
+        if self.params["mode"] is not None:
+            changed = self.module.set_mode_if_different(self.path, self.params["mode"], changed)
+        if self.params["owner"] is not None:
+            changed = self.module.set_owner_if_different(self.path, self.params["owner"], changed)
+        if self.params["group"] is not None:
+            changed = self.module.set_group_if_different(self.path, self.params["group"], changed)
+        return changed
+
+    def invocation(self):
+        """The module arguments as echoed in the result: secret values masked."""
+        params = dict(self.params)
+        params["values"] = {
+            key: (MASK if value is not None and self.secret.search(str(key)) else value)
+            for key, value in (params.get("values") or {}).items()
+        }
+        return dict(module_args=params)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            path=dict(type="path", required=True, aliases=["dest"]),
+            values=dict(type="dict", default={}, no_log=False),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
+            create=dict(type="bool", default=False),
+            backup=dict(type="bool", default=False),
+            mode=dict(type="raw"),
+            owner=dict(type="str"),
+            group=dict(type="str"),
+            follow=dict(type="bool", default=True),
+            secret_keys_regex=dict(type="str", default="PASSWORD|SECRET|TOKEN|KEY|DSN|URL"),
+            return_previous=dict(type="bool", default=False),
+        ),
+        supports_check_mode=True,
+    )
+    invocation = dict(module_args=dict(module.params, values={k: MASK for k in module.params["values"] or {}}))
+    try:
+        env_file = EnvFile(module)
+        invocation = env_file.invocation()
+        module.exit_json(invocation=invocation, **env_file.run())
+    except EnvFileError as exc:
+        module.fail_json(msg=to_native(exc), invocation=invocation)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            module.fail_json(msg="permission denied on %s: %s" % (exc.filename or module.params["path"], exc.strerror),
+                             invocation=invocation)
+        raise
+
+
+if __name__ == "__main__":
+    main()
