@@ -16,13 +16,14 @@ description:
     when the new value can be written in it).
   - Values are read with C(dotenv)'s own rules, so a key whose value is already the wanted one is
     left alone, however it is quoted; a second identical run reports no change.
-  - The file is rewritten atomically, like M(community.general.ini_file) does it: a temporary file in
+  - The file is rewritten atomically, like M(community.general.ini_file) does it. A temporary file in
     the same directory is written and fsynced, then renamed over the file with
     C(AnsibleModule.atomic_move), and the directory is fsynced. A crash leaves the old file or the new
     one, never a mix (a killed run may leave a hidden C(.<name>.tmp-*) file, mode 0600, beside it).
   - The file keeps its mode, owner and group unless O(mode), O(owner) or O(group) say otherwise; a
     new file is created 0600 (never world-readable, even for an instant).
-  - Values may be secrets. They never appear in the result: C(changed_keys) holds names only, the
+  - Values may be secrets. They never appear in the result (but in C(previous), on request).
+    C(changed_keys) holds names only, the
     echo of the module arguments (C(invocation)) and the diff show C(********) instead of the value
     of every key matching O(secret_keys_regex).
   - A key defined more than once is reported in C(duplicates) and as a warning. C(dotenv) uses the
@@ -97,9 +98,10 @@ options:
     description:
       - Return C(previous), the value every key of O(values) had before the change (as C(dotenv) reads
         it), so that it can be restored later (failback restores exactly what was there).
-      - The result then carries C(_ansible_no_log), so Ansible hides it from the output while
-        C(register) still gets it. Put C(no_log: true) on the task as well, so that nothing (callbacks,
-        C(-vvv)) ever prints the values, and store them only where secrets may be stored.
+      - The values are secrets, so the task must have C(no_log=true). Ansible then hides the result
+        from every output while C(register) still gets it. The module fails without it (a module
+        cannot hide its own result, Ansible drops an C(_ansible_no_log) a module returns). Store the
+        values only where secrets may be stored (the failover state file is 0600).
     type: bool
     default: false
 attributes:
@@ -112,7 +114,7 @@ attributes:
 notes:
   - Compared with M(community.general.ini_file), this module knows dotenv quoting, so C(KEY="a") and
     C(KEY=a) are the same value.
-  - Comments are kept verbatim: do not keep secrets in comments.
+  - Comments are kept verbatim, so do not keep secrets in comments.
 seealso:
   - name: dotenv's parser
     description: The rules this module reads files with.
@@ -129,15 +131,14 @@ EXAMPLES = r"""
       USE_REPOSITORY_PATTERN: "false"
     backup: true
     return_previous: true
-  no_log: true
+  no_log: true            # required with return_previous
   register: env_switch
 
-- name: Fail back: restore exactly the previous values (absent keys are removed again)
+- name: Fail back, restoring exactly the previous values (a key that was absent is removed again)
   env_file:
     path: /srv/baileys/.env
-    values: "{{ env_switch.previous | dict2items
-                | items2dict(key_name='key', value_name='value')
-                | combine({}) }}"
+    values: "{{ dict(env_switch.previous.keys()
+                     | zip(env_switch.previous.values() | map(attribute='value'))) }}"
   no_log: true
 
 - name: Rotate the database password (never shown in the diff)
@@ -180,7 +181,7 @@ duplicates:
 previous:
   description:
     - By key of O(values), what the file held before the change; C(value) is C(null) when C(present)
-      is false. Holds secrets: the task must have C(no_log: true).
+      is false. Holds secrets, so it is only returned to a task with C(no_log=true).
   returned: when O(return_previous=true)
   type: dict
   sample: {USE_LEGACY_SUPABASE: {present: true, value: "true"}, USE_REPOSITORY_PATTERN: {present: false, value: null}}
@@ -191,7 +192,6 @@ backup_file:
   sample: /srv/baileys/.env.4242.2025-11-20@09:00:00~
 """
 
-import errno
 import os
 import re
 import tempfile
@@ -205,18 +205,21 @@ KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 SAFE_UNQUOTED = re.compile(r"[A-Za-z0-9_./:@+-]*\Z")
 QUOTES = "'\"`"
 
+# JavaScript's \s (what dotenv's regular expression and String.prototype.trim treat as blank).
+_JS_SPACE = ("\t\n\v\f\r \u00a0\u1680" + "".join(chr(c) for c in range(0x2000, 0x200B))
+             + "\u2028\u2029\u202f\u205f\u3000\ufeff")
+_S = "[%s]" % _JS_SPACE
+_EOL = "\n\r\u2028\u2029"
 # dotenv's LINE regular expression (lib/main.js, v16 and v17), with JavaScript's \s, \w, ".", "^"
 # and "$" (multiline) spelled out, so that Python reads a file exactly as the application does:
 #   /(?:^|^)\s*(?:export\s+)?([\w.-]+)(?:\s*=\s*?|:\s+?)(\s*'(?:\\'|[^'])*'|\s*"(?:\\"|[^"])*"|
 #    \s*`(?:\\`|[^`])*`|[^#\r\n]+)?\s*(?:#.*)?(?:$|$)/mg
-_WS = "\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
-_S = "[%s]" % _WS
-_EOL = "\n\r\u2028\u2029"
 _DOTENV_LINE = re.compile(
     r"(?:(?<=[{eol}])|\A){s}*(?:export{s}+)?(?P<key>[A-Za-z0-9_.-]+)(?P<sep>{s}*={s}*?|:{s}+?)"
     r"(?P<value>{s}*'(?:\\'|[^'])*'|{s}*\"(?:\\\"|[^\"])*\"|{s}*`(?:\\`|[^`])*`|[^#\r\n]+)?"
     r"{s}*(?:#[^{eol}]*)?(?=[{eol}]|\Z)".format(s=_S, eol=_EOL)
 )
+_KEY_LEAD = re.compile(r"{s}*(?:export{s}+)?\Z".format(s=_S))
 _OUTER_QUOTES = re.compile(r"\A(['\"`])([\s\S]*)\1(?=[%s]|\Z)" % _EOL)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
@@ -226,11 +229,11 @@ class EnvFileError(Exception):
 
 
 def js_trim(text):
-    return text.strip(_WS.replace("\u2000-\u200a", "".join(chr(c) for c in range(0x2000, 0x200B))))
+    return text.strip(_JS_SPACE)
 
 
 def dotenv_value(raw):
-    """The value dotenv gives to the matched value text raw (None for a missing value)."""
+    """The value dotenv gives to the matched value text raw ("" for a missing value)."""
     value = js_trim(raw or "")
     quote = value[:1]
     match = _OUTER_QUOTES.match(value)
@@ -342,13 +345,13 @@ class DotenvDocument:
             first = line_of(match.start("key"))
             value_end = match.end("value") if match.group("value") is not None else match.end("sep")
             last = line_of(value_end - 1)
-            if set(range(first, last + 1)) & used or normalized[starts[first]:match.start("key")].strip(_WS.replace("\u2000-\u200a", "")).replace("export", "").strip():
+            if set(range(first, last + 1)) & used or not _KEY_LEAD.match(normalized[starts[first]:match.start("key")]):
                 raise EnvFileError("line %d holds more than one assignment (unusual line separators)" % (first + 1))
             used.update(range(first, last + 1))
             raw = match.group("value") or ""
-            core = raw.strip(_S_CHARS)
+            core = raw.strip(_JS_SPACE)
             if core:
-                lead = raw[:len(raw) - len(raw.lstrip(_S_CHARS))]
+                lead = raw[:len(raw) - len(raw.lstrip(_JS_SPACE))]
                 gap = "" if "\n" in lead else lead
                 trail = raw[len(lead) + len(core):]
             else:
@@ -408,7 +411,7 @@ class DotenvDocument:
             elif mask is not None and mask.search(assignment.key):
                 out.append(assignment.render(MASK) + eol)
             else:
-                out.extend(l.text + l.eol for l in self.lines[assignment.first:assignment.last + 1])
+                out.extend(line.text + line.eol for line in self.lines[assignment.first:assignment.last + 1])
         if append:
             if out and not out[-1].endswith(("\n", "\r")):
                 out[-1] += self.default_eol()
@@ -428,9 +431,6 @@ class DotenvDocument:
             return text
         cut = min([i for i in (text.find("="), text.find(":")) if i >= 0] or [-1])
         return text if cut < 0 else text[:cut + 1] + MASK
-
-
-_S_CHARS = "".join(chr(c) for c in range(0x2000, 0x200B)) + _WS.replace("\u2000-\u200a", "")
 
 
 def fsync_dir(path):
@@ -525,11 +525,34 @@ class EnvFile:
                 else:
                     append.append((key, "%s=%s" % (key, encode_value(value))))
             changed.append(key)
-        return document.render(replace=replace, append=append), changed
+        new_text = document.render(replace=replace, append=append)
+        self.check_reads_back(new_text, current)
+        return new_text, changed
+
+    def check_reads_back(self, text, current):
+        """Refuse a text dotenv would read otherwise than intended (an unterminated quote before
+        a new line can swallow it): every key keeps its value but those set or removed."""
+        expected = dict(current)
+        for key, value in self.wanted.items():
+            if value is None:
+                expected.pop(key, None)
+            else:
+                expected[key] = value
+        try:
+            got = DotenvDocument(text).values()
+        except EnvFileError as exc:
+            got = {None: str(exc)}
+        if got != expected:
+            differ = sorted(str(key) for key in set(got) | set(expected) if got.get(key) != expected.get(key))
+            raise EnvFileError("refusing to write %s: dotenv would then read other values for %s (an unterminated "
+                               "quote in the file?)" % (self.path, ", ".join(differ)))
 
     # -- running ---------------------------------------------------------------------------------
 
     def run(self):
+        if self.params["return_previous"] and not self.module.no_log:
+            raise EnvFileError("return_previous returns the values %s held, secrets included: "
+                               "set no_log: true on this task" % self.path)
         if self.params["state"] == "absent":
             return self.remove_file()
         text = self._read()
@@ -542,13 +565,16 @@ class EnvFile:
                     return self.result
                 raise EnvFileError("%s does not exist; set create: true to create it" % self.path)
             text = ""
-        document = DotenvDocument(text)
+        try:
+            document = DotenvDocument(text)
+        except EnvFileError as exc:
+            raise EnvFileError("cannot edit %s safely: %s" % (self.path, exc))
         duplicates = document.duplicates()
         self.result["duplicates"] = duplicates
         for key in duplicates:
-            self.module.warn("%s is defined %d times in %s; dotenv uses the last definition%s" % (
-                key, sum(1 for a in document.assignments if a.key == key), self.path,
-                ", which is the one set" if self.wanted.get(key) is not None and key in self.wanted else ""))
+            count = sum(1 for assignment in document.assignments if assignment.key == key)
+            self.module.warn("%s is defined %d times in %s; dotenv uses the last definition (the one env_file "
+                             "updates; removing the key removes all of them)" % (key, count, self.path))
         self._previous(document)
         new_text, changed_keys = self.plan(document)
         self.result["changed_keys"] = changed_keys
@@ -581,7 +607,6 @@ class EnvFile:
         self.result["previous"] = {
             key: dict(present=key in current, value=current.get(key)) for key in self.wanted
         }
-        self.result["_ansible_no_log"] = True
 
     def remove_file(self):
         if self.wanted:
@@ -649,8 +674,9 @@ class EnvFile:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
-            if isinstance(exc, OSError):
-                raise EnvFileError("writing %s failed, the file is unchanged: %s" % (self.path, exc.strerror or exc))
+            if isinstance(exc, Exception):  # OSError, or the Exception atomic_move raises
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise EnvFileError("writing %s failed, the file is unchanged: %s" % (self.path, reason))
             raise
         fsync_dir(directory)
 
@@ -673,8 +699,21 @@ class EnvFile:
         return dict(module_args=params)
 
 
+class EnvFileModule(AnsibleModule):
+    """AnsibleModule that never logs the values to the target's syslog (values is not no_log:
+    masking every value string, such as "false", everywhere in the result would garble it)."""
+
+    def _log_invocation(self):
+        params = self.params
+        self.params = dict(params, values={key: MASK for key in params.get("values") or {}})
+        try:
+            super()._log_invocation()
+        finally:
+            self.params = params
+
+
 def main():
-    module = AnsibleModule(
+    module = EnvFileModule(
         argument_spec=dict(
             path=dict(type="path", required=True, aliases=["dest"]),
             values=dict(type="dict", default={}, no_log=False),
@@ -690,18 +729,17 @@ def main():
         ),
         supports_check_mode=True,
     )
-    invocation = dict(module_args=dict(module.params, values={k: MASK for k in module.params["values"] or {}}))
+    # Until the secret pattern is known to compile, the echo of the arguments hides every value.
+    invocation = dict(module_args=dict(module.params, values={key: MASK for key in module.params["values"]}))
     try:
         env_file = EnvFile(module)
         invocation = env_file.invocation()
         module.exit_json(invocation=invocation, **env_file.run())
     except EnvFileError as exc:
         module.fail_json(msg=to_native(exc), invocation=invocation)
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            module.fail_json(msg="permission denied on %s: %s" % (exc.filename or module.params["path"], exc.strerror),
-                             invocation=invocation)
-        raise
+    except PermissionError as exc:
+        module.fail_json(msg="permission denied on %s: %s" % (exc.filename or module.params["path"], exc.strerror),
+                         invocation=invocation)
 
 
 if __name__ == "__main__":

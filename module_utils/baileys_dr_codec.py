@@ -37,7 +37,8 @@ DIGEST_HEADER = ["baileys-dr-state", 1]
 _BASE64_RE = re.compile(r"\A(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}(?:==)?|[A-Za-z0-9+/]{3}=?)?\Z")
 _DIGITS_RE = re.compile(r"\A-?[0-9]+\Z")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_ESCAPE_RE = re.compile(r'["\\\x00-\x1f]')
+_ESCAPE_RE = re.compile('["\\\\\x00-\x1f\ud800-\udfff]')
+_INDEX_KEYS = {}
 
 
 class Bytes(bytes):
@@ -54,15 +55,43 @@ def decode_base64(text):
         return None
 
 
+def _byte_list(items):
+    """bytes of a list of integral numbers 0-255 (JSON cannot tell 2 from 2.0), else None."""
+    out = bytearray()
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or item != int(item) or not 0 <= item <= 255:
+            return None
+        out.append(int(item))
+    return bytes(out)
+
+
+def _index_keys(count):
+    keys = _INDEX_KEYS.get(count)
+    if keys is None:
+        keys = _INDEX_KEYS[count] = [str(i) for i in range(count)]
+    return keys
+
+
 def buffer_bytes(value):
-    """The bytes a JSON Buffer object stands for, or None when it is not one."""
-    if not isinstance(value, dict) or value.get("type") != "Buffer" or set(value) != {"type", "data"}:
+    """The bytes a JSON value stands for, or None when it is not a Buffer.
+
+    Either {"type": "Buffer", "data": <byte array or base64>} with no other member,
+    or a Uint8Array as plain JSON.stringify writes it: {"0": 12, "1": 34, ...}
+    (keys exactly "0".."n-1", in any order: JavaScript enumerates them numerically,
+    JSONB sorts them), which Baileys' reviver reads back as bytes.
+    """
+    if not isinstance(value, dict) or not value:
         return None
-    data = value["data"]
-    if isinstance(data, str):
-        return decode_base64(data)
-    if isinstance(data, list) and all(type(b) is int and 0 <= b <= 255 for b in data):
-        return bytes(data)
+    if value.get("type") == "Buffer" and len(value) == 2 and "data" in value:
+        data = value["data"]
+        if isinstance(data, str):
+            return decode_base64(data)
+        if isinstance(data, list):
+            return _byte_list(data)
+        return None
+    keys = _index_keys(len(value))
+    if "0" in value and value.keys() == set(keys):
+        return _byte_list(value[k] for k in keys)
     return None
 
 
@@ -129,9 +158,26 @@ def _number(value):
     if not math.isfinite(value):
         # JSON.stringify turns these into null; JSONB cannot hold them at all.
         return "null"
-    if value.is_integer() and abs(value) < 1e21:
+    if value.is_integer():
         return str(int(value))
-    return repr(value)
+    return _js_float(value)
+
+
+def _js_float(value):
+    """ECMAScript Number::toString of a non-integral float (both use the shortest round-trip digits)."""
+    sign = "-" if value < 0 else ""
+    mantissa, _, exponent = repr(abs(value)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    point = len(whole) + int(exponent or 0) - (len(whole + fraction) - len((whole + fraction).lstrip("0")))
+    digits = digits.rstrip("0")
+    if 0 < point <= 21:
+        return sign + digits[:point] + "." + digits[point:] if point < len(digits) else sign + digits + "0" * (point - len(digits))
+    if -6 < point <= 0:
+        return sign + "0." + "0" * -point + digits
+    power = point - 1
+    head = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return "%s%se%s%d" % (sign, head, "+" if power > 0 else "-", abs(power))
 
 
 def _canonical(value, out):

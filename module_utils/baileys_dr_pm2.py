@@ -124,15 +124,35 @@ def env_names(proc):
     return set(env) if isinstance(env, dict) else set()
 
 
-def env_values(processes):
-    """Every string value of every process environment: what scrub_output must hide."""
+SECRET_NAME = re.compile(r"pass|secret|token|key|dsn|url|auth|cred|private|cookie|session", re.IGNORECASE)
+
+
+def secret_values(pairs):
+    """Values to hide in messages: of secret-looking names, and any long value, but never a path.
+
+    Short common values ("false" of USE_DATABASE_AUTH_STATE, "postgres") are left alone, or every message would be masked;
+    messages never carry NAME=value or JSON anyway (scrub_output).
+    """
     values = set()
-    for proc in processes:
-        env = _env(proc)
-        for source in (env.get("env"), env):
-            if isinstance(source, dict):
-                values.update(value for value in source.values() if isinstance(value, str))
+    for name, value in pairs:
+        if not isinstance(value, str):
+            continue
+        if value.startswith("/"):
+            continue
+        if (SECRET_NAME.search(str(name)) and len(value) >= 6) or len(value) >= 12:
+            values.add(value)
     return values
+
+
+def env_values(processes):
+    """The values of process environments that scrub_output must hide."""
+    pairs = []
+    for proc in processes:
+        # pm2_env repeats these variables at its top level, among PM2's own fields (names, paths).
+        env = _env(proc).get("env")
+        if isinstance(env, dict):
+            pairs.extend(env.items())
+    return secret_values(pairs) - {proc.get("name") for proc in processes}
 
 
 # --- .env files ------------------------------------------------------------------------------------
@@ -141,7 +161,7 @@ _DOTENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(
 
 
 def read_env_file(path):
-    """(names, values) defined by a dotenv file, as the dotenv package reads it.
+    """(names, secret values) of a dotenv file, as the dotenv package reads it.
 
     Only what is needed here: the names (to keep them out of the environment PM2
     gives the process, so that the file wins) and the values (to hide them in
@@ -152,7 +172,7 @@ def read_env_file(path):
             lines = handle.read().splitlines()
     except OSError as exc:
         raise Pm2Error("env_file %s cannot be read: %s" % (path, exc.strerror or exc)) from None
-    names, values = [], []
+    names, pairs = [], []
     index = 0
     while index < len(lines):
         match = _DOTENV_LINE.match(lines[index])
@@ -170,8 +190,8 @@ def read_env_file(path):
             value = re.sub(r"\s+#.*$", "", value)
         if name not in names:
             names.append(name)
-        values.append(value)
-    return names, values
+        pairs.append((name, value))
+    return names, secret_values(pairs)
 
 
 # --- messages ----------------------------------------------------------------------------------------
@@ -194,7 +214,7 @@ def scrub_output(text, secrets=(), limit=1500):
             continue
         kept.append(_ASSIGNMENT.sub(lambda m: m.group(1) + "=" + MASK, stripped))
     text = "\n".join(kept)
-    for secret in sorted((s for s in secrets if isinstance(s, str) and len(s) >= 4), key=len, reverse=True):
+    for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, MASK)
     if len(text) > limit:
         text = text[:limit] + " [...]"
@@ -269,13 +289,19 @@ def _without_environ(module, names):
 SECRET_FIELD = re.compile(r"pass|secret|token|dsn|credential|^env$", re.IGNORECASE)
 
 
-def safe_health(doc, limit=65536):
-    """The /health document without secret-looking fields, and no bigger than limit bytes of JSON."""
+def safe_health(doc, secrets=(), limit=65536):
+    """The /health document without secret-looking fields or known secret values, and no bigger than
+    limit bytes of JSON."""
+    secrets = sorted(secrets, key=len, reverse=True)
+
     def clean(value):
         if isinstance(value, dict):
             return {k: clean(v) for k, v in value.items() if not SECRET_FIELD.search(str(k))}
         if isinstance(value, list):
             return [clean(v) for v in value]
+        if isinstance(value, str):
+            for secret in secrets:
+                value = value.replace(secret, MASK)
         return value
 
     if not isinstance(doc, dict):
@@ -309,7 +335,9 @@ def health_field_differences(expect, doc):
 
 
 class ReadinessTracker:
-    """Readiness from successive PM2 samples: status online, restart count stable, uptime past the window."""
+    """Readiness from successive PM2 samples: status online, restart count (and pids) the same in the last two
+    samples, and uptime past the window. PM2 resets pm_uptime at every start, so an uptime past the window
+    means no restart during the window; the second sample guards against one between the two."""
 
     def __init__(self, window):
         self.window = window
@@ -329,16 +357,18 @@ class ReadinessTracker:
             self.streak_restarts, self.streak_pids, self.streak_samples = restarts, pids, 0
         self.streak_samples += 1
         checks = [("status", status == "online", "PM2 status %s" % status)]
-        if restarts != self.first_restarts:
-            checks.append(("restarts_stable", False,
-                           "restart count not stable: went from %d to %d while waiting (crash loop?)"
-                           % (self.first_restarts, restarts)))
-        elif self.streak_samples < 2:
-            checks.append(("restarts_stable", False, "restart count %d seen once so far" % restarts))
-        else:
-            checks.append(("restarts_stable", True, "restart count stable at %d" % restarts))
         uptimes = [uptime_seconds(proc, now) for proc in instances]
         uptime = min(uptimes) if uptimes and None not in uptimes else None
+        went = "went from %d to %d while waiting" % (self.first_restarts, restarts)
+        # A count that changed during the wait is stable again only once the new run has lasted the window.
+        recovered = restarts == self.first_restarts or (uptime is not None and uptime >= self.window)
+        if self.streak_samples >= 2 and recovered:
+            detail = "restart count stable at %d" % restarts
+            checks.append(("restarts_stable", True, detail + (" (it %s)" % went if restarts != self.first_restarts else "")))
+        elif restarts != self.first_restarts:
+            checks.append(("restarts_stable", False, "restart count not stable: %s (crash loop?)" % went))
+        else:
+            checks.append(("restarts_stable", False, "restart count %d seen once so far" % restarts))
         if uptime is None:
             checks.append(("uptime", False, "not running"))
         else:

@@ -12,9 +12,11 @@ module.exports = {
       instances: 1,
       autorestart: true,
       // The service sends 'ready' once its store is loaded and healthy; PM2
-      // still marks it online after listen_timeout: readiness is /health.
+      // still marks it online after listen_timeout (and `pm2 start/restart`
+      // wait that long for a service that never gets ready): readiness is
+      // /health, not PM2's status.
       wait_ready: true,
-      listen_timeout: 60000,
+      listen_timeout: 10000,
       kill_timeout: 10000,
       min_uptime: 5000,
       max_restarts: 10,

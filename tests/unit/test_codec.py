@@ -143,3 +143,15 @@ def test_company_ids_outside_the_application_rule_are_rejected():
         assert codec.COMPANY_ID_RE.match(good)
     for bad in ("", "x" * 51, "../etc", "a b", "a\n", "é", "1;DROP"):
         assert not codec.COMPANY_ID_RE.match(bad)
+
+
+def test_uint8array_json_shape_is_bytes_like_baileys_reads_it():
+    assert codec.buffer_bytes({"0": 1, "1": 2}) == b"\x01\x02"
+    assert codec.buffer_bytes({"1": 2, "0": 1}) == b"\x01\x02"
+    assert codec.buffer_bytes({"1": 1, "2": 2}) is None
+    assert codec.buffer_bytes({"0": 256}) is None
+    assert codec.to_base64_form({"k": {"0": 1, "1": 2}}) == {"k": {"type": "Buffer", "data": "AQI="}}
+
+
+def test_numbers_print_as_javascript_prints_them():
+    assert codec.canonical_json([1e-05, 1.5e-07, 0.1, -0.000001234, 1e21, 2.0]) == "[0.00001,1.5e-7,0.1,-0.000001234,1000000000000000000000,2]"

@@ -66,6 +66,15 @@ def keys(form, sync_form):
     ]
 
 
+def edge_keys(indexed):
+    raw = [1, 2, 255]
+    u8 = {str(i): b for i, b in enumerate(raw)} if indexed else {"type": "Buffer", "data": raw}
+    return [{"type": "session", "id": "edge", "value": {
+        "small": 1e-05, "tiny": 1.5e-07, "big": 1e21, "neg": -0.000001234, "plain": 0.1,
+        "u8": u8, "floatbytes": {"type": "Buffer", "data": [2.0, 3.0]}, "lone": "a\ud800b",
+        "numeric_keys_not_bytes": {"1": 1, "2": 2}}}]
+
+
 def case(name, creds_value, key_list):
     digest = state_digest(creds_value, [(k["type"], k["id"], k["value"]) for k in key_list])
     return {"name": name, "creds": creds_value, "keys": key_list, "digest": digest}
@@ -81,9 +90,11 @@ def main():
         case("no creds", None, keys("base64", "buffer")[:3]),
         case("one byte changed", creds("array"), [dict(keys("array", "buffer")[1], value={"private": buf(bytes(32), "array"), "public": buf(bytes(33), "array")})]),
         case("empty", None, []),
+        case("edge numbers, lone surrogate, Uint8Array shape", None, edge_keys(indexed=True)),
+        case("edge numbers, lone surrogate, Buffer form (same digest)", None, edge_keys(indexed=False)),
     ]
     with open(os.path.join(HERE, "digest_vectors.json"), "w", encoding="utf-8") as fh:
-        json.dump({"spec": "docs/architecture.md#the-state-digest-v1", "cases": cases}, fh, ensure_ascii=False, indent=1)
+        json.dump({"spec": "docs/architecture.md#the-state-digest-v1", "cases": cases}, fh, indent=1)
         fh.write("\n")
 
 

@@ -43,26 +43,43 @@ function isPlainObject(value) {
  * a Buffer/Uint8Array instance, or an object {type: "Buffer", data} (and no
  * other member) whose data is an array of integers 0-255 or standard base64.
  */
+function byteList(items) {
+  for (const b of items) {
+    if (typeof b !== 'number' || !Number.isInteger(b) || b < 0 || b > 255) return null;
+  }
+  return Buffer.from(items);
+}
+
+/**
+ * A Uint8Array as plain JSON.stringify writes it: {"0": 12, "1": 34, ...}, keys
+ * exactly "0".."n-1" (JavaScript enumerates integer keys in numeric order), which
+ * Baileys' reviver reads back as bytes.
+ */
+function indexedBytes(value) {
+  const names = Object.keys(value);
+  if (names.length === 0) return null;
+  for (let i = 0; i < names.length; i++) {
+    if (names[i] !== String(i)) return null;
+  }
+  return byteList(names.map((name) => value[name]));
+}
+
 function bufferBytes(value) {
   if (value instanceof Uint8Array) return Buffer.from(value.buffer, value.byteOffset, value.byteLength);
-  if (!isPlainObject(value) || value.type !== 'Buffer') return null;
+  if (!isPlainObject(value)) return null;
+  if (value.type !== 'Buffer') return indexedBytes(value);
   const names = Object.keys(value);
   if (names.length !== 2 || !Object.prototype.hasOwnProperty.call(value, 'data')) return null;
   const data = value.data;
   if (typeof data === 'string') return decodeBase64(data);
-  if (Array.isArray(data)) {
-    for (const b of data) {
-      if (typeof b !== 'number' || !Number.isInteger(b) || b < 0 || b > 255) return null;
-    }
-    return Buffer.from(data);
-  }
+  if (Array.isArray(data)) return byteList(data);
   return null;
 }
 
 /** Protobuf JSON form of app-state-sync-key values (keyData base64, timestamp digits). */
 function applyTypeRules(keyType, value) {
   if (keyType !== 'app-state-sync-key' || !isPlainObject(value) || bufferBytes(value) !== null) return value;
-  const out = Object.assign({}, value);
+  const out = { ...value }; // spread defines an own "__proto__" member, Object.assign would not
   if (typeof out.keyData === 'string') {
     const raw = decodeBase64(out.keyData);
     if (raw !== null) out.keyData = raw;

@@ -19,7 +19,8 @@ const RETRY_MAX_MS = 30000;
 function gitRevision(appRoot) {
   if (!fs.existsSync(path.join(appRoot, '.git'))) return null;
   try {
-    const out = execFileSync('git', ['-C', appRoot, 'rev-parse', 'HEAD'], { encoding: 'utf8', timeout: 5000, stdio: ['ignore', 'pipe', 'ignore'] });
+    // safe.directory: the repository may belong to another user than the service's
+    const out = execFileSync('git', ['-c', `safe.directory=${appRoot}`, '-C', appRoot, 'rev-parse', 'HEAD'], { encoding: 'utf8', timeout: 5000, stdio: ['ignore', 'pipe', 'ignore'] });
     return /^[0-9a-f]{40,64}$/.test(out.trim()) ? out.trim() : null;
   } catch {
     return null;
@@ -79,10 +80,11 @@ function createService(options = {}) {
 
   function health() {
     const companies = state.result ? state.result.companies : [];
-    const digests = {};
-    const registrationIds = {};
-    const keys = {};
-    const guessedIds = {};
+    // null-prototype maps: "__proto__" is a valid company id
+    const digests = Object.create(null);
+    const registrationIds = Object.create(null);
+    const keys = Object.create(null);
+    const guessedIds = Object.create(null);
     for (const c of companies) {
       digests[c.id] = c.digest;
       registrationIds[c.id] = c.registrationId;

@@ -165,6 +165,9 @@ test('canonical JSON: strings as JSON.stringify, numbers, non-Buffer look-alikes
   assert.equal(d.canonicalJson({ x: 1, type: 'Buffer', data: [1] }), '{"data":[1],"type":"Buffer","x":1}');
   assert.equal(d.canonicalJson({ type: 'Buffer', data: 'AQ' }), '{"data":"AQ==","type":"Buffer"}');
   assert.equal(d.canonicalJson({ type: 'Buffer', data: [] }), '{"data":"","type":"Buffer"}');
+  // "__proto__" is an ordinary member name (JSON.parse makes it an own property)
+  const proto = JSON.parse('{"__proto__":{"x":1},"keyData":"AAAA"}');
+  assert.equal(d.canonicalJson(proto, 'app-state-sync-key'), '{"__proto__":{"x":1},"keyData":{"data":"AAAA","type":"Buffer"}}');
   // nested Buffers inside arrays and objects
   assert.equal(d.canonicalJson([{ k: { type: 'Buffer', data: [255] } }]), '[{"k":{"data":"/w==","type":"Buffer"}}]');
 });

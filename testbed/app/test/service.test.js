@@ -86,7 +86,7 @@ test('.env is read at the app root; the process environment wins, even when empt
 });
 
 test('file store: Baileys reads back what Baileys wrote; digests equal the PostgreSQL JSON form', { ...needDeps }, async () => {
-  const baileys = await import('baileys');
+  const baileys = await require('../src/baileys').loadBaileys();
   const { makeKeys, asStoredJson, genFiles } = require('../tools/fixture');
   const { stateDigest } = require('../src/digest');
   const files = require('../src/stores/files');
@@ -124,7 +124,7 @@ test('file store: Baileys reads back what Baileys wrote; digests equal the Postg
 });
 
 test('file store: a manifest keeps ids that file names cannot; without it the guess is reported', { ...needDeps }, async () => {
-  const baileys = await import('baileys');
+  const baileys = await require('../src/baileys').loadBaileys();
   const { stateDigest, keyFileName } = require('../src/digest');
   const files = require('../src/stores/files');
   const root = tmpdir();
@@ -200,6 +200,10 @@ test('service: /health and /reload with the file store', { ...needDeps }, async 
   const root = tmpdir();
   const sessions = path.join(root, 'baileys_sessions');
   const gen = await genFiles({ dest: sessions, companies: 2, keys: 20, prefix: 's', manifest: true });
+  // "__proto__" is a valid company id: it must not vanish from the JSON maps
+  fs.cpSync(path.join(sessions, 'company_s1'), path.join(sessions, 'company___proto__'), { recursive: true });
+  const expected = JSON.parse(JSON.stringify(gen.digests));
+  Object.defineProperty(expected, '__proto__', { value: gen.digests.s1, enumerable: true, configurable: true, writable: true });
   const service = createService({ config: filesConfig(root, { sessionsDir: sessions }) });
   const port = await service.start();
   try {
@@ -215,9 +219,9 @@ test('service: /health and /reload with the file store', { ...needDeps }, async 
     assert.equal(h.ready, true);
     assert.equal(h.store, 'files');
     assert.equal(h.revision, null);
-    assert.equal(h.companies, 2);
-    assert.deepEqual(h.digests, gen.digests);
-    assert.deepEqual(Object.keys(h.registrationIds).sort(), ['s1', 's2']);
+    assert.equal(h.companies, 3);
+    assert.deepEqual(Object.entries(h.digests).sort(), Object.entries(expected).sort());
+    assert.deepEqual(Object.keys(h.registrationIds).sort(), ['__proto__', 's1', 's2']);
     assert.deepEqual(h.errors, []);
     assert.equal(h.pid, process.pid);
     assert.ok(!Number.isNaN(Date.parse(h.startedAt)));

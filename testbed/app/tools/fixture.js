@@ -23,9 +23,7 @@ const digestLib = require('../src/digest');
 
 const { keyFileName, stateDigest, bufferBytes } = digestLib;
 
-function loadBaileys() {
-  return import('baileys');
-}
+const { loadBaileys } = require('../src/baileys');
 
 /** Deterministic pseudo-random bytes (fast; key material need not be real here). */
 function bytes(n, ...seed) {

@@ -9,23 +9,16 @@
 // file, else the type-aware reverse of fixFileName (reported as guessed).
 // One company is held in memory at a time.
 
-const fs = require('node:fs');
 const fsp = require('node:fs/promises');
 const path = require('node:path');
 const digestLib = require('../digest');
 const { COMPANY_ID_RE } = require('../config');
+const { loadBaileys } = require('../baileys');
 
 const { StateDigest, keyLine, keyFileName, parseKeyFileName, reverseFileName, sortKeys } = digestLib;
 
 const READ_BATCH = 64; // ids per state.keys.get call, read concurrently by Baileys
 const GUESSED_LISTED = 20; // guessed ids listed per company in /health (all are counted)
-
-let baileysPromise = null;
-function loadBaileys() {
-  // Baileys 7 is an ES module; a dynamic import works from CommonJS on every Node 20.
-  if (!baileysPromise) baileysPromise = import('baileys');
-  return baileysPromise;
-}
 
 function shown(text) {
   const json = JSON.stringify(String(text));
@@ -33,11 +26,11 @@ function shown(text) {
 }
 
 /** The manifest's files of each company, or {} (a missing manifest is normal). */
-function readManifest(sessionsDir, warnings) {
+async function readManifest(sessionsDir, warnings) {
   const file = path.join(sessionsDir, 'manifest.json');
   let text;
   try {
-    text = fs.readFileSync(file, 'utf8');
+    text = await fsp.readFile(file, 'utf8');
   } catch (error) {
     if (error.code !== 'ENOENT') warnings.push(`manifest.json unreadable (${error.code || error.message}): ids will be guessed`);
     return {};
@@ -196,7 +189,7 @@ async function load(config, ctx = {}) {
     return result;
   }
   const baileys = await loadBaileys();
-  const manifest = readManifest(sessionsDir, result.warnings);
+  const manifest = await readManifest(sessionsDir, result.warnings);
   const dirents = await fsp.readdir(sessionsDir, { withFileTypes: true });
   const companyDirs = dirents
     .filter((d) => d.name.startsWith('company_'))

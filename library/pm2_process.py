@@ -1,0 +1,586 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: contributors to baileys-dr
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: pm2_process
+short_description: Start, restart, stop or remove one PM2 process, and wait until it is really ready
+description:
+  - Manages one process of the PM2 daemon of the user the module runs as (use C(become_user) for the
+    application's user; each OS user has its own daemon and sees only its own processes).
+  - Reads the process list with C(pm2 jlist), whatever banner or notice PM2 prints around it.
+  - "Readiness is more than PM2's C(online): the status must be C(online), the restart count must stay the
+    same and the uptime must pass O(ready_window), and, with O(health_url), the application's readiness
+    endpoint must answer 200 with the expected fields and state digests."
+  - "The environment trap: C(pm2 restart --update-env) merges the caller's environment into the one PM2 stored
+    and never removes a variable, and dotenv never overrides a variable already in the environment, so a
+    stale variable silently beats the new C(.env). With O(fresh_env) (the default of C(restarted)) the module
+    deletes the process and starts it again from O(ecosystem) with a clean environment."
+  - Never returns an environment value of the process (PM2 holds every variable, secrets included); command
+    output shown in an error message is scrubbed.
+version_added: "0.1.0"
+author: baileys-dr contributors
+options:
+  name:
+    description: PM2 name of the process (not a pm_id, not C(all)).
+    type: str
+    required: true
+  state:
+    description:
+      - C(started) starts the process when it is not running (from O(ecosystem) when PM2 does not know it).
+      - C(restarted) always restarts it, with O(fresh_env) by default; C(reloaded) runs C(pm2 reload) (the
+        environment PM2 stored is kept).
+      - C(stopped) stops it; C(absent) deletes it from PM2; C(info) only reads.
+    type: str
+    choices: [started, restarted, reloaded, stopped, absent, info]
+    default: started
+  pm2_bin:
+    description: The pm2 executable, a path or a name looked up in C(PATH).
+    type: str
+    default: pm2
+  pm2_home:
+    description:
+      - PM2_HOME of the daemon to manage.
+      - Default C(PM2_HOME) from the environment, else C(.pm2) in the home directory of the user the module
+        runs as.
+    type: path
+  ecosystem:
+    description:
+      - Ecosystem file that defines O(name); the process is started with C(pm2 start <ecosystem> --only <name>)
+        in O(cwd).
+      - Needed to start a process PM2 does not know and for O(fresh_env).
+    type: path
+  cwd:
+    description: Directory C(pm2 start <ecosystem>) runs in; default the directory of O(ecosystem).
+    type: path
+  fresh_env:
+    description:
+      - Restart as C(pm2 delete <name>) then C(pm2 start <ecosystem> --only <name>) with the clean environment
+        described in O(env_remove), instead of C(pm2 restart), which keeps every variable PM2 stored.
+      - Default true for C(restarted), false for the other states; with C(started) it applies to a process
+        that is stopped. C(reloaded) cannot have it (a reload keeps the environment).
+    type: bool
+  env_remove:
+    description:
+      - Variables left out of the environment of every C(pm2 start <ecosystem>) the module runs (the module's
+        own environment otherwise), together with every variable O(env_file) defines, so that the
+        application's C(.env) wins.
+      - C(PATH) and C(PM2_HOME) are never removed.
+    type: list
+    elements: str
+    default: []
+  env_file:
+    description: The application's C(.env); the names it defines are left out of the environment, see O(env_remove).
+    type: path
+  env_check:
+    description:
+      - Variable names to look for in the environment PM2 gives the running process; those present are
+        returned in RV(stale_env) (names only, never values).
+    type: list
+    elements: str
+    default: []
+  fail_on_stale_env:
+    description: Fail when a variable of O(env_check) is in the process environment.
+    type: bool
+    default: false
+  wait:
+    description:
+      - Wait until the process is ready (see O(ready_window), O(health_url)) and fail after O(ready_timeout).
+      - Default true for C(started), C(restarted) and C(reloaded), false for C(info); ignored by C(stopped)
+        and C(absent). Skipped in check mode when something would be done.
+    type: bool
+  ready_window:
+    description: Seconds the process must be up, with a restart count that does not change, to count as ready.
+    type: float
+    default: 5
+  ready_timeout:
+    description: Seconds to wait for readiness.
+    type: float
+    default: 60
+  health_url:
+    description:
+      - Readiness endpoint of the application, for example C(http://127.0.0.1:3011/health); it must answer
+        200 (no proxy is used). When its JSON has a C(pid), it must be the pid PM2 runs.
+    type: str
+  health_expect:
+    description: "Fields of the O(health_url) JSON that must have these exact values, for example C({store: files})."
+    type: dict
+  expected_digests:
+    description:
+      - State digests by company id that the C(digests) of the O(health_url) JSON must equal exactly (no
+        company more or less). The failure message names up to 20 differing companies.
+    type: dict
+attributes:
+  check_mode:
+    support: full
+    details: Only C(pm2 jlist) runs (and, when nothing would be done, the readiness checks); RV(would) tells what would be done.
+  diff_mode:
+    support: full
+    details: The status of the process before and after.
+notes:
+  - No daemon is spawned just to read; without C(rpc.sock) in PM2_HOME the process list is empty.
+  - Every argv run is returned in RV(commands); the environment they ran with is not.
+requirements:
+  - PM2 (the C(pm2) CLI) and Node.js on the target
+"""
+
+EXAMPLES = r"""
+- name: Restart the service with the new .env, nothing stale from the old environment
+  pm2_process:
+    name: baileys-whatsapp-service
+    state: restarted
+    ecosystem: /srv/baileys-whatsapp-service/ecosystem.config.js
+    env_file: /srv/baileys-whatsapp-service/.env
+    env_remove: [USE_LEGACY_SUPABASE, USE_DATABASE_AUTH_STATE, USE_REPOSITORY_PATTERN]
+    env_check: [USE_LEGACY_SUPABASE, USE_DATABASE_AUTH_STATE, USE_REPOSITORY_PATTERN]
+    fail_on_stale_env: true
+    health_url: http://127.0.0.1:3011/health
+    health_expect: {store: files}
+    expected_digests: "{{ export_result.digests }}"
+    ready_timeout: 120
+  become: true
+  become_user: baileys
+
+- name: Stop the service before the store is switched
+  pm2_process:
+    name: baileys-whatsapp-service
+    state: stopped
+  become: true
+  become_user: baileys
+
+- name: What PM2 runs (read-only)
+  pm2_process:
+    name: baileys-whatsapp-service
+    state: info
+  register: pm2_info
+"""
+
+RETURN = r"""
+would:
+  description: What was (or in check mode would be) done.
+  returned: always
+  type: str
+  sample: restart
+  choices: [start, restart, reload, stop, delete, none]
+process:
+  description:
+    - The process after the run (before it, in check mode); null when PM2 does not know it.
+    - "C(uptime_seconds) is now minus C(pm_uptime) (null when not running); C(restarts) is PM2's restart_time,
+      which counts every restart, the module's included. C(revision) is the git revision PM2 recorded (PM2 >= 6
+      records it only when its daemon runs with C(PM2_ENABLE_GIT_PARSING=true))."
+  returned: always
+  type: dict
+  sample: {name: baileys-whatsapp-service, pid: 4242, pm_id: 0, status: online, restarts: 1, unstable_restarts: 0,
+           uptime_seconds: 12.5, started_at: "2026-11-28T03:00:00+00:00", revision: null, exec_cwd: /srv/app}
+instances:
+  description: Number of PM2 processes with O(name) (more than one in cluster mode; RV(process) is the first).
+  returned: always
+  type: int
+readiness:
+  description: The readiness wait; C(checks) are the checks of the last round.
+  returned: when the module waited
+  type: dict
+  sample: {ready: true, waited_seconds: 6.1, checks: [{name: status, ok: true, detail: PM2 status online}]}
+health:
+  description: The last JSON of O(health_url), without secret-looking fields, big members replaced by a count.
+  returned: when O(health_url) was asked
+  type: dict
+stale_env:
+  description: Names of O(env_check) present in the environment of the process (names only).
+  returned: when O(env_check) is given
+  type: list
+  elements: str
+commands:
+  description: Every pm2 argv run, in order (repeated C(jlist) runs are listed once).
+  returned: always
+  type: list
+  elements: list
+pm2_home:
+  description: PM2_HOME of the daemon that was used.
+  returned: always
+  type: str
+user:
+  description: The user the module ran as, whose daemon it is.
+  returned: always
+  type: str
+"""
+
+import json
+import os
+import pwd
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.baileys_dr_pm2 import (
+    DOWN_STATUSES,
+    ENV_NAME,
+    RUNNING_STATUSES,
+    HealthClient,
+    Pm2Error,
+    Pm2Runner,
+    ReadinessTracker,
+    digest_differences,
+    env_names,
+    find_instances,
+    health_field_differences,
+    read_env_file,
+    restart_count,
+    safe_health,
+    scrub_output,
+    status_of,
+    summarize,
+)
+
+STARTING_STATES = ("started", "restarted", "reloaded")
+NEVER_REMOVED = ("PATH", "PM2_HOME")
+PREDICTED_STATUS = {"start": "online", "restart": "online", "reload": "online", "stop": "stopped", "delete": "absent"}
+
+
+class Pm2Process:
+    clock = staticmethod(time.time)  # wall clock: pm_uptime is an epoch
+    monotonic = staticmethod(time.monotonic)
+    sleep = staticmethod(time.sleep)
+    poll_interval = 0.5
+    health_request_timeout = 5.0
+
+    def __init__(self, module, runner=None, health_client=None):
+        self.module = module
+        self.params = module.params
+        self.name = self.params["name"]
+        self.state = self.params["state"]
+        self.user = pwd.getpwuid(os.geteuid()).pw_name
+        self.pm2_home = self.params["pm2_home"] or os.environ.get("PM2_HOME") or \
+            os.path.join(pwd.getpwuid(os.geteuid()).pw_dir, ".pm2")
+        self.runner = runner or Pm2Runner(module, self._pm2_bin(), self.pm2_home)
+        self.health_client = health_client or HealthClient()
+        self.fresh_env = self.params["fresh_env"] if self.params["fresh_env"] is not None else self.state == "restarted"
+        self.wait = self.params["wait"] if self.params["wait"] is not None else self.state in STARTING_STATES
+        self.env_file_names = []
+        self.warnings = []
+        self.health = None
+
+    # --- inputs ---
+
+    def _pm2_bin(self):
+        pm2_bin = self.params["pm2_bin"]
+        if "/" in pm2_bin:
+            if not (os.path.isfile(pm2_bin) and os.access(pm2_bin, os.X_OK)):
+                raise Pm2Error("pm2_bin %s is not an executable file" % pm2_bin)
+            return pm2_bin
+        found = self.module.get_bin_path(pm2_bin)
+        if not found:
+            raise Pm2Error("pm2_bin %r was not found in PATH (%s): give its full path" % (pm2_bin, os.environ.get("PATH", "")))
+        return found
+
+    def validate(self):
+        if not self.name.strip() or self.name == "all" or self.name.isdigit() or self.name.startswith("-"):
+            raise Pm2Error("name %r is not a PM2 process name this module accepts: pm2 reads 'all' as every process "
+                           "and a number as a pm_id" % self.name)
+        for option in ("env_remove", "env_check"):
+            bad = [n for n in self.params[option] if not ENV_NAME.match(n)]
+            if bad:
+                raise Pm2Error("%s holds names that are not environment variable names: %s" % (option, ", ".join(map(repr, bad))))
+        if self.fresh_env and self.state == "reloaded":
+            raise Pm2Error("fresh_env cannot be honoured by state=reloaded: a reload keeps the environment PM2 stored; "
+                           "use state=restarted")
+        if self.fresh_env and self.state in ("restarted",) and not self.params["ecosystem"]:
+            raise Pm2Error("state=restarted with fresh_env needs ecosystem (and cwd): `pm2 restart --update-env` merges "
+                           "and never removes a variable, so a stale one would beat .env. Set fresh_env: false to "
+                           "restart %s with the environment PM2 stored" % self.name)
+        window, timeout = self.params["ready_window"], self.params["ready_timeout"]
+        if window < 0 or timeout <= 0:
+            raise Pm2Error("ready_window (%s) must be 0 or more and ready_timeout (%s) more than 0" % (window, timeout))
+        if self.wait and window >= timeout:
+            raise Pm2Error("ready_window (%ss) must be shorter than ready_timeout (%ss): the process could never be "
+                           "ready in time" % (window, timeout))
+        url = self.params["health_url"]
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise Pm2Error("health_url %r is not an http:// or https:// URL" % url)
+        bad = [k for k, v in (self.params["expected_digests"] or {}).items() if not isinstance(v, str)]
+        if bad:
+            raise Pm2Error("expected_digests must map company ids to digest strings: not a string for %s" % ", ".join(sorted(bad)[:20]))
+        if self.params["env_file"]:
+            self.env_file_names, values = read_env_file(self.params["env_file"])
+            self.runner.secrets.update(values)
+
+    def _ecosystem(self):
+        """(ecosystem path, cwd) to start from; Pm2Error when they are missing or wrong."""
+        ecosystem, cwd = self.params["ecosystem"], self.params["cwd"]
+        if not ecosystem:
+            raise Pm2Error("ecosystem is needed to start %s" % self.name)
+        if not os.path.isabs(ecosystem):
+            if not cwd:
+                raise Pm2Error("ecosystem %s is a relative path: give cwd too" % ecosystem)
+            ecosystem = os.path.join(cwd, ecosystem)
+        cwd = cwd or os.path.dirname(ecosystem)
+        if not os.path.isfile(ecosystem):
+            raise Pm2Error("ecosystem %s does not exist (or is not a file)" % ecosystem)
+        if not os.path.isdir(cwd):
+            raise Pm2Error("cwd %s is not a directory" % cwd)
+        return ecosystem, cwd
+
+    def _removed_env(self):
+        names = []
+        for name in list(self.params["env_remove"]) + self.env_file_names:
+            if name in NEVER_REMOVED:
+                self.warnings.append("%s is kept in the environment of pm2 start (it is needed to run PM2)" % name)
+            elif name not in names:
+                names.append(name)
+        return names
+
+    def _not_found(self, processes, hint=""):
+        if not self.runner.daemon_running():
+            runs = "no daemon is running there"
+        elif processes:
+            names = sorted({str(p.get("name")) for p in processes})
+            runs = "this one runs only: %s" % ", ".join(names[:20])
+        else:
+            runs = "this one runs no process at all"
+        return ("no process %s in the PM2 daemon of user %s (PM2_HOME=%s): each user has its own daemon, and %s. "
+                "Run the module as the application's user (become_user) or set pm2_home%s"
+                % (self.name, self.user, self.pm2_home, runs, hint))
+
+    # --- plan and apply ---
+
+    def plan(self, instances, processes):
+        """(would, steps): what to do, as step names for apply()."""
+        statuses = {(p.get("pm2_env") or {}).get("status") for p in instances}
+        if self.state == "info":
+            return "none", []
+        if self.state == "absent":
+            return ("delete", ["delete"]) if instances else ("none", [])
+        if self.state == "stopped":
+            if not instances:
+                raise Pm2Error(self._not_found(processes))
+            return ("none", []) if statuses <= DOWN_STATUSES else ("stop", ["stop"])
+        if not instances:
+            if not self.params["ecosystem"]:
+                raise Pm2Error(self._not_found(processes, "; or give ecosystem (and cwd) to start it"))
+            self._ecosystem()
+            return "start", ["start_ecosystem"]
+        if self.state == "started":
+            if statuses <= RUNNING_STATUSES:
+                return "none", []
+            if self.fresh_env:
+                self._ecosystem()
+                return "start", ["delete", "start_ecosystem"]
+            return "start", ["start"]
+        if self.state == "restarted":
+            if self.fresh_env:
+                self._ecosystem()
+                return "restart", ["delete", "start_ecosystem"]
+            return "restart", ["restart"]
+        return "reload", ["reload"]
+
+    def apply(self, step):
+        if step == "start_ecosystem":
+            ecosystem, cwd = self._ecosystem()
+            self.runner.check(["start", ecosystem, "--only", self.name], cwd=cwd, env_remove=self._removed_env())
+        else:
+            self.runner.check([step, self.name])
+
+    def verify(self, steps, instances, processes):
+        """Pm2Error when PM2 does not show what the steps should have done."""
+        if self.state == "absent" and instances:
+            raise Pm2Error("%s is still in PM2 after `pm2 delete`" % self.name)
+        if self.state == "stopped" and not {(p.get("pm2_env") or {}).get("status") for p in instances} <= DOWN_STATUSES:
+            raise Pm2Error("%s is still %s after `pm2 stop`" % (self.name, status_of(instances)))
+        if self.state in STARTING_STATES and not instances:
+            if "start_ecosystem" in steps:
+                ecosystem, cwd = self._ecosystem()
+                raise Pm2Error("`pm2 start %s --only %s` (in %s) started no process named %s: is it defined in the "
+                               "ecosystem file? %s" % (ecosystem, self.name, cwd, self.name, self._not_found(processes)))
+            raise Pm2Error(self._not_found(processes))
+        if "start_ecosystem" in steps and self.env_file_names:
+            from_ecosystem = sorted(set(self.env_file_names) & set().union(*(env_names(p) for p in instances)))
+            if from_ecosystem:
+                self.warnings.append(
+                    "the ecosystem file (or PM2) sets %s, which %s also sets: the process gets that value and dotenv "
+                    "never overrides it" % (", ".join(from_ecosystem), self.params["env_file"]))
+
+    # --- readiness ---
+
+    def _health_checks(self, instances, remaining):
+        """(checks, terminal): checks of the readiness endpoint; terminal when a wrong answer will not change."""
+        url = self.params["health_url"]
+        status, body = self.health_client.get(url, timeout=max(1.0, min(self.health_request_timeout, remaining)))
+        if status is None:
+            reason = scrub_output(body.decode("utf-8", "replace"), self.runner.secrets, limit=200)
+            return [("health_http", False, "GET %s: no answer (%s)" % (url, reason))], False
+        try:
+            doc = json.loads(body.decode("utf-8"))
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            self.health = safe_health(doc, secrets=self.runner.secrets)
+        if status != 200:
+            errors = doc.get("errors") if isinstance(doc, dict) and isinstance(doc.get("errors"), list) else []
+            detail = "GET %s answered %d" % (url, status)
+            if errors:
+                detail += ": " + scrub_output("; ".join(map(str, errors[:3])), self.runner.secrets, limit=300)
+            return [("health_http", False, detail)], False
+        if not isinstance(doc, dict):
+            return [("health_http", False, "GET %s answered 200 without a JSON object" % url)], False
+        checks = [("health_http", True, "GET %s answered 200" % url)]
+        pids = [p.get("pid") for p in instances]
+        if "pid" in doc and doc["pid"] not in pids:
+            checks.append(("health_pid", False, "answered by pid %s, but PM2 runs %s as pid %s: another process holds "
+                                                "the port" % (doc["pid"], self.name, ", ".join(map(str, pids)))))
+            return checks, False
+        terminal = False
+        if self.params["health_expect"]:
+            wrong = health_field_differences(self.params["health_expect"], doc)
+            checks.append(("health_fields", not wrong, "; ".join(wrong) or "expected fields match"))
+            terminal = terminal or bool(wrong)
+        if self.params["expected_digests"] is not None:
+            differ = digest_differences(self.params["expected_digests"], doc.get("digests"))
+            if differ:
+                detail = "state digests differ for %d companies: %s" % (len(differ), ", ".join(differ[:20]))
+                if len(differ) > 20:
+                    detail += ", ..."
+            else:
+                detail = "state digests of %d companies match" % len(self.params["expected_digests"])
+            checks.append(("digests", not differ, detail))
+            terminal = terminal or bool(differ)
+        return checks, terminal
+
+    def wait_ready(self, instances):
+        """The readiness report; Pm2Error (with the report) when not ready in time."""
+        tracker = ReadinessTracker(self.params["ready_window"])
+        start = self.monotonic()
+        deadline = start + self.params["ready_timeout"]
+        while True:
+            terminal = None
+            if not instances:
+                checks = [("process", False, "%s is no longer in PM2" % self.name)]
+                terminal = "it disappeared from PM2"
+            else:
+                checks = tracker.observe(instances, self.clock())
+                if status_of(instances) == "errored":
+                    terminal = "PM2 gave up on it (status errored after %d restarts)" % restart_count(instances)
+            if self.params["health_url"] and not terminal:
+                if all(ok for _, ok, _ in checks):
+                    health_checks, wrong_answer = self._health_checks(instances, deadline - self.monotonic())
+                    checks += health_checks
+                    if wrong_answer and all(ok for name, ok, _ in health_checks if name in ("health_http", "health_pid")):
+                        terminal = "it is up but its readiness endpoint reports the wrong state"
+                else:
+                    checks.append(("health", False, "not asked yet: PM2 checks not passed"))
+            ready = all(ok for _, ok, _ in checks)
+            if ready or terminal or self.monotonic() >= deadline:
+                break
+            self.sleep(max(0.0, min(self.poll_interval, deadline - self.monotonic())))
+            instances = find_instances(self.runner.jlist(), self.name)
+        readiness = {"ready": ready, "waited_seconds": round(self.monotonic() - start, 3),
+                     "checks": [{"name": name, "ok": ok, "detail": detail} for name, ok, detail in checks]}
+        if not ready:
+            failed = "; ".join(detail for _, ok, detail in checks if not ok)
+            why = terminal or "not ready after %ss" % _seconds(self.params["ready_timeout"])
+            raise ReadinessError("%s is not ready: %s: %s" % (self.name, why, failed), readiness, instances)
+        return readiness, instances
+
+    # --- the run ---
+
+    def run(self):
+        result = {"changed": False, "pm2_home": self.pm2_home, "user": self.user, "commands": self.runner.commands}
+        try:
+            self.validate()
+            processes = self.runner.jlist()
+            instances = find_instances(processes, self.name)
+            before = status_of(instances)
+            would, steps = self.plan(instances, processes)
+            result.update(would=would, changed=would != "none")
+            if would != "none" and not self.module.check_mode:
+                for step in steps:
+                    self.apply(step)
+                processes = self.runner.jlist()
+                instances = find_instances(processes, self.name)
+                self.verify(steps, instances, processes)
+            if self.wait and self.state in STARTING_STATES + ("info",) and not (self.module.check_mode and would != "none"):
+                if not instances:
+                    raise Pm2Error(self._not_found(processes))
+                result["readiness"], instances = self.wait_ready(instances)
+            self._describe(result, instances)
+            if self.module._diff:
+                after = PREDICTED_STATUS[would] if self.module.check_mode and would != "none" else status_of(instances)
+                result["diff"] = {"before": "%s: %s\n" % (self.name, before), "after": "%s: %s\n" % (self.name, after)}
+            stale = result.get("stale_env")
+            if stale and self.params["fail_on_stale_env"]:
+                raise Pm2Error("%s (pid %s) still has %s in its environment: such a variable beats .env (dotenv never "
+                               "overrides the environment); restart with fresh_env and env_remove"
+                               % (self.name, result["process"]["pid"], ", ".join(stale)))
+        except ReadinessError as exc:
+            result["readiness"] = exc.readiness
+            self._describe(result, exc.instances)
+            return self._failed(result, str(exc))
+        except Pm2Error as exc:
+            return self._failed(result, str(exc))
+        if self.warnings:
+            result["warnings"] = self.warnings
+        return True, result
+
+    def _describe(self, result, instances):
+        result["process"] = summarize(instances[0], self.clock()) if instances else None
+        result["instances"] = len(instances)
+        if self.health is not None:
+            result["health"] = self.health
+        if self.params["env_check"]:
+            present = set().union(*(env_names(p) for p in instances)) if instances else set()
+            result["stale_env"] = [name for name in self.params["env_check"] if name in present]
+
+    def _failed(self, result, msg):
+        if self.warnings:
+            result["warnings"] = self.warnings
+        result["msg"] = msg
+        return False, result
+
+
+class ReadinessError(Pm2Error):
+    def __init__(self, msg, readiness, instances):
+        super().__init__(msg)
+        self.readiness = readiness
+        self.instances = instances
+
+
+def _seconds(value):
+    return int(value) if float(value).is_integer() else value
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            name=dict(type="str", required=True),
+            state=dict(type="str", default="started", choices=["started", "restarted", "reloaded", "stopped", "absent", "info"]),
+            pm2_bin=dict(type="str", default="pm2"),
+            pm2_home=dict(type="path"),
+            ecosystem=dict(type="path"),
+            cwd=dict(type="path"),
+            fresh_env=dict(type="bool"),
+            env_remove=dict(type="list", elements="str", default=[]),
+            env_file=dict(type="path"),
+            env_check=dict(type="list", elements="str", default=[]),
+            fail_on_stale_env=dict(type="bool", default=False),
+            wait=dict(type="bool"),
+            ready_window=dict(type="float", default=5),
+            ready_timeout=dict(type="float", default=60),
+            health_url=dict(type="str"),
+            health_expect=dict(type="dict"),
+            expected_digests=dict(type="dict"),
+        ),
+        supports_check_mode=True,
+    )
+    try:
+        ok, result = Pm2Process(module).run()
+    except Pm2Error as exc:
+        module.fail_json(msg=str(exc))
+    if ok:
+        module.exit_json(**result)
+    module.fail_json(**result)
+
+
+if __name__ == "__main__":
+    main()
