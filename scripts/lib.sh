@@ -69,6 +69,6 @@ ensure_node_deps() {
     case "$line" in
       APP_NODE_MODULES=*|PM2_BIN=*) export "${line?}" ;;
     esac
-  done < <("$ROOT/testbed/bin/install-node-deps")
+  done < <("$ROOT/testbed/bin/install-node-deps" --link)
   [ -n "${APP_NODE_MODULES:-}" ] && [ -n "${PM2_BIN:-}" ] || die "testbed/bin/install-node-deps did not report APP_NODE_MODULES and PM2_BIN"
 }
