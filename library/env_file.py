@@ -198,6 +198,7 @@ import tempfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.baileys_dr_fs import fsync_dir
 from ansible.module_utils.common.text.converters import to_bytes, to_native
 
 MASK = "********"
@@ -431,14 +432,6 @@ class DotenvDocument:
             return text
         cut = min([i for i in (text.find("="), text.find(":")) if i >= 0] or [-1])
         return text if cut < 0 else text[:cut + 1] + MASK
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_all(fd, data):

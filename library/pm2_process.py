@@ -260,7 +260,6 @@ class Pm2Process:
         self.fresh_env = self.params["fresh_env"] if self.params["fresh_env"] is not None else self.state == "restarted"
         self.wait = self.params["wait"] if self.params["wait"] is not None else self.state in STARTING_STATES
         self.env_file_names = []
-        self.warnings = []
         self.health = None
 
     # --- inputs ---
@@ -327,7 +326,7 @@ class Pm2Process:
         names = []
         for name in list(self.params["env_remove"]) + self.env_file_names:
             if name in NEVER_REMOVED:
-                self.warnings.append("%s is kept in the environment of pm2 start (it is needed to run PM2)" % name)
+                self.module.warn("%s is kept in the environment of pm2 start (it is needed to run PM2)" % name)
             elif name not in names:
                 names.append(name)
         return names
@@ -349,6 +348,9 @@ class Pm2Process:
     def plan(self, instances, processes):
         """(would, steps): what to do, as step names for apply()."""
         statuses = {(p.get("pm2_env") or {}).get("status") for p in instances}
+        if not instances and self.state in ("info", "absent") and not processes:
+            # Nothing to do, but an empty daemon is what running as the wrong user looks like.
+            self.module.warn(self._not_found(processes))
         if self.state == "info":
             return "none", []
         if self.state == "absent":
@@ -398,7 +400,7 @@ class Pm2Process:
         if "start_ecosystem" in steps and self.env_file_names:
             from_ecosystem = sorted(set(self.env_file_names) & set().union(*(env_names(p) for p in instances)))
             if from_ecosystem:
-                self.warnings.append(
+                self.module.warn(
                     "the ecosystem file (or PM2) sets %s, which %s also sets: the process gets that value and dotenv "
                     "never overrides it" % (", ".join(from_ecosystem), self.params["env_file"]))
 
@@ -519,8 +521,6 @@ class Pm2Process:
             return self._failed(result, str(exc))
         except Pm2Error as exc:
             return self._failed(result, str(exc))
-        if self.warnings:
-            result["warnings"] = self.warnings
         return True, result
 
     def _describe(self, result, instances):
@@ -533,8 +533,6 @@ class Pm2Process:
             result["stale_env"] = [name for name in self.params["env_check"] if name in present]
 
     def _failed(self, result, msg):
-        if self.warnings:
-            result["warnings"] = self.warnings
         result["msg"] = msg
         return False, result
 

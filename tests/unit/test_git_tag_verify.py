@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -13,8 +11,9 @@ from module_harness import run_module
 
 from ansible.module_utils.baileys_dr_git import GitRunner, ref_name_problem
 
-# A real, empty directory: the module checks that repo is one; git itself is scripted.
-REPO = os.path.realpath(tempfile.mkdtemp(prefix="git-tag-verify-unit-"))
+# Any existing directory will do (the module checks that repo is one): git itself is scripted,
+# and a command the script does not know fails the test instead of running.
+REPO = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
 GIT = ["/usr/bin/git", "-C", REPO]
 TAG = "emergency-file-fallback-v1"
 TAG_OBJECT = "1" * 40
@@ -41,12 +40,6 @@ class ScriptedGit(GitRunner):
         if answers is None:
             raise AssertionError("unexpected git command: %r" % (argv,))
         return answers.pop(0) if len(answers) > 1 else answers[0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def repo_directory():
-    yield REPO
-    shutil.rmtree(REPO, ignore_errors=True)
 
 
 @pytest.fixture

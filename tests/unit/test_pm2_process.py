@@ -141,10 +141,15 @@ def run(pm2_env, fake, args, check_mode=False, health=None, clock=None, diff=Fal
     def get(client, url, timeout):
         return health.get(client, url, timeout)
 
+    warnings = []
     with mock.patch.object(basic.AnsibleModule, "run_command", run_command), \
+            mock.patch.object(basic.AnsibleModule, "warn", lambda module, msg: warnings.append(msg)), \
             mock.patch.object(pm2.HealthClient, "get", get), \
             mock.patch.multiple(pm2_process.Pm2Process, clock=clock.time, monotonic=clock.monotonic, sleep=clock.sleep):
-        return run_module(pm2_process, params, check_mode=check_mode)
+        ok, result = run_module(pm2_process, params, check_mode=check_mode)
+    if warnings:  # what exit_json would add
+        result["warnings"] = warnings
+    return ok, result
 
 
 def assert_no_env_value(result):
@@ -349,8 +354,15 @@ def test_absent_deletes_a_known_process(pm2_env):
 def test_absent_of_an_unknown_process_changes_nothing(pm2_env):
     fake = FakePm2([recorded("jlist-online-stopped-errored.txt")])
     ok, result = run(pm2_env, fake, dict(name="no-such-app", state="absent"))
-    assert ok and not result["changed"]
+    assert ok and not result["changed"] and "warnings" not in result
     assert fake.argv == [["jlist"]]
+
+
+def test_absent_in_an_empty_daemon_warns_it_may_be_the_wrong_user(pm2_env):
+    fake = FakePm2([recorded("jlist-first-run.txt")])
+    ok, result = run(pm2_env, fake, dict(state="absent"))
+    assert ok and not result["changed"]
+    assert "each user has its own daemon, and this one runs no process at all" in result["warnings"][0]
 
 
 @pytest.mark.parametrize("name,args,would", [
@@ -409,6 +421,7 @@ def test_without_a_daemon_nothing_is_run_to_read(pm2_env):
     fake = FakePm2(["unused"])
     ok, result = run(pm2_env, fake, dict(state="info"))
     assert ok and result["process"] is None and fake.calls == []
+    assert "no daemon is running there" in result["warnings"][0]
     ok, result = run(pm2_env, fake, dict(state="stopped"))
     assert not ok and "no daemon is running there" in result["msg"] and fake.calls == []
 
