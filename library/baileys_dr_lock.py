@@ -15,7 +15,7 @@ description:
     its pid, its start time and the machine's boot id. A lock whose holder process no longer exists (killed,
     even with C(kill -9), or the machine rebooted) is stale and is taken over, and the result says so.
   - A live holder makes the module fail at once, naming the holder (pid, playbook, user, since when).
-  - Run it on the control node (C(delegate_to: localhost)); one control plane (a single control node, or AWX
+  - Run it on the control node (delegated to localhost); one control plane (a single control node, or AWX
     job templates without simultaneous runs) then serialises operations on an application host.
 version_added: "0.1.0"
 author: baileys-dr contributors

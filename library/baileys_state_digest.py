@@ -13,7 +13,7 @@ description:
   - Computes, per company, the baileys-dr state digest (docs/architecture.md) over the creds in
     C(whatsapp_auth) and every key in C(whatsapp_keys).
   - Both Buffer encodings give the same digest, so a database, a file export and the running
-    application can be compared: equal digests mean no key was lost or altered.
+    application can be compared; equal digests mean no key was lost or altered.
   - Read-only; reads one company at a time, so memory does not grow with the table.
 version_added: "0.1.0"
 author: baileys-dr contributors

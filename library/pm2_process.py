@@ -301,7 +301,8 @@ class Pm2Process:
             raise Pm2Error("health_url %r is not an http:// or https:// URL" % url)
         bad = [k for k, v in (self.params["expected_digests"] or {}).items() if not isinstance(v, str)]
         if bad:
-            raise Pm2Error("expected_digests must map company ids to digest strings: not a string for %s" % ", ".join(sorted(bad)[:20]))
+            raise Pm2Error("expected_digests must map company ids to digest strings: not a string for %s"
+                           % ", ".join(sorted(bad)[:20]))
         if self.params["env_file"]:
             self.env_file_names, values = read_env_file(self.params["env_file"])
             self.runner.secrets.update(values)

@@ -249,7 +249,8 @@ class Pm2Runner:
         rc, out, err = self.run(args, cwd=cwd, env_remove=env_remove)
         if rc != 0:
             detail = scrub_output((err or "") + "\n" + (out or ""), self.secrets)
-            raise Pm2Error("`pm2 %s` failed (rc=%d, PM2_HOME=%s): %s" % (" ".join(args), rc, self.pm2_home, detail or "no output"))
+            raise Pm2Error("`pm2 %s` failed (rc=%d, PM2_HOME=%s): %s"
+                           % (" ".join(args), rc, self.pm2_home, detail or "no output"))
         return out
 
     def jlist(self):

@@ -542,6 +542,15 @@ VALUES_SQL = (
     "FROM whatsapp_keys WHERE company_id = %s AND (key_type, key_id) IN (SELECT * FROM unnest(%s::text[], %s::text[])) OFFSET 0) s"
 )
 
+MD5S_SQL = (
+    "SELECT key_type, key_id, md5(value::text) FROM whatsapp_keys WHERE company_id = %s "
+    "AND (key_type, key_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+)
+SIZE_SQL = (
+    "SELECT coalesce(sum(pg_column_size(value)), 0), count(*), "
+    "(SELECT count(*) FROM whatsapp_auth WHERE company_id = %s) FROM whatsapp_keys WHERE company_id = %s"
+)
+
 
 class Snapshot:
     """One REPEATABLE READ READ ONLY transaction over the auth-state store; records the SQL it runs."""
@@ -628,6 +637,19 @@ class Snapshot:
     def listing(self, company_id, with_md5):
         """(type, id, xmin, stored size[, md5]) of a company's keys, streamed, unordered."""
         return self._stream(LIST_MD5_SQL if with_md5 else LIST_XMIN_SQL, (company_id,))
+
+    def company_size(self, company_id):
+        """(stored bytes, files) of a company, cheaply (no conversion to text)."""
+        with self.conn.cursor() as cur:
+            self._run(cur, SIZE_SQL, (company_id, company_id))
+            size, keys, creds = cur.fetchone()
+        return int(size), int(keys) + int(creds)
+
+    def md5s(self, company_id, pairs):
+        """(type, id, md5(value::text)) of the given keys of a company."""
+        if not pairs:
+            return iter(())
+        return self._stream(MD5S_SQL, (company_id, [p[0] for p in pairs], [p[1] for p in pairs]))
 
     def values(self, company_id, pairs):
         """(type, id, xmin, value text, md5) of the given (type, id) keys of a company."""
@@ -877,7 +899,6 @@ class DigestOnly:
 
     def company(self, company_id):
         writer = CompanyWriter(company_id, None, None, self.unknown_types, False)
-        writer._write = lambda name, data: None  # noqa: E731 - same validation and digest, no file
         row = self.snapshot.creds(company_id)
         if row is None:
             writer.digest = DigestLines(creds_line(None))
@@ -931,7 +952,7 @@ class Exporter:
         self.owner = owner
         self.check_mode = check_mode
 
-    def run(self):
+    def run(self, locked=False):
         started = time.monotonic()
         dest, exists = check_dest(self.params["dest"])
         parent = os.path.dirname(dest)
@@ -942,14 +963,23 @@ class Exporter:
                 raise SessionsError("backup_dir %s is not a directory" % backup_dir)
             if os.stat(backup_dir).st_dev != os.stat(parent).st_dev:
                 raise SessionsError("backup_dir %s is not on the file system of %s: the swap must be a rename" % (backup_dir, parent))
+        if locked:
+            return self._connected(dest, exists, parent, backup_dir, started)
         with ParentLock(parent, exclusive=True, timeout=self.params["lock_timeout"]):
-            conn = self.connect()
-            try:
-                return self._run(conn, dest, exists, parent, backup_dir, started)
-            finally:
-                conn.close()
+            return self._connected(dest, exists, parent, backup_dir, started)
 
-    def _run(self, conn, dest, exists, parent, backup_dir, started):
+    def _connected(self, dest, exists, parent, backup_dir, started):
+        conn = self.connect()
+        try:
+            result = self._run(conn, dest, exists, parent, backup_dir)
+        finally:
+            conn.close()
+        result["duration_seconds"] = round(time.monotonic() - started, 3)
+        if not (self.params["return_digests"] or result["companies"] <= 1000):
+            result.pop("digests", None)
+        return result
+
+    def _run(self, conn, dest, exists, parent, backup_dir):
         params = self.params
         snapshot = Snapshot(conn)
         meta = snapshot.begin(self.target)
@@ -962,20 +992,38 @@ class Exporter:
             raise hostile_error(hostile, params["unknown_types"])
         current, why = read_current_manifest(dest, exists)
         result = {"dest": dest, "manifest": os.path.join(dest, META_DIR, MANIFEST_NAME), "snapshot_at": meta["snapshot_at"],
-                  "system_identifier": meta["system_identifier"], "companies": len(stats),
-                  "keys": sum(s[1] for s in stats), "backup": None, "queries": snapshot.queries}
+                  "system_identifier": meta["system_identifier"], "companies": len(stats), "keys": sum(s[1] for s in stats),
+                  "backup": None, "files": 0, "bytes": 0, "queries": snapshot.queries,
+                  "generation": current["generation"] if current else None}
         differs = self._differs(current, stats, meta)
         if differs is False and not params["force"]:
-            result.update(changed=False, files=0, bytes=0, generation=current["generation"], differs=False,
+            result.update(changed=False, differs=False, digests={c: e["digest"] for c, e in current["companies"].items()},
                           reason="the database holds what the manifest of dest lists (row versions unchanged)")
-            result["digests"] = {c: e["digest"] for c, e in current["companies"].items()}
-            return self._finish(result, started)
+            return result
         files = sum(s[1] + (1 if s[3] else 0) for s in stats)
         estimated = estimate_tree_bytes(snapshot.estimate_bytes(filter_ids), files, free_space(parent)["block"])
         result["estimated_bytes"] = estimated
         check_space(parent, estimated, files, params["space_margin"])
-        if self.check_mode:
-            return self._finish(self._check(result, snapshot, stats, current, differs, why), started)
+        if self.check_mode or (differs is None and not params["force"]):
+            # Digests from the rows, compared with the manifest before anything is written.
+            report = self._compare(snapshot, stats, current)
+            result.update(report)
+            if self.check_mode:
+                result["changed"] = report["differs"] or bool(params["force"])
+                if result["changed"]:
+                    result["would_write"] = {"companies": len(stats), "keys": result["keys"] - report["skipped_keys"],
+                                             "files": files - report["skipped_keys"], "estimated_bytes": estimated}
+                result["reason"] = why or report["reason"]
+                return result
+            if not report["differs"]:
+                result["changed"] = False
+                return result
+        result.update(self._write(conn, snapshot, stats, meta, current, dest, exists, parent, backup_dir))
+        result["reason"] = why or "the database differs from the manifest of dest"
+        return result
+
+    def _write(self, conn, snapshot, stats, meta, current, dest, exists, parent, backup_dir):
+        params = self.params
         staging = os.path.join(parent, staging_name(dest))
         os.mkdir(staging, DIR_MODE)
         try:
@@ -986,10 +1034,6 @@ class Exporter:
                 export = FullExport(snapshot, stats, self.owner, params["unknown_types"], keep_lines=params["mode"] == "standby")
                 export.write(root_fd)
                 conn.rollback()
-                if current is not None and not params["force"] and self._same_digests(current, export.digests):
-                    result.update(changed=False, files=0, bytes=0, generation=current["generation"], differs=False,
-                                  digests=export.digests, reason="the exported state has the digests the manifest of dest lists")
-                    return self._finish(result, started)
                 generation = (current["generation"] + 1) if current else 1
                 now = iso(utc_now())
                 top = top_manifest_document(generation, meta, export.companies, now, now, params["mode"])
@@ -1002,8 +1046,7 @@ class Exporter:
             finally:
                 os.close(root_fd)
             test_hook("before_swap")
-            backup = backup_path(dest, backup_dir, utc_now()) if exists else None
-            backup = swap_in(staging, dest, backup)
+            backup = swap_in(staging, dest, backup_path(dest, backup_dir, utc_now()) if exists else None)
             staging = None
         finally:
             if staging is not None:
@@ -1011,16 +1054,14 @@ class Exporter:
         if backup and not params["keep_backup"]:
             shutil.rmtree(backup)
             backup = None
-        result.update(changed=True, backup=backup, files=export.totals["files"], bytes=export.totals["bytes"],
-                      keys=export.totals["keys"], skipped_keys=export.totals["skipped_keys"],
-                      skipped_types=sorted(export.skipped_types), generation=generation, digests=export.digests,
-                      differs=True, companies_without_creds=export.without_creds[:MAX_SHOWN],
-                      reason=why or "the database differs from the manifest of dest")
-        return self._finish(result, started)
+        return {"changed": True, "differs": True, "backup": backup, "files": export.totals["files"],
+                "bytes": export.totals["bytes"], "keys": export.totals["keys"], "skipped_keys": export.totals["skipped_keys"],
+                "skipped_types": sorted(export.skipped_types), "generation": generation, "digests": export.digests,
+                "companies_without_creds": export.without_creds[:MAX_SHOWN]}
 
     @staticmethod
     def _differs(current, stats, meta):
-        """False when the manifest proves the database unchanged, None when it cannot tell."""
+        """False when the manifest proves the database unchanged, True when it proves a change, None when it cannot tell."""
         if current is None:
             return True
         if set(current["companies"]) != {s[0] for s in stats}:
@@ -1032,59 +1073,51 @@ class Exporter:
                 return None
         return False
 
-    @staticmethod
-    def _same_digests(current, digests):
-        return set(current["companies"]) == set(digests) and all(
-            current["companies"][c]["digest"] == d for c, d in digests.items())
-
-    def _check(self, result, snapshot, stats, current, differs, why):
-        """Check mode: every digest from the rows, compared with the manifest; nothing written."""
+    def _compare(self, snapshot, stats, current):
+        """Every company's digest from the rows, compared with the manifest; nothing written."""
         digests, changed, skipped = {}, [], 0
         computer = DigestOnly(snapshot, self.params["unknown_types"])
+        known = current["companies"] if current else {}
         for company_id, *_ in stats:
             digests[company_id], _keys, company_skipped = computer.company(company_id)
             skipped += company_skipped
-            if current is None or current["companies"].get(company_id, {}).get("digest") != digests[company_id]:
+            if known.get(company_id, {}).get("digest") != digests[company_id]:
                 changed.append(company_id)
-        removed = sorted(set(current["companies"]) - set(digests)) if current else []
-        differs = bool(changed or removed)
-        result.update(changed=differs or bool(self.params["force"]), differs=differs, digests=digests, files=0, bytes=0,
-                      skipped_keys=skipped, companies_changed=len(changed), companies_removed=len(removed),
-                      changed_companies=changed[:MAX_SHOWN * 5], removed_companies=removed[:MAX_SHOWN * 5],
-                      generation=current["generation"] if current else None,
-                      would_write={"companies": len(stats), "keys": result["keys"] - skipped,
-                                   "files": sum(s[1] + (1 if s[3] else 0) for s in stats) - skipped,
-                                   "estimated_bytes": result["estimated_bytes"]} if differs else None,
-                      reason=why or ("the database differs from the manifest of dest" if differs else "the database holds what the manifest lists"))
-        return result
-
-    def _finish(self, result, started):
-        result["duration_seconds"] = round(time.monotonic() - started, 3)
-        if not (self.params["return_digests"] or result["companies"] <= 1000):
-            result.pop("digests", None)
-        return result
+        removed = sorted(set(known) - set(digests), key=lambda c: c.encode("utf-8"))
+        differs = current is None or bool(changed or removed)
+        return {"differs": differs, "digests": digests, "skipped_keys": skipped, "companies_changed": len(changed),
+                "companies_removed": len(removed), "changed_companies": changed[: MAX_SHOWN * 5],
+                "removed_companies": removed[: MAX_SHOWN * 5],
+                "reason": "the database differs from the manifest of dest" if differs
+                else "the database has the digests the manifest of dest lists"}
 
 
 # -- standby: incremental refresh in place ---------------------------------------------------------
 
 
 class CompanyPlan:
-    """What a refresh changes in one company (from the listing, before any write)."""
+    """What a refresh changes in one company, decided from listings before anything is written."""
 
     def __init__(self, company_id, fingerprint):
         self.company_id = company_id
         self.fingerprint = fingerprint
-        self.rebuild = None  # reason when the company is rewritten whole
-        self.fetch = []  # (type, id) whose value must be read
-        self.delete = []  # file names of deleted keys
-        self.creds = False  # creds row to be read
+        self.rebuild = None  # why the company is rewritten whole, or None
+        self.manifest_sha256 = None  # of the company manifest the plan was made against
+        self.fetch = []  # (type, id) of new keys and keys whose row may have changed
+        self.old_md5 = {}  # (type, id) -> row_md5 in the manifest, for keys in fetch
+        self.xmin_updates = {}  # (type, id) or None (creds) -> new xmin of rows with unchanged content
+        self.delete = []  # file names of deleted keys (and creds.json when the creds row is gone)
+        self.creds = False  # the creds row must be read
         self.write_bytes = 0
-        self.new_keys = 0
-        self.listed = 0
+        self.write_files = 0
 
 
 class Refresher:
     """mode=standby: keeps a tree equal to the database, writing only what changed."""
+
+    COUNTERS = ("files_written", "files_deleted", "bytes_written", "rows_fetched", "rows_unchanged_content",
+                "companies_refreshed", "companies_rebuilt", "companies_skipped", "companies_added",
+                "companies_removed", "skipped_keys")
 
     def __init__(self, params, connect, target, owner, check_mode):
         self.params = params
@@ -1092,52 +1125,57 @@ class Refresher:
         self.target = target
         self.owner = owner
         self.check_mode = check_mode
-        self.stats = {"files_written": 0, "files_deleted": 0, "bytes_written": 0, "rows_fetched": 0,
-                      "rows_unchanged_content": 0, "companies_refreshed": 0, "companies_rebuilt": 0,
-                      "companies_skipped": 0, "companies_added": 0, "companies_removed": 0, "skipped_keys": 0}
+        self.stats = dict.fromkeys(self.COUNTERS, 0)
 
     def run(self):
         started = time.monotonic()
         dest, exists = check_dest(self.params["dest"])
         parent = os.path.dirname(dest)
-        current, why = read_current_manifest(dest, exists)
-        if current is None:
-            # First build (or an unusable tree): a complete export, staged and swapped in.
-            result = Exporter(dict(self.params, force=True), self.connect, self.target, self.owner, self.check_mode).run()
-            result.update(initial_build=True, reason=why)
-            if not self.check_mode:
-                result["last_good_refresh"] = self._last_good(dest)
-                result["age_seconds"] = 0.0
-                result.update(self._archive(dest, result["changed"]))
-            return result
         with ParentLock(parent, exclusive=True, timeout=self.params["lock_timeout"]):
-            conn = self.connect()
-            try:
-                result = self._refresh(conn, dest, parent)
-            finally:
-                conn.close()
+            current, why = read_current_manifest(dest, exists)
+            if current is None:
+                # First build (or an unusable tree): a complete export, staged and swapped in.
+                exporter = Exporter(dict(self.params, force=True), self.connect, self.target, self.owner, self.check_mode)
+                result = exporter.run(locked=True)
+                result.update(initial_build=True, reason=why)
+                if not self.check_mode:
+                    top = self._top(dest)
+                    result.update(last_good_refresh=top.get("last_good_refresh"), age_seconds=age_of(top))
+            else:
+                conn = self.connect()
+                try:
+                    result = self._refresh(conn, dest)
+                finally:
+                    conn.close()
+                result["initial_build"] = False
+            if not self.check_mode and self.params.get("archive_dir"):
+                result.update(Archiver(dest, self.params["archive_dir"], self.params["archive_keep"],
+                                       self.params["archive_every"], self.owner).run())
         result["duration_seconds"] = round(time.monotonic() - started, 3)
-        if not self.check_mode:
-            result.update(self._archive(dest, result["changed"]))
         if not (self.params["return_digests"] or result["companies"] <= 1000):
             result.pop("digests", None)
         return result
 
     @staticmethod
-    def _last_good(dest):
+    def _top(dest):
         root_fd = open_dir(dest)
         try:
-            return load_top_manifest(root_fd)[1].get("last_good_refresh")
+            return load_top_manifest(root_fd)[1]
         finally:
             os.close(root_fd)
 
-    def _refresh(self, conn, dest, parent):
+    def _refresh(self, conn, dest):
         params = self.params
         root_fd = open_dir(dest)
         tree = TreeMeta(root_fd)
         try:
             _, top = load_top_manifest(root_fd)
             tree.open(create=not self.check_mode, owner=self.owner, lines=not self.check_mode)
+            if tree.lines_fd is None:
+                try:
+                    tree.lines_fd = open_dir(LINES_DIR, tree.meta_fd)
+                except FileNotFoundError:
+                    pass
             snapshot = Snapshot(conn)
             meta = snapshot.begin(self.target)
             filter_ids = params.get("companies") or None
@@ -1150,29 +1188,28 @@ class Refresher:
             fast = same_server_lifetime(top.get("source"), meta)
             interrupted = self._interrupted(tree)
             plans, removed = self._plan(snapshot, tree, top, stats, fast, interrupted)
+            files_to_write = sum(p.write_files for p in plans)
             result = {"dest": dest, "manifest": os.path.join(dest, META_DIR, MANIFEST_NAME), "backup": None,
                       "snapshot_at": meta["snapshot_at"], "system_identifier": meta["system_identifier"],
                       "companies": len(stats), "keys": sum(s[1] for s in stats), "queries": snapshot.queries,
-                      "row_versions_used": fast, "previous_refresh_interrupted": interrupted}
-            data_changes = bool(plans or removed)
-            estimated = sum(p.write_bytes for p in plans)
-            files_to_write = sum(len(p.fetch) + (1 if p.creds else 0) for p in plans)
-            result["estimated_bytes"] = estimate_tree_bytes(estimated, files_to_write, free_space(dest)["block"])
+                      "row_versions_used": fast, "previous_refresh_interrupted": interrupted,
+                      "estimated_bytes": estimate_tree_bytes(sum(p.write_bytes for p in plans), files_to_write,
+                                                             free_space(dest)["block"])}
             if self.check_mode:
-                result.update(self._check_report(plans, removed, top, stats))
+                result.update(self._check_report(snapshot, plans, removed, top, stats))
                 return result
             check_space(dest, result["estimated_bytes"], files_to_write, params["space_margin"])
-            companies = {}
-            if data_changes or interrupted:
+            if plans or removed or interrupted:
                 self._mark_in_progress(tree, meta)
+            companies = {}
             plan_of = {p.company_id: p for p in plans}
-            for index, (company_id, keys, fingerprint, _creds) in enumerate(stats, 1):
+            for index, (company_id, _keys, fingerprint, _creds) in enumerate(stats, 1):
                 plan = plan_of.get(company_id)
                 if plan is None:
                     companies[company_id] = dict(top["companies"][company_id], fingerprint=fingerprint)
                     self.stats["companies_skipped"] += 1
                     continue
-                companies[company_id] = self._apply(snapshot, tree, top, plan, index)
+                companies[company_id] = self._apply(snapshot, tree, plan, index)
                 test_hook("after_company:%d" % index)
             for company_id in removed:
                 remove_tree_at(root_fd, COMPANY_PREFIX + company_id)
@@ -1182,16 +1219,17 @@ class Refresher:
             conn.rollback()
             sync_filesystem(root_fd, dest)
             test_hook("before_manifest")
+            changed = interrupted or any(self.stats[k] for k in ("files_written", "files_deleted", "companies_rebuilt",
+                                                                  "companies_removed"))
             now = iso(utc_now())
-            generation = top["generation"] + 1 if data_changes or interrupted else top["generation"]
-            created_at = now if data_changes or interrupted else top.get("created_at")
-            document = top_manifest_document(generation, meta, companies, created_at, now, "standby")
+            generation = top["generation"] + 1 if changed else top["generation"]
+            document = top_manifest_document(generation, meta, companies, now if changed else top.get("created_at"), now, "standby")
             write_file_atomic(os.path.join(dest, META_DIR, MANIFEST_NAME), encode_json(document), mode=FILE_MODE,
                               owner=self.owner[0] if self.owner else None, group=self.owner[1] if self.owner else None)
             if unlink_quiet(tree.meta_fd, IN_PROGRESS_NAME):
                 os.fsync(tree.meta_fd)
             result.update(self.stats)
-            result.update(changed=data_changes or interrupted, generation=generation, last_good_refresh=now, age_seconds=0.0,
+            result.update(changed=changed, generation=generation, last_good_refresh=now, age_seconds=0.0,
                           files=self.stats["files_written"], bytes=self.stats["bytes_written"],
                           digests={c: e["digest"] for c, e in companies.items()})
             return result
@@ -1210,119 +1248,149 @@ class Refresher:
 
     def _plan(self, snapshot, tree, top, stats, fast, interrupted):
         plans = []
-        listed = {s[0] for s in stats}
-        removed = sorted(set(top["companies"]) - listed)
-        for company_id, keys, fingerprint, has_creds in stats:
+        removed = sorted(set(top["companies"]) - {s[0] for s in stats}, key=lambda c: c.encode("utf-8"))
+        for company_id, _keys, fingerprint, _has_creds in stats:
             entry = top["companies"].get(company_id)
-            if entry is not None and fast and entry.get("fingerprint") == fingerprint and not interrupted:
+            if entry is not None and fast and not interrupted and entry.get("fingerprint") == fingerprint:
                 continue
             plan = CompanyPlan(company_id, fingerprint)
             plans.append(plan)
             if entry is None:
                 plan.rebuild = "new company"
-                plan.write_bytes = 0
-                continue
-            try:
-                manifest = load_company_manifest(tree.companies_fd, company_id, entry["manifest_sha256"])
-            except (OSError, ManifestError, SessionsError) as exc:
-                plan.rebuild = "company manifest unusable: %s" % exc
-                continue
-            self._plan_company(snapshot, plan, manifest, fast, has_creds)
-        for plan in plans:
+            else:
+                try:
+                    if interrupted:
+                        # After an interrupted refresh only what the files prove is trusted.
+                        manifest, plan.manifest_sha256 = self._verified_on_disk(tree, company_id)
+                    else:
+                        manifest = load_company_manifest(tree.companies_fd, company_id, entry["manifest_sha256"])
+                        plan.manifest_sha256 = entry["manifest_sha256"]
+                except (OSError, ManifestError, SessionsError) as exc:
+                    plan.rebuild = "company manifest unusable: %s" % exc
+                else:
+                    self._plan_company(snapshot, plan, manifest, fast)
             if plan.rebuild:
-                # Rebuilt companies are written whole: count what the rows weigh.
-                plan.write_bytes = sum(1 for _ in ())
+                plan.write_bytes, plan.write_files = snapshot.company_size(company_id)
         return plans, removed
 
-    def _plan_company(self, snapshot, plan, manifest, fast, has_creds):
+    def _verified_on_disk(self, tree, company_id):
+        """(manifest, its sha256) of a company whose files and digest lines match its own manifest."""
+        data, manifest = read_json_at(tree.companies_fd, company_id + ".json")
+        validate_company_manifest(manifest, company_id)
+        if tree.lines_fd is None or sha256_bytes(read_regular(tree.lines_fd, company_id + ".lines")) != manifest.get("digest"):
+            raise SessionsError("digest lines do not match the manifest")
+        dir_fd = open_dir(COMPANY_PREFIX + company_id, tree.root_fd)
+        try:
+            for name, spec in manifest["files"].items():
+                content = read_regular(dir_fd, name)
+                if len(content) != spec["size"] or sha256_bytes(content) != spec["sha256"]:
+                    raise SessionsError("%s does not match the manifest" % name)
+            extra = [n for n in os.listdir(dir_fd) if n not in manifest["files"] and not n.startswith(TMP_PREFIX)]
+            if extra:
+                raise SessionsError("files not in the manifest: %r" % extra[:3])
+        finally:
+            os.close(dir_fd)
+        return manifest, sha256_bytes(data)
+
+    def _plan_company(self, snapshot, plan, manifest, fast):
         files = manifest["files"]
-        by_key = {}
-        for name, entry in files.items():
-            if name != CREDS_FILE:
-                by_key[(entry["type"], entry["id"])] = (name, entry)
-        seen_names = {}
-        unknown = self.params["unknown_types"]
+        by_key = {(e["type"], e["id"]): (n, e) for n, e in files.items() if n != CREDS_FILE}
+        seen = {}
+        skip_unknown = self.params["unknown_types"] == "skip"
         for row in snapshot.listing(plan.company_id, with_md5=not fast):
-            key_type, key_id, xmin, size = row[:4]
-            plan.listed += 1
+            key_type, key_id, xmin, size = row[0], row[1], int(row[2]), row[3] or 0
             try:
                 name = checked_key_file_name(plan.company_id, key_type, key_id)
             except UnknownKeyTypeError:
-                if unknown == "skip":
+                if skip_unknown:
                     self.stats["skipped_keys"] += 1
                     continue
                 raise
-            other = seen_names.get(name)
+            other = seen.get(name)
             if other is not None:
                 raise collision_error(plan.company_id, name, other, (key_type, key_id))
-            seen_names[name] = (key_type, key_id)
+            seen[name] = (key_type, key_id)
             old = by_key.pop((key_type, key_id), None)
             if old is None:
-                plan.fetch.append((key_type, key_id))
-                plan.new_keys += 1
-                plan.write_bytes += size or 0
+                changed = True
             elif fast:
-                if old[1].get("xmin") != int(xmin):
-                    plan.fetch.append((key_type, key_id))
-                    plan.write_bytes += size or 0
-            elif old[1].get("row_md5") != row[4]:
+                changed = old[1].get("xmin") != xmin
+            else:
+                changed = old[1].get("row_md5") != row[4]
+                if not changed and old[1].get("xmin") != xmin:
+                    plan.xmin_updates[(key_type, key_id)] = xmin
+            if changed:
                 plan.fetch.append((key_type, key_id))
-                plan.write_bytes += size or 0
-        plan.delete = [name for name, _entry in by_key.values() if name not in seen_names]
+                plan.write_bytes += size
+                plan.write_files += 1
+                if old is not None:
+                    plan.old_md5[(key_type, key_id)] = old[1].get("row_md5")
+        plan.delete = [name for name, _entry in by_key.values() if name not in seen]
         creds = files.get(CREDS_FILE)
-        row = snapshot.creds(plan.company_id) if (has_creds or creds) else None
+        row = snapshot.creds(plan.company_id)
         if row is None:
-            plan.creds = creds is not None  # creds deleted: the file goes
             if creds is not None:
                 plan.delete.append(CREDS_FILE)
-                plan.creds = False
         elif creds is None or (creds.get("xmin") != int(row[0]) if fast else creds.get("row_md5") != row[2]):
             plan.creds = True
-        if not (plan.fetch or plan.delete or plan.creds):
-            # Row versions moved (or md5 compare after a restart) but nothing to write: still a new manifest,
-            # since the recorded row versions changed.
-            plan.rebuild = None
+            plan.write_files += 1
+            plan.write_bytes += len(row[1])
+        elif creds.get("xmin") != int(row[0]):
+            plan.xmin_updates[None] = int(row[0])
 
-    def _check_report(self, plans, removed, top, stats):
+    def _check_report(self, snapshot, plans, removed, top, stats):
+        """Check mode: what a refresh would write and delete (content compared by md5), nothing written."""
         per_company = {}
-        for plan in plans[: MAX_SHOWN * 5]:
-            per_company[plan.company_id] = {"fetch": len(plan.fetch), "delete": len(plan.delete), "creds": plan.creds,
-                                            "rebuild": plan.rebuild}
-        would_write = sum(len(p.fetch) + (1 if p.creds else 0) for p in plans if not p.rebuild)
-        would_delete = sum(len(p.delete) for p in plans if not p.rebuild)
-        rebuilt = [p.company_id for p in plans if p.rebuild]
-        changed = bool(would_write or would_delete or rebuilt or removed)
+        to_write = to_delete = 0
+        rebuilt = []
+        for plan in plans:
+            if plan.rebuild:
+                rebuilt.append(plan.company_id)
+                writes, deletes = plan.write_files, 0
+            else:
+                writes = sum(1 for key_type, key_id, md5 in snapshot.md5s(plan.company_id, plan.fetch)
+                             if plan.old_md5.get((key_type, key_id)) != md5)
+                if plan.creds:
+                    writes += 1
+                deletes = len(plan.delete)
+            to_write += writes
+            to_delete += deletes
+            if (writes or deletes or plan.rebuild) and len(per_company) < MAX_SHOWN * 5:
+                per_company[plan.company_id] = {"write": writes, "delete": deletes, "rebuild": plan.rebuild}
+        changed = bool(to_write or to_delete or rebuilt or removed)
         return {"changed": changed, "files": 0, "bytes": 0, "generation": top["generation"],
                 "last_good_refresh": top.get("last_good_refresh"), "age_seconds": age_of(top),
-                "would_change": {"companies": len(plans), "files_to_fetch": would_write, "files_to_delete": would_delete,
+                "would_change": {"files_to_write": to_write, "files_to_delete": to_delete, "companies_examined": len(plans),
                                  "companies_rebuilt": len(rebuilt), "companies_removed": len(removed),
-                                 "per_company": per_company},
-                "companies_skipped": len(stats) - len(plans), "digests": {c: e["digest"] for c, e in top["companies"].items()}}
+                                 "removed_companies": removed[: MAX_SHOWN * 5], "per_company": per_company},
+                "companies_skipped": len(stats) - len(plans),
+                "digests": {c: e["digest"] for c, e in top["companies"].items()}}
 
     # -- writing --
     def _mark_in_progress(self, tree, meta):
         data = encode_json({"started_at": iso(utc_now()), "pid": os.getpid(), "snapshot_at": meta["snapshot_at"]})
         replace_file(tree.meta_fd, IN_PROGRESS_NAME, data, self.owner, durable=True)
 
-    def _apply(self, snapshot, tree, top, plan, index):
-        company_id = plan.company_id
-        entry = top["companies"].get(company_id)
-        old = None
-        old_lines = None
+    def _apply(self, snapshot, tree, plan, index):
+        old = old_lines = None
         if not plan.rebuild:
             try:
-                old = load_company_manifest(tree.companies_fd, company_id, entry["manifest_sha256"])
-                old_lines = self._old_lines(tree, company_id, old)
+                old = load_company_manifest(tree.companies_fd, plan.company_id, plan.manifest_sha256)
+                old_lines = self._old_lines(tree, plan.company_id, old)
             except (OSError, ManifestError, SessionsError) as exc:
-                old, plan.rebuild = None, "company manifest unusable: %s" % exc
-            if old is not None and old_lines is None:
-                plan.rebuild = "digest lines missing or not matching the manifest"
+                plan.rebuild = "company manifest unusable: %s" % exc
+            else:
+                if old_lines is None:
+                    plan.rebuild = "digest lines missing or not matching the manifest"
         if plan.rebuild:
             return self._rebuild(snapshot, tree, plan, index)
         return self._update(snapshot, tree, plan, old, old_lines, index)
 
-    def _old_lines(self, tree, company_id, manifest):
-        """{(type, id): line} of the previous digest input, or None when it does not prove the manifest's digest."""
+    @staticmethod
+    def _old_lines(tree, company_id, manifest):
+        """{(type, id) or None (creds): line} of the previous digest input, or None unless it proves the manifest's digest."""
+        if tree.lines_fd is None:
+            return None
         try:
             data = read_regular(tree.lines_fd, company_id + ".lines")
         except FileNotFoundError:
@@ -1330,89 +1398,75 @@ class Refresher:
         if sha256_bytes(data) != manifest.get("digest"):
             return None
         lines = split_digest_lines(data)
-        keys = sorted(((e["type"], e["id"]) for n, e in manifest["files"].items() if n != CREDS_FILE),
-                      key=lambda k: sort_key(*k))
+        keys = sorted(((e["type"], e["id"]) for n, e in manifest["files"].items() if n != CREDS_FILE), key=lambda k: sort_key(*k))
         if lines is None or len(lines) != len(keys) + 2 or lines[0] != HEADER_LINE:
             return None
         mapping = dict(zip(keys, lines[2:]))
         mapping[None] = lines[1]
         return mapping
 
-    def _open_company_dir(self, tree, company_id, create):
+    def _company_dir(self, tree, company_id):
         name = COMPANY_PREFIX + company_id
         try:
             return open_dir(name, tree.root_fd)
         except FileNotFoundError:
-            if not create:
-                raise
             return make_dir(tree.root_fd, name, self.owner)
 
-    def _remove_strays(self, dir_fd, keep):
-        """Files of the company directory that the new manifest does not list (orphans, temp files)."""
+    @staticmethod
+    def _remove_strays(dir_fd, keep):
+        """Remove what the company's new manifest does not list (orphans of an interrupted run, temp files)."""
         removed = 0
         for name in os.listdir(dir_fd):
-            if name in keep:
-                continue
-            remove_tree_at(dir_fd, name)
-            removed += 1
+            if name not in keep:
+                remove_tree_at(dir_fd, name)
+                removed += 1
         return removed
 
+    def _finish_company(self, tree, plan, index, digest, files):
+        test_hook("before_company_manifest:%d" % index)
+        manifest_sha256 = write_company_meta(tree, plan.company_id, digest, digest.keys, files, self.owner)
+        return {"digest": digest.hexdigest(), "keys": digest.keys, "files": len(files),
+                "manifest_sha256": manifest_sha256, "fingerprint": plan.fingerprint}
+
     def _rebuild(self, snapshot, tree, plan, index):
-        """The whole company rewritten in place (new company, unusable manifest or digest lines)."""
-        company_id = plan.company_id
-        dir_fd = self._open_company_dir(tree, company_id, create=True)
+        """The whole company written in place (new company, or no usable manifest or digest lines)."""
+        dir_fd = self._company_dir(tree, plan.company_id)
         try:
-            writer = CompanyWriter(company_id, dir_fd, self.owner, self.params["unknown_types"], keep_lines=True, replace=True)
-            writer.creds(snapshot.creds(company_id))
+            writer = CompanyWriter(plan.company_id, dir_fd, self.owner, self.params["unknown_types"], keep_lines=True, replace=True)
+            writer.creds(snapshot.creds(plan.company_id))
             rows = 0
-            for key_type, key_id, xmin, text, md5 in snapshot.keys(company_id):
+            for row in snapshot.keys(plan.company_id):
                 rows += 1
-                writer.key(key_type, key_id, xmin, text, md5)
+                writer.key(*row)
             deleted = self._remove_strays(dir_fd, set(writer.files))
         finally:
             os.close(dir_fd)
-        test_hook("before_company_manifest:%d" % index)
-        manifest_sha256 = write_company_meta(tree, company_id, writer.digest, writer.digest.keys, writer.files, self.owner)
-        self.stats["files_written"] += writer.written
-        self.stats["bytes_written"] += writer.bytes
-        self.stats["files_deleted"] += deleted
-        self.stats["rows_fetched"] += rows
-        self.stats["skipped_keys"] += writer.skipped
-        self.stats["companies_rebuilt"] += 1
-        if plan.rebuild == "new company":
-            self.stats["companies_added"] += 1
-        return {"digest": writer.digest.hexdigest(), "keys": writer.digest.keys, "files": len(writer.files),
-                "manifest_sha256": manifest_sha256, "fingerprint": plan.fingerprint}
+        entry = self._finish_company(tree, plan, index, writer.digest, writer.files)
+        for counter, value in (("files_written", writer.written), ("bytes_written", writer.bytes), ("files_deleted", deleted),
+                               ("rows_fetched", rows), ("skipped_keys", writer.skipped), ("companies_rebuilt", 1),
+                               ("companies_added", 1 if plan.rebuild == "new company" else 0)):
+            self.stats[counter] += value
+        return entry
 
     def _update(self, snapshot, tree, plan, old, old_lines, index):
-        company_id = plan.company_id
         files = dict(old["files"])
         lines = dict(old_lines)
         written = deleted = written_bytes = fetched = same = 0
-        dir_fd = self._open_company_dir(tree, company_id, create=False)
+        for key, xmin in plan.xmin_updates.items():
+            name = CREDS_FILE if key is None else key_file_name(*key)
+            files[name] = dict(files[name], xmin=xmin)
+        dir_fd = open_dir(COMPANY_PREFIX + plan.company_id, tree.root_fd)
         try:
+            rows = []
             if plan.creds:
-                xmin, text, md5 = snapshot.creds(company_id)
+                xmin, text, md5 = snapshot.creds(plan.company_id)
+                rows.append((None, None, xmin, text, md5))
+            rows = iter(rows + list(snapshot.values(plan.company_id, plan.fetch)))
+            for key_type, key_id, xmin, text, md5 in rows:
                 fetched += 1
-                previous = files.get(CREDS_FILE)
-                if previous is not None and previous.get("row_md5") == md5:
-                    previous = dict(previous, xmin=int(xmin))
-                    files[CREDS_FILE] = previous
-                    same += 1
-                else:
-                    creds = json.loads(text)
-                    data = file_content(creds)
-                    replace_file(dir_fd, CREDS_FILE, data, self.owner)
-                    written += 1
-                    written_bytes += len(data)
-                    files[CREDS_FILE] = {"type": "creds", "sha256": sha256_bytes(data), "size": len(data), "xmin": int(xmin), "row_md5": md5}
-                    lines[None] = creds_line(creds)
-            for key_type, key_id, xmin, text, md5 in snapshot.values(company_id, plan.fetch):
-                fetched += 1
-                name = key_file_name(key_type, key_id)
+                name = CREDS_FILE if key_type is None else key_file_name(key_type, key_id)
                 previous = files.get(name)
-                if previous is not None and previous.get("id") == key_id and previous.get("type") == key_type \
-                        and previous.get("row_md5") == md5:
+                if previous is not None and previous.get("row_md5") == md5 and previous.get("id") == key_id:
                     files[name] = dict(previous, xmin=int(xmin))
                     same += 1
                     continue
@@ -1421,43 +1475,37 @@ class Refresher:
                 replace_file(dir_fd, name, data, self.owner)
                 written += 1
                 written_bytes += len(data)
-                files[name] = {"type": key_type, "id": key_id, "sha256": sha256_bytes(data), "size": len(data),
-                               "xmin": int(xmin), "row_md5": md5}
-                lines[(key_type, key_id)] = key_line(key_type, key_id, value)
+                entry = {"type": key_type or "creds", "id": key_id, "sha256": sha256_bytes(data), "size": len(data),
+                         "xmin": int(xmin), "row_md5": md5}
+                if key_type is None:
+                    del entry["id"]
+                    lines[None] = creds_line(value)
+                else:
+                    lines[(key_type, key_id)] = key_line(key_type, key_id, value)
+                files[name] = entry
             for name in plan.delete:
                 entry = files.pop(name, None)
-                if entry is not None:
-                    lines.pop((entry["type"], entry["id"]) if name != CREDS_FILE else None, None)
+                if name == CREDS_FILE:
+                    lines[None] = creds_line(None)
+                elif entry is not None:
+                    lines.pop((entry["type"], entry["id"]), None)
                 if unlink_quiet(dir_fd, name):
                     deleted += 1
-            if plan.delete and CREDS_FILE in plan.delete:
-                lines[None] = creds_line(None)
             deleted += self._remove_strays(dir_fd, set(files))
         finally:
             os.close(dir_fd)
-        if fetched != len(plan.fetch) + (1 if plan.creds else 0):
-            raise SessionsError("company %s: %d rows listed as changed, %d read back in the same snapshot"
-                                % (company_id, len(plan.fetch) + (1 if plan.creds else 0), fetched))
+        expected = len(plan.fetch) + (1 if plan.creds else 0)
+        if fetched != expected:
+            raise SessionsError("company %s: %d rows listed as changed but %d read back in the same snapshot"
+                                % (plan.company_id, expected, fetched))
         digest = DigestLines(lines[None], keep=True)
         for key in sorted((k for k in lines if k is not None), key=lambda k: sort_key(*k)):
             digest.add(key[0], key[1], lines[key])
-        test_hook("before_company_manifest:%d" % index)
-        manifest_sha256 = write_company_meta(tree, company_id, digest, digest.keys, files, self.owner)
-        self.stats["files_written"] += written
-        self.stats["bytes_written"] += written_bytes
-        self.stats["files_deleted"] += deleted
-        self.stats["rows_fetched"] += fetched
-        self.stats["rows_unchanged_content"] += same
-        self.stats["companies_refreshed"] += 1
-        return {"digest": digest.hexdigest(), "keys": digest.keys, "files": len(files),
-                "manifest_sha256": manifest_sha256, "fingerprint": plan.fingerprint}
-
-    # -- archives --
-    def _archive(self, dest, changed):
-        archive_dir = self.params.get("archive_dir")
-        if not archive_dir:
-            return {"archive": None}
-        return Archiver(dest, archive_dir, self.params["archive_keep"], self.params["archive_every"], self.owner).run()
+        entry = self._finish_company(tree, plan, index, digest, files)
+        for counter, value in (("files_written", written), ("bytes_written", written_bytes), ("files_deleted", deleted),
+                               ("rows_fetched", fetched), ("rows_unchanged_content", same), ("companies_refreshed", 1)):
+            self.stats[counter] += value
+        return entry
 
 
 def age_of(top):

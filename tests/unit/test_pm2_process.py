@@ -24,8 +24,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "pm2"
 APP = "baileys-whatsapp-service"
 SECRET = "fixture-secret-123"
 STALE = "from-an-old-shell"
-# pm_uptime of baileys-whatsapp-service in jlist-online-stopped-errored.txt, in seconds.
-APP_STARTED = None
 
 
 def recorded(name):
@@ -50,6 +48,7 @@ def jlist(name, drop=(), **changes):
 
 
 def app_started():
+    """pm_uptime of baileys-whatsapp-service in the recording, in seconds."""
     return next(p for p in processes("jlist-online-stopped-errored.txt") if p["name"] == APP)["pm2_env"]["pm_uptime"] / 1000.0
 
 
@@ -73,7 +72,7 @@ class FakeClock:
 class FakePm2:
     """Stands in for AnsibleModule.run_command: replies from recordings, keeps argv, cwd and environment."""
 
-    def __init__(self, jlists, replies=None, clock=None):
+    def __init__(self, jlists, replies=None):
         self.jlists = list(jlists)
         self.replies = replies or {}
         self.calls = []
