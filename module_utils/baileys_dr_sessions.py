@@ -34,6 +34,7 @@ instead, which is slower but needs no row-version history.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import datetime
@@ -356,6 +357,44 @@ def replace_file(dir_fd, name, data, owner=None, durable=False):
         os.fsync(dir_fd)
 
 
+def put_file(dir_fd, name, data, owner=None):
+    """Write name with data in place (standby refresh): one syscall path instead of temp file + rename.
+
+    Not atomic for a reader: the refresh protocol makes a torn file visible
+    (the company manifest, written after, lists the sha256 of every file).
+    Files with other hard links, symbolic links and non-regular files are
+    replaced by a rename instead, so nothing outside the tree is written.
+    Returns True when the file existed.
+    """
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        create_file(dir_fd, name, data, owner)
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+        remove_tree_at(dir_fd, name)
+        create_file(dir_fd, name, data, owner)
+        return True
+    try:
+        info = os.fstat(fd)
+        in_place = stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+        if in_place:
+            write_all(fd, data)
+            if info.st_size > len(data):
+                os.ftruncate(fd, len(data))
+            if stat.S_IMODE(info.st_mode) != FILE_MODE:
+                os.fchmod(fd, FILE_MODE)
+            if owner:
+                os.fchown(fd, owner[0], owner[1])
+    finally:
+        os.close(fd)
+    if not in_place:
+        replace_file(dir_fd, name, data, owner)
+    return True
+
+
 def make_dir(dir_fd, name, owner=None):
     os.mkdir(name, DIR_MODE, dir_fd=dir_fd)
     fd = open_dir(name, dir_fd)
@@ -535,17 +574,7 @@ KEYS_SQL = (
     "SELECT key_type, key_id, xmin::text, t, md5(t) FROM (SELECT key_type, key_id, xmin, value::text AS t "
     "FROM whatsapp_keys WHERE company_id = %s OFFSET 0) s ORDER BY key_type COLLATE \"C\", key_id COLLATE \"C\""
 )
-LIST_XMIN_SQL = "SELECT key_type, key_id, xmin::text, pg_column_size(value) FROM whatsapp_keys WHERE company_id = %s"
-LIST_MD5_SQL = "SELECT key_type, key_id, xmin::text, pg_column_size(value), md5(value::text) FROM whatsapp_keys WHERE company_id = %s"
-VALUES_SQL = (
-    "SELECT key_type, key_id, xmin::text, t, md5(t) FROM (SELECT key_type, key_id, xmin, value::text AS t "
-    "FROM whatsapp_keys WHERE company_id = %s AND (key_type, key_id) IN (SELECT * FROM unnest(%s::text[], %s::text[])) OFFSET 0) s"
-)
 
-MD5S_SQL = (
-    "SELECT key_type, key_id, md5(value::text) FROM whatsapp_keys WHERE company_id = %s "
-    "AND (key_type, key_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
-)
 SIZE_SQL = (
     "SELECT coalesce(sum(pg_column_size(value)), 0), count(*), "
     "(SELECT count(*) FROM whatsapp_auth WHERE company_id = %s) FROM whatsapp_keys WHERE company_id = %s"
@@ -634,9 +663,6 @@ class Snapshot:
         """(type, id, xmin, value text, md5) of a company's keys in digest order, streamed."""
         return self._stream(KEYS_SQL, (company_id,))
 
-    def listing(self, company_id, with_md5):
-        """(type, id, xmin, stored size[, md5]) of a company's keys, streamed, unordered."""
-        return self._stream(LIST_MD5_SQL if with_md5 else LIST_XMIN_SQL, (company_id,))
 
     def company_size(self, company_id):
         """(stored bytes, files) of a company, cheaply (no conversion to text)."""
@@ -645,19 +671,19 @@ class Snapshot:
             size, keys, creds = cur.fetchone()
         return int(size), int(keys) + int(creds)
 
-    def md5s(self, company_id, pairs):
-        """(type, id, md5(value::text)) of the given keys of a company."""
-        if not pairs:
-            return iter(())
-        return self._stream(MD5S_SQL, (company_id, [p[0] for p in pairs], [p[1] for p in pairs]))
 
-    def values(self, company_id, pairs):
-        """(type, id, xmin, value text, md5) of the given (type, id) keys of a company."""
-        if not pairs:
-            return iter(())
-        types = [p[0] for p in pairs]
-        ids = [p[1] for p in pairs]
-        return self._stream(VALUES_SQL, (company_id, types, ids))
+    def prepare_diff(self, fast):
+        with self.conn.cursor() as cur:
+            self._run(cur, DIFF_FAST_SQL if fast else DIFF_MD5_SQL)
+        self._diff_name = "baileys_dr_diff_fast" if fast else "baileys_dr_diff_md5"
+
+    def diff(self, company_id, payload, fast):
+        """(old index or None, type, id, xmin, value text, md5) of the keys that differ from the manifest's (None for deleted)."""
+        with self.conn.cursor() as cur:
+            self._run(cur, "EXECUTE %s(%%s, %%s, %%s)" % self._diff_name, (company_id, payload, list(KEY_TYPES)))
+            return cur.fetchall()
+
+
 
 
 def same_server_lifetime(old_source, meta):
@@ -744,10 +770,6 @@ def load_company_manifest(companies_fd, company_id, expected_sha256=None):
     return validate_company_manifest(document, company_id)
 
 
-def company_manifest_document(company_id, digest, keys, files):
-    return {"company_id": company_id, "digest": digest, "keys": keys, "files": files}
-
-
 def top_manifest_document(generation, source, companies, created_at, last_good_refresh, mode):
     totals = {"companies": len(companies), "keys": sum(c["keys"] for c in companies.values()),
               "files": sum(c["files"] for c in companies.values())}
@@ -769,7 +791,7 @@ def top_manifest_document(generation, source, companies, created_at, last_good_r
 
 
 class CompanyWriter:
-    """Writes files into a company directory and builds its manifest and digest."""
+    """Writes files into a company directory and builds its manifest entries and digest."""
 
     def __init__(self, company_id, dir_fd, owner, unknown_types, keep_lines, replace=False):
         self.company_id = company_id
@@ -778,7 +800,8 @@ class CompanyWriter:
         self.unknown_types = unknown_types
         self.keep_lines = keep_lines
         self.replace = replace
-        self.files = {}
+        self.names = {}  # file name -> (type, id)
+        self.entry_lines = []
         self.digest = None
         self.written = 0
         self.bytes = 0
@@ -786,8 +809,10 @@ class CompanyWriter:
         self.skipped_types = set()
 
     def _write(self, name, data):
+        if self.dir_fd is None:
+            return
         if self.replace:
-            replace_file(self.dir_fd, name, data, self.owner)
+            put_file(self.dir_fd, name, data, self.owner)
         else:
             create_file(self.dir_fd, name, data, self.owner)
         self.written += 1
@@ -801,7 +826,9 @@ class CompanyWriter:
         creds = json.loads(text)
         data = file_content(creds)
         self._write(CREDS_FILE, data)
-        self.files[CREDS_FILE] = {"type": "creds", "sha256": sha256_bytes(data), "size": len(data), "xmin": int(xmin), "row_md5": md5}
+        self.names[CREDS_FILE] = ("creds", None)
+        self.entry_lines.append(entry_line(CREDS_FILE, {"type": "creds", "sha256": sha256_bytes(data), "size": len(data),
+                                                        "xmin": int(xmin), "row_md5": md5}))
         self.digest = DigestLines(creds_line(creds), self.keep_lines)
 
     def name_of(self, key_type, key_id):
@@ -814,9 +841,10 @@ class CompanyWriter:
                 self.skipped_types.add(key_type)
                 return None
             raise
-        other = self.files.get(name)
+        other = self.names.get(name)
         if other is not None:
-            raise collision_error(self.company_id, name, (other.get("type"), other.get("id")), (key_type, key_id))
+            raise collision_error(self.company_id, name, other, (key_type, key_id))
+        self.names[name] = (key_type, key_id)
         return name
 
     def key(self, key_type, key_id, xmin, text, md5):
@@ -824,18 +852,39 @@ class CompanyWriter:
         if name is None:
             return
         value = json.loads(text)
+        line = key_line(key_type, key_id, value)
+        self.digest.add(key_type, key_id, line)
+        if self.dir_fd is None:
+            return
         data = file_content(value)
         self._write(name, data)
-        self.files[name] = {"type": key_type, "id": key_id, "sha256": sha256_bytes(data), "size": len(data),
-                            "xmin": int(xmin), "row_md5": md5}
-        self.digest.add(key_type, key_id, key_line(key_type, key_id, value))
+        self.entry_lines.append(entry_line(name, {"type": key_type, "id": key_id, "sha256": sha256_bytes(data), "size": len(data),
+                                                  "xmin": int(xmin), "row_md5": md5}))
 
 
-def write_company_meta(tree, company_id, writer_digest, keys, files, owner):
-    """Company manifest (and digest lines when kept); returns the manifest's sha256."""
-    if tree.lines_fd is not None and writer_digest.lines is not None:
-        replace_file(tree.lines_fd, company_id + ".lines", writer_digest.data(), owner)
-    data = encode_json(company_manifest_document(company_id, writer_digest.hexdigest(), keys, files))
+def entry_line(name, entry):
+    """One file of a company manifest, as its line in the manifest."""
+    return json.dumps(name, ensure_ascii=False).encode("utf-8") + b":" + encode_json(entry)
+
+
+MANIFEST_FOOTER = b"}}"
+
+
+def render_company_manifest(company_id, digest, keys, entry_lines):
+    """A company manifest: JSON with one file per line, so a refresh can splice lines instead of re-encoding."""
+    header = ('{"company_id":%s,"digest":"%s","keys":%d,"files":{' % (json.dumps(company_id), digest, keys)).encode("utf-8")
+    body = b",\n".join(entry_lines)
+    return header + b"\n" + (body + b"\n" if entry_lines else b"") + MANIFEST_FOOTER + b"\n"
+
+
+def write_company_meta(tree, company_id, digest, entry_lines, owner, lines_data=None):
+    """Digest lines (standby) then the company manifest; returns the manifest's sha256."""
+    if tree.lines_fd is not None:
+        if lines_data is None and digest.lines is not None:
+            lines_data = digest.data()
+        if lines_data is not None:
+            replace_file(tree.lines_fd, company_id + ".lines", lines_data, owner)
+    data = render_company_manifest(company_id, digest.hexdigest(), digest.keys, entry_lines)
     replace_file(tree.companies_fd, company_id + ".json", data, owner)
     return sha256_bytes(data)
 
@@ -879,8 +928,8 @@ class FullExport:
                 writer.key(key_type, key_id, xmin, text, md5)
         finally:
             os.close(dir_fd)
-        manifest_sha256 = write_company_meta(tree, company_id, writer.digest, writer.digest.keys, writer.files, self.owner)
-        self.companies[company_id] = {"digest": writer.digest.hexdigest(), "keys": writer.digest.keys, "files": len(writer.files),
+        manifest_sha256 = write_company_meta(tree, company_id, writer.digest, writer.entry_lines, self.owner)
+        self.companies[company_id] = {"digest": writer.digest.hexdigest(), "keys": writer.digest.keys, "files": len(writer.entry_lines),
                                       "manifest_sha256": manifest_sha256, "fingerprint": fingerprint}
         self.digests[company_id] = writer.digest.hexdigest()
         self.totals["files"] += writer.written
@@ -891,7 +940,7 @@ class FullExport:
 
 
 class DigestOnly:
-    """The digests a full export would give, computed without writing (check mode)."""
+    """The digests a full export would give, computed without writing (check mode, unchanged check)."""
 
     def __init__(self, snapshot, unknown_types):
         self.snapshot = snapshot
@@ -899,18 +948,9 @@ class DigestOnly:
 
     def company(self, company_id):
         writer = CompanyWriter(company_id, None, None, self.unknown_types, False)
-        row = self.snapshot.creds(company_id)
-        if row is None:
-            writer.digest = DigestLines(creds_line(None))
-        else:
-            writer.files[CREDS_FILE] = {"type": "creds"}
-            writer.digest = DigestLines(creds_line(json.loads(row[1])))
-        for key_type, key_id, _xmin, text, _md5 in self.snapshot.keys(company_id):
-            name = writer.name_of(key_type, key_id)
-            if name is None:
-                continue
-            writer.files[name] = {"type": key_type, "id": key_id}
-            writer.digest.add(key_type, key_id, key_line(key_type, key_id, json.loads(text)))
+        writer.creds(self.snapshot.creds(company_id))
+        for row in self.snapshot.keys(company_id):
+            writer.key(*row)
         return writer.digest.hexdigest(), writer.digest.keys, writer.skipped
 
 
@@ -1094,22 +1134,94 @@ class Exporter:
 
 # -- standby: incremental refresh in place ---------------------------------------------------------
 
+DIFF_FAST_SQL = (
+    "PREPARE baileys_dr_diff_fast(text, jsonb, text[]) AS "
+    "SELECT d.n, d.key_type, d.key_id, d.xmin::text, w.value::text, md5(w.value::text) FROM ("
+    "SELECT m.n, k.key_type, k.key_id, k.xmin FROM (SELECT key_type, key_id, xmin FROM whatsapp_keys "
+    "WHERE company_id = $1 AND key_type = ANY($3)) k FULL JOIN (SELECT e->>0 AS t, e->>1 AS i, (e->>2)::bigint AS x, n - 1 AS n "
+    "FROM jsonb_array_elements($2) WITH ORDINALITY AS a(e, n)) m ON k.key_type = m.t AND k.key_id = m.i "
+    "WHERE k.key_id IS NULL OR m.i IS NULL OR m.x IS DISTINCT FROM k.xmin::text::bigint) d "
+    "LEFT JOIN LATERAL (SELECT value FROM whatsapp_keys w WHERE w.company_id = $1 AND w.key_type = d.key_type "
+    "AND w.key_id = d.key_id OFFSET 0) w ON true"
+)
+DIFF_MD5_SQL = (
+    "PREPARE baileys_dr_diff_md5(text, jsonb, text[]) AS "
+    "SELECT d.n, d.key_type, d.key_id, d.xmin::text, w.value::text, md5(w.value::text) FROM ("
+    "SELECT m.n, k.key_type, k.key_id, k.xmin FROM (SELECT key_type, key_id, xmin, md5(value::text) AS m5 FROM whatsapp_keys "
+    "WHERE company_id = $1 AND key_type = ANY($3)) k FULL JOIN (SELECT e->>0 AS t, e->>1 AS i, (e->>2)::bigint AS x, e->>3 AS m5, "
+    "n - 1 AS n FROM jsonb_array_elements($2) WITH ORDINALITY AS a(e, n)) m ON k.key_type = m.t AND k.key_id = m.i "
+    "WHERE k.key_id IS NULL OR m.i IS NULL OR m.x IS DISTINCT FROM k.xmin::text::bigint OR m.m5 IS DISTINCT FROM k.m5) d "
+    "LEFT JOIN LATERAL (SELECT value FROM whatsapp_keys w WHERE w.company_id = $1 AND w.key_type = d.key_type "
+    "AND w.key_id = d.key_id OFFSET 0) w ON true"
+)
 
-class CompanyPlan:
-    """What a refresh changes in one company, decided from listings before anything is written."""
 
-    def __init__(self, company_id, fingerprint):
+class CompanyState:
+    """A company's manifest and digest input as written, edited by splicing lines.
+
+    Unchanged entries keep their bytes: a refresh costs what changed plus one
+    JSON parse of the manifest, not a re-encoding of every entry.
+    """
+
+    def __init__(self, company_id, manifest_data, lines_data):
         self.company_id = company_id
-        self.fingerprint = fingerprint
-        self.rebuild = None  # why the company is rewritten whole, or None
-        self.manifest_sha256 = None  # of the company manifest the plan was made against
-        self.fetch = []  # (type, id) of new keys and keys whose row may have changed
-        self.old_md5 = {}  # (type, id) -> row_md5 in the manifest, for keys in fetch
-        self.xmin_updates = {}  # (type, id) or None (creds) -> new xmin of rows with unchanged content
-        self.delete = []  # file names of deleted keys (and creds.json when the creds row is gone)
-        self.creds = False  # the creds row must be read
-        self.write_bytes = 0
-        self.write_files = 0
+        parts = manifest_data.split(b"\n")
+        if len(parts) < 3 or parts[-1] != b"" or parts[-2] != MANIFEST_FOOTER or not parts[0].endswith(b'"files":{'):
+            raise ManifestError("the manifest of company %s does not have the one-file-per-line layout" % company_id)
+        entry_lines = parts[1:-2]
+        for index in range(len(entry_lines) - 1):
+            if not entry_lines[index].endswith(b","):
+                raise ManifestError("the manifest of company %s does not have the one-file-per-line layout" % company_id)
+            entry_lines[index] = entry_lines[index][:-1]
+        try:
+            document = json.loads(manifest_data)
+        except ValueError as exc:
+            raise ManifestError("the manifest of company %s is not JSON (%s)" % (company_id, exc)) from None
+        files = document.get("files") if isinstance(document, dict) else None
+        if document.get("company_id") != company_id or not isinstance(files, dict) or len(files) != len(entry_lines):
+            raise ManifestError("the manifest of company %s does not describe that company" % company_id)
+        self.files = files
+        self.digest = document.get("digest")
+        names = list(files)
+        if any("/" in name for name in names) or "." in files or ".." in files:
+            raise ManifestError("the manifest of company %s names a path, not a file" % company_id)
+        self.has_creds = bool(names) and names[0] == CREDS_FILE
+        first = 1 if self.has_creds else 0
+        self.creds_entry_line = entry_lines[0] if self.has_creds else None
+        self.key_names = names[first:]
+        self.key_entry_lines = entry_lines[first:]
+        if lines_data is None or sha256_bytes(lines_data) != self.digest:
+            raise ManifestError("the digest lines of company %s do not prove its manifest's digest" % company_id)
+        lines = split_digest_lines(lines_data)
+        if lines is None or len(lines) != len(self.key_names) + 2 or lines[0] != HEADER_LINE:
+            raise ManifestError("the digest lines of company %s do not match its manifest" % company_id)
+        self.creds_line = lines[1]
+        self.key_lines = lines[2:]
+        self.index = None
+
+    def diff_payload(self, with_md5):
+        files = self.files
+        if with_md5:
+            rows = [(e["type"], e["id"], e.get("xmin"), e.get("row_md5")) for e in map(files.__getitem__, self.key_names)]
+        else:
+            rows = [(e["type"], e["id"], e.get("xmin")) for e in map(files.__getitem__, self.key_names)]
+        return json.dumps(rows)
+
+    def position_of(self, key_type, key_id):
+        """Where a new key goes among the old ones (digest order), by bisection."""
+        files = self.files
+        return bisect.bisect_left(self.key_names, sort_key(key_type, key_id),
+                                  key=lambda name: sort_key(files[name]["type"], files[name]["id"]))
+
+
+class CompanyEdit:
+    """Changes to one company, decided (and validated) before anything is written."""
+
+    def __init__(self):
+        self.writes = []  # (name, key_type or None, key_id, xmin, text, md5, old index or None)
+        self.xmin_only = []  # (old index or None for creds, new xmin)
+        self.deletes = []  # (old index or None for creds, file name)
+        self.bytes = 0
 
 
 class Refresher:
@@ -1126,6 +1238,8 @@ class Refresher:
         self.owner = owner
         self.check_mode = check_mode
         self.stats = dict.fromkeys(self.COUNTERS, 0)
+        self.would = {"files_to_write": 0, "files_to_delete": 0, "companies_examined": 0, "companies_rebuilt": 0,
+                      "per_company": {}}
 
     def run(self):
         started = time.monotonic()
@@ -1166,11 +1280,15 @@ class Refresher:
 
     def _refresh(self, conn, dest):
         params = self.params
+        self.dest = dest
         root_fd = open_dir(dest)
         tree = TreeMeta(root_fd)
         try:
             _, top = load_top_manifest(root_fd)
-            tree.open(create=not self.check_mode, owner=self.owner, lines=not self.check_mode)
+            try:
+                tree.open(create=not self.check_mode, owner=self.owner, lines=not self.check_mode)
+            except FileNotFoundError:
+                raise SessionsError("%s/%s of %s is incomplete: a run without check mode rebuilds it" % (META_DIR, COMPANIES_DIR, dest)) from None
             if tree.lines_fd is None:
                 try:
                     tree.lines_fd = open_dir(LINES_DIR, tree.meta_fd)
@@ -1187,30 +1305,35 @@ class Refresher:
                 raise hostile_error(hostile, params["unknown_types"])
             fast = same_server_lifetime(top.get("source"), meta)
             interrupted = self._interrupted(tree)
-            plans, removed = self._plan(snapshot, tree, top, stats, fast, interrupted)
-            files_to_write = sum(p.write_files for p in plans)
+            listed = {s[0] for s in stats}
+            removed = sorted(set(top["companies"]) - listed, key=lambda c: c.encode("utf-8"))
+            todo = [s for s in stats if interrupted or not fast or top["companies"].get(s[0], {}).get("fingerprint") != s[2]]
             result = {"dest": dest, "manifest": os.path.join(dest, META_DIR, MANIFEST_NAME), "backup": None,
                       "snapshot_at": meta["snapshot_at"], "system_identifier": meta["system_identifier"],
                       "companies": len(stats), "keys": sum(s[1] for s in stats), "queries": snapshot.queries,
-                      "row_versions_used": fast, "previous_refresh_interrupted": interrupted,
-                      "estimated_bytes": estimate_tree_bytes(sum(p.write_bytes for p in plans), files_to_write,
-                                                             free_space(dest)["block"])}
-            if self.check_mode:
-                result.update(self._check_report(snapshot, plans, removed, top, stats))
-                return result
-            check_space(dest, result["estimated_bytes"], files_to_write, params["space_margin"])
-            if plans or removed or interrupted:
+                      "row_versions_used": fast, "previous_refresh_interrupted": interrupted}
+            if not self.check_mode and (todo or removed or interrupted):
                 self._mark_in_progress(tree, meta)
+            snapshot.prepare_diff(fast)
             companies = {}
-            plan_of = {p.company_id: p for p in plans}
+            todo_ids = {s[0] for s in todo}
             for index, (company_id, _keys, fingerprint, _creds) in enumerate(stats, 1):
-                plan = plan_of.get(company_id)
-                if plan is None:
+                if company_id not in todo_ids:
                     companies[company_id] = dict(top["companies"][company_id], fingerprint=fingerprint)
                     self.stats["companies_skipped"] += 1
                     continue
-                companies[company_id] = self._apply(snapshot, tree, plan, index)
+                companies[company_id] = self._company(snapshot, tree, top["companies"].get(company_id), company_id, fingerprint,
+                                                      fast, interrupted, index)
                 test_hook("after_company:%d" % index)
+            if self.check_mode:
+                self.would.update(companies_removed=len(removed), removed_companies=removed[: MAX_SHOWN * 5])
+                changed = bool(self.would["files_to_write"] or self.would["files_to_delete"] or self.would["companies_rebuilt"]
+                               or removed)
+                result.update(changed=changed, files=0, bytes=0, generation=top["generation"], would_change=self.would,
+                              last_good_refresh=top.get("last_good_refresh"), age_seconds=age_of(top),
+                              companies_skipped=self.stats["companies_skipped"],
+                              digests={c: e["digest"] for c, e in top["companies"].items()})
+                return result
             for company_id in removed:
                 remove_tree_at(root_fd, COMPANY_PREFIX + company_id)
                 unlink_quiet(tree.companies_fd, company_id + ".json")
@@ -1237,7 +1360,6 @@ class Refresher:
             tree.close()
             os.close(root_fd)
 
-    # -- planning (reads only) --
     @staticmethod
     def _interrupted(tree):
         try:
@@ -1246,171 +1368,186 @@ class Refresher:
         except FileNotFoundError:
             return False
 
-    def _plan(self, snapshot, tree, top, stats, fast, interrupted):
-        plans = []
-        removed = sorted(set(top["companies"]) - {s[0] for s in stats}, key=lambda c: c.encode("utf-8"))
-        for company_id, _keys, fingerprint, _has_creds in stats:
-            entry = top["companies"].get(company_id)
-            if entry is not None and fast and not interrupted and entry.get("fingerprint") == fingerprint:
-                continue
-            plan = CompanyPlan(company_id, fingerprint)
-            plans.append(plan)
-            if entry is None:
-                plan.rebuild = "new company"
-            else:
-                try:
-                    if interrupted:
-                        # After an interrupted refresh only what the files prove is trusted.
-                        manifest, plan.manifest_sha256 = self._verified_on_disk(tree, company_id)
-                    else:
-                        manifest = load_company_manifest(tree.companies_fd, company_id, entry["manifest_sha256"])
-                        plan.manifest_sha256 = entry["manifest_sha256"]
-                except (OSError, ManifestError, SessionsError) as exc:
-                    plan.rebuild = "company manifest unusable: %s" % exc
-                else:
-                    self._plan_company(snapshot, plan, manifest, fast)
-            if plan.rebuild:
-                plan.write_bytes, plan.write_files = snapshot.company_size(company_id)
-        return plans, removed
-
-    def _verified_on_disk(self, tree, company_id):
-        """(manifest, its sha256) of a company whose files and digest lines match its own manifest."""
-        data, manifest = read_json_at(tree.companies_fd, company_id + ".json")
-        validate_company_manifest(manifest, company_id)
-        if tree.lines_fd is None or sha256_bytes(read_regular(tree.lines_fd, company_id + ".lines")) != manifest.get("digest"):
-            raise SessionsError("digest lines do not match the manifest")
-        dir_fd = open_dir(COMPANY_PREFIX + company_id, tree.root_fd)
-        try:
-            for name, spec in manifest["files"].items():
-                content = read_regular(dir_fd, name)
-                if len(content) != spec["size"] or sha256_bytes(content) != spec["sha256"]:
-                    raise SessionsError("%s does not match the manifest" % name)
-            extra = [n for n in os.listdir(dir_fd) if n not in manifest["files"] and not n.startswith(TMP_PREFIX)]
-            if extra:
-                raise SessionsError("files not in the manifest: %r" % extra[:3])
-        finally:
-            os.close(dir_fd)
-        return manifest, sha256_bytes(data)
-
-    def _plan_company(self, snapshot, plan, manifest, fast):
-        files = manifest["files"]
-        by_key = {(e["type"], e["id"]): (n, e) for n, e in files.items() if n != CREDS_FILE}
-        seen = {}
-        skip_unknown = self.params["unknown_types"] == "skip"
-        for row in snapshot.listing(plan.company_id, with_md5=not fast):
-            key_type, key_id, xmin, size = row[0], row[1], int(row[2]), row[3] or 0
-            try:
-                name = checked_key_file_name(plan.company_id, key_type, key_id)
-            except UnknownKeyTypeError:
-                if skip_unknown:
-                    self.stats["skipped_keys"] += 1
-                    continue
-                raise
-            other = seen.get(name)
-            if other is not None:
-                raise collision_error(plan.company_id, name, other, (key_type, key_id))
-            seen[name] = (key_type, key_id)
-            old = by_key.pop((key_type, key_id), None)
-            if old is None:
-                changed = True
-            elif fast:
-                changed = old[1].get("xmin") != xmin
-            else:
-                changed = old[1].get("row_md5") != row[4]
-                if not changed and old[1].get("xmin") != xmin:
-                    plan.xmin_updates[(key_type, key_id)] = xmin
-            if changed:
-                plan.fetch.append((key_type, key_id))
-                plan.write_bytes += size
-                plan.write_files += 1
-                if old is not None:
-                    plan.old_md5[(key_type, key_id)] = old[1].get("row_md5")
-        plan.delete = [name for name, _entry in by_key.values() if name not in seen]
-        creds = files.get(CREDS_FILE)
-        row = snapshot.creds(plan.company_id)
-        if row is None:
-            if creds is not None:
-                plan.delete.append(CREDS_FILE)
-        elif creds is None or (creds.get("xmin") != int(row[0]) if fast else creds.get("row_md5") != row[2]):
-            plan.creds = True
-            plan.write_files += 1
-            plan.write_bytes += len(row[1])
-        elif creds.get("xmin") != int(row[0]):
-            plan.xmin_updates[None] = int(row[0])
-
-    def _check_report(self, snapshot, plans, removed, top, stats):
-        """Check mode: what a refresh would write and delete (content compared by md5), nothing written."""
-        per_company = {}
-        to_write = to_delete = 0
-        rebuilt = []
-        for plan in plans:
-            if plan.rebuild:
-                rebuilt.append(plan.company_id)
-                writes, deletes = plan.write_files, 0
-            else:
-                writes = sum(1 for key_type, key_id, md5 in snapshot.md5s(plan.company_id, plan.fetch)
-                             if plan.old_md5.get((key_type, key_id)) != md5)
-                if plan.creds:
-                    writes += 1
-                deletes = len(plan.delete)
-            to_write += writes
-            to_delete += deletes
-            if (writes or deletes or plan.rebuild) and len(per_company) < MAX_SHOWN * 5:
-                per_company[plan.company_id] = {"write": writes, "delete": deletes, "rebuild": plan.rebuild}
-        changed = bool(to_write or to_delete or rebuilt or removed)
-        return {"changed": changed, "files": 0, "bytes": 0, "generation": top["generation"],
-                "last_good_refresh": top.get("last_good_refresh"), "age_seconds": age_of(top),
-                "would_change": {"files_to_write": to_write, "files_to_delete": to_delete, "companies_examined": len(plans),
-                                 "companies_rebuilt": len(rebuilt), "companies_removed": len(removed),
-                                 "removed_companies": removed[: MAX_SHOWN * 5], "per_company": per_company},
-                "companies_skipped": len(stats) - len(plans),
-                "digests": {c: e["digest"] for c, e in top["companies"].items()}}
-
-    # -- writing --
     def _mark_in_progress(self, tree, meta):
         data = encode_json({"started_at": iso(utc_now()), "pid": os.getpid(), "snapshot_at": meta["snapshot_at"]})
         replace_file(tree.meta_fd, IN_PROGRESS_NAME, data, self.owner, durable=True)
 
-    def _apply(self, snapshot, tree, plan, index):
-        old = old_lines = None
-        if not plan.rebuild:
+    # -- one company --
+    def _company(self, snapshot, tree, entry, company_id, fingerprint, fast, interrupted, index):
+        """Refresh one company (incrementally when its manifest and digest lines are usable, else whole)."""
+        reason = "new company" if entry is None else None
+        state = payload = None
+        if reason is None:
             try:
-                old = load_company_manifest(tree.companies_fd, plan.company_id, plan.manifest_sha256)
-                old_lines = self._old_lines(tree, plan.company_id, old)
-            except (OSError, ManifestError, SessionsError) as exc:
-                plan.rebuild = "company manifest unusable: %s" % exc
+                state = self._state(tree, company_id, None if interrupted else entry["manifest_sha256"], interrupted)
+                payload = state.diff_payload(not fast)
+            except (OSError, ManifestError, SessionsError, KeyError, TypeError, AttributeError) as exc:
+                state, reason = None, "no usable manifest: %s" % (exc if not isinstance(exc, (KeyError, TypeError, AttributeError))
+                                                                   else "malformed entry")
+        if state is None:
+            return self._rebuild(snapshot, tree, company_id, fingerprint, reason, index)
+        edit = self._diff(snapshot, state, company_id, fast, payload)
+        if self.check_mode:
+            self._count_would(company_id, edit)
+            return None
+        return self._update(snapshot, tree, state, edit, company_id, fingerprint, index, strays=interrupted)
+
+    def _state(self, tree, company_id, expected_sha256, verify_files):
+        manifest_data = read_regular(tree.companies_fd, company_id + ".json")
+        if expected_sha256 is not None and sha256_bytes(manifest_data) != expected_sha256:
+            raise ManifestError("its sha256 differs from the top manifest's")
+        if tree.lines_fd is None:
+            raise ManifestError("no digest lines")
+        state = CompanyState(company_id, manifest_data, read_regular(tree.lines_fd, company_id + ".lines"))
+        if verify_files:
+            # After an interrupted refresh only what the files prove is trusted.
+            dir_fd = open_dir(COMPANY_PREFIX + company_id, tree.root_fd)
+            try:
+                for name, spec in state.files.items():
+                    content = read_regular(dir_fd, name)
+                    if len(content) != spec.get("size") or sha256_bytes(content) != spec.get("sha256"):
+                        raise SessionsError("%s does not match the manifest" % name)
+                extra = [n for n in os.listdir(dir_fd) if n not in state.files and not n.startswith(TMP_PREFIX)]
+                if extra:
+                    raise SessionsError("files not in the manifest: %r" % extra[:3])
+            finally:
+                os.close(dir_fd)
+        return state
+
+    def _diff(self, snapshot, state, company_id, fast, payload):
+        """What changed in a company: validated (hostile ids, collisions) before any write."""
+        edit = CompanyEdit()
+        files = state.files
+        new_names = {}
+        for n, key_type, key_id, xmin, text, md5 in snapshot.diff(company_id, payload, fast):
+            if key_type is None:
+                edit.deletes.append((n, state.key_names[n]))
+                continue
+            if n is None:
+                name = checked_key_file_name(company_id, key_type, key_id)
+                other = new_names.get(name)
+                if other is not None:
+                    raise collision_error(company_id, name, other, (key_type, key_id))
+                new_names[name] = (key_type, key_id)
+                edit.writes.append((name, key_type, key_id, int(xmin), text, md5, None))
+                edit.bytes += len(text)
+                continue
+            old = files[state.key_names[n]]
+            if old.get("row_md5") == md5:
+                edit.xmin_only.append((n, int(xmin)))
             else:
-                if old_lines is None:
-                    plan.rebuild = "digest lines missing or not matching the manifest"
-        if plan.rebuild:
-            return self._rebuild(snapshot, tree, plan, index)
-        return self._update(snapshot, tree, plan, old, old_lines, index)
+                edit.writes.append((state.key_names[n], key_type, key_id, int(xmin), text, md5, n))
+                edit.bytes += len(text)
+        deleted = {name for _n, name in edit.deletes}
+        for name, (key_type, key_id) in new_names.items():
+            old = files.get(name)
+            if old is not None and name not in deleted:
+                raise collision_error(company_id, name, (old.get("type"), old.get("id")), (key_type, key_id))
+        row = snapshot.creds(company_id)
+        old = files.get(CREDS_FILE) if state.has_creds else None
+        if row is None:
+            if old is not None:
+                edit.deletes.append((None, CREDS_FILE))
+        elif old is None or old.get("row_md5") != row[2]:
+            edit.writes.append((CREDS_FILE, None, None, int(row[0]), row[1], row[2], None))
+            edit.bytes += len(row[1])
+        elif old.get("xmin") != int(row[0]):
+            edit.xmin_only.append((None, int(row[0])))
+        return edit
+
+    def _count_would(self, company_id, edit):
+        self.would["companies_examined"] += 1
+        self.would["files_to_write"] += len(edit.writes)
+        self.would["files_to_delete"] += len(edit.deletes)
+        if (edit.writes or edit.deletes) and len(self.would["per_company"]) < MAX_SHOWN * 5:
+            self.would["per_company"][company_id] = {"write": len(edit.writes), "delete": len(edit.deletes)}
+
+    def _update(self, snapshot, tree, state, edit, company_id, fingerprint, index, strays):
+        check_space(self.dest, estimate_tree_bytes(edit.bytes, len(edit.writes), 4096), len(edit.writes),
+                    self.params["space_margin"])
+        files = state.files
+        replaced = {}  # old index -> (entry line, digest line or None to keep)
+        inserts = []  # (position, sort key, entry line, digest line)
+        creds_entry, creds_line_new = state.creds_entry_line, state.creds_line
+        written = written_bytes = deleted = 0
+        dir_fd = open_dir(COMPANY_PREFIX + company_id, tree.root_fd)
+        try:
+            for name, key_type, key_id, xmin, text, md5, n in edit.writes:
+                value = json.loads(text)
+                data = file_content(value)
+                put_file(dir_fd, name, data, self.owner)
+                written += 1
+                written_bytes += len(data)
+                entry = {"type": key_type or "creds", "sha256": sha256_bytes(data), "size": len(data), "xmin": xmin, "row_md5": md5}
+                if key_type is None:
+                    creds_entry, creds_line_new = entry_line(CREDS_FILE, entry), creds_line(value)
+                    continue
+                entry = {"type": key_type, "id": key_id, **{k: entry[k] for k in ("sha256", "size", "xmin", "row_md5")}}
+                line = key_line(key_type, key_id, value)
+                if n is None:
+                    inserts.append((state.position_of(key_type, key_id), sort_key(key_type, key_id), entry_line(name, entry), line))
+                else:
+                    replaced[n] = (entry_line(name, entry), line)
+            for n, xmin in edit.xmin_only:
+                if n is None:
+                    creds_entry = entry_line(CREDS_FILE, dict(files[CREDS_FILE], xmin=xmin))
+                else:
+                    name = state.key_names[n]
+                    replaced[n] = (entry_line(name, dict(files[name], xmin=xmin)), None)
+            removed = set()
+            for n, name in edit.deletes:
+                if n is None:
+                    creds_entry, creds_line_new = None, creds_line(None)
+                else:
+                    removed.add(n)
+                if unlink_quiet(dir_fd, name):
+                    deleted += 1
+            keep = None
+            if strays:
+                keep = set(files) - {name for _n, name in edit.deletes} | {w[0] for w in edit.writes}
+                deleted += Refresher._remove_strays(dir_fd, keep)
+        finally:
+            os.close(dir_fd)
+        entries, key_lines = self._splice(state, replaced, removed, inserts)
+        lines_data = b"".join([HEADER_LINE, creds_line_new] + key_lines)
+        digest = _Digest(sha256_bytes(lines_data), len(key_lines))
+        if creds_entry is not None:
+            entries.insert(0, creds_entry)
+        test_hook("before_company_manifest:%d" % index)
+        manifest_sha256 = write_company_meta(tree, company_id, digest, entries, self.owner, lines_data)
+        for counter, value in (("files_written", written), ("bytes_written", written_bytes), ("files_deleted", deleted),
+                               ("rows_fetched", len(edit.writes) + len(edit.xmin_only)),
+                               ("rows_unchanged_content", len(edit.xmin_only)), ("companies_refreshed", 1)):
+            self.stats[counter] += value
+        return {"digest": digest.hexdigest(), "keys": digest.keys, "files": len(entries),
+                "manifest_sha256": manifest_sha256, "fingerprint": fingerprint}
 
     @staticmethod
-    def _old_lines(tree, company_id, manifest):
-        """{(type, id) or None (creds): line} of the previous digest input, or None unless it proves the manifest's digest."""
-        if tree.lines_fd is None:
-            return None
-        try:
-            data = read_regular(tree.lines_fd, company_id + ".lines")
-        except FileNotFoundError:
-            return None
-        if sha256_bytes(data) != manifest.get("digest"):
-            return None
-        lines = split_digest_lines(data)
-        keys = sorted(((e["type"], e["id"]) for n, e in manifest["files"].items() if n != CREDS_FILE), key=lambda k: sort_key(*k))
-        if lines is None or len(lines) != len(keys) + 2 or lines[0] != HEADER_LINE:
-            return None
-        mapping = dict(zip(keys, lines[2:]))
-        mapping[None] = lines[1]
-        return mapping
-
-    def _company_dir(self, tree, company_id):
-        name = COMPANY_PREFIX + company_id
-        try:
-            return open_dir(name, tree.root_fd)
-        except FileNotFoundError:
-            return make_dir(tree.root_fd, name, self.owner)
+    def _splice(state, replaced, removed, inserts):
+        """New (entry lines, digest lines) of the keys: old slices copied, edits put in place."""
+        events = [(n, 1, b"", n) for n in replaced] + [(n, 1, b"", n) for n in removed if n not in replaced]
+        events += [(pos, 0, sk, i) for i, (pos, sk, _e, _l) in enumerate(inserts)]
+        events.sort()
+        entries, lines = [], []
+        old_entries, old_lines = state.key_entry_lines, state.key_lines
+        cursor = 0
+        for pos, kind, _sk, ref in events:
+            if pos > cursor:
+                entries.extend(old_entries[cursor:pos])
+                lines.extend(old_lines[cursor:pos])
+                cursor = pos
+            if kind == 0:
+                entries.append(inserts[ref][2])
+                lines.append(inserts[ref][3])
+                continue
+            if ref in replaced and ref not in removed:
+                entry, line = replaced[ref]
+                entries.append(entry)
+                lines.append(old_lines[ref] if line is None else line)
+            cursor = pos + 1
+        entries.extend(old_entries[cursor:])
+        lines.extend(old_lines[cursor:])
+        return entries, lines
 
     @staticmethod
     def _remove_strays(dir_fd, keep):
@@ -1422,90 +1559,53 @@ class Refresher:
                 removed += 1
         return removed
 
-    def _finish_company(self, tree, plan, index, digest, files):
-        test_hook("before_company_manifest:%d" % index)
-        manifest_sha256 = write_company_meta(tree, plan.company_id, digest, digest.keys, files, self.owner)
-        return {"digest": digest.hexdigest(), "keys": digest.keys, "files": len(files),
-                "manifest_sha256": manifest_sha256, "fingerprint": plan.fingerprint}
-
-    def _rebuild(self, snapshot, tree, plan, index):
+    def _rebuild(self, snapshot, tree, company_id, fingerprint, reason, index):
         """The whole company written in place (new company, or no usable manifest or digest lines)."""
-        dir_fd = self._company_dir(tree, plan.company_id)
+        if self.check_mode:
+            size, files = snapshot.company_size(company_id)
+            self.would["companies_rebuilt"] += 1
+            self.would["files_to_write"] += files
+            if len(self.would["per_company"]) < MAX_SHOWN * 5:
+                self.would["per_company"][company_id] = {"write": files, "delete": 0, "rebuild": reason}
+            return None
+        size, files = snapshot.company_size(company_id)
+        check_space(self.dest, estimate_tree_bytes(size, files, 4096), files, self.params["space_margin"])
+        name = COMPANY_PREFIX + company_id
         try:
-            writer = CompanyWriter(plan.company_id, dir_fd, self.owner, self.params["unknown_types"], keep_lines=True, replace=True)
-            writer.creds(snapshot.creds(plan.company_id))
+            dir_fd = open_dir(name, tree.root_fd)
+        except FileNotFoundError:
+            dir_fd = make_dir(tree.root_fd, name, self.owner)
+        try:
+            writer = CompanyWriter(company_id, dir_fd, self.owner, self.params["unknown_types"], keep_lines=True, replace=True)
+            writer.creds(snapshot.creds(company_id))
             rows = 0
-            for row in snapshot.keys(plan.company_id):
+            for row in snapshot.keys(company_id):
                 rows += 1
                 writer.key(*row)
-            deleted = self._remove_strays(dir_fd, set(writer.files))
+            deleted = self._remove_strays(dir_fd, set(writer.names))
         finally:
             os.close(dir_fd)
-        entry = self._finish_company(tree, plan, index, writer.digest, writer.files)
+        test_hook("before_company_manifest:%d" % index)
+        manifest_sha256 = write_company_meta(tree, company_id, writer.digest, writer.entry_lines, self.owner)
         for counter, value in (("files_written", writer.written), ("bytes_written", writer.bytes), ("files_deleted", deleted),
                                ("rows_fetched", rows), ("skipped_keys", writer.skipped), ("companies_rebuilt", 1),
-                               ("companies_added", 1 if plan.rebuild == "new company" else 0)):
+                               ("companies_added", 1 if reason == "new company" else 0)):
             self.stats[counter] += value
-        return entry
+        return {"digest": writer.digest.hexdigest(), "keys": writer.digest.keys, "files": len(writer.entry_lines),
+                "manifest_sha256": manifest_sha256, "fingerprint": fingerprint}
 
-    def _update(self, snapshot, tree, plan, old, old_lines, index):
-        files = dict(old["files"])
-        lines = dict(old_lines)
-        written = deleted = written_bytes = fetched = same = 0
-        for key, xmin in plan.xmin_updates.items():
-            name = CREDS_FILE if key is None else key_file_name(*key)
-            files[name] = dict(files[name], xmin=xmin)
-        dir_fd = open_dir(COMPANY_PREFIX + plan.company_id, tree.root_fd)
-        try:
-            rows = []
-            if plan.creds:
-                xmin, text, md5 = snapshot.creds(plan.company_id)
-                rows.append((None, None, xmin, text, md5))
-            rows = iter(rows + list(snapshot.values(plan.company_id, plan.fetch)))
-            for key_type, key_id, xmin, text, md5 in rows:
-                fetched += 1
-                name = CREDS_FILE if key_type is None else key_file_name(key_type, key_id)
-                previous = files.get(name)
-                if previous is not None and previous.get("row_md5") == md5 and previous.get("id") == key_id:
-                    files[name] = dict(previous, xmin=int(xmin))
-                    same += 1
-                    continue
-                value = json.loads(text)
-                data = file_content(value)
-                replace_file(dir_fd, name, data, self.owner)
-                written += 1
-                written_bytes += len(data)
-                entry = {"type": key_type or "creds", "id": key_id, "sha256": sha256_bytes(data), "size": len(data),
-                         "xmin": int(xmin), "row_md5": md5}
-                if key_type is None:
-                    del entry["id"]
-                    lines[None] = creds_line(value)
-                else:
-                    lines[(key_type, key_id)] = key_line(key_type, key_id, value)
-                files[name] = entry
-            for name in plan.delete:
-                entry = files.pop(name, None)
-                if name == CREDS_FILE:
-                    lines[None] = creds_line(None)
-                elif entry is not None:
-                    lines.pop((entry["type"], entry["id"]), None)
-                if unlink_quiet(dir_fd, name):
-                    deleted += 1
-            deleted += self._remove_strays(dir_fd, set(files))
-        finally:
-            os.close(dir_fd)
-        expected = len(plan.fetch) + (1 if plan.creds else 0)
-        if fetched != expected:
-            raise SessionsError("company %s: %d rows listed as changed but %d read back in the same snapshot"
-                                % (plan.company_id, expected, fetched))
-        digest = DigestLines(lines[None], keep=True)
-        for key in sorted((k for k in lines if k is not None), key=lambda k: sort_key(*k)):
-            digest.add(key[0], key[1], lines[key])
-        entry = self._finish_company(tree, plan, index, digest, files)
-        for counter, value in (("files_written", written), ("bytes_written", written_bytes), ("files_deleted", deleted),
-                               ("rows_fetched", fetched), ("rows_unchanged_content", same), ("companies_refreshed", 1)):
-            self.stats[counter] += value
-        return entry
+
+class _Digest:
+    """A finished digest (hexdigest, keys) for write_company_meta."""
+
+    lines = None
+
+    def __init__(self, hexdigest, keys):
+        self._hex = hexdigest
+        self.keys = keys
+
+    def hexdigest(self):
+        return self._hex
 
 
 def age_of(top):

@@ -37,5 +37,4 @@ def test_private_variables_are_prefixed_with_the_role_name(role):
     for part in ("vars", "defaults"):
         for name in load(role, part, "main.yml") or {}:
             prefix = role if part == "defaults" else "__" + role
-            shared = role == "baileys_dr_common" and name.startswith("baileys_dr_")
-            assert name.startswith(prefix) or shared, "%s/%s: %s" % (role, part, name)
+            assert name.startswith(prefix), "%s/%s: %s" % (role, part, name)

@@ -1,0 +1,183 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: contributors to baileys-dr
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: baileys_sessions_verify
+short_description: Verify a Baileys sessions tree against its baileys-dr manifest
+description:
+  - Checks a tree written by M(baileys_auth_export) (docs/architecture.md, "The sessions tree and its manifest (format 1)"):
+    the top manifest C(.baileys-dr/manifest.json) is present and parsable, every company manifest has the sha256 the top
+    manifest lists, every listed file exists with its size and sha256, and no refresh was left half-done
+    (C(.baileys-dr/refresh-in-progress)).
+  - Files in a company directory that the manifest does not list are reported in RV(extra_files), directories that are not
+    companies of the manifest in RV(extra_companies); both are problems unless O(allow_extra).
+  - Symbolic links are never followed: one anywhere in the tree is a problem.
+  - Permissions other than 0600 for files and 0700 for directories are reported in RV(permissions) (not a problem).
+  - With O(recompute_digests), every file is parsed and each company's state digest is recomputed from the files (either
+    Buffer encoding gives the same digest) and compared with the manifest.
+  - Read-only. Waits for a running export or refresh of the same parent directory (shared C(flock)).
+version_added: "0.1.0"
+author: baileys-dr contributors
+options:
+  path:
+    description: The sessions tree, for example C(/srv/baileys-app/baileys_sessions.standby).
+    type: path
+    required: true
+    aliases: [dest]
+  recompute_digests:
+    description: Recompute every company's digest from its files and compare it with the manifest.
+    type: bool
+    default: false
+  allow_extra:
+    description: Files and directories the manifest does not list are reported but are not problems.
+    type: bool
+    default: false
+  fail_on_problems:
+    description: Fail when the tree does not verify (the result still carries every field).
+    type: bool
+    default: true
+  max_age:
+    description: Seconds; a tree whose last good refresh (or creation) is older is a problem.
+    type: int
+  max_problems:
+    description: Problems (and extra files, permission findings) listed at most; RV(problem_count) counts them all.
+    type: int
+    default: 100
+  lock_timeout:
+    description: Seconds to wait for a running export or refresh of the same parent directory.
+    type: int
+    default: 300
+attributes:
+  check_mode:
+    support: full
+    details: The module never changes anything.
+  diff_mode:
+    support: none
+seealso:
+  - module: baileys_auth_export
+"""
+
+EXAMPLES = r"""
+- name: The standby copy is complete and intact
+  baileys_sessions_verify:
+    path: /srv/baileys-app/baileys_sessions.standby
+    max_age: 1800
+  register: standby
+
+- name: Prove the exported files hold the database's state
+  baileys_sessions_verify:
+    path: /srv/baileys-app/baileys_sessions
+    recompute_digests: true
+    fail_on_problems: false
+  register: exported
+"""
+
+RETURN = r"""
+verified:
+  description: Whether the tree matches its manifest (no problem found).
+  returned: always
+  type: bool
+problems:
+  description: What does not match, each naming the company and file (at most O(max_problems)).
+  returned: always
+  type: list
+  elements: str
+problem_count:
+  description: Problems found (all of them).
+  returned: always
+  type: int
+counts:
+  description: companies, files, bytes, keys, missing_files, mismatched_files, extra_files, extra_companies, permission_issues.
+  returned: always
+  type: dict
+extra_files:
+  description: Files of company directories that the manifest does not list (C(company_<id>/<name>)).
+  returned: always
+  type: list
+  elements: str
+extra_companies:
+  description: Entries of the tree that are not companies of the manifest.
+  returned: always
+  type: list
+  elements: str
+permissions:
+  description: Files and directories with modes wider than 0600 and 0700.
+  returned: always
+  type: list
+  elements: str
+generation:
+  description: Generation of the manifest.
+  returned: when the manifest is readable
+  type: int
+created_at:
+  description: When the generation was written.
+  returned: when the manifest is readable
+  type: str
+last_good_refresh:
+  description: Time of the last completed export or refresh.
+  returned: when the manifest is readable
+  type: str
+age_seconds:
+  description: Seconds since RV(last_good_refresh) (or RV(created_at)).
+  returned: when the manifest is readable
+  type: float
+source:
+  description: Where the data came from (kind, target, system_identifier, snapshot_at, ...).
+  returned: when the manifest is readable
+  type: dict
+digests:
+  description: State digest by company id, recomputed from the files with O(recompute_digests), else as the manifests list them.
+  returned: always
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.baileys_dr_sessions import SessionsError, verify_tree
+
+
+class SessionsVerify:
+    def __init__(self, module):
+        self.module = module
+        self.params = module.params
+
+    def run(self):
+        p = self.params
+        result = verify_tree(p["path"], p["recompute_digests"], p["allow_extra"], p["max_problems"], p["lock_timeout"])
+        if p["max_age"] is not None and result.get("age_seconds") is not None and result["age_seconds"] > p["max_age"]:
+            result["problems"].append("the tree's last good refresh is %ds old (max_age %d)" % (result["age_seconds"], p["max_age"]))
+            result["problem_count"] += 1
+            result["verified"] = False
+        result["changed"] = False
+        return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            path=dict(type="path", required=True, aliases=["dest"]),
+            recompute_digests=dict(type="bool", default=False),
+            allow_extra=dict(type="bool", default=False),
+            fail_on_problems=dict(type="bool", default=True),
+            max_age=dict(type="int"),
+            max_problems=dict(type="int", default=100),
+            lock_timeout=dict(type="int", default=300),
+        ),
+        supports_check_mode=True,
+    )
+    try:
+        result = SessionsVerify(module).run()
+    except (SessionsError, OSError) as exc:
+        module.fail_json(msg="verifying %s failed: %s" % (module.params["path"], exc), verified=False)
+    if not result["verified"] and module.params["fail_on_problems"]:
+        shown = "; ".join(result["problems"][:5])
+        module.fail_json(msg="%s does not verify (%d problems): %s" % (result["path"], result["problem_count"], shown), **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
