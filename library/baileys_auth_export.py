@@ -32,11 +32,11 @@ description:
     digest from the previous digest input (C(.baileys-dr/digest-lines/<id>.lines), whose sha256 is the digest), then
     write the company manifest, sync the file system, and rewrite the top manifest with a new C(generation) and
     C(last_good_refresh). Row versions are only compared within one server lifetime (same system identifier, timeline
-    and postmaster start time): otherwise the refresh compares C(md5(value::text)) of every row, which is slower.
+    and postmaster start time); otherwise the refresh compares C(md5(value::text)) of every row, which is slower.
   - A refresh that stops half-way leaves the previous top manifest, so the standby does not verify until the next good
     refresh; the next refresh sees C(.baileys-dr/refresh-in-progress), re-checks every company's files against its own
     manifest, and rewrites whole the companies that do not match.
-  - Hostile rows are refused before anything is swapped in, naming company, key type and key id: company ids outside
+  - Hostile rows are refused before anything is swapped in, naming company, key type and key id. Refused are company ids outside
     C([A-Za-z0-9_-]{1,50}), key types that are not Baileys key types (see O(unknown_types)), key ids with control
     characters, key ids C(.) or C(..), file names over 255 bytes, and two ids of one company that become the same file
     through Baileys' C(fixFileName) (for example C(a:b) and C(a-b)).
@@ -164,7 +164,7 @@ notes:
   - Files are written 0600 and directories 0700 (the module runs with umask 077).
   - Durability comes from one C(syncfs(2)) of the file system of O(dest) before the swap (live) or before the top manifest
     (standby), instead of one C(fsync) per file.
-  - The lock is an C(flock) on the parent directory of O(dest): one writer (export or refresh) or several verifications at
+  - The lock is an C(flock) on the parent directory of O(dest), so one writer (export or refresh) or several verifications at
     a time per parent directory.
   - "Test-only fault hooks, never to be set in production: C(BAILEYS_DR_TEST_PAUSE_AT=<point>) makes the module sleep
     C(BAILEYS_DR_TEST_PAUSE_SECONDS) (default 30) at that point, C(BAILEYS_DR_TEST_FAIL_AT=<point>) makes it fail there.

@@ -10,13 +10,13 @@ DOCUMENTATION = r"""
 module: baileys_sessions_verify
 short_description: Verify a Baileys sessions tree against its baileys-dr manifest
 description:
-  - Checks a tree written by M(baileys_auth_export) (docs/architecture.md, "The sessions tree and its manifest (format 1)"):
+  - Checks a tree written by M(baileys_auth_export) (docs/architecture.md, "The sessions tree and its manifest (format 1)");
     the top manifest C(.baileys-dr/manifest.json) is present and parsable, every company manifest has the sha256 the top
     manifest lists, every listed file exists with its size and sha256, and no refresh was left half-done
     (C(.baileys-dr/refresh-in-progress)).
   - Files in a company directory that the manifest does not list are reported in RV(extra_files), directories that are not
     companies of the manifest in RV(extra_companies); both are problems unless O(allow_extra).
-  - Symbolic links are never followed: one anywhere in the tree is a problem.
+  - Symbolic links are never followed; one anywhere in the tree is a problem.
   - Permissions other than 0600 for files and 0700 for directories are reported in RV(permissions) (not a problem).
   - With O(recompute_digests), every file is parsed and each company's state digest is recomputed from the files (either
     Buffer encoding gives the same digest) and compared with the manifest.

@@ -116,7 +116,7 @@ def iso(moment):
     """ISO 8601 in UTC with a Z, as the manifests write times."""
     if moment is None:
         return None
-    return moment.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(datetime.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def parse_iso(text):
@@ -802,6 +802,7 @@ class CompanyWriter:
         self.replace = replace
         self.names = {}  # file name -> (type, id)
         self.entry_lines = []
+        self.rows = [] if keep_lines else None  # "type\tid\txmin" per key, digest order (standby)
         self.digest = None
         self.written = 0
         self.bytes = 0
@@ -860,6 +861,15 @@ class CompanyWriter:
         self._write(name, data)
         self.entry_lines.append(entry_line(name, {"type": key_type, "id": key_id, "sha256": sha256_bytes(data), "size": len(data),
                                                   "xmin": int(xmin), "row_md5": md5}))
+        if self.rows is not None:
+            self.rows.append("%s\t%s\t%s" % (key_type, key_id, xmin))
+
+    def meta(self, tree, in_place=False):
+        """Write the company's digest lines and row versions (standby) and manifest; returns the manifest's sha256."""
+        rows = "\n".join(self.rows) if self.rows is not None else None
+        lines = self.digest.data() if self.digest.lines is not None else None
+        return write_company_meta(tree, self.company_id, self.digest.hexdigest(), self.digest.keys, self.entry_lines,
+                                  self.owner, lines, rows, in_place)
 
 
 def entry_line(name, entry):
@@ -870,22 +880,25 @@ def entry_line(name, entry):
 MANIFEST_FOOTER = b"}}"
 
 
-def render_company_manifest(company_id, digest, keys, entry_lines):
+def render_company_manifest(company_id, digest, keys, entry_lines, rows_sha256=None):
     """A company manifest: JSON with one file per line, so a refresh can splice lines instead of re-encoding."""
-    header = ('{"company_id":%s,"digest":"%s","keys":%d,"files":{' % (json.dumps(company_id), digest, keys)).encode("utf-8")
+    rows = ',"rows_sha256":"%s"' % rows_sha256 if rows_sha256 else ""
+    header = ('{"company_id":%s,"digest":"%s","keys":%d%s,"files":{' % (json.dumps(company_id), digest, keys, rows)).encode("utf-8")
     body = b",\n".join(entry_lines)
     return header + b"\n" + (body + b"\n" if entry_lines else b"") + MANIFEST_FOOTER + b"\n"
 
 
-def write_company_meta(tree, company_id, digest, entry_lines, owner, lines_data=None):
-    """Digest lines (standby) then the company manifest; returns the manifest's sha256."""
-    if tree.lines_fd is not None:
-        if lines_data is None and digest.lines is not None:
-            lines_data = digest.data()
-        if lines_data is not None:
-            replace_file(tree.lines_fd, company_id + ".lines", lines_data, owner)
-    data = render_company_manifest(company_id, digest.hexdigest(), digest.keys, entry_lines)
-    replace_file(tree.companies_fd, company_id + ".json", data, owner)
+def write_company_meta(tree, company_id, digest, keys, entry_lines, owner, lines_data=None, rows_text=None, in_place=False):
+    """Digest lines and row versions (standby trees), then the company manifest; returns the manifest's sha256."""
+    put = put_file if in_place else replace_file
+    rows_sha256 = None
+    if tree.lines_fd is not None and lines_data is not None:
+        rows_data = rows_text.encode("utf-8")
+        rows_sha256 = sha256_bytes(rows_data)
+        put(tree.lines_fd, company_id + ".lines", lines_data, owner)
+        put(tree.lines_fd, company_id + ".rows", rows_data, owner)
+    data = render_company_manifest(company_id, digest, keys, entry_lines, rows_sha256)
+    put(tree.companies_fd, company_id + ".json", data, owner)
     return sha256_bytes(data)
 
 
@@ -928,7 +941,7 @@ class FullExport:
                 writer.key(key_type, key_id, xmin, text, md5)
         finally:
             os.close(dir_fd)
-        manifest_sha256 = write_company_meta(tree, company_id, writer.digest, writer.entry_lines, self.owner)
+        manifest_sha256 = writer.meta(tree)
         self.companies[company_id] = {"digest": writer.digest.hexdigest(), "keys": writer.digest.keys, "files": len(writer.entry_lines),
                                       "manifest_sha256": manifest_sha256, "fingerprint": fingerprint}
         self.digests[company_id] = writer.digest.hexdigest()
@@ -1312,8 +1325,7 @@ class Refresher:
                       "snapshot_at": meta["snapshot_at"], "system_identifier": meta["system_identifier"],
                       "companies": len(stats), "keys": sum(s[1] for s in stats), "queries": snapshot.queries,
                       "row_versions_used": fast, "previous_refresh_interrupted": interrupted}
-            if not self.check_mode and (todo or removed or interrupted):
-                self._mark_in_progress(tree, meta)
+            self._marker = None if self.check_mode else (tree, meta)
             snapshot.prepare_diff(fast)
             companies = {}
             todo_ids = {s[0] for s in todo}
@@ -1335,6 +1347,7 @@ class Refresher:
                               digests={c: e["digest"] for c, e in top["companies"].items()})
                 return result
             for company_id in removed:
+                self._ensure_marker()
                 remove_tree_at(root_fd, COMPANY_PREFIX + company_id)
                 unlink_quiet(tree.companies_fd, company_id + ".json")
                 unlink_quiet(tree.lines_fd, company_id + ".lines")
@@ -1368,7 +1381,12 @@ class Refresher:
         except FileNotFoundError:
             return False
 
-    def _mark_in_progress(self, tree, meta):
+    def _ensure_marker(self):
+        """Before the first change to the tree: a durable mark that a refresh is under way."""
+        if self._marker is None:
+            return
+        tree, meta = self._marker
+        self._marker = None
         data = encode_json({"started_at": iso(utc_now()), "pid": os.getpid(), "snapshot_at": meta["snapshot_at"]})
         replace_file(tree.meta_fd, IN_PROGRESS_NAME, data, self.owner, durable=True)
 
@@ -1465,6 +1483,7 @@ class Refresher:
     def _update(self, snapshot, tree, state, edit, company_id, fingerprint, index, strays):
         check_space(self.dest, estimate_tree_bytes(edit.bytes, len(edit.writes), 4096), len(edit.writes),
                     self.params["space_margin"])
+        self._ensure_marker()
         files = state.files
         replaced = {}  # old index -> (entry line, digest line or None to keep)
         inserts = []  # (position, sort key, entry line, digest line)
@@ -1570,6 +1589,7 @@ class Refresher:
             return None
         size, files = snapshot.company_size(company_id)
         check_space(self.dest, estimate_tree_bytes(size, files, 4096), files, self.params["space_margin"])
+        self._ensure_marker()
         name = COMPANY_PREFIX + company_id
         try:
             dir_fd = open_dir(name, tree.root_fd)

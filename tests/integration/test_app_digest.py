@@ -13,12 +13,13 @@ import urllib.request
 
 import pytest
 
+import baileys_auth_export
 from conftest import ROOT
+from module_harness import run_module
 from pgcluster import free_port
 
-from ansible.module_utils import baileys_dr_codec as codec
 from ansible.module_utils import baileys_dr_testdata as testdata
-from ansible.module_utils.baileys_dr_store import company_creds, company_digest, iter_company_keys, list_companies
+from ansible.module_utils.baileys_dr_store import company_digest, list_companies
 
 TAG = "emergency-file-fallback-v1"
 
@@ -108,20 +109,11 @@ def python_digests(db):
     return {company: company_digest(db, company)[0] for company in list_companies(db)}
 
 
-def write_baileys_files(db, sessions):
-    """The database's state as Baileys' useMultiFileAuthState files, with a manifest of original ids."""
-    manifest = {"format": 1, "companies": {}}
-    for company in list_companies(db):
-        directory = sessions / ("company_" + company)
-        directory.mkdir(parents=True)
-        files = {"creds.json": {"type": "creds"}}
-        (directory / "creds.json").write_text(json.dumps(codec.to_base64_form(company_creds(db, company))))
-        for key_type, key_id, value in iter_company_keys(db, company):
-            name = codec.key_file_name(key_type, key_id)
-            (directory / name).write_text(json.dumps(codec.to_base64_form(value), separators=(",", ":")))
-            files[name] = {"type": key_type, "id": key_id}
-        manifest["companies"][company] = {"files": files}
-    (sessions / "manifest.json").write_text(json.dumps(manifest))
+def write_baileys_files(db_params, sessions):
+    """The database's state as Baileys' useMultiFileAuthState files, written by baileys_auth_export (with its manifests)."""
+    ok, result = run_module(baileys_auth_export, dict(db_params, dest=str(sessions), keep_backup=False))
+    assert ok, result.get("msg")
+    return result
 
 
 def test_node_and_python_digests_agree_on_1000_generated_companies(db, db_params, app_repo, run_app):
@@ -135,7 +127,7 @@ def test_node_and_python_digests_agree_on_1000_generated_companies(db, db_params
 
 def test_baileys_reads_the_files_with_the_databases_digests(db, db_params, app_repo, run_app):
     testdata.load(db, "files", 3, 400)
-    write_baileys_files(db, app_repo / "baileys_sessions")
+    write_baileys_files(db_params, app_repo / "baileys_sessions")
     subprocess.run(["git", "checkout", "-q", TAG], cwd=app_repo, check=True)
     app = run_app(app_repo, postgres_env(db_params, use_db="false"))
     status, report = app.health()
@@ -146,7 +138,7 @@ def test_baileys_reads_the_files_with_the_databases_digests(db, db_params, app_r
 
 def test_missing_creds_make_the_application_not_ready_instead_of_fresh_creds(db, db_params, app_repo, run_app):
     testdata.load(db, "files", 2, 20)
-    write_baileys_files(db, app_repo / "baileys_sessions")
+    write_baileys_files(db_params, app_repo / "baileys_sessions")
     creds = app_repo / "baileys_sessions" / "company_company00002" / "creds.json"
     creds.unlink()
     subprocess.run(["git", "checkout", "-q", TAG], cwd=app_repo, check=True)
@@ -159,7 +151,7 @@ def test_missing_creds_make_the_application_not_ready_instead_of_fresh_creds(db,
 
 def test_truncated_creds_make_the_application_not_ready(db, db_params, app_repo, run_app):
     testdata.load(db, "files", 1, 20)
-    write_baileys_files(db, app_repo / "baileys_sessions")
+    write_baileys_files(db_params, app_repo / "baileys_sessions")
     creds = app_repo / "baileys_sessions" / "company_company00001" / "creds.json"
     creds.write_text(creds.read_text()[:40])
     subprocess.run(["git", "checkout", "-q", TAG], cwd=app_repo, check=True)

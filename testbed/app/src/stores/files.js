@@ -5,10 +5,14 @@
 // Per company: creds.json is checked first (exists, parses, is an object):
 // Baileys would otherwise silently start with fresh credentials. Then every
 // "<type>-<name>.json" file is read back through state.keys.get(type, [id]),
-// with the original id from <SESSIONS_DIR>/manifest.json when it maps the
-// file, else the type-aware reverse of fixFileName (reported as guessed).
-// One company is held in memory at a time.
+// with the original id from the company's baileys-dr manifest
+// (<SESSIONS_DIR>/.baileys-dr/companies/<id>.json, listed by the top manifest
+// <SESSIONS_DIR>/.baileys-dr/manifest.json; docs/architecture.md) or, for
+// older trees, from <SESSIONS_DIR>/manifest.json when it maps the file, else
+// the type-aware reverse of fixFileName (reported as guessed).
+// One company (and one company manifest) is held in memory at a time.
 
+const crypto = require('node:crypto');
 const fsp = require('node:fs/promises');
 const path = require('node:path');
 const digestLib = require('../digest');
@@ -47,6 +51,52 @@ async function readManifest(sessionsDir, warnings) {
     return {};
   }
   return manifest.companies;
+}
+
+/** The companies of <SESSIONS_DIR>/.baileys-dr/manifest.json (format 1), or null without one. */
+async function readTreeManifest(sessionsDir, warnings) {
+  let text;
+  try {
+    text = await fsp.readFile(path.join(sessionsDir, '.baileys-dr', 'manifest.json'), 'utf8');
+  } catch (error) {
+    if (error.code !== 'ENOENT') warnings.push(`.baileys-dr/manifest.json unreadable (${error.code || error.message})`);
+    return null;
+  }
+  try {
+    const manifest = JSON.parse(text);
+    if (manifest && manifest.format === 1 && manifest.companies !== null && typeof manifest.companies === 'object') return manifest.companies;
+  } catch (error) {
+    warnings.push(`.baileys-dr/manifest.json is not JSON (${error.message})`);
+    return null;
+  }
+  warnings.push('.baileys-dr/manifest.json has an unknown format (expected {"format": 1, "companies": {...}})');
+  return null;
+}
+
+/** The files of one company's manifest (.baileys-dr/companies/<id>.json), or null. */
+async function readCompanyManifest(sessionsDir, companyId, listed, warnings) {
+  let data;
+  try {
+    data = await fsp.readFile(path.join(sessionsDir, '.baileys-dr', 'companies', `${companyId}.json`));
+  } catch (error) {
+    if (error.code !== 'ENOENT' || listed) {
+      warnings.push(`company ${companyId}: its manifest is unreadable (${error.code || error.message}): ids will be guessed`);
+    }
+    return null;
+  }
+  if (listed && typeof listed.manifest_sha256 === 'string' &&
+      crypto.createHash('sha256').update(data).digest('hex') !== listed.manifest_sha256) {
+    warnings.push(`company ${companyId}: its manifest does not match the top manifest (tree not verified)`);
+  }
+  try {
+    const manifest = JSON.parse(data.toString('utf8'));
+    if (manifest && manifest.company_id === companyId && manifest.files !== null && typeof manifest.files === 'object') return manifest.files;
+  } catch (error) {
+    warnings.push(`company ${companyId}: its manifest is not JSON (${error.message}): ids will be guessed`);
+    return null;
+  }
+  warnings.push(`company ${companyId}: its manifest has an unknown format: ids will be guessed`);
+  return null;
 }
 
 /** A value still holding the byte-array Buffer form was not revived by Baileys (>= 7.0.0-rc.4 revives base64 only). */
@@ -189,6 +239,7 @@ async function load(config, ctx = {}) {
     return result;
   }
   const baileys = await loadBaileys();
+  const treeManifest = await readTreeManifest(sessionsDir, result.warnings);
   const manifest = await readManifest(sessionsDir, result.warnings);
   const dirents = await fsp.readdir(sessionsDir, { withFileTypes: true });
   const companyDirs = dirents
@@ -208,8 +259,10 @@ async function load(config, ctx = {}) {
       result.errors.push(`company ${companyId}: ${name} is not a directory`);
       continue;
     }
+    const listed = treeManifest && Object.prototype.hasOwnProperty.call(treeManifest, companyId) ? treeManifest[companyId] : null;
     const manifestCompany = Object.prototype.hasOwnProperty.call(manifest, companyId) ? manifest[companyId] : null;
-    const manifestFiles = manifestCompany && typeof manifestCompany.files === 'object' ? manifestCompany.files : null;
+    const manifestFiles = (await readCompanyManifest(sessionsDir, companyId, listed, result.warnings)) ||
+      (manifestCompany && typeof manifestCompany.files === 'object' ? manifestCompany.files : null);
     try {
       await readCompany(baileys, companyId, dir, manifestFiles, result);
     } catch (error) {
@@ -221,4 +274,4 @@ async function load(config, ctx = {}) {
   return result;
 }
 
-module.exports = { name: 'files', load, loadBaileys, checkCreds, readManifest };
+module.exports = { name: 'files', load, loadBaileys, checkCreds, readManifest, readTreeManifest, readCompanyManifest };

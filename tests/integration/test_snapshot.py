@@ -1,0 +1,270 @@
+"""baileys_auth_export, mode=standby: the incremental refresh of a standby tree, against the throwaway cluster."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+
+import pytest
+
+import baileys_auth_export
+from module_harness import run_module
+
+from ansible.module_utils import baileys_dr_testdata as testdata
+from ansible.module_utils.baileys_dr_sessions import IN_PROGRESS_NAME, verify_tree
+from ansible.module_utils.baileys_dr_store import company_digest, list_companies
+
+
+def database_digests(db):
+    digests = {company: company_digest(db, company)[0] for company in list_companies(db)}
+    db.rollback()
+    return digests
+
+
+def execute(db, *statements):
+    with db.cursor() as cur:
+        for statement in statements:
+            if isinstance(statement, tuple):
+                cur.execute(*statement)
+            else:
+                cur.execute(statement)
+    db.commit()
+
+
+def listing(path):
+    found = {}
+    for directory, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = os.path.join(directory, name)
+            info = os.lstat(full)
+            found[os.path.relpath(full, path)] = (info.st_size, info.st_mtime_ns, info.st_ino)
+    return found
+
+
+@pytest.fixture
+def standby_dir(tmp_path):
+    root = tmp_path / "srv" / "baileys-app"
+    root.mkdir(parents=True)
+    return root / "baileys_sessions.standby"
+
+
+@pytest.fixture
+def refresh(db_params, standby_dir):
+    def run(check_mode=False, **args):
+        params = dict(db_params, dest=str(standby_dir), mode="standby")
+        params.update(args)
+        ok, result = run_module(baileys_auth_export, params, check_mode=check_mode)
+        return ok, result
+    return run
+
+
+@pytest.fixture
+def built(db, refresh, standby_dir):
+    testdata.load(db, "standby", 3, 150)
+    ok, result = refresh()
+    assert ok and result["initial_build"] and result["changed"], result.get("msg")
+    return result
+
+
+def assert_verified_equal_to_database(db, standby_dir):
+    checked = verify_tree(str(standby_dir), recompute_digests=True)
+    assert checked["verified"], checked["problems"][:5]
+    assert checked["digests"] == database_digests(db)
+    return checked
+
+
+def test_the_first_run_builds_the_whole_standby_tree(db, built, standby_dir):
+    assert built["files"] == 453 and built["generation"] == 1 and built["last_good_refresh"]
+    assert (standby_dir / ".baileys-dr" / "digest-lines" / "company00001.lines").is_file()
+    assert_verified_equal_to_database(db, standby_dir)
+
+
+def test_a_refresh_writes_only_what_changed(db, built, refresh, standby_dir):
+    execute(db,
+            "UPDATE whatsapp_keys SET value = '{\"v\": 2}' WHERE company_id = 'company00001' AND key_type = 'session' "
+            "AND key_id IN (SELECT key_id FROM whatsapp_keys WHERE company_id = 'company00001' AND key_type = 'session' ORDER BY 1 LIMIT 5)",
+            "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES "
+            "('company00002', 'pre-key', '90001', '{\"k\": {\"type\": \"Buffer\", \"data\": [1, 2]}}'), "
+            "('company00002', 'app-state-sync-key', 'AAAA/new', '{\"keyData\": \"AQID\", \"timestamp\": \"5\"}'), "
+            "('company00002', 'sender-key', '1203@g.us::49::0', '[]')",
+            "DELETE FROM whatsapp_keys WHERE company_id = 'company00003' AND key_type = 'pre-key' AND key_id IN ('1', '2')",
+            "UPDATE whatsapp_auth SET creds = creds || '{\"accountSyncCounter\": 42}' WHERE company_id = 'company00003'")
+    unchanged = standby_dir / "company_company00001" / "pre-key-3.json"
+    before = os.lstat(unchanged)
+    ok, result = refresh()
+    assert ok, result.get("msg")
+    assert result["changed"] and result["generation"] == 2 and result["row_versions_used"]
+    assert result["files_written"] == 5 + 3 + 1 and result["files_deleted"] == 2
+    assert result["companies_refreshed"] == 3 and result["companies_rebuilt"] == 0
+    after = os.lstat(unchanged)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "unchanged files are not rewritten"
+    assert not (standby_dir / "company_company00003" / "pre-key-1.json").exists()
+    assert json.loads((standby_dir / "company_company00002" / "pre-key-90001.json").read_text()) == {"k": {"type": "Buffer", "data": "AQI="}}
+    assert_verified_equal_to_database(db, standby_dir)
+
+
+def test_a_refresh_skips_unchanged_companies(db, built, refresh):
+    execute(db, "UPDATE whatsapp_keys SET value = '{}' WHERE company_id = 'company00002' AND key_type = 'tctoken'")
+    ok, result = refresh()
+    assert ok and result["companies_skipped"] == 2 and result["companies_refreshed"] == 1
+
+
+def test_a_refresh_without_change_writes_no_session_file_but_records_the_refresh(db, built, refresh, standby_dir):
+    before = listing(standby_dir)
+    ok, result = refresh()
+    assert ok and result["changed"] is False and result["generation"] == 1
+    assert result["companies_skipped"] == 3 and result["files_written"] == 0
+    assert result["last_good_refresh"] > built["last_good_refresh"] and result["age_seconds"] == 0
+    after = listing(standby_dir)
+    top = (".baileys-dr", ".baileys-dr/manifest.json")  # the top manifest is replaced (a rename in .baileys-dr)
+    assert {k: v for k, v in after.items() if k not in top} == {k: v for k, v in before.items() if k not in top}
+
+
+def test_an_upsert_of_the_same_value_rewrites_no_file(db, built, refresh):
+    execute(db, "UPDATE whatsapp_keys SET value = value WHERE company_id = 'company00001' AND key_type = 'pre-key'")
+    ok, result = refresh()
+    assert ok and result["files_written"] == 0 and result["rows_unchanged_content"] > 0 and result["changed"] is False
+
+
+def test_check_mode_counts_files_to_write_and_delete_and_writes_nothing(db, built, refresh, standby_dir):
+    execute(db, "UPDATE whatsapp_keys SET value = '{\"v\": 3}' WHERE company_id = 'company00001' AND key_type = 'device-list'",
+            "DELETE FROM whatsapp_keys WHERE company_id = 'company00002' AND key_type = 'pre-key' AND key_id = '3'",
+            "UPDATE whatsapp_keys SET value = value WHERE company_id = 'company00003'")
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM whatsapp_keys WHERE company_id = 'company00001' AND key_type = 'device-list'")
+        device_lists = cur.fetchone()[0]
+    db.rollback()
+    before = listing(standby_dir.parent)
+    ok, result = refresh(check_mode=True)
+    assert ok and result["changed"]
+    assert result["would_change"]["files_to_write"] == device_lists
+    assert result["would_change"]["files_to_delete"] == 1
+    assert listing(standby_dir.parent) == before
+
+
+def test_companies_deleted_or_added_in_the_database_follow(db, built, refresh, standby_dir):
+    execute(db, "DELETE FROM whatsapp_keys WHERE company_id = 'company00003'", "DELETE FROM whatsapp_auth WHERE company_id = 'company00003'")
+    testdata.load(db, "standby", 1, 40, first=4)
+    ok, result = refresh()
+    assert ok and result["companies_removed"] == 1 and result["companies_added"] == 1
+    assert not (standby_dir / "company_company00003").exists()
+    assert not (standby_dir / ".baileys-dr" / "companies" / "company00003.json").exists()
+    assert_verified_equal_to_database(db, standby_dir)
+
+
+def test_after_a_server_restart_rows_are_compared_by_md5(db, built, refresh, standby_dir):
+    """Row versions from another server lifetime are not trusted: md5(value::text) decides, with the same result."""
+    top_path = standby_dir / ".baileys-dr" / "manifest.json"
+    top = json.loads(top_path.read_text())
+    top["source"]["postmaster_start_time"] = "2000-01-01T00:00:00Z"
+    top_path.write_text(json.dumps(top))
+    execute(db, "UPDATE whatsapp_keys SET value = '{\"v\": 4}' WHERE company_id = 'company00002' AND key_type = 'tctoken'")
+    ok, result = refresh()
+    assert ok and result["row_versions_used"] is False and result["companies_refreshed"] == 3
+    assert result["files_written"] > 0
+    assert_verified_equal_to_database(db, standby_dir)
+    ok, again = refresh()
+    assert ok and again["row_versions_used"] and again["companies_skipped"] == 3
+
+
+@pytest.mark.parametrize("point", ["before_company_manifest:2", "before_manifest"])
+def test_an_interrupted_refresh_is_detected_and_the_next_refresh_repairs_it(db, built, refresh, standby_dir, monkeypatch, point):
+    execute(db, "UPDATE whatsapp_keys SET value = '{\"v\": 5}' WHERE key_type IN ('session', 'tctoken')",
+            "DELETE FROM whatsapp_keys WHERE key_type = 'pre-key' AND key_id = '4'")
+    monkeypatch.setenv("BAILEYS_DR_TEST_FAIL_AT", point)
+    ok, result = refresh()
+    assert not ok and point in result["msg"]
+    checked = verify_tree(str(standby_dir))
+    assert not checked["verified"]
+    assert any("interrupted" in p for p in checked["problems"])
+    assert any("company00001" in p or "company00002" in p for p in checked["problems"]), checked["problems"]
+    monkeypatch.delenv("BAILEYS_DR_TEST_FAIL_AT")
+    ok, result = refresh()
+    assert ok and result["previous_refresh_interrupted"] and result["changed"]
+    assert not (standby_dir / ".baileys-dr" / IN_PROGRESS_NAME).exists()
+    assert_verified_equal_to_database(db, standby_dir)
+
+
+def test_an_orphan_file_left_by_an_interrupted_refresh_is_removed(db, built, refresh, standby_dir, monkeypatch):
+    execute(db, "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES ('company00001', 'pre-key', '777', '{}')")
+    monkeypatch.setenv("BAILEYS_DR_TEST_FAIL_AT", "before_company_manifest:1")
+    ok, _ = refresh()
+    assert not ok and (standby_dir / "company_company00001" / "pre-key-777.json").exists()
+    monkeypatch.delenv("BAILEYS_DR_TEST_FAIL_AT")
+    execute(db, "DELETE FROM whatsapp_keys WHERE key_id = '777'")
+    ok, result = refresh()
+    assert ok and not (standby_dir / "company_company00001" / "pre-key-777.json").exists()
+    assert_verified_equal_to_database(db, standby_dir)
+
+
+def test_a_hostile_new_row_is_refused_and_nothing_is_written(db, built, refresh, standby_dir):
+    execute(db, "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES "
+                "('company00001', 'session', 'x:1.0', '{}'), ('company00001', 'session', 'x-1.0', '{}')")
+    before = listing(standby_dir.parent)
+    ok, result = refresh()
+    assert not ok and "'x:1.0'" in result["msg"] and "'x-1.0'" in result["msg"] and "company00001" in result["msg"]
+    assert listing(standby_dir.parent) == before
+    assert verify_tree(str(standby_dir))["verified"], "the previous generation is intact"
+    execute(db, "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES ('company00002', 'session', E'a\\nb', '{}')")
+    ok, result = refresh()
+    assert not ok and "'a\\nb'" in result["msg"]
+    assert listing(standby_dir.parent) == before
+
+
+def test_symbolic_links_planted_in_the_standby_are_not_followed(db, built, refresh, standby_dir, tmp_path):
+    outside = tmp_path / "outside.json"
+    outside.write_text("precious")
+    target = standby_dir / "company_company00001" / "pre-key-1.json"
+    target.unlink()
+    os.symlink(outside, target)
+    execute(db, "UPDATE whatsapp_keys SET value = '{\"v\": 6}' WHERE company_id = 'company00001' AND key_type = 'pre-key' AND key_id = '1'")
+    ok, result = refresh()
+    assert ok, result.get("msg")
+    assert outside.read_text() == "precious" and not target.is_symlink()
+    assert_verified_equal_to_database(db, standby_dir)
+    elsewhere = tmp_path / "elsewhere"
+    os.rename(standby_dir / "company_company00002", elsewhere)
+    os.symlink(elsewhere, standby_dir / "company_company00002")
+    execute(db, "UPDATE whatsapp_keys SET value = '{\"v\": 7}' WHERE company_id = 'company00002' AND key_type = 'pre-key'")
+    before = listing(elsewhere)
+    ok, result = refresh()
+    assert not ok and "symbolic link" in result["msg"]
+    assert listing(elsewhere) == before
+
+
+def test_standby_files_are_0600_and_directories_0700(db, built, refresh, standby_dir):
+    execute(db, "UPDATE whatsapp_keys SET value = '{}' WHERE company_id = 'company00001' AND key_type = 'session'")
+    refresh()
+    checked = verify_tree(str(standby_dir))
+    assert checked["verified"] and checked["permissions"] == []
+
+
+def test_archives_are_written_verified_and_rotated(db, built, refresh, tmp_path):
+    archive_dir = tmp_path / "archives"
+    archive_dir.mkdir()
+    written = []
+    for round_ in range(3):
+        execute(db, ("UPDATE whatsapp_keys SET value = %s WHERE company_id = 'company00001' AND key_type = 'tctoken'",
+                     (json.dumps({"round": round_}),)))
+        ok, result = refresh(archive_dir=str(archive_dir), archive_keep=2, archive_every=0)
+        assert ok and result["archive"], result.get("msg")
+        written.append(result["archive"])
+    names = sorted(os.listdir(archive_dir))
+    assert len(names) == 4 and all(n.endswith((".jsonl.gz", ".jsonl.gz.sha256")) for n in names)
+    assert set(result["archives"]) == set(written[-2:]) or len(result["archives"]) == 2
+    newest = result["archive"]
+    digest, name = open(newest + ".sha256").read().split()
+    assert name == os.path.basename(newest) and hashlib.sha256(open(newest, "rb").read()).hexdigest() == digest
+    with gzip.open(newest, "rt", encoding="utf-8") as fh:
+        header = json.loads(fh.readline())
+        lines = [json.loads(line) for line in fh]
+    assert header["kind"] == "baileys-dr-sessions-archive" and header["manifest"]["generation"] == result["generation"]
+    assert len(lines) == header["manifest"]["counts"]["files"]
+    creds = [line for line in lines if line["company"] == "company00002" and line["name"] == "creds.json"][0]
+    assert creds["type"] == "creds" and "id" not in creds
+    assert json.loads(creds["content"]) == json.loads((tmp_path / "srv" / "baileys-app" / "baileys_sessions.standby" /
+                                                       "company_company00002" / "creds.json").read_text())
+    ok, result = refresh(archive_dir=str(archive_dir), archive_keep=2, archive_every=3600)
+    assert ok and result["archive"] is None, "not due yet"

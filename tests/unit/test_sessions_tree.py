@@ -1,0 +1,372 @@
+"""The sessions tree without a database: hostile ids, file names, manifests, digest input, verification."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+import baileys_sessions_verify
+from module_harness import run_module
+
+from ansible.module_utils import baileys_dr_codec as codec
+from ansible.module_utils import baileys_dr_sessions as sessions
+from ansible.module_utils import baileys_dr_testdata as testdata
+from ansible.module_utils.baileys_dr_sessions import HostileInputError
+
+
+# -- hostile input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("company_id", ["../evil", "a/b", "", "x" * 51, "has space", "new\nline", "é", ".", "a.b"])
+def test_company_ids_outside_the_applications_pattern_are_refused(company_id):
+    with pytest.raises(HostileInputError) as err:
+        sessions.check_company_id(company_id)
+    assert repr(company_id) in str(err.value)
+
+
+@pytest.mark.parametrize("company_id", ["company00001", "A-b_9", "x" * 50])
+def test_company_ids_of_the_application_are_accepted(company_id):
+    assert sessions.check_company_id(company_id) == company_id
+
+
+def test_unknown_key_types_are_refused_naming_company_type_and_id():
+    with pytest.raises(sessions.UnknownKeyTypeError) as err:
+        sessions.checked_key_file_name("c1", "evil-type", "k1")
+    assert "c1" in str(err.value) and "'evil-type'" in str(err.value) and "'k1'" in str(err.value)
+
+
+@pytest.mark.parametrize("key_id", ["a\x00b", "a\nb", "a\rb", "\x1b[31m", "tab\there", "c1\x85"])
+def test_key_ids_with_control_characters_are_refused_and_shown_escaped(key_id):
+    with pytest.raises(HostileInputError) as err:
+        sessions.checked_key_file_name("c1", "session", key_id)
+    message = str(err.value)
+    assert repr(key_id) in message and "control" in message
+    assert not any(ch in message for ch in "\x00\n\r\x1b\x85"), "control characters must be visible, not raw"
+
+
+@pytest.mark.parametrize("key_id", [".", ".."])
+def test_dot_ids_are_refused(key_id):
+    with pytest.raises(HostileInputError):
+        sessions.checked_key_file_name("c1", "pre-key", key_id)
+
+
+def test_ids_whose_file_name_exceeds_255_bytes_are_refused():
+    ok = "é" * 116  # 232 bytes + "session-" + ".json" = 245
+    assert len(sessions.checked_key_file_name("c1", "session", ok).encode()) <= 255
+    with pytest.raises(HostileInputError) as err:
+        sessions.checked_key_file_name("c1", "session", "é" * 125)
+    assert "bytes" in str(err.value)
+
+
+@pytest.mark.parametrize("key_id, name", [
+    ("../x", "pre-key-..__x.json"),
+    ("/etc/passwd", "pre-key-__etc__passwd.json"),
+    ("120363@g.us::4917::2", "pre-key-120363@g.us--4917--2.json"),
+])
+def test_slashes_and_colons_stay_inside_the_company_directory(key_id, name):
+    assert sessions.checked_key_file_name("c1", "pre-key", key_id) == name
+    assert "/" not in name
+
+
+def test_ids_becoming_the_same_file_name_both_ids_and_are_refused():
+    writer = sessions.CompanyWriter("c1", None, None, "fail", False)
+    assert writer.name_of("session", "a:b") == "session-a-b.json"
+    with pytest.raises(HostileInputError) as err:
+        writer.name_of("session", "a-b")
+    message = str(err.value)
+    assert "c1" in message and "'a:b'" in message and "'a-b'" in message and "session" in message
+
+
+def test_a_sender_key_id_can_collide_with_a_sender_key_memory_file():
+    writer = sessions.CompanyWriter("c1", None, None, "fail", False)
+    writer.name_of("sender-key-memory", "123@g.us")
+    with pytest.raises(HostileInputError) as err:
+        writer.name_of("sender-key", "memory-123@g.us")
+    assert "sender-key-memory" in str(err.value) and "'memory-123@g.us'" in str(err.value)
+
+
+def test_unknown_types_can_be_skipped_and_are_counted():
+    writer = sessions.CompanyWriter("c1", None, None, "skip", False)
+    assert writer.name_of("future-type", "x") is None
+    assert writer.skipped == 1 and writer.skipped_types == {"future-type"}
+
+
+def test_the_server_side_precheck_matches_the_python_rules():
+    """The SQL pre-check flags what checked_key_file_name refuses (types, control characters, dots, length)."""
+    sql = sessions.hostile_rows_sql("", "fail")
+    assert r"[\x01-\x1f\x7f-\x9f]" in sql and "'.', '..'" in sql and "> 255" in sql and "<> ALL" in sql
+    assert "= ANY" in sessions.hostile_rows_sql("company_id = ANY(%(ids)s)", "skip")
+
+
+# -- file contents and the digest ----------------------------------------------------------------------
+
+
+def test_files_hold_buffers_in_baileys_base64_form_whichever_form_the_row_holds():
+    value = {"private": {"type": "Buffer", "data": [1, 2, 3]}, "public": {"type": "Buffer", "data": "AQID"}}
+    data = json.loads(sessions.file_content(value))
+    assert data == {"private": {"type": "Buffer", "data": "AQID"}, "public": {"type": "Buffer", "data": "AQID"}}
+    assert b" " not in sessions.file_content(value)
+
+
+def test_app_state_sync_key_values_are_written_as_stored():
+    value = {"keyData": "AQID", "timestamp": "1700000000000", "fingerprint": {"rawId": 1}}
+    assert json.loads(sessions.file_content(value)) == value
+
+
+def test_digest_lines_give_the_state_digest_of_the_codec():
+    gen = next(testdata.generate("unit", 1, 120))
+    creds = gen.creds()
+    keys = sorted(((t, i, v) for t, i, v, *_ in gen.key_rows()), key=lambda k: codec.sort_key(k[0], k[1]))
+    digest = sessions.DigestLines(sessions.creds_line(creds), keep=True)
+    for key_type, key_id, value in keys:
+        digest.add(key_type, key_id, sessions.key_line(key_type, key_id, value))
+    assert digest.hexdigest() == codec.state_digest(creds, keys)
+    assert hashlib.sha256(digest.data()).hexdigest() == digest.hexdigest(), "the digest lines file is the digest's input"
+
+
+def test_digest_lines_refuse_keys_out_of_order():
+    digest = sessions.DigestLines(sessions.creds_line(None))
+    digest.add("session", "b", b"x\n")
+    with pytest.raises(sessions.SessionsError):
+        digest.add("session", "a", b"y\n")
+
+
+# -- company manifests ------------------------------------------------------------------------------
+
+
+def rows_of(company_rows):
+    """(type, id, xmin, value text, md5) rows as the database returns them, in digest order."""
+    out = []
+    for key_type, key_id, value in sorted(company_rows, key=lambda r: codec.sort_key(r[0], r[1])):
+        text = json.dumps(value)
+        out.append((key_type, key_id, "7", text, hashlib.md5(text.encode()).hexdigest()))
+    return out
+
+
+def creds_row(creds):
+    text = json.dumps(creds)
+    return ("5", text, hashlib.md5(text.encode()).hexdigest())
+
+
+def build_tree(root, companies, lines=True):
+    """A sessions tree written with the exporter's own writers (no database): {company: (creds, [(type, id, value)])}."""
+    os.umask(0o077)
+    os.mkdir(root, 0o700)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    tree = sessions.TreeMeta(root_fd).open(create=True, lines=lines)
+    entries = {}
+    try:
+        for company_id, (creds, keys) in companies.items():
+            dir_fd = sessions.make_dir(root_fd, "company_" + company_id)
+            writer = sessions.CompanyWriter(company_id, dir_fd, None, "fail", lines)
+            writer.creds(creds_row(creds) if creds is not None else None)
+            for row in rows_of(keys):
+                writer.key(*row)
+            os.close(dir_fd)
+            sha = sessions.write_company_meta(tree, company_id, writer.digest, writer.entry_lines, None)
+            entries[company_id] = {"digest": writer.digest.hexdigest(), "keys": writer.digest.keys,
+                                   "files": len(writer.entry_lines), "manifest_sha256": sha, "fingerprint": "x"}
+        now = sessions.iso(sessions.utc_now())
+        top = sessions.top_manifest_document(1, {"kind": "postgres", "target": "t", "system_identifier": "1"}, entries, now, now, "live")
+        with open(os.path.join(root, ".baileys-dr", "manifest.json"), "wb") as fh:
+            fh.write(sessions.encode_json(top))
+    finally:
+        tree.close()
+        os.close(root_fd)
+    return root
+
+
+CREDS = {"registrationId": 7, "noiseKey": {"private": {"type": "Buffer", "data": [1, 2]}, "public": {"type": "Buffer", "data": "AwQ="}}}
+KEYS = [
+    ("pre-key", "1", {"private": {"type": "Buffer", "data": [9, 9]}, "public": {"type": "Buffer", "data": "CQk="}}),
+    ("session", "4917.0", {"_sessions": {}, "version": "v1"}),
+    ("app-state-sync-key", "AAAA/Bx=", {"keyData": "AQID", "timestamp": "1700000000000"}),
+    ("sender-key", "120363@g.us::4917::0", [{"senderKeyId": 1}]),
+]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return build_tree(str(tmp_path / "baileys_sessions"), {"c1": (CREDS, KEYS), "c2": (None, KEYS[:1])})
+
+
+def test_company_manifest_is_json_with_one_file_per_line_and_original_ids(tree):
+    path = os.path.join(tree, ".baileys-dr", "companies", "c1.json")
+    data = open(path, "rb").read()
+    document = json.loads(data)
+    assert document["company_id"] == "c1" and document["keys"] == 4
+    assert document["files"]["app-state-sync-key-AAAA__Bx=.json"]["id"] == "AAAA/Bx="
+    assert document["files"]["sender-key-120363@g.us--4917--0.json"]["id"] == "120363@g.us::4917::0"
+    assert document["files"]["creds.json"] == dict(document["files"]["creds.json"], type="creds")
+    assert len(data.split(b"\n")) == len(document["files"]) + 3
+    content = open(os.path.join(tree, "company_c1", "pre-key-1.json"), "rb").read()
+    assert document["files"]["pre-key-1.json"]["sha256"] == hashlib.sha256(content).hexdigest()
+
+
+def test_company_state_reads_back_what_was_written(tree):
+    manifest = open(os.path.join(tree, ".baileys-dr", "companies", "c1.json"), "rb").read()
+    lines = open(os.path.join(tree, ".baileys-dr", "digest-lines", "c1.lines"), "rb").read()
+    state = sessions.CompanyState("c1", manifest, lines)
+    assert state.has_creds and len(state.key_names) == 4 and len(state.key_lines) == 4
+    assert [state.files[n]["id"] for n in state.key_names] == [k[1] for k in sorted(KEYS, key=lambda k: codec.sort_key(k[0], k[1]))]
+    with pytest.raises(sessions.ManifestError):
+        sessions.CompanyState("c1", manifest, lines + b"[\"x\"]\n")
+    with pytest.raises(sessions.ManifestError):
+        sessions.CompanyState("c1", json.dumps(json.loads(manifest)).encode(), lines)
+
+
+def test_splicing_a_company_gives_the_digest_of_a_fresh_write(tree, tmp_path):
+    """Insert, replace and delete by splicing lines equals writing the new state from scratch."""
+    manifest = open(os.path.join(tree, ".baileys-dr", "companies", "c1.json"), "rb").read()
+    lines = open(os.path.join(tree, ".baileys-dr", "digest-lines", "c1.lines"), "rb").read()
+    state = sessions.CompanyState("c1", manifest, lines)
+    new_keys = [KEYS[0], ("session", "4917.0", {"_sessions": {"x": 1}, "version": "v2"}), KEYS[3],
+                ("identity-key", "4917.1", {"type": "Buffer", "data": [5]}), ("pre-key", "0", {"a": 1})]
+    index = {state.files[n]["id"]: i for i, n in enumerate(state.key_names)}
+    replaced = {index["4917.0"]: (b"E", sessions.key_line("session", "4917.0", new_keys[1][2]))}
+    removed = {index["AAAA/Bx="]}
+    inserts = []
+    for key_type, key_id, value in (new_keys[3], new_keys[4]):
+        inserts.append((state.position_of(key_type, key_id), codec.sort_key(key_type, key_id), b"E",
+                        sessions.key_line(key_type, key_id, value)))
+    _entries, key_lines = sessions.Refresher._splice(state, replaced, removed, inserts)
+    digest = hashlib.sha256(b"".join([sessions.HEADER_LINE, state.creds_line] + key_lines)).hexdigest()
+    assert digest == codec.state_digest(CREDS, new_keys)
+
+
+def test_top_manifest_validation_refuses_foreign_documents():
+    for document in ({}, {"format": 2, "kind": sessions.KIND, "companies": {}, "generation": 1},
+                     {"format": 1, "kind": sessions.KIND, "companies": {"../x": {}}, "generation": 1},
+                     {"format": 1, "kind": sessions.KIND, "companies": {"c": {"digest": "d"}}, "generation": 1}):
+        with pytest.raises(sessions.ManifestError):
+            sessions.validate_top_manifest(document)
+
+
+# -- verification ---------------------------------------------------------------------------------
+
+
+def verify(path, **kwargs):
+    return sessions.verify_tree(path, **kwargs)
+
+
+def test_an_intact_tree_verifies_and_its_digests_recompute_from_the_files(tree):
+    result = verify(tree, recompute_digests=True)
+    assert result["verified"], result["problems"]
+    assert result["digests"]["c1"] == codec.state_digest(CREDS, KEYS)
+    assert result["digests"]["c2"] == codec.state_digest(None, KEYS[:1])
+    assert result["counts"]["files"] == 6 and result["counts"]["keys"] == 5
+    assert result["generation"] == 1 and result["source"]["system_identifier"] == "1"
+
+
+def test_a_modified_file_is_named(tree):
+    with open(os.path.join(tree, "company_c1", "pre-key-1.json"), "a") as fh:
+        fh.write(" ")
+    result = verify(tree)
+    assert not result["verified"]
+    assert any("c1" in p and "pre-key-1.json" in p for p in result["problems"])
+    assert result["counts"]["mismatched_files"] == 1
+
+
+def test_a_missing_file_is_named(tree):
+    os.unlink(os.path.join(tree, "company_c1", "creds.json"))
+    result = verify(tree)
+    assert not result["verified"] and any("creds.json is missing" in p for p in result["problems"])
+
+
+def test_extra_files_and_directories_are_reported_and_allowed_on_request(tree):
+    open(os.path.join(tree, "company_c1", "pre-key-99.json"), "w").write("{}")
+    os.mkdir(os.path.join(tree, "company_c3"))
+    result = verify(tree)
+    assert not result["verified"]
+    assert result["extra_files"] == ["company_c1/pre-key-99.json"] and result["extra_companies"] == ["company_c3"]
+    allowed = verify(tree, allow_extra=True)
+    assert allowed["verified"] and allowed["extra_files"] == ["company_c1/pre-key-99.json"]
+
+
+def test_symbolic_links_are_refused_anywhere(tree, tmp_path):
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    target = os.path.join(tree, "company_c1", "pre-key-1.json")
+    os.unlink(target)
+    os.symlink(outside, target)
+    result = verify(tree)
+    assert not result["verified"] and any("symbolic link" in p for p in result["problems"])
+    link = str(tmp_path / "link")
+    os.symlink(tree, link)
+    assert any("symbolic link" in p for p in verify(link)["problems"])
+
+
+def test_a_half_refreshed_company_is_detected(tree):
+    """A company manifest rewritten without the top manifest: its sha256 no longer matches."""
+    path = os.path.join(tree, ".baileys-dr", "companies", "c2.json")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data.replace(b'"keys":1', b'"keys":2'))
+    result = verify(tree)
+    assert not result["verified"] and any("c2" in p and "half-refreshed" in p for p in result["problems"])
+
+
+def test_an_interrupted_refresh_marker_fails_verification(tree):
+    open(os.path.join(tree, ".baileys-dr", sessions.IN_PROGRESS_NAME), "w").write("{}")
+    result = verify(tree)
+    assert not result["verified"] and any("interrupted" in p for p in result["problems"])
+
+
+@pytest.mark.parametrize("content", [None, b"{", b'{"format": 1}'])
+def test_a_missing_or_unusable_top_manifest_fails_verification(tree, content):
+    path = os.path.join(tree, ".baileys-dr", "manifest.json")
+    if content is None:
+        os.unlink(path)
+    else:
+        open(path, "wb").write(content)
+    result = verify(tree)
+    assert not result["verified"] and "manifest.json" in result["problems"][0]
+
+
+def test_wide_permissions_are_reported_without_failing(tree):
+    os.chmod(os.path.join(tree, "company_c1", "pre-key-1.json"), 0o644)
+    result = verify(tree)
+    assert result["verified"]
+    assert result["permissions"] == ["company_c1/pre-key-1.json has mode 0644 (expected 0600)"]
+
+
+def test_recomputing_catches_a_file_whose_manifest_entry_was_forged_to_match(tree):
+    """sha256 and size rewritten to the new bytes: only the digest shows the change."""
+    name = "session-4917.0.json"
+    data = json.dumps({"_sessions": {}, "version": "forged"}).encode()
+    open(os.path.join(tree, "company_c1", name), "wb").write(data)
+    companies = os.path.join(tree, ".baileys-dr", "companies", "c1.json")
+    document = json.loads(open(companies, "rb").read())
+    document["files"][name].update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    manifest = json.dumps(document).encode()
+    open(companies, "wb").write(manifest)
+    top_path = os.path.join(tree, ".baileys-dr", "manifest.json")
+    top = json.loads(open(top_path).read())
+    top["companies"]["c1"]["manifest_sha256"] = hashlib.sha256(manifest).hexdigest()
+    open(top_path, "w").write(json.dumps(top))
+    assert verify(tree)["verified"]
+    result = verify(tree, recompute_digests=True)
+    assert not result["verified"] and any("c1" in p and "digest" in p for p in result["problems"])
+
+
+def test_the_verify_module_fails_unless_told_not_to_and_checks_age(tree):
+    os.unlink(os.path.join(tree, "company_c2", "pre-key-1.json"))
+    ok, result = run_module(baileys_sessions_verify, dict(path=tree))
+    assert not ok and "does not verify" in result["msg"] and result["verified"] is False
+    ok, result = run_module(baileys_sessions_verify, dict(path=tree, fail_on_problems=False), check_mode=True)
+    assert ok and not result["changed"] and result["problem_count"] == 1
+    os.unlink(os.path.join(tree, ".baileys-dr", "manifest.json"))
+    ok, result = run_module(baileys_sessions_verify, dict(path=tree, fail_on_problems=False))
+    assert ok and result["verified"] is False
+
+
+def test_the_verify_module_rejects_a_stale_tree(tree):
+    top_path = os.path.join(tree, ".baileys-dr", "manifest.json")
+    top = json.loads(open(top_path).read())
+    top["last_good_refresh"] = "2000-01-01T00:00:00Z"
+    open(top_path, "w").write(json.dumps(top))
+    ok, result = run_module(baileys_sessions_verify, dict(path=tree, max_age=900, fail_on_problems=False))
+    assert ok and not result["verified"] and result["age_seconds"] > 900
+    assert any("max_age" in p for p in result["problems"])
