@@ -77,10 +77,11 @@ def change_rows(percent, spread, seed=None):
             where = "WHERE company_id IN (SELECT DISTINCT company_id FROM whatsapp_keys ORDER BY 1 LIMIT (SELECT count(DISTINCT company_id) / 10 FROM whatsapp_keys))"
         cur.execute("SELECT setseed(%s)", ((seed if seed is not None else time.time() % 1000) / 1000.0,))
         cur.execute(
-            "UPDATE whatsapp_keys k SET value = jsonb_set(value, '{baileysDrBench}', to_jsonb(now()::text)) "
+            "UPDATE whatsapp_keys k SET value = CASE WHEN jsonb_typeof(value) = 'object' "
+            "THEN jsonb_set(value, '{baileysDrBench}', to_jsonb(clock_timestamp()::text)) "
+            "ELSE jsonb_build_array(value, clock_timestamp()::text) END "
             "FROM (SELECT company_id, key_type, key_id FROM whatsapp_keys %s ORDER BY random() LIMIT %%s) s "
-            "WHERE k.company_id = s.company_id AND k.key_type = s.key_type AND k.key_id = s.key_id "
-            "AND jsonb_typeof(k.value) = 'object'" % where, (count,))
+            "WHERE k.company_id = s.company_id AND k.key_type = s.key_type AND k.key_id = s.key_id" % where, (count,))
         updated = cur.rowcount
         cur.execute("DELETE FROM whatsapp_keys WHERE ctid IN (SELECT ctid FROM whatsapp_keys WHERE key_type = 'pre-key' "
                     "ORDER BY random() LIMIT %s)", (max(1, count // 100),))

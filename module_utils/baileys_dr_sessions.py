@@ -672,15 +672,21 @@ class Snapshot:
         return int(size), int(keys) + int(creds)
 
 
-    def prepare_diff(self, fast):
+    def prepare_refresh(self, with_md5):
         with self.conn.cursor() as cur:
-            self._run(cur, DIFF_FAST_SQL if fast else DIFF_MD5_SQL)
-        self._diff_name = "baileys_dr_diff_fast" if fast else "baileys_dr_diff_md5"
+            self._run(cur, ROWS_MD5_SQL if with_md5 else ROWS_SQL)
+            self._run(cur, VALUES_SQL)
 
-    def diff(self, company_id, payload, fast):
-        """(old index or None, type, id, xmin, value text, md5) of the keys that differ from the manifest's (None for deleted)."""
+    def rows(self, company_id):
+        """The company's row versions ("type TAB id TAB xmin[ TAB md5]" per key, digest order) as one text."""
         with self.conn.cursor() as cur:
-            self._run(cur, "EXECUTE %s(%%s, %%s, %%s)" % self._diff_name, (company_id, payload, list(KEY_TYPES)))
+            self._run(cur, "EXECUTE baileys_dr_rows(%s, %s)", (company_id, list(KEY_TYPES)))
+            return cur.fetchone()[0] or ""
+
+    def values(self, company_id, keys):
+        """(type, id, xmin, value text, md5) of the given (type, id) keys of a company."""
+        with self.conn.cursor() as cur:
+            self._run(cur, "EXECUTE baileys_dr_values(%s, %s, %s)", (company_id, [k[0] for k in keys], [k[1] for k in keys]))
             return cur.fetchall()
 
 
@@ -1147,93 +1153,112 @@ class Exporter:
 
 # -- standby: incremental refresh in place ---------------------------------------------------------
 
-DIFF_FAST_SQL = (
-    "PREPARE baileys_dr_diff_fast(text, jsonb, text[]) AS "
-    "SELECT d.n, d.key_type, d.key_id, d.xmin::text, w.value::text, md5(w.value::text) FROM ("
-    "SELECT m.n, k.key_type, k.key_id, k.xmin FROM (SELECT key_type, key_id, xmin FROM whatsapp_keys "
-    "WHERE company_id = $1 AND key_type = ANY($3)) k FULL JOIN (SELECT e->>0 AS t, e->>1 AS i, (e->>2)::bigint AS x, n - 1 AS n "
-    "FROM jsonb_array_elements($2) WITH ORDINALITY AS a(e, n)) m ON k.key_type = m.t AND k.key_id = m.i "
-    "WHERE k.key_id IS NULL OR m.i IS NULL OR m.x IS DISTINCT FROM k.xmin::text::bigint) d "
-    "LEFT JOIN LATERAL (SELECT value FROM whatsapp_keys w WHERE w.company_id = $1 AND w.key_type = d.key_type "
-    "AND w.key_id = d.key_id OFFSET 0) w ON true"
+ROWS_SQL = (
+    "PREPARE baileys_dr_rows(text, text[]) AS SELECT string_agg(key_type || E'\\t' || key_id || E'\\t' || xmin::text, E'\\n' "
+    "ORDER BY key_type COLLATE \"C\", key_id COLLATE \"C\") FROM whatsapp_keys WHERE company_id = $1 AND key_type = ANY($2)"
 )
-DIFF_MD5_SQL = (
-    "PREPARE baileys_dr_diff_md5(text, jsonb, text[]) AS "
-    "SELECT d.n, d.key_type, d.key_id, d.xmin::text, w.value::text, md5(w.value::text) FROM ("
-    "SELECT m.n, k.key_type, k.key_id, k.xmin FROM (SELECT key_type, key_id, xmin, md5(value::text) AS m5 FROM whatsapp_keys "
-    "WHERE company_id = $1 AND key_type = ANY($3)) k FULL JOIN (SELECT e->>0 AS t, e->>1 AS i, (e->>2)::bigint AS x, e->>3 AS m5, "
-    "n - 1 AS n FROM jsonb_array_elements($2) WITH ORDINALITY AS a(e, n)) m ON k.key_type = m.t AND k.key_id = m.i "
-    "WHERE k.key_id IS NULL OR m.i IS NULL OR m.x IS DISTINCT FROM k.xmin::text::bigint OR m.m5 IS DISTINCT FROM k.m5) d "
-    "LEFT JOIN LATERAL (SELECT value FROM whatsapp_keys w WHERE w.company_id = $1 AND w.key_type = d.key_type "
-    "AND w.key_id = d.key_id OFFSET 0) w ON true"
+ROWS_MD5_SQL = (
+    "PREPARE baileys_dr_rows(text, text[]) AS SELECT string_agg(key_type || E'\\t' || key_id || E'\\t' || xmin::text "
+    "|| E'\\t' || md5(value::text), E'\\n' ORDER BY key_type COLLATE \"C\", key_id COLLATE \"C\") FROM whatsapp_keys "
+    "WHERE company_id = $1 AND key_type = ANY($2)"
+)
+VALUES_SQL = (
+    "PREPARE baileys_dr_values(text, text[], text[]) AS SELECT key_type, key_id, xmin::text, value::text, md5(value::text) "
+    "FROM whatsapp_keys WHERE company_id = $1 AND (key_type, key_id) IN (SELECT * FROM unnest($2, $3))"
 )
 
 
 class CompanyState:
-    """A company's manifest and digest input as written, edited by splicing lines.
+    """A company of a standby tree as its last refresh left it, read without decoding every entry.
 
-    Unchanged entries keep their bytes: a refresh costs what changed plus one
-    JSON parse of the manifest, not a re-encoding of every entry.
+    The manifest has one file per line, the digest lines one key per line,
+    the row versions (`type TAB id TAB xmin`) one key per line, all in digest
+    order: line n of each is key n. Each proves the next (top manifest ->
+    manifest sha256 -> digest and rows_sha256), and a refresh edits them by
+    splicing the lines of the keys that changed.
     """
 
-    def __init__(self, company_id, manifest_data, lines_data):
+    def __init__(self, company_id, manifest_data, lines_data, rows_data):
         self.company_id = company_id
         parts = manifest_data.split(b"\n")
         if len(parts) < 3 or parts[-1] != b"" or parts[-2] != MANIFEST_FOOTER or not parts[0].endswith(b'"files":{'):
             raise ManifestError("the manifest of company %s does not have the one-file-per-line layout" % company_id)
-        entry_lines = parts[1:-2]
-        for index in range(len(entry_lines) - 1):
-            if not entry_lines[index].endswith(b","):
-                raise ManifestError("the manifest of company %s does not have the one-file-per-line layout" % company_id)
-            entry_lines[index] = entry_lines[index][:-1]
         try:
-            document = json.loads(manifest_data)
-        except ValueError as exc:
-            raise ManifestError("the manifest of company %s is not JSON (%s)" % (company_id, exc)) from None
-        files = document.get("files") if isinstance(document, dict) else None
-        if document.get("company_id") != company_id or not isinstance(files, dict) or len(files) != len(entry_lines):
+            header = json.loads(parts[0] + b"}}")
+        except ValueError:
+            raise ManifestError("the manifest header of company %s is not JSON" % company_id) from None
+        if header.get("company_id") != company_id or not isinstance(header.get("keys"), int) \
+                or not isinstance(header.get("digest"), str):
             raise ManifestError("the manifest of company %s does not describe that company" % company_id)
-        self.files = files
-        self.digest = document.get("digest")
-        names = list(files)
-        if any("/" in name for name in names) or "." in files or ".." in files:
-            raise ManifestError("the manifest of company %s names a path, not a file" % company_id)
-        self.has_creds = bool(names) and names[0] == CREDS_FILE
-        first = 1 if self.has_creds else 0
-        self.creds_entry_line = entry_lines[0] if self.has_creds else None
-        self.key_names = names[first:]
-        self.key_entry_lines = entry_lines[first:]
-        if lines_data is None or sha256_bytes(lines_data) != self.digest:
+        if not isinstance(header.get("rows_sha256"), str):
+            raise ManifestError("the manifest of company %s records no row versions" % company_id)
+        entries = parts[1:-2]
+        for index in range(len(entries) - 1):
+            if not entries[index].endswith(b","):
+                raise ManifestError("the manifest of company %s does not have the one-file-per-line layout" % company_id)
+            entries[index] = entries[index][:-1]
+        self.digest = header["digest"]
+        self.keys = header["keys"]
+        self.has_creds = bool(entries) and entries[0].startswith(b'"creds.json":')
+        self.creds_entry_line = entries[0] if self.has_creds else None
+        self.key_entry_lines = entries[1:] if self.has_creds else entries
+        if len(self.key_entry_lines) != self.keys:
+            raise ManifestError("the manifest of company %s lists %d keys, not %d" % (company_id, len(self.key_entry_lines), self.keys))
+        if sha256_bytes(lines_data) != self.digest:
             raise ManifestError("the digest lines of company %s do not prove its manifest's digest" % company_id)
         lines = split_digest_lines(lines_data)
-        if lines is None or len(lines) != len(self.key_names) + 2 or lines[0] != HEADER_LINE:
+        if lines is None or len(lines) != self.keys + 2 or lines[0] != HEADER_LINE:
             raise ManifestError("the digest lines of company %s do not match its manifest" % company_id)
         self.creds_line = lines[1]
         self.key_lines = lines[2:]
-        self.index = None
+        if sha256_bytes(rows_data) != header["rows_sha256"]:
+            raise ManifestError("the row versions of company %s do not match its manifest" % company_id)
+        self.rows_text = rows_data.decode("utf-8")
+        self.rows = self.rows_text.split("\n") if self.rows_text else []
+        if len(self.rows) != self.keys:
+            raise ManifestError("the row versions of company %s do not match its manifest" % company_id)
 
-    def diff_payload(self, with_md5):
-        files = self.files
-        if with_md5:
-            rows = [(e["type"], e["id"], e.get("xmin"), e.get("row_md5")) for e in map(files.__getitem__, self.key_names)]
-        else:
-            rows = [(e["type"], e["id"], e.get("xmin")) for e in map(files.__getitem__, self.key_names)]
-        return json.dumps(rows)
+    @staticmethod
+    def _parse_entry(line):
+        try:
+            ((name, entry),) = json.loads(b"{" + line + b"}").items()
+        except (ValueError, TypeError):
+            raise ManifestError("a manifest entry is not JSON") from None
+        if not isinstance(entry, dict) or "/" in name or name in (".", ".."):
+            raise ManifestError("a manifest entry names %r" % name)
+        return name, entry
+
+    def entry(self, n):
+        return self._parse_entry(self.key_entry_lines[n])
+
+    def creds_entry(self):
+        return self._parse_entry(self.creds_entry_line)[1] if self.has_creds else None
+
+    def md5_rows(self):
+        """Row versions with the manifest's row_md5 appended (the slow path: every entry decoded)."""
+        return ["%s\t%s" % (row, self.entry(n)[1].get("row_md5")) for n, row in enumerate(self.rows)]
 
     def position_of(self, key_type, key_id):
         """Where a new key goes among the old ones (digest order), by bisection."""
-        files = self.files
-        return bisect.bisect_left(self.key_names, sort_key(key_type, key_id),
-                                  key=lambda name: sort_key(files[name]["type"], files[name]["id"]))
+        return bisect.bisect_left(self.rows, sort_key(key_type, key_id), key=lambda row: sort_key(*row.split("\t", 2)[:2]))
+
+    def file_names(self):
+        return {key_file_name(*row.split("\t", 2)[:2]) for row in self.rows}
+
+
+def may_collide(key_type, key_id):
+    """False when no other id can give this key's file name (no ':' or '/', no '-' or '__', not a sender key)."""
+    return key_type in ("sender-key", "sender-key-memory") or any(c in key_id for c in ":/-") or "__" in key_id
 
 
 class CompanyEdit:
     """Changes to one company, decided (and validated) before anything is written."""
 
     def __init__(self):
-        self.writes = []  # (name, key_type or None, key_id, xmin, text, md5, old index or None)
+        self.writes = []  # (name, key_type or None for creds, key_id, xmin, text, md5, old index or None)
         self.xmin_only = []  # (old index or None for creds, new xmin)
         self.deletes = []  # (old index or None for creds, file name)
+        self.rows_text = None
         self.bytes = 0
 
 
@@ -1253,6 +1278,8 @@ class Refresher:
         self.stats = dict.fromkeys(self.COUNTERS, 0)
         self.would = {"files_to_write": 0, "files_to_delete": 0, "companies_examined": 0, "companies_rebuilt": 0,
                       "per_company": {}}
+        self._marker = None
+        self.dest = None
 
     def run(self):
         started = time.monotonic()
@@ -1320,17 +1347,16 @@ class Refresher:
             interrupted = self._interrupted(tree)
             listed = {s[0] for s in stats}
             removed = sorted(set(top["companies"]) - listed, key=lambda c: c.encode("utf-8"))
-            todo = [s for s in stats if interrupted or not fast or top["companies"].get(s[0], {}).get("fingerprint") != s[2]]
+            todo = {s[0] for s in stats if interrupted or not fast or top["companies"].get(s[0], {}).get("fingerprint") != s[2]}
             result = {"dest": dest, "manifest": os.path.join(dest, META_DIR, MANIFEST_NAME), "backup": None,
                       "snapshot_at": meta["snapshot_at"], "system_identifier": meta["system_identifier"],
                       "companies": len(stats), "keys": sum(s[1] for s in stats), "queries": snapshot.queries,
                       "row_versions_used": fast, "previous_refresh_interrupted": interrupted}
             self._marker = None if self.check_mode else (tree, meta)
-            snapshot.prepare_diff(fast)
+            snapshot.prepare_refresh(with_md5=not fast)
             companies = {}
-            todo_ids = {s[0] for s in todo}
             for index, (company_id, _keys, fingerprint, _creds) in enumerate(stats, 1):
-                if company_id not in todo_ids:
+                if company_id not in todo:
                     companies[company_id] = dict(top["companies"][company_id], fingerprint=fingerprint)
                     self.stats["companies_skipped"] += 1
                     continue
@@ -1349,8 +1375,9 @@ class Refresher:
             for company_id in removed:
                 self._ensure_marker()
                 remove_tree_at(root_fd, COMPANY_PREFIX + company_id)
-                unlink_quiet(tree.companies_fd, company_id + ".json")
-                unlink_quiet(tree.lines_fd, company_id + ".lines")
+                for fd, name in ((tree.companies_fd, company_id + ".json"), (tree.lines_fd, company_id + ".lines"),
+                                 (tree.lines_fd, company_id + ".rows")):
+                    unlink_quiet(fd, name)
                 self.stats["companies_removed"] += 1
             conn.rollback()
             sync_filesystem(root_fd, dest)
@@ -1392,19 +1419,17 @@ class Refresher:
 
     # -- one company --
     def _company(self, snapshot, tree, entry, company_id, fingerprint, fast, interrupted, index):
-        """Refresh one company (incrementally when its manifest and digest lines are usable, else whole)."""
+        """Refresh one company: incrementally when its manifest, digest lines and row versions prove each other, else whole."""
         reason = "new company" if entry is None else None
-        state = payload = None
+        state = None
         if reason is None:
             try:
                 state = self._state(tree, company_id, None if interrupted else entry["manifest_sha256"], interrupted)
-                payload = state.diff_payload(not fast)
-            except (OSError, ManifestError, SessionsError, KeyError, TypeError, AttributeError) as exc:
-                state, reason = None, "no usable manifest: %s" % (exc if not isinstance(exc, (KeyError, TypeError, AttributeError))
-                                                                   else "malformed entry")
+            except (OSError, ManifestError, SessionsError) as exc:
+                reason = "no usable manifest: %s" % exc
         if state is None:
             return self._rebuild(snapshot, tree, company_id, fingerprint, reason, index)
-        edit = self._diff(snapshot, state, company_id, fast, payload)
+        edit = self._diff(snapshot, state, company_id, fast)
         if self.check_mode:
             self._count_would(company_id, edit)
             return None
@@ -1416,53 +1441,43 @@ class Refresher:
             raise ManifestError("its sha256 differs from the top manifest's")
         if tree.lines_fd is None:
             raise ManifestError("no digest lines")
-        state = CompanyState(company_id, manifest_data, read_regular(tree.lines_fd, company_id + ".lines"))
+        state = CompanyState(company_id, manifest_data, read_regular(tree.lines_fd, company_id + ".lines"),
+                             read_regular(tree.lines_fd, company_id + ".rows"))
         if verify_files:
             # After an interrupted refresh only what the files prove is trusted.
+            files = json.loads(manifest_data)["files"]
             dir_fd = open_dir(COMPANY_PREFIX + company_id, tree.root_fd)
             try:
-                for name, spec in state.files.items():
+                for name, spec in files.items():
                     content = read_regular(dir_fd, name)
                     if len(content) != spec.get("size") or sha256_bytes(content) != spec.get("sha256"):
                         raise SessionsError("%s does not match the manifest" % name)
-                extra = [n for n in os.listdir(dir_fd) if n not in state.files and not n.startswith(TMP_PREFIX)]
+                extra = [n for n in os.listdir(dir_fd) if n not in files and not n.startswith(TMP_PREFIX)]
                 if extra:
                     raise SessionsError("files not in the manifest: %r" % extra[:3])
             finally:
                 os.close(dir_fd)
         return state
 
-    def _diff(self, snapshot, state, company_id, fast, payload):
-        """What changed in a company: validated (hostile ids, collisions) before any write."""
+    def _diff(self, snapshot, state, company_id, fast):
+        """What changed in a company, validated (hostile ids, collisions) before anything is written.
+
+        Row versions (or, without trustworthy xmins, versions and md5s) of the
+        database and of the last refresh are compared as two sorted lists of
+        text lines: only the lines that differ are looked at.
+        """
         edit = CompanyEdit()
-        files = state.files
-        new_names = {}
-        for n, key_type, key_id, xmin, text, md5 in snapshot.diff(company_id, payload, fast):
-            if key_type is None:
-                edit.deletes.append((n, state.key_names[n]))
-                continue
-            if n is None:
-                name = checked_key_file_name(company_id, key_type, key_id)
-                other = new_names.get(name)
-                if other is not None:
-                    raise collision_error(company_id, name, other, (key_type, key_id))
-                new_names[name] = (key_type, key_id)
-                edit.writes.append((name, key_type, key_id, int(xmin), text, md5, None))
-                edit.bytes += len(text)
-                continue
-            old = files[state.key_names[n]]
-            if old.get("row_md5") == md5:
-                edit.xmin_only.append((n, int(xmin)))
-            else:
-                edit.writes.append((state.key_names[n], key_type, key_id, int(xmin), text, md5, n))
-                edit.bytes += len(text)
-        deleted = {name for _n, name in edit.deletes}
-        for name, (key_type, key_id) in new_names.items():
-            old = files.get(name)
-            if old is not None and name not in deleted:
-                raise collision_error(company_id, name, (old.get("type"), old.get("id")), (key_type, key_id))
+        new_text = snapshot.rows(company_id)
+        old_rows = state.rows if fast else state.md5_rows()
+        old_text = state.rows_text if fast else "\n".join(old_rows)
+        if new_text == old_text:
+            edit.rows_text = state.rows_text
+        else:
+            new_rows = new_text.split("\n") if new_text else []
+            edit.rows_text = new_text if fast else "\n".join(row.rsplit("\t", 1)[0] for row in new_rows)
+            self._diff_rows(snapshot, state, company_id, fast, old_rows, new_rows, edit)
         row = snapshot.creds(company_id)
-        old = files.get(CREDS_FILE) if state.has_creds else None
+        old = state.creds_entry()
         if row is None:
             if old is not None:
                 edit.deletes.append((None, CREDS_FILE))
@@ -1473,6 +1488,55 @@ class Refresher:
             edit.xmin_only.append((None, int(row[0])))
         return edit
 
+    def _diff_rows(self, snapshot, state, company_id, fast, old_rows, new_rows, edit):
+        new_set, old_set = set(new_rows), set(old_rows)
+        gone_set, came = old_set - new_set, new_set - old_set
+        index = {row: n for n, row in enumerate(old_rows) if row in gone_set} if gone_set else {}
+        gone_keys = {}
+        for row, n in index.items():
+            fields = row.split("\t")
+            gone_keys[(fields[0], fields[1])] = (n, fields)
+        fetch = []
+        inserted = {}
+        for row in came:
+            fields = row.split("\t")
+            key = (fields[0], fields[1])
+            old = gone_keys.pop(key, None)
+            if old is None:
+                name = checked_key_file_name(company_id, key[0], key[1])
+                other = inserted.get(name)
+                if other is not None:
+                    raise collision_error(company_id, name, other, key)
+                inserted[name] = key
+                fetch.append((key, None))
+            elif not fast and fields[3] == old[1][3]:
+                edit.xmin_only.append((old[0], int(fields[2])))
+            else:
+                fetch.append((key, old[0]))
+        deleted = set()
+        for key, (n, _fields) in gone_keys.items():
+            name = key_file_name(*key)
+            edit.deletes.append((n, name))
+            deleted.add(name)
+        if any(may_collide(*key) for key in inserted.values()):
+            existing = state.file_names() - deleted
+            for name, key in inserted.items():
+                if name in existing:
+                    other = next(row.split("\t")[:2] for row in state.rows if key_file_name(*row.split("\t")[:2]) == name)
+                    raise collision_error(company_id, name, tuple(other), key)
+        if not fetch:
+            return
+        values = {(t, i): (x, text, md5) for t, i, x, text, md5 in snapshot.values(company_id, [k for k, _ in fetch])}
+        if len(values) != len(fetch):
+            raise SessionsError("company %s: %d changed rows listed but %d read back in the same snapshot" % (company_id, len(fetch), len(values)))
+        for key, n in fetch:
+            xmin, text, md5 = values[key]
+            if n is not None and state.entry(n)[1].get("row_md5") == md5:
+                edit.xmin_only.append((n, int(xmin)))
+                continue
+            edit.writes.append((key_file_name(*key), key[0], key[1], int(xmin), text, md5, n))
+            edit.bytes += len(text)
+
     def _count_would(self, company_id, edit):
         self.would["companies_examined"] += 1
         self.would["files_to_write"] += len(edit.writes)
@@ -1481,10 +1545,10 @@ class Refresher:
             self.would["per_company"][company_id] = {"write": len(edit.writes), "delete": len(edit.deletes)}
 
     def _update(self, snapshot, tree, state, edit, company_id, fingerprint, index, strays):
-        check_space(self.dest, estimate_tree_bytes(edit.bytes, len(edit.writes), 4096), len(edit.writes),
-                    self.params["space_margin"])
+        if edit.writes:
+            check_space(self.dest, estimate_tree_bytes(edit.bytes, len(edit.writes), 4096), len(edit.writes),
+                        self.params["space_margin"])
         self._ensure_marker()
-        files = state.files
         replaced = {}  # old index -> (entry line, digest line or None to keep)
         inserts = []  # (position, sort key, entry line, digest line)
         creds_entry, creds_line_new = state.creds_entry_line, state.creds_line
@@ -1497,11 +1561,11 @@ class Refresher:
                 put_file(dir_fd, name, data, self.owner)
                 written += 1
                 written_bytes += len(data)
-                entry = {"type": key_type or "creds", "sha256": sha256_bytes(data), "size": len(data), "xmin": xmin, "row_md5": md5}
                 if key_type is None:
+                    entry = {"type": "creds", "sha256": sha256_bytes(data), "size": len(data), "xmin": xmin, "row_md5": md5}
                     creds_entry, creds_line_new = entry_line(CREDS_FILE, entry), creds_line(value)
                     continue
-                entry = {"type": key_type, "id": key_id, **{k: entry[k] for k in ("sha256", "size", "xmin", "row_md5")}}
+                entry = {"type": key_type, "id": key_id, "sha256": sha256_bytes(data), "size": len(data), "xmin": xmin, "row_md5": md5}
                 line = key_line(key_type, key_id, value)
                 if n is None:
                     inserts.append((state.position_of(key_type, key_id), sort_key(key_type, key_id), entry_line(name, entry), line))
@@ -1509,10 +1573,10 @@ class Refresher:
                     replaced[n] = (entry_line(name, entry), line)
             for n, xmin in edit.xmin_only:
                 if n is None:
-                    creds_entry = entry_line(CREDS_FILE, dict(files[CREDS_FILE], xmin=xmin))
+                    creds_entry = entry_line(CREDS_FILE, dict(state.creds_entry(), xmin=xmin))
                 else:
-                    name = state.key_names[n]
-                    replaced[n] = (entry_line(name, dict(files[name], xmin=xmin)), None)
+                    name, entry = state.entry(n)
+                    replaced[n] = (entry_line(name, dict(entry, xmin=xmin)), None)
             removed = set()
             for n, name in edit.deletes:
                 if n is None:
@@ -1521,24 +1585,26 @@ class Refresher:
                     removed.add(n)
                 if unlink_quiet(dir_fd, name):
                     deleted += 1
-            keep = None
             if strays:
-                keep = set(files) - {name for _n, name in edit.deletes} | {w[0] for w in edit.writes}
-                deleted += Refresher._remove_strays(dir_fd, keep)
+                keep = {key_file_name(*row.split("\t")[:2]) for row in edit.rows_text.split("\n")} if edit.rows_text else set()
+                if creds_entry is not None:
+                    keep.add(CREDS_FILE)
+                deleted += self._remove_strays(dir_fd, keep)
         finally:
             os.close(dir_fd)
         entries, key_lines = self._splice(state, replaced, removed, inserts)
         lines_data = b"".join([HEADER_LINE, creds_line_new] + key_lines)
-        digest = _Digest(sha256_bytes(lines_data), len(key_lines))
         if creds_entry is not None:
             entries.insert(0, creds_entry)
         test_hook("before_company_manifest:%d" % index)
-        manifest_sha256 = write_company_meta(tree, company_id, digest, entries, self.owner, lines_data)
+        digest = sha256_bytes(lines_data)
+        manifest_sha256 = write_company_meta(tree, company_id, digest, len(key_lines), entries, self.owner, lines_data,
+                                             edit.rows_text, in_place=True)
         for counter, value in (("files_written", written), ("bytes_written", written_bytes), ("files_deleted", deleted),
                                ("rows_fetched", len(edit.writes) + len(edit.xmin_only)),
                                ("rows_unchanged_content", len(edit.xmin_only)), ("companies_refreshed", 1)):
             self.stats[counter] += value
-        return {"digest": digest.hexdigest(), "keys": digest.keys, "files": len(entries),
+        return {"digest": digest, "keys": len(key_lines), "files": len(entries),
                 "manifest_sha256": manifest_sha256, "fingerprint": fingerprint}
 
     @staticmethod
@@ -1579,15 +1645,14 @@ class Refresher:
         return removed
 
     def _rebuild(self, snapshot, tree, company_id, fingerprint, reason, index):
-        """The whole company written in place (new company, or no usable manifest or digest lines)."""
+        """The whole company written in place (new company, or no usable manifest, digest lines or row versions)."""
+        size, files = snapshot.company_size(company_id)
         if self.check_mode:
-            size, files = snapshot.company_size(company_id)
             self.would["companies_rebuilt"] += 1
             self.would["files_to_write"] += files
             if len(self.would["per_company"]) < MAX_SHOWN * 5:
                 self.would["per_company"][company_id] = {"write": files, "delete": 0, "rebuild": reason}
             return None
-        size, files = snapshot.company_size(company_id)
         check_space(self.dest, estimate_tree_bytes(size, files, 4096), files, self.params["space_margin"])
         self._ensure_marker()
         name = COMPANY_PREFIX + company_id
@@ -1606,26 +1671,13 @@ class Refresher:
         finally:
             os.close(dir_fd)
         test_hook("before_company_manifest:%d" % index)
-        manifest_sha256 = write_company_meta(tree, company_id, writer.digest, writer.entry_lines, self.owner)
+        manifest_sha256 = writer.meta(tree, in_place=True)
         for counter, value in (("files_written", writer.written), ("bytes_written", writer.bytes), ("files_deleted", deleted),
                                ("rows_fetched", rows), ("skipped_keys", writer.skipped), ("companies_rebuilt", 1),
                                ("companies_added", 1 if reason == "new company" else 0)):
             self.stats[counter] += value
         return {"digest": writer.digest.hexdigest(), "keys": writer.digest.keys, "files": len(writer.entry_lines),
                 "manifest_sha256": manifest_sha256, "fingerprint": fingerprint}
-
-
-class _Digest:
-    """A finished digest (hexdigest, keys) for write_company_meta."""
-
-    lines = None
-
-    def __init__(self, hexdigest, keys):
-        self._hex = hexdigest
-        self.keys = keys
-
-    def hexdigest(self):
-        return self._hex
 
 
 def age_of(top):
@@ -1975,10 +2027,13 @@ class Verifier:
 
 def export_tree(params, connect, target, owner, check_mode):
     """Entry point of baileys_auth_export."""
-    os.umask(0o077)
-    if params["mode"] == "standby":
-        return Refresher(params, connect, target, owner, check_mode).run()
-    return Exporter(params, connect, target, owner, check_mode).run()
+    previous = os.umask(0o077)  # files 0600, directories 0700, whatever mode a create asks for
+    try:
+        if params["mode"] == "standby":
+            return Refresher(params, connect, target, owner, check_mode).run()
+        return Exporter(params, connect, target, owner, check_mode).run()
+    finally:
+        os.umask(previous)
 
 
 def verify_tree(path, recompute_digests=False, allow_extra=False, max_problems=100, lock_timeout=300):

@@ -153,7 +153,7 @@ def creds_row(creds):
 
 def build_tree(root, companies, lines=True):
     """A sessions tree written with the exporter's own writers (no database): {company: (creds, [(type, id, value)])}."""
-    os.umask(0o077)
+    previous = os.umask(0o077)
     os.mkdir(root, 0o700)
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     tree = sessions.TreeMeta(root_fd).open(create=True, lines=lines)
@@ -166,7 +166,7 @@ def build_tree(root, companies, lines=True):
             for row in rows_of(keys):
                 writer.key(*row)
             os.close(dir_fd)
-            sha = sessions.write_company_meta(tree, company_id, writer.digest, writer.entry_lines, None)
+            sha = writer.meta(tree)
             entries[company_id] = {"digest": writer.digest.hexdigest(), "keys": writer.digest.keys,
                                    "files": len(writer.entry_lines), "manifest_sha256": sha, "fingerprint": "x"}
         now = sessions.iso(sessions.utc_now())
@@ -176,6 +176,7 @@ def build_tree(root, companies, lines=True):
     finally:
         tree.close()
         os.close(root_fd)
+        os.umask(previous)
     return root
 
 
@@ -207,25 +208,32 @@ def test_company_manifest_is_json_with_one_file_per_line_and_original_ids(tree):
 
 
 def test_company_state_reads_back_what_was_written(tree):
-    manifest = open(os.path.join(tree, ".baileys-dr", "companies", "c1.json"), "rb").read()
-    lines = open(os.path.join(tree, ".baileys-dr", "digest-lines", "c1.lines"), "rb").read()
-    state = sessions.CompanyState("c1", manifest, lines)
-    assert state.has_creds and len(state.key_names) == 4 and len(state.key_lines) == 4
-    assert [state.files[n]["id"] for n in state.key_names] == [k[1] for k in sorted(KEYS, key=lambda k: codec.sort_key(k[0], k[1]))]
-    with pytest.raises(sessions.ManifestError):
-        sessions.CompanyState("c1", manifest, lines + b"[\"x\"]\n")
-    with pytest.raises(sessions.ManifestError):
-        sessions.CompanyState("c1", json.dumps(json.loads(manifest)).encode(), lines)
+    manifest, lines, rows = company_files(tree, "c1")
+    state = sessions.CompanyState("c1", manifest, lines, rows)
+    assert state.has_creds and state.keys == 4 and len(state.key_lines) == 4 and len(state.key_entry_lines) == 4
+    ordered = sorted(KEYS, key=lambda k: codec.sort_key(k[0], k[1]))
+    assert [state.entry(n)[1]["id"] for n in range(4)] == [k[1] for k in ordered]
+    assert state.rows == ["%s\t%s\t7" % (k[0], k[1]) for k in ordered]
+    assert state.creds_entry()["type"] == "creds"
+    for bad in ((manifest, lines + b"[\"x\"]\n", rows), (json.dumps(json.loads(manifest)).encode(), lines, rows),
+                (manifest, lines, rows + b"\nx"), (manifest.replace(b'"keys":4', b'"keys":3'), lines, rows)):
+        with pytest.raises(sessions.ManifestError):
+            sessions.CompanyState("c1", *bad)
+
+
+def company_files(tree, company_id):
+    meta = os.path.join(tree, ".baileys-dr")
+    return (open(os.path.join(meta, "companies", company_id + ".json"), "rb").read(),
+            open(os.path.join(meta, "digest-lines", company_id + ".lines"), "rb").read(),
+            open(os.path.join(meta, "digest-lines", company_id + ".rows"), "rb").read())
 
 
 def test_splicing_a_company_gives_the_digest_of_a_fresh_write(tree, tmp_path):
     """Insert, replace and delete by splicing lines equals writing the new state from scratch."""
-    manifest = open(os.path.join(tree, ".baileys-dr", "companies", "c1.json"), "rb").read()
-    lines = open(os.path.join(tree, ".baileys-dr", "digest-lines", "c1.lines"), "rb").read()
-    state = sessions.CompanyState("c1", manifest, lines)
+    state = sessions.CompanyState("c1", *company_files(tree, "c1"))
     new_keys = [KEYS[0], ("session", "4917.0", {"_sessions": {"x": 1}, "version": "v2"}), KEYS[3],
                 ("identity-key", "4917.1", {"type": "Buffer", "data": [5]}), ("pre-key", "0", {"a": 1})]
-    index = {state.files[n]["id"]: i for i, n in enumerate(state.key_names)}
+    index = {state.entry(n)[1]["id"]: n for n in range(state.keys)}
     replaced = {index["4917.0"]: (b"E", sessions.key_line("session", "4917.0", new_keys[1][2]))}
     removed = {index["AAAA/Bx="]}
     inserts = []
