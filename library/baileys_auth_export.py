@@ -26,12 +26,13 @@ description:
     before anything is written.
   - O(mode=standby) keeps a standby copy up to date in place, writing only what changed since the last refresh, which
     makes failover possible while PostgreSQL is down. The first run (or a run on a tree without a usable manifest)
-    builds the tree like O(mode=live). Later runs skip companies whose row versions did not move (one aggregate query),
-    list the row versions (C(xmin)) of the other companies, read back only rows whose version moved, rewrite a file only
-    when C(md5(value::text)) differs from the manifest's C(row_md5), delete files of deleted keys, recompute the company
-    digest from the previous digest input (C(.baileys-dr/digest-lines/<id>.lines), whose sha256 is the digest), then
-    write the company manifest, sync the file system, and rewrite the top manifest with a new C(generation) and
-    C(last_good_refresh). Row versions are only compared within one server lifetime (same system identifier, timeline
+    builds the tree like O(mode=live). Later runs skip companies whose row versions did not move (one aggregate query
+    over C(xmin)), compare the row versions of the other companies with those the last refresh recorded
+    (C(.baileys-dr/digest-lines/<id>.rows)), read back only rows whose version moved, rewrite a file only when
+    C(md5(value::text)) differs from the manifest's C(row_md5), delete files of deleted keys, recompute the company digest
+    from the previous digest input (C(.baileys-dr/digest-lines/<id>.lines), whose sha256 is the digest), then write the
+    company manifest, sync the file system once, and rewrite the top manifest with a new C(generation) and
+    C(last_good_refresh). Changed files are rewritten in place (the manifests, written after, make a torn file visible). Row versions are only compared within one server lifetime (same system identifier, timeline
     and postmaster start time); otherwise the refresh compares C(md5(value::text)) of every row, which is slower.
   - A refresh that stops half-way leaves the previous top manifest, so the standby does not verify until the next good
     refresh; the next refresh sees C(.baileys-dr/refresh-in-progress), re-checks every company's files against its own
