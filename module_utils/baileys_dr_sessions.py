@@ -35,6 +35,8 @@ instead, which is slower but needs no row-version history.
 from __future__ import annotations
 
 import bisect
+import collections
+import concurrent.futures
 import ctypes
 import ctypes.util
 import datetime
@@ -42,6 +44,7 @@ import errno
 import fcntl
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -61,6 +64,7 @@ from ansible.module_utils.baileys_dr_codec import (
     to_base64_form,
 )
 from ansible.module_utils.baileys_dr_fs import fsync_dir, fsync_tree, swap_in, write_file_atomic
+from ansible.module_utils.baileys_dr_postgres import psycopg2
 
 FORMAT = 1
 KIND = "baileys-dr-sessions"
@@ -584,20 +588,31 @@ SIZE_SQL = (
 class Snapshot:
     """One REPEATABLE READ READ ONLY transaction over the auth-state store; records the SQL it runs."""
 
-    def __init__(self, conn):
+    def __init__(self, conn, queries=None):
         self.conn = conn
-        self.queries = []
+        self.queries = [] if queries is None else queries
         conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
         conn.set_client_encoding("UTF8")
         self._cursor_serial = 0
         self.meta = None
+        self.exported = None
 
     def _run(self, cur, sql, args=None):
         if sql not in self.queries:
             self.queries.append(sql)
         cur.execute(sql, args)
 
-    def begin(self, target):
+    def begin(self, target, export=False):
+        """Start the transaction; with export, first try pg_export_snapshot() so that a second connection can share it."""
+        if export:
+            try:
+                with self.conn.cursor() as cur:
+                    self._run(cur, "SELECT pg_export_snapshot()")
+                    self.exported = cur.fetchone()[0]
+            except psycopg2.Error:
+                # Not available (for example on some standby servers): one connection does all the reading.
+                self.conn.rollback()
+                self.exported = None
         with self.conn.cursor() as cur:
             self._run(cur, META_SQL)
             now, system_identifier, timeline, started, xid, encoding = cur.fetchone()
@@ -612,6 +627,14 @@ class Snapshot:
             "server_encoding": encoding,
         }
         return self.meta
+
+    def attach(self, conn):
+        """A second Snapshot on conn reading exactly what this one reads (SET TRANSACTION SNAPSHOT)."""
+        other = Snapshot(conn, self.queries)
+        with conn.cursor() as cur:
+            other._run(cur, "SET TRANSACTION SNAPSHOT %s", (self.exported,))
+        other.meta = self.meta
+        return other
 
     @staticmethod
     def _where(companies):
@@ -674,14 +697,15 @@ class Snapshot:
 
     def prepare_refresh(self, with_md5):
         with self.conn.cursor() as cur:
-            self._run(cur, ROWS_MD5_SQL if with_md5 else ROWS_SQL)
+            self._run(cur, ROWS_SQL.format(md5=" || E'\\t' || md5(value::text)" if with_md5 else ""))
             self._run(cur, VALUES_SQL)
 
     def rows(self, company_id):
-        """The company's row versions ("type TAB id TAB xmin[ TAB md5]" per key, digest order) as one text."""
+        """(row versions, creds row or None) of a company: "type TAB id TAB xmin[ TAB md5]" per key in digest order, one text."""
         with self.conn.cursor() as cur:
             self._run(cur, "EXECUTE baileys_dr_rows(%s, %s)", (company_id, list(KEY_TYPES)))
-            return cur.fetchone()[0] or ""
+            text, xmin, creds, md5 = cur.fetchone()
+        return text or "", (None if xmin is None else (xmin, creds, md5))
 
     def values(self, company_id, keys):
         """(type, id, xmin, value text, md5) of the given (type, id) keys of a company."""
@@ -1154,13 +1178,9 @@ class Exporter:
 # -- standby: incremental refresh in place ---------------------------------------------------------
 
 ROWS_SQL = (
-    "PREPARE baileys_dr_rows(text, text[]) AS SELECT string_agg(key_type || E'\\t' || key_id || E'\\t' || xmin::text, E'\\n' "
-    "ORDER BY key_type COLLATE \"C\", key_id COLLATE \"C\") FROM whatsapp_keys WHERE company_id = $1 AND key_type = ANY($2)"
-)
-ROWS_MD5_SQL = (
-    "PREPARE baileys_dr_rows(text, text[]) AS SELECT string_agg(key_type || E'\\t' || key_id || E'\\t' || xmin::text "
-    "|| E'\\t' || md5(value::text), E'\\n' ORDER BY key_type COLLATE \"C\", key_id COLLATE \"C\") FROM whatsapp_keys "
-    "WHERE company_id = $1 AND key_type = ANY($2)"
+    "PREPARE baileys_dr_rows(text, text[]) AS SELECT (SELECT string_agg(key_type || E'\\t' || key_id || E'\\t' || xmin::text{md5}, "
+    "E'\\n' ORDER BY key_type COLLATE \"C\", key_id COLLATE \"C\") FROM whatsapp_keys WHERE company_id = $1 AND key_type = ANY($2)), "
+    "a.xmin::text, a.creds::text, md5(a.creds::text) FROM (SELECT 1) one LEFT JOIN whatsapp_auth a ON a.company_id = $1"
 )
 VALUES_SQL = (
     "PREPARE baileys_dr_values(text, text[], text[]) AS SELECT key_type, key_id, xmin::text, value::text, md5(value::text) "
@@ -1178,8 +1198,9 @@ class CompanyState:
     splicing the lines of the keys that changed.
     """
 
-    def __init__(self, company_id, manifest_data, lines_data, rows_data):
+    def __init__(self, company_id, manifest_data, lines_data, rows_data, hashes=None):
         self.company_id = company_id
+        lines_sha256, rows_sha256 = hashes or (sha256_bytes(lines_data), sha256_bytes(rows_data))
         parts = manifest_data.split(b"\n")
         if len(parts) < 3 or parts[-1] != b"" or parts[-2] != MANIFEST_FOOTER or not parts[0].endswith(b'"files":{'):
             raise ManifestError("the manifest of company %s does not have the one-file-per-line layout" % company_id)
@@ -1204,14 +1225,14 @@ class CompanyState:
         self.key_entry_lines = entries[1:] if self.has_creds else entries
         if len(self.key_entry_lines) != self.keys:
             raise ManifestError("the manifest of company %s lists %d keys, not %d" % (company_id, len(self.key_entry_lines), self.keys))
-        if sha256_bytes(lines_data) != self.digest:
+        if lines_sha256 != self.digest:
             raise ManifestError("the digest lines of company %s do not prove its manifest's digest" % company_id)
         lines = split_digest_lines(lines_data)
         if lines is None or len(lines) != self.keys + 2 or lines[0] != HEADER_LINE:
             raise ManifestError("the digest lines of company %s do not match its manifest" % company_id)
         self.creds_line = lines[1]
         self.key_lines = lines[2:]
-        if sha256_bytes(rows_data) != header["rows_sha256"]:
+        if rows_sha256 != header["rows_sha256"]:
             raise ManifestError("the row versions of company %s do not match its manifest" % company_id)
         self.rows_text = rows_data.decode("utf-8")
         self.rows = self.rows_text.split("\n") if self.rows_text else []
@@ -1335,7 +1356,7 @@ class Refresher:
                 except FileNotFoundError:
                     pass
             snapshot = Snapshot(conn)
-            meta = snapshot.begin(self.target)
+            meta = snapshot.begin(self.target, export=True)
             filter_ids = params.get("companies") or None
             stats = snapshot.company_stats(filter_ids)
             for company_id, *_ in stats:
@@ -1353,16 +1374,22 @@ class Refresher:
                       "companies": len(stats), "keys": sum(s[1] for s in stats), "queries": snapshot.queries,
                       "row_versions_used": fast, "previous_refresh_interrupted": interrupted}
             self._marker = None if self.check_mode else (tree, meta)
-            snapshot.prepare_refresh(with_md5=not fast)
             companies = {}
-            for index, (company_id, _keys, fingerprint, _creds) in enumerate(stats, 1):
+            work = [(index, company_id, fingerprint) for index, (company_id, _k, fingerprint, _c) in enumerate(stats, 1)
+                    if company_id in todo]
+            for company_id, _keys, fingerprint, _creds in stats:
                 if company_id not in todo:
                     companies[company_id] = dict(top["companies"][company_id], fingerprint=fingerprint)
                     self.stats["companies_skipped"] += 1
-                    continue
-                companies[company_id] = self._company(snapshot, tree, top["companies"].get(company_id), company_id, fingerprint,
-                                                      fast, interrupted, index)
+            for (index, company_id, fingerprint), (state, edit, reason) in self._prefetching(snapshot, tree, top, work, fast, interrupted):
+                if state is None:
+                    companies[company_id] = self._rebuild(snapshot, tree, company_id, fingerprint, reason, index)
+                elif self.check_mode:
+                    self._count_would(company_id, edit)
+                else:
+                    companies[company_id] = self._update(tree, state, edit, company_id, fingerprint, index, strays=interrupted)
                 test_hook("after_company:%d" % index)
+            companies = {s[0]: companies.get(s[0]) for s in stats}
             if self.check_mode:
                 self.would.update(companies_removed=len(removed), removed_companies=removed[: MAX_SHOWN * 5])
                 changed = bool(self.would["files_to_write"] or self.would["files_to_delete"] or self.would["companies_rebuilt"]
@@ -1418,31 +1445,63 @@ class Refresher:
         replace_file(tree.meta_fd, IN_PROGRESS_NAME, data, self.owner, durable=True)
 
     # -- one company --
-    def _company(self, snapshot, tree, entry, company_id, fingerprint, fast, interrupted, index):
-        """Refresh one company: incrementally when its manifest, digest lines and row versions prove each other, else whole."""
-        reason = "new company" if entry is None else None
-        state = None
-        if reason is None:
-            try:
-                state = self._state(tree, company_id, None if interrupted else entry["manifest_sha256"], interrupted)
-            except (OSError, ManifestError, SessionsError) as exc:
-                reason = "no usable manifest: %s" % exc
-        if state is None:
-            return self._rebuild(snapshot, tree, company_id, fingerprint, reason, index)
-        edit = self._diff(snapshot, state, company_id, fast)
-        if self.check_mode:
-            self._count_would(company_id, edit)
-            return None
-        return self._update(snapshot, tree, state, edit, company_id, fingerprint, index, strays=interrupted)
+    def _prefetching(self, snapshot, tree, top, work, fast, interrupted):
+        """Yield (work item, (state, edit, rebuild reason)) in order.
 
-    def _state(self, tree, company_id, expected_sha256, verify_files):
-        manifest_data = read_regular(tree.companies_fd, company_id + ".json")
-        if expected_sha256 is not None and sha256_bytes(manifest_data) != expected_sha256:
+        A thread reads and hashes the next company's manifest files, fetches
+        its row versions and changed rows and decides the edit (validating
+        new ids), while the caller writes the current company. The thread has
+        its own connection on the same exported snapshot when the server
+        allows it, else it shares the caller's (same transaction either way).
+        """
+        if not work:
+            return
+        reader, second = snapshot, None
+        if snapshot.exported and len(work) > 1:
+            second = self.connect()
+            reader = snapshot.attach(second)
+        reader.prepare_refresh(with_md5=not fast)
+
+        def prepare(item):
+            _index, company_id, _fingerprint = item
+            entry = top["companies"].get(company_id)
+            if entry is None:
+                return None, None, "new company"
+            try:
+                if tree.lines_fd is None:
+                    raise ManifestError("no digest lines")
+                data = (read_regular(tree.companies_fd, company_id + ".json"),
+                        read_regular(tree.lines_fd, company_id + ".lines"),
+                        read_regular(tree.lines_fd, company_id + ".rows"))
+                files = (data, tuple(sha256_bytes(d) for d in data))
+                state = self._state(tree, company_id, None if interrupted else entry["manifest_sha256"], interrupted, files)
+            except (OSError, ManifestError, SessionsError) as exc:
+                return None, None, "no usable manifest: %s" % exc
+            return state, self._diff(reader, state, company_id, fast, reader.rows(company_id)), None
+
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="baileys-dr-prefetch")
+        try:
+            pending = collections.deque()
+            items = iter(work)
+            for item in itertools.islice(items, 2):
+                pending.append((item, pool.submit(prepare, item)))
+            while pending:
+                item, future = pending.popleft()
+                prepared = future.result()
+                following = next(items, None)
+                if following is not None:
+                    pending.append((following, pool.submit(prepare, following)))
+                yield item, prepared
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if second is not None:
+                second.close()
+
+    def _state(self, tree, company_id, expected_sha256, verify_files, files):
+        (manifest_data, lines_data, rows_data), (manifest_sha256, lines_sha256, rows_sha256) = files
+        if expected_sha256 is not None and manifest_sha256 != expected_sha256:
             raise ManifestError("its sha256 differs from the top manifest's")
-        if tree.lines_fd is None:
-            raise ManifestError("no digest lines")
-        state = CompanyState(company_id, manifest_data, read_regular(tree.lines_fd, company_id + ".lines"),
-                             read_regular(tree.lines_fd, company_id + ".rows"))
+        state = CompanyState(company_id, manifest_data, lines_data, rows_data, (lines_sha256, rows_sha256))
         if verify_files:
             # After an interrupted refresh only what the files prove is trusted.
             files = json.loads(manifest_data)["files"]
@@ -1459,7 +1518,7 @@ class Refresher:
                 os.close(dir_fd)
         return state
 
-    def _diff(self, snapshot, state, company_id, fast):
+    def _diff(self, snapshot, state, company_id, fast, database):
         """What changed in a company, validated (hostile ids, collisions) before anything is written.
 
         Row versions (or, without trustworthy xmins, versions and md5s) of the
@@ -1467,7 +1526,7 @@ class Refresher:
         text lines: only the lines that differ are looked at.
         """
         edit = CompanyEdit()
-        new_text = snapshot.rows(company_id)
+        new_text, row = database
         old_rows = state.rows if fast else state.md5_rows()
         old_text = state.rows_text if fast else "\n".join(old_rows)
         if new_text == old_text:
@@ -1476,7 +1535,6 @@ class Refresher:
             new_rows = new_text.split("\n") if new_text else []
             edit.rows_text = new_text if fast else "\n".join(row.rsplit("\t", 1)[0] for row in new_rows)
             self._diff_rows(snapshot, state, company_id, fast, old_rows, new_rows, edit)
-        row = snapshot.creds(company_id)
         old = state.creds_entry()
         if row is None:
             if old is not None:
@@ -1544,7 +1602,7 @@ class Refresher:
         if (edit.writes or edit.deletes) and len(self.would["per_company"]) < MAX_SHOWN * 5:
             self.would["per_company"][company_id] = {"write": len(edit.writes), "delete": len(edit.deletes)}
 
-    def _update(self, snapshot, tree, state, edit, company_id, fingerprint, index, strays):
+    def _update(self, tree, state, edit, company_id, fingerprint, index, strays):
         if edit.writes:
             check_space(self.dest, estimate_tree_bytes(edit.bytes, len(edit.writes), 4096), len(edit.writes),
                         self.params["space_margin"])
