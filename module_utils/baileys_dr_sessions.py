@@ -51,6 +51,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import time
 
 from ansible.module_utils.baileys_dr_codec import (
@@ -91,6 +92,8 @@ TEST_PAUSE_ENV = "BAILEYS_DR_TEST_PAUSE_AT"
 TEST_PAUSE_SECONDS_ENV = "BAILEYS_DR_TEST_PAUSE_SECONDS"
 TEST_FAIL_ENV = "BAILEYS_DR_TEST_FAIL_AT"
 XID_WINDOW = 2 ** 31
+# Threads (each with its own connection on the exported snapshot) reading ahead during a standby refresh.
+PREFETCH_THREADS = 2
 
 
 class SessionsError(Exception):
@@ -1456,11 +1459,25 @@ class Refresher:
         """
         if not work:
             return
-        reader, second = snapshot, None
-        if snapshot.exported and len(work) > 1:
-            second = self.connect()
-            reader = snapshot.attach(second)
-        reader.prepare_refresh(with_md5=not fast)
+        threads = PREFETCH_THREADS if snapshot.exported and len(work) > 1 else 1
+        readers, connections, local = [], [], threading.local()
+        lock = threading.Lock()
+        if threads == 1:
+            snapshot.prepare_refresh(with_md5=not fast)
+
+        def reader_of_thread():
+            reader = getattr(local, "reader", None)
+            if reader is None:
+                if threads == 1:
+                    reader = snapshot
+                else:
+                    conn = self.connect()
+                    with lock:
+                        connections.append(conn)
+                    reader = snapshot.attach(conn)
+                    reader.prepare_refresh(with_md5=not fast)
+                local.reader = reader
+            return reader
 
         def prepare(item):
             _index, company_id, _fingerprint = item
@@ -1477,13 +1494,14 @@ class Refresher:
                 state = self._state(tree, company_id, None if interrupted else entry["manifest_sha256"], interrupted, files)
             except (OSError, ManifestError, SessionsError) as exc:
                 return None, None, "no usable manifest: %s" % exc
+            reader = reader_of_thread()
             return state, self._diff(reader, state, company_id, fast, reader.rows(company_id)), None
 
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="baileys-dr-prefetch")
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="baileys-dr-prefetch")
         try:
             pending = collections.deque()
             items = iter(work)
-            for item in itertools.islice(items, 2):
+            for item in itertools.islice(items, 2 * threads):
                 pending.append((item, pool.submit(prepare, item)))
             while pending:
                 item, future = pending.popleft()
@@ -1494,8 +1512,8 @@ class Refresher:
                 yield item, prepared
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            if second is not None:
-                second.close()
+            for conn in connections:
+                conn.close()
 
     def _state(self, tree, company_id, expected_sha256, verify_files, files):
         (manifest_data, lines_data, rows_data), (manifest_sha256, lines_sha256, rows_sha256) = files
