@@ -1,0 +1,74 @@
+"""After failback PostgreSQL holds exactly what the service wrote on files, and the service runs on it."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+
+from verify_helpers import (  # noqa: E402
+    APP_ROOT, STATE_FILE, database_digests, db_params, env_values, git_commit_of, git_head, import_module_utils, readiness,
+)
+
+testinfra_hosts = ["ansible://baileys-dr-app"]
+
+
+def files_state(host):
+    return json.loads(host.file("/root/files-state-before-failback.json").content_string)
+
+
+def rows(sql, *args):
+    import_module_utils()
+    from ansible.module_utils.baileys_dr_postgres import connect
+
+    conn = connect(db_params())
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def test_database_digests_equal_what_the_service_held_on_files(host):
+    assert database_digests() == files_state(host)["digests"]
+
+
+def test_service_is_ready_on_postgresql_with_those_digests(host):
+    status, report = readiness(host)
+    assert status == 200, report["errors"]
+    assert report["store"] == "postgres"
+    assert report["digests"] == files_state(host)["digests"]
+
+
+def test_keys_created_on_files_are_rows_with_their_original_ids_in_array_form(host):
+    written = files_state(host)["simulated"]["written"]
+    assert any("::" in k["id"] for k in written)
+    for key in written:
+        found = rows("SELECT value::text FROM whatsapp_keys WHERE company_id = 'company00001' AND key_type = %s AND key_id = %s",
+                     key["type"], key["id"])
+        assert found, key
+        if '"Buffer"' in found[0][0]:
+            assert '"data": [' in found[0][0]
+
+
+def test_pre_keys_consumed_on_files_are_gone(host):
+    for key in files_state(host)["simulated"]["deleted"]:
+        assert not rows("SELECT 1 FROM whatsapp_keys WHERE company_id = 'company00001' AND key_type = %s AND key_id = %s",
+                        key["type"], key["id"])
+
+
+def test_git_and_env_are_back_as_before_the_failover(host):
+    assert git_head(host) == git_commit_of(host, "main")
+    values = env_values(host)
+    assert values["USE_DATABASE_AUTH_STATE"] == "true" and values["USE_REPOSITORY_PATTERN"] == "true"
+    assert values["USE_LEGACY_SUPABASE"] == "false"
+
+
+def test_failover_state_is_retired_and_undo_files_kept(host):
+    assert not host.file(STATE_FILE).exists
+    assert host.run("ls /var/lib/baileys-dr/failover-state.failed-back-*.json").rc == 0
+    assert host.run("ls /var/lib/baileys-dr/undo/").stdout.strip() != ""
+    records = [json.loads(line) for line in host.file("/var/log/baileys-dr/audit.jsonl").content_string.splitlines()]
+    assert [r["operation"] for r in records if r["outcome"] == "ok"][-1] == "failback"
+    assert APP_ROOT
