@@ -7,7 +7,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 
 from verify_helpers import (  # noqa: E402
-    APP_ROOT, STATE_FILE, database_digests, db_params, env_values, git_commit_of, git_head, import_module_utils, readiness,
+    STATE_FILE, database_digests, db_params, env_values, git_commit_of, git_head, import_module_utils, readiness,
 )
 
 testinfra_hosts = ["ansible://baileys-dr-app"]
@@ -71,4 +71,3 @@ def test_failover_state_is_retired_and_undo_files_kept(host):
     assert host.run("ls /var/lib/baileys-dr/undo/").stdout.strip() != ""
     records = [json.loads(line) for line in host.file("/var/log/baileys-dr/audit.jsonl").content_string.splitlines()]
     assert [r["operation"] for r in records if r["outcome"] == "ok"][-1] == "failback"
-    assert APP_ROOT
