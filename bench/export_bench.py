@@ -10,9 +10,11 @@ Against a database loaded with testbed/bin/seed (libpq PG* environment):
 
 `scenario` runs, each as its own process under /usr/bin/time -v (wall time and
 peak RSS): a live export, a second live export (unchanged), a standby build,
-a change of --percent of the keys (UPDATE, plus a few DELETE and INSERT), a
-check-mode refresh, the refresh, and a verification with recomputed
-digests; then prints one JSON summary. `module` runs one module with JSON
+a refresh without change, then for two spreads of a change of --percent of
+the keys (UPDATE, plus 1% of that in DELETE and INSERT; "uniform" over all
+companies, "concentrated" in the first tenth of them) a check-mode refresh
+and the refresh, and a verification with recomputed digests (with
+--compare-db, compared with the database's); then prints one JSON summary. `module` runs one module with JSON
 arguments (what `scenario` times); `change` only changes rows.
 """
 
@@ -57,7 +59,8 @@ def cmd_module(args):
     if args.name == "export":
         params = dict(db_args(), **params)
     ok, result = run_module(module, params, check_mode=args.check)
-    result.pop("digests", None)
+    if not args.digests:
+        result.pop("digests", None)
     result.pop("queries", None)
     print(json.dumps({"ok": ok, "result": result}, default=str))
     return 0 if ok else 1
@@ -121,6 +124,30 @@ def module_argv(name, params, check=False):
     return argv + (["--check"] if check else [])
 
 
+def refresh_step(common, standby, check=False):
+    seconds, rss, result = timed(module_argv("export", dict(common, dest=standby, mode="standby"), check))
+    step = {"seconds": seconds, "peak_rss_mib": rss, "module_seconds": result.get("duration_seconds")}
+    for key in ("files_written", "files_deleted", "rows_fetched", "rows_unchanged_content", "companies_refreshed",
+                "companies_skipped", "companies_rebuilt", "changed"):
+        if key in result:
+            step[key] = result[key]
+    if result.get("would_change"):
+        step["would_change"] = {k: v for k, v in result["would_change"].items() if k != "per_company"}
+    return step
+
+
+def database_digests(companies):
+    setup_paths()
+    import psycopg2
+    from ansible.module_utils.baileys_dr_store import company_digest, list_companies
+
+    conn = psycopg2.connect("")
+    try:
+        return {c: company_digest(conn, c)[0] for c in list_companies(conn, companies)}
+    finally:
+        conn.close()
+
+
 def cmd_scenario(args):
     os.makedirs(args.dir, exist_ok=True)
     live = os.path.join(args.dir, "baileys_sessions")
@@ -132,28 +159,25 @@ def cmd_scenario(args):
         companies = ["%s%05d" % (args.prefix, i) for i in range(1, args.companies + 1)]
     common = {"companies": companies, "keep_backup": False}
     summary = {"nproc": os.cpu_count()}
-    steps = [
-        ("live_export", "export", dict(common, dest=live), False),
-        ("live_export_unchanged", "export", dict(common, dest=live), False),
-        ("standby_build", "export", dict(common, dest=standby, mode="standby"), False),
-    ]
-    if args.skip_live:
-        steps = steps[2:]
-    for label, name, params, check in steps:
-        seconds, rss, result = timed(module_argv(name, params, check))
+    steps = [("standby_build", dict(common, dest=standby, mode="standby"))]
+    if not args.skip_live:
+        steps = [("live_export", dict(common, dest=live)), ("live_export_unchanged", dict(common, dest=live))] + steps
+    for label, params in steps:
+        seconds, rss, result = timed(module_argv("export", params))
         summary[label] = {"seconds": seconds, "peak_rss_mib": rss, "changed": result.get("changed"), "keys": result.get("keys"),
                           "files": result.get("files"), "module_seconds": result.get("duration_seconds")}
-    summary["change"] = change_rows(args.percent, args.spread)
-    for label, check in (("standby_refresh_check", True), ("standby_refresh", False)):
-        seconds, rss, result = timed(module_argv("export", dict(common, dest=standby, mode="standby"), check))
-        summary[label] = {"seconds": seconds, "peak_rss_mib": rss, "module_seconds": result.get("duration_seconds"),
-                          **{k: result.get(k) for k in ("files_written", "files_deleted", "rows_fetched", "rows_unchanged_content",
-                                                        "companies_refreshed", "companies_skipped", "would_change")}}
-        if summary[label].get("would_change"):
-            summary[label]["would_change"].pop("per_company", None)
-    seconds, rss, result = timed(module_argv("verify", {"path": standby, "recompute_digests": True}))
+    summary["standby_refresh_unchanged"] = refresh_step(common, standby)
+    for spread in ("uniform", "concentrated"):
+        summary["change_" + spread] = change_rows(args.percent, spread)
+        summary["standby_refresh_check_" + spread] = refresh_step(common, standby, check=True)
+        summary["standby_refresh_" + spread] = refresh_step(common, standby)
+    seconds, rss, result = timed(module_argv("verify", {"path": standby, "recompute_digests": True, "fail_on_problems": False}))
     summary["verify_recompute"] = {"seconds": seconds, "peak_rss_mib": rss, "verified": result.get("verified"),
                                    "files": result.get("counts", {}).get("files")}
+    if args.compare_db:
+        checked = json.loads(subprocess.run(module_argv("verify", {"path": standby, "recompute_digests": True}) + ["--digests"],
+                                            capture_output=True, text=True).stdout)["result"]["digests"]
+        summary["verify_digests_equal_database"] = checked == database_digests(companies)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -165,6 +189,7 @@ def main(argv=None):
     p.add_argument("name", choices=["export", "verify"])
     p.add_argument("--args", required=True)
     p.add_argument("--check", action="store_true")
+    p.add_argument("--digests", action="store_true", help="keep the digests in the printed result")
     p.set_defaults(func=cmd_module)
     p = sub.add_parser("change")
     p.add_argument("--percent", type=float, default=1.0)
@@ -177,6 +202,7 @@ def main(argv=None):
     p.add_argument("--percent", type=float, default=1.0)
     p.add_argument("--spread", choices=["uniform", "concentrated"], default="uniform")
     p.add_argument("--skip-live", action="store_true")
+    p.add_argument("--compare-db", action="store_true", help="also compare the standby's recomputed digests with the database's")
     p.set_defaults(func=cmd_scenario)
     args = parser.parse_args(argv)
     return args.func(args)

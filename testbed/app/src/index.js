@@ -3,7 +3,9 @@
 // service. It loads the Baileys auth state of every company from the store
 // the .env selects, computes the state digest of each (docs/architecture.md)
 // and answers readiness on http://127.0.0.1:<HEALTH_PORT>/health.
-// It never connects to WhatsApp.
+// It never connects to WhatsApp. With the file store, POST /simulate changes a
+// company's directory as the live service would during an outage
+// (src/simulate.js, README.md).
 
 const http = require('node:http');
 const fs = require('node:fs');
@@ -13,6 +15,7 @@ const log = require('./log');
 const { loadConfig, publicConfig } = require('./config');
 
 const MAX_ERRORS_SHOWN = 200;
+const MAX_BODY_BYTES = 64 * 1024;
 const RETRY_MIN_MS = 1000;
 const RETRY_MAX_MS = 30000;
 
@@ -51,7 +54,8 @@ function createService(options = {}) {
   const config = options.config || loadConfig();
   const startedAt = new Date().toISOString();
   const revision = gitRevision(config.appRoot);
-  const selected = resolveStore(config.store);
+  // options.storeModule: a stand-in store for tests ({name, load(config, ctx)})
+  const selected = options.storeModule ? { module: options.storeModule } : resolveStore(config.store);
   const state = {
     loading: false,
     loadPromise: null,
@@ -64,6 +68,7 @@ function createService(options = {}) {
     retryTimer: null,
     retryMs: RETRY_MIN_MS,
     signalledReady: false,
+    simulating: null, // promise of the running POST /simulate (loads wait for it)
   };
 
   function errors() {
@@ -175,6 +180,8 @@ function createService(options = {}) {
 
   function reload(reason = 'reload') {
     if (selected.error || state.stopping) return Promise.resolve();
+    // never read a company directory while /simulate is writing it
+    if (state.simulating) return state.simulating.then(() => reload(reason), () => reload(reason));
     if (state.loadPromise) return state.loadPromise;
     if (state.retryTimer) {
       clearTimeout(state.retryTimer);
@@ -192,8 +199,104 @@ function createService(options = {}) {
     res.end(text);
   }
 
+  /** The request body as JSON; throws {status, message}. */
+  function readJsonBody(req) {
+    return new Promise((resolve, reject) => {
+      const chunks = [];
+      let size = 0;
+      let failed = false;
+      req.on('data', (chunk) => {
+        if (failed) return;
+        size += chunk.length;
+        if (size > MAX_BODY_BYTES) {
+          failed = true;
+          reject(Object.assign(new Error(`body larger than ${MAX_BODY_BYTES} bytes`), { status: 413 }));
+          return;
+        }
+        chunks.push(chunk);
+      });
+      req.on('error', (error) => {
+        if (!failed) reject(Object.assign(error, { status: 400 }));
+        failed = true;
+      });
+      req.on('end', () => {
+        if (failed) return;
+        const text = Buffer.concat(chunks).toString('utf8');
+        try {
+          resolve(JSON.parse(text));
+        } catch (error) {
+          reject(Object.assign(new Error(`the body is not JSON (${error.message})`), { status: 400 }));
+        }
+      });
+    });
+  }
+
+  /**
+   * POST /simulate: the file store only, when ready. Writes through Baileys
+   * (src/simulate.js), then reloads the store so /health shows the new digest.
+   * Returns [status, body].
+   */
+  async function handleSimulate(body) {
+    const { parseRequest, simulate, SimulateError } = require('./simulate');
+    let request;
+    try {
+      request = parseRequest(body);
+    } catch (error) {
+      if (error instanceof SimulateError) return [error.status, { error: error.message }];
+      throw error;
+    }
+    if (config.store !== 'files' || selected.error || !selected.module || selected.module.name !== 'files') {
+      return [409, { error: `the store in use is "${config.store}"${selected.error ? ' (unavailable at this revision)' : ''}: /simulate needs the file store` }];
+    }
+    // runs one at a time, and not during a load
+    while (state.simulating || state.loadPromise) {
+      await (state.simulating || state.loadPromise).catch(() => {});
+    }
+    if (state.stopping) return [409, { error: 'the service is stopping' }];
+    if (!isReady()) return [409, { error: 'the service is not ready', errors: capped(errors()) }];
+    let done;
+    state.simulating = new Promise((resolve) => {
+      done = resolve;
+    });
+    let out;
+    try {
+      out = await simulate(config.sessionsDir, request);
+    } catch (error) {
+      if (error instanceof SimulateError) return [error.status, { error: error.message }];
+      log.error('simulate_failed', { company: request.company, error: log.errorText(error) });
+      return [500, { error: `simulate failed: ${log.errorText(error)}` }];
+    } finally {
+      state.simulating = null;
+      done();
+    }
+    log.info('simulated', {
+      company: out.company,
+      written: out.written.length,
+      deleted: out.deleted.length,
+      credsChanged: out.creds_changed,
+    });
+    await reload('simulate');
+    if (state.stopping) return [503, { ...out, digest: null, error: 'the service is stopping: not reloaded' }];
+    const company = state.result && state.result.companies.find((c) => c.id === out.company);
+    if (!company || state.storeError) {
+      return [500, { ...out, digest: null, error: `company ${out.company} did not load after the change`, errors: capped(errors()) }];
+    }
+    return [200, { ...out, digest: company.digest }];
+  }
+
   const server = http.createServer((req, res) => {
     const url = (req.url || '/').split('?')[0];
+    if (url === '/simulate' && req.method === 'POST') {
+      log.info('simulate_requested', { remote: req.socket.remoteAddress });
+      readJsonBody(req)
+        .then(handleSimulate, (error) => [error.status || 400, { error: error.message }])
+        .catch((error) => [500, { error: log.errorText(error) }])
+        .then(([status, body]) => {
+          if (status === 413) res.setHeader('connection', 'close');
+          send(res, status, body);
+        });
+      return;
+    }
     req.resume();
     if (url === '/health' && (req.method === 'GET' || req.method === 'HEAD')) {
       const h = health();
@@ -204,7 +307,7 @@ function createService(options = {}) {
         const h = health();
         send(res, h.ready ? 200 : 503, h);
       });
-    } else if (url === '/health' || url === '/reload') {
+    } else if (url === '/health' || url === '/reload' || url === '/simulate') {
       send(res, 405, { error: 'method not allowed' });
     } else {
       send(res, 404, { error: 'not found' });
