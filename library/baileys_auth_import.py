@@ -1,0 +1,378 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: contributors to baileys-dr
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: baileys_auth_import
+short_description: Fail back from Baileys file sessions to the PostgreSQL auth-state store, or undo such a failback
+description:
+  - O(mode=import) makes the rows of C(whatsapp_auth) and C(whatsapp_keys) equal to the files of a sessions tree
+    (docs/architecture.md, "The sessions tree and its manifest (format 1)"), company by company, each company in one
+    C(REPEATABLE READ) transaction; companies are independent.
+  - "Files are verified against the tree's manifest before any database write: a file whose sha256 equals the manifest's
+    is the exported file; any other file (changed by Baileys, or new: keys created while the service ran on files) must be
+    a regular file of valid JSON (not empty, no byte order mark, UTF-8, no C(NaN), no C(\\u0000)), and C(creds.json) a
+    JSON object with C(noiseKey), C(signedIdentityKey) and C(registrationId). A file of an unknown type, an unreadable or
+    invalid file, a missing C(creds.json), a missing company directory, or a company manifest whose sha256 differs from the
+    top manifest's refuses the company, naming company and file."
+  - The first pass reads and plans every company in read-only transactions before the first write, so by default
+    (O(continue_on_error=false)) any refused company refuses the whole run before anything is written.
+  - Ids of files the manifest lists come from the manifest. Ids of new files are recovered by a type-aware reverse of
+    Baileys' C(fixFileName) (C(/) becomes C(__), C(:) becomes C(-)); the type is the longest type prefix of the name
+    (C(sender-key-memory-) before C(sender-key-)). C(pre-key) names must be digits, C(lid-mapping) names C(<digits>) or
+    C(<digits>_reverse), C(app-state-sync-key) names base64 once C(__) is read as C(/), C(sender-key) names
+    C(<group jid>--<user>--<device>) (read as C(::)); C(sender-key-memory) names that are group JIDs and C(session) and
+    C(identity-key) names of the shape C(<user>.<device>) are their own ids; any other name without C(-) and C(__) is its
+    own id. Every other name could come from several ids and is reported in RV(ambiguous) (company, file, candidates,
+    rows of the database that give the same file name); see O(ambiguous). Nothing is guessed silently.
+  - "Rows: a key whose file is new gets an INSERT, a key whose value differs (canonical JSON, both Buffer encodings equal)
+    an UPDATE, a row whose file Baileys deleted a DELETE; C(creds) is inserted or updated when it differs. A row whose file
+    is unchanged (manifest sha256) and whose C(md5(value::text)) equals the manifest's C(row_md5), or whose canonical
+    value equals the file's, is not written at all: its JSONB text, C(created_at), C(updated_at) and C(expires_at) stay
+    byte for byte. Written rows get C(expires_at) by the application's policy (now + 7 days for C(lid-mapping),
+    C(pre-key), C(session), C(sender-key), now + 14 days otherwise) and C(updated_at) from the trigger (or the default)."
+  - "Buffers: files hold Baileys' base64 form; written rows get the application's own form
+    (C({\"type\": \"Buffer\", \"data\": [..]})) unless O(buffer_format=base64). C(app-state-sync-key) values are written as
+    the files hold them."
+  - Before the first write of a company, the rows it replaces or deletes and the ids it inserts are saved in
+    C(<undo_dir>/failback-<company>-<UTC time>.jsonl.gz) with a C(.sha256) sidecar, both synced (RV(undo_files)); see
+    docs/failback-undo.md. An undo file of a company whose transaction did not commit is removed.
+  - After the writes, the state digest of the company's rows must equal the digest of its files, and the company directory
+    must be unchanged since it was read; otherwise the transaction is rolled back.
+  - "Conflict guard: rows changed in PostgreSQL after O(since) (C(updated_at) later than it) that the import would
+    overwrite or delete are listed in RV(conflicts) and refuse the company unless O(force). Rows changed after O(since)
+    that already equal the files are not conflicts (so a re-run after a partial failback completes)."
+  - O(mode=undo) re-applies undo files, one transaction per file (see docs/failback-undo.md); the saved rows come back
+    exactly (value text, C(created_at), C(updated_at), C(expires_at)), rows the failback inserted are deleted. Idempotent.
+    Rows changed after the failback that the undo would overwrite refuse the file unless O(force).
+  - Keys of types that are not Baileys key types are never touched (nor counted in the digests).
+version_added: "0.1.0"
+author: baileys-dr contributors
+options:
+  mode:
+    description: C(import) (files to PostgreSQL) or C(undo) (re-apply undo files).
+    type: str
+    choices: [import, undo]
+    default: import
+  src:
+    description:
+      - The sessions tree, for example C(/srv/baileys-app/baileys_sessions). Required with O(mode=import).
+      - Must not be a symbolic link. Read under a shared C(flock) on its parent (no export or refresh of the same parent
+        runs meanwhile).
+    type: path
+    aliases: [path]
+  companies:
+    description: Only these company ids (each must be in the tree).
+    type: list
+    elements: str
+  undo_dir:
+    description:
+      - Directory of the undo files (created 0700 when missing). Required with O(mode=import). Undo files hold key material
+        (they are written 0600).
+    type: path
+  undo_file:
+    description: Undo files to re-apply (O(mode=undo)), in order; typically RV(undo_files) of the failback.
+    type: list
+    elements: path
+    aliases: [undo_files]
+  since:
+    description:
+      - ISO 8601 time, normally the failover's switch time from the failover state file. Rows with C(updated_at) later than
+        it that the import would overwrite or delete are conflicts.
+      - Default the C(source.snapshot_at) of the tree's manifest (the database time the export read); without either, no
+        conflict guard (a warning says so).
+    type: str
+  force:
+    description: Import companies with conflicts (undo files still save what is overwritten); in O(mode=undo), undo despite rows changed after the failback.
+    type: bool
+    default: false
+  ambiguous:
+    description:
+      - C(fail) refuses a company holding a file whose original id cannot be told for certain; C(skip) leaves such files out
+        (and keeps the database rows that give the same file name untouched).
+    type: str
+    choices: [fail, skip]
+    default: fail
+  buffer_format:
+    description: Buffer encoding of written rows; C(array) is the application's own (C(JSON.stringify) of a Buffer).
+    type: str
+    choices: [array, base64]
+    default: array
+  continue_on_error:
+    description:
+      - C(false) stops at the first failed company (companies committed before stay committed and are listed in
+        RV(committed)); any company refused by the first pass refuses the run before the first write. C(true) imports every
+        company it can. The module fails in both cases when a company failed.
+    type: bool
+    default: false
+  allow_other_database:
+    description: Import into (or undo on) a database whose system identifier differs from the one in the tree's manifest (or the undo file).
+    type: bool
+    default: false
+  require_manifest:
+    description: Refuse a tree without a manifest (C(.baileys-dr/manifest.json) or an older tree's C(manifest.json)).
+    type: bool
+    default: true
+  max_report:
+    description: Ambiguous files, conflicts and errors listed at most (counts are complete).
+    type: int
+    default: 100
+  return_digests:
+    description: Return RV(digests) also when there are more than 1000 companies.
+    type: bool
+    default: false
+  lock_timeout:
+    description: Seconds to wait for the C(flock) on the parent of O(src) that an export or refresh holds.
+    type: int
+    default: 300
+  db_url:
+    description: libpq connection URI; takes precedence over the login_* options.
+    type: str
+  login_host:
+    description: Database host; default from C(PGHOST).
+    type: str
+  login_port:
+    description: Database port; default from C(PGPORT).
+    type: int
+  login_user:
+    description: Database user; default from C(PGUSER).
+    type: str
+  login_password:
+    description: Password of O(login_user); default from C(PGPASSWORD).
+    type: str
+  login_db:
+    description: Database name; default from C(PGDATABASE).
+    type: str
+  ssl_mode:
+    description: libpq sslmode.
+    type: str
+    choices: [disable, allow, prefer, require, verify-ca, verify-full]
+  ca_cert:
+    description: CA certificate file.
+    type: path
+  connect_timeout:
+    description: Seconds to wait for a connection.
+    type: int
+    default: 10
+  statement_timeout:
+    description: Statement timeout in milliseconds (0 for none).
+    type: int
+    default: 0
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Reads and checks every file, plans every company in read-only transactions and reports per company the rows it would
+        insert, update and delete, the conflicts and ambiguous files, and the digests the rows would have; writes no row and
+        no undo file. It fails where a real run would refuse.
+  diff_mode:
+    support: none
+notes:
+  - Stop the service (or keep it from writing the files) during the import; a company whose directory changes while it is
+    imported is rolled back.
+  - One import or undo at a time per database (a session advisory lock).
+  - "Test-only fault hooks, never to be set in production: C(BAILEYS_DR_TEST_PAUSE_AT=import_company:<n>) pauses
+    C(BAILEYS_DR_TEST_PAUSE_SECONDS) (default 30) after the n-th company's writes, before its COMMIT;
+    C(BAILEYS_DR_TEST_FAIL_AT=import_company:<n>) fails there. C(undo_company:<n>) is the same point of O(mode=undo)."
+requirements:
+  - psycopg2
+seealso:
+  - module: baileys_auth_export
+  - module: baileys_sessions_verify
+"""
+
+EXAMPLES = r"""
+- name: Fail back the files to PostgreSQL
+  baileys_auth_import:
+    src: /srv/baileys-app/baileys_sessions
+    since: "{{ failover_state.switched_at }}"
+    undo_dir: /var/lib/baileys-dr/undo
+    login_host: db.internal
+    login_user: baileys_dr
+    login_password: "{{ vault_db_password }}"
+    login_db: baileys
+  register: failback
+
+- name: What would the failback change?
+  baileys_auth_import:
+    src: /srv/baileys-app/baileys_sessions
+    undo_dir: /var/lib/baileys-dr/undo
+    db_url: "{{ vault_db_url }}"
+  check_mode: true
+
+- name: Undo the failback
+  baileys_auth_import:
+    mode: undo
+    undo_file: "{{ failback.undo_files }}"
+    db_url: "{{ vault_db_url }}"
+"""
+
+RETURN = r"""
+changed:
+  description: Whether rows were written (check mode, would be).
+  returned: always
+  type: bool
+mode:
+  description: C(import) or C(undo).
+  returned: always
+  type: str
+companies:
+  description:
+    - (import) By company id - status (C(imported), C(unchanged), C(would_change), C(refused), C(failed), C(not_attempted)),
+      inserted, updated, deleted, unchanged (rows kept as they were), creds_changed, creds (C(inserted), C(updated),
+      C(unchanged), C(absent)), kept (rows of skipped ambiguous files), conflicts, ambiguous, undo_file, digest, error.
+  returned: mode=import
+  type: dict
+totals:
+  description: (import) Sums of inserted, updated, deleted, unchanged, kept and creds_changed.
+  returned: mode=import
+  type: dict
+committed:
+  description: (import) Companies whose transaction committed in this run.
+  returned: mode=import
+  type: list
+  elements: str
+failed_companies:
+  description: (import) Companies refused or failed.
+  returned: mode=import
+  type: list
+  elements: str
+not_attempted:
+  description: Companies (import) or undo files (undo) not attempted after a failure.
+  returned: always
+  type: list
+  elements: str
+errors:
+  description: (import) company, status and error of each refused or failed company (at most O(max_report)).
+  returned: mode=import
+  type: list
+  elements: dict
+undo_files:
+  description: (import) Undo files written by this run, one per company that changed. (undo) Outcome by undo file.
+  returned: always
+  type: raw
+ambiguous:
+  description: (import) Files whose original id cannot be told - company, file, type, reason, candidates (at most 8),
+    candidate_count, in_database (ids of rows giving that file name).
+  returned: mode=import
+  type: list
+  elements: dict
+ambiguous_count:
+  description: (import) All ambiguous files.
+  returned: mode=import
+  type: int
+conflicts:
+  description: Rows changed after O(since) (import) or after the failback (undo) that would be overwritten - company, type, id, updated_at.
+  returned: always
+  type: list
+  elements: dict
+conflict_count:
+  description: (import) All conflicts.
+  returned: mode=import
+  type: int
+digests:
+  description: (import) State digest by company after the import (check mode, the digest the rows would have).
+  returned: mode=import, when there are at most 1000 companies or O(return_digests)
+  type: dict
+since:
+  description: (import) The time of the conflict guard, and since_from where it came from.
+  returned: mode=import
+  type: str
+untouched_companies:
+  description: (import) Companies of the database that are not in the tree (not touched).
+  returned: mode=import
+  type: int
+duration_seconds:
+  description: Wall time of the run.
+  returned: always
+  type: float
+queries:
+  description: The SQL statements run (no parameters).
+  returned: always
+  type: list
+  elements: str
+warnings:
+  description: Things worth knowing that did not stop the run.
+  returned: always
+  type: list
+  elements: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.baileys_dr_import import FailbackError, failback
+from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, describe_target, postgres_argument_spec, psycopg2, scrub
+from ansible.module_utils.baileys_dr_sessions import SessionsError, check_company_id
+
+
+class AuthImport:
+    def __init__(self, module):
+        self.module = module
+        self.params = module.params
+
+    def run(self):
+        for company_id in self.params["companies"] or ():
+            check_company_id(company_id)
+        return failback(self.params, lambda: connect(self.params, application_name="baileys-dr-import"),
+                        describe_target(self.params), self.module.check_mode)
+
+    def summary(self, result):
+        """Why the module fails, or None."""
+        if result["mode"] == "undo":
+            failed = [result["undo_files"][p]["error"] for p in result["failed_files"]]
+            return "undo failed: %s" % "; ".join(failed[:5]) if failed else None
+        if not result["failed_companies"]:
+            return None
+        errors = "; ".join(e["error"] for e in result["errors"][:5])
+        if not result["committed"]:
+            head = "failback refused, nothing was written" if not self.module.check_mode else "failback would be refused"
+        else:
+            head = "failback stopped: %d companies committed (%s)" % (len(result["committed"]), ", ".join(result["committed"][:20]))
+        tail = " (%d companies not attempted)" % len(result["not_attempted"]) if result["not_attempted"] else ""
+        return "%s: %s%s" % (head, errors, tail)
+
+
+def main():
+    argument_spec = postgres_argument_spec()
+    argument_spec.update(
+        mode=dict(type="str", choices=["import", "undo"], default="import"),
+        src=dict(type="path", aliases=["path"]),
+        companies=dict(type="list", elements="str"),
+        undo_dir=dict(type="path"),
+        undo_file=dict(type="list", elements="path", aliases=["undo_files"]),
+        since=dict(type="str"),
+        force=dict(type="bool", default=False),
+        ambiguous=dict(type="str", choices=["fail", "skip"], default="fail"),
+        buffer_format=dict(type="str", choices=["array", "base64"], default="array"),
+        continue_on_error=dict(type="bool", default=False),
+        allow_other_database=dict(type="bool", default=False),
+        require_manifest=dict(type="bool", default=True),
+        max_report=dict(type="int", default=100),
+        return_digests=dict(type="bool", default=False),
+        lock_timeout=dict(type="int", default=300),
+    )
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
+                           required_if=[("mode", "import", ["src", "undo_dir"]), ("mode", "undo", ["undo_file"])])
+    runner = AuthImport(module)
+    try:
+        result = runner.run()
+    except DatabaseError as exc:
+        module.fail_json(msg=str(exc))
+    except (FailbackError, SessionsError) as exc:
+        module.fail_json(msg=scrub(exc, module.params))
+    except psycopg2.Error as exc:
+        module.fail_json(msg="the failback failed on the database, nothing of the company at hand was committed: %s"
+                         % scrub(exc, module.params).strip())
+    except OSError as exc:
+        module.fail_json(msg="reading the sessions tree or writing an undo file failed: %s" % scrub(exc, module.params))
+    message = runner.summary(result)
+    if message:
+        module.fail_json(msg=scrub(message, module.params), **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

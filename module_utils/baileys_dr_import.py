@@ -1,0 +1,1521 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to baileys-dr
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Failback: a Baileys sessions tree back into the PostgreSQL auth-state store, and its undo.
+
+Contract of the tree: docs/architecture.md ("The sessions tree and its
+manifest (format 1)"); undo files: docs/failback-undo.md.
+
+    files -> verified against the manifest (sha256), new files reverse-mapped
+          -> per company, one REPEATABLE READ transaction:
+             read rows (md5 of value::text) -> plan (insert, update, delete)
+             -> conflict guard (rows changed after `since`)
+             -> undo file (rows replaced or deleted, ids inserted), fsynced
+             -> DELETE / UPDATE / INSERT -> digest of the rows == digest of the files
+             -> the directory did not change meanwhile -> COMMIT
+
+A run reads every company twice: a first pass, read-only, validates the
+files and plans every company before anything is written (so a bad file in
+the last company refuses the run before the first write), a second pass
+does the writes company by company. One company's files are held in memory
+at a time.
+
+Reused: the codec (fixFileName, Buffer forms, canonical JSON through the
+digest lines), the sessions tree readers and validators, the export's test
+hooks, the application's expires_at policy (baileys_dr_testdata.expiry_days).
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import json
+import os
+import re
+import secrets
+import stat
+import time
+
+from ansible.module_utils.baileys_dr_codec import (
+    COMPANY_ID_RE,
+    KEY_TYPES,
+    decode_base64,
+    fix_file_name,
+    key_file_name,
+    sort_key,
+    to_array_form,
+    to_base64_form,
+)
+from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
+from ansible.module_utils.baileys_dr_postgres import psycopg2
+from ansible.module_utils.baileys_dr_sessions import (
+    COMPANIES_DIR,
+    COMPANY_PREFIX,
+    CREDS_FILE,
+    IN_PROGRESS_NAME,
+    MANIFEST_NAME,
+    META_DIR,
+    NEW_FILE_FLAGS,
+    READ_FLAGS,
+    DigestLines,
+    HostileInputError,
+    ManifestError,
+    ParentLock,
+    SessionsError,
+    check_dest,
+    checked_key_file_name,
+    compact_stamp,
+    creds_line,
+    encode_json,
+    iso,
+    key_line,
+    load_company_manifest,
+    open_dir,
+    parse_iso,
+    read_json_at,
+    sha256_bytes,
+    test_hook,
+    utc_now,
+    validate_top_manifest,
+)
+from ansible.module_utils.baileys_dr_testdata import expiry_days
+
+UNDO_FORMAT = 1
+UNDO_KIND = "baileys-dr-failback-undo"
+UNDO_RE = re.compile(r"\Afailback-([A-Za-z0-9_-]{1,50})-(\d{8}T\d{6}Z)(?:-\d+)?\.jsonl\.gz\Z")
+LEGACY_MANIFEST = "manifest.json"
+MAX_FILE_BYTES = 64 << 20
+MAX_CANDIDATES = 8
+BATCH = 1000
+LOCK_NAME = "baileys-dr-import"
+# initAuthCreds() always sets these; a creds.json without them would make Baileys pair again.
+CREDS_REQUIRED = ("noiseKey", "signedIdentityKey", "registrationId")
+BOM = b"\xef\xbb\xbf"
+TYPES_BY_LENGTH = tuple(sorted(KEY_TYPES, key=len, reverse=True))
+
+# -- id shapes of Baileys' keys (reverse of fixFileName) ------------------------------------
+DIGITS_RE = re.compile(r"\A[0-9]+\Z")
+# libsignal ProtocolAddress.toString(): <user>[_<domain type>].<device>
+SIGNAL_ADDRESS_RE = re.compile(r"\A[0-9]+(?:_[0-9]+)?\.[0-9]+\Z")
+# Group JIDs hold no ':' (only user JIDs carry a device); old groups are <creator>-<time>@g.us.
+GROUP_JID = r"(?:[0-9]+(?:-[0-9]+)?@g\.us|status@broadcast)"
+GROUP_JID_RE = re.compile(r"\A%s\Z" % GROUP_JID)
+# SenderKeyName.toString(): <group jid>::<signal user>::<device>, the file holds '--' for '::'.
+SENDER_KEY_NAME_RE = re.compile(r"\A(%s)--([0-9]+(?:_[0-9]+)?)--([0-9]+)\Z" % GROUP_JID)
+LID_MAPPING_RE = re.compile(r"\A[0-9]+(?:_reverse)?\Z")
+BASE64_NAME_RE = re.compile(r"\A[A-Za-z0-9+=_]+\Z")
+
+# -- SQL (parameters by name; every statement is recorded in `queries`) ----------------------
+SESSION_SQL = "SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, YMD'"
+LOCK_SQL = "SELECT pg_try_advisory_lock(hashtext(%(name)s))"
+META_SQL = "SELECT (SELECT system_identifier FROM pg_control_system())::text, now()::text"
+REFERENCED_SQL = "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND confrelid = %(table)s::regclass"
+READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
+TXN_SQL = "SELECT now()::text, txid_current()"
+TXID_STATUS_SQL = "SELECT txid_status(%(txid)s)"
+CREDS_STATE_SQL = (
+    "SELECT md5(creds::text), updated_at::text, coalesce(updated_at > %(since)s::timestamptz, false) "
+    "FROM whatsapp_auth WHERE company_id = %(company)s"
+)
+KEYS_STATE_SQL = (
+    "SELECT key_type, key_id, md5(value::text), updated_at::text, coalesce(updated_at > %(since)s::timestamptz, false) "
+    "FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = ANY(%(key_types)s)"
+)
+SELECTED = "company_id = %(company)s AND (key_type, key_id) IN (SELECT * FROM unnest(%(types)s::text[], %(ids)s::text[]))"
+VALUES_SQL = "SELECT key_type, key_id, value::text FROM whatsapp_keys WHERE " + SELECTED
+CREDS_TEXT_SQL = "SELECT creds::text FROM whatsapp_auth WHERE company_id = %(company)s"
+SAVE_KEYS_SQL = (
+    "SELECT key_type, key_id, value::text, created_at::text, updated_at::text, expires_at::text, "
+    "coalesce(updated_at > %(after)s::timestamptz, false) FROM whatsapp_keys WHERE " + SELECTED
+)
+SAVE_CREDS_SQL = (
+    "SELECT creds::text, created_at::text, updated_at::text, coalesce(updated_at > %(after)s::timestamptz, false) "
+    "FROM whatsapp_auth WHERE company_id = %(company)s"
+)
+DELETE_KEYS_SQL = "DELETE FROM whatsapp_keys WHERE " + SELECTED
+UPDATE_KEYS_SQL = (
+    "UPDATE whatsapp_keys k SET value = u.v::jsonb, expires_at = now() + u.d * interval '1 day' "
+    "FROM unnest(%(types)s::text[], %(ids)s::text[], %(values)s::text[], %(days)s::int[]) AS u(t, i, v, d) "
+    "WHERE k.company_id = %(company)s AND k.key_type = u.t AND k.key_id = u.i"
+)
+INSERT_KEYS_SQL = (
+    "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value, expires_at) "
+    "SELECT %(company)s, u.t, u.i, u.v::jsonb, now() + u.d * interval '1 day' "
+    "FROM unnest(%(types)s::text[], %(ids)s::text[], %(values)s::text[], %(days)s::int[]) AS u(t, i, v, d)"
+)
+INSERT_CREDS_SQL = "INSERT INTO whatsapp_auth (company_id, creds) VALUES (%(company)s, %(creds)s::jsonb)"
+UPDATE_CREDS_SQL = "UPDATE whatsapp_auth SET creds = %(creds)s::jsonb WHERE company_id = %(company)s"
+DIGEST_KEYS_SQL = (
+    "SELECT key_type, key_id, value::text FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = ANY(%(key_types)s) "
+    'ORDER BY key_type COLLATE "C", key_id COLLATE "C"'
+)
+AMBIGUOUS_ROWS_SQL = (
+    "SELECT key_id FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = %(type)s "
+    "AND replace(replace(key_id, '/', '__'), ':', '-') = %(name)s ORDER BY key_id COLLATE \"C\" LIMIT 10"
+)
+RESTORE_KEYS_SQL = (
+    "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value, created_at, updated_at, expires_at) "
+    "SELECT %(company)s, u.t, u.i, u.v::jsonb, u.c::timestamptz, u.m::timestamptz, u.e::timestamptz "
+    "FROM unnest(%(types)s::text[], %(ids)s::text[], %(values)s::text[], %(created)s::text[], %(updated)s::text[], "
+    "%(expires)s::text[]) AS u(t, i, v, c, m, e)"
+)
+RESTORE_CREDS_SQL = (
+    "INSERT INTO whatsapp_auth (company_id, creds, created_at, updated_at) "
+    "VALUES (%(company)s, %(creds)s::jsonb, %(created)s::timestamptz, %(updated)s::timestamptz)"
+)
+RESTORE_CREDS_UPDATE_SQL = (
+    "UPDATE whatsapp_auth SET creds = %(creds)s::jsonb, created_at = %(created)s::timestamptz WHERE company_id = %(company)s"
+)
+DELETE_CREDS_SQL = "DELETE FROM whatsapp_auth WHERE company_id = %(company)s"
+UNTOUCHED_SQL = (
+    "SELECT count(*) FROM (SELECT company_id FROM whatsapp_auth UNION SELECT company_id FROM whatsapp_keys) c "
+    "WHERE NOT company_id = ANY(%(ids)s)"
+)
+
+
+class FailbackError(SessionsError):
+    """An error whose message is safe to show (no secret, no key value)."""
+
+
+class CompanyRefused(FailbackError):
+    """A company that cannot be imported as its files are (refused before any write of it)."""
+
+
+class FileProblem(Exception):
+    """Why one file cannot be imported."""
+
+
+def chunks(items, size=BATCH):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def dumps(value):
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+# -- file names: type by longest prefix, id by a type-aware reverse of fixFileName ------------
+
+
+def parse_key_file_name(file_name):
+    """(type, name part) of a key file, longest type first (sender-key-memory before sender-key), else None."""
+    if not file_name.endswith(".json"):
+        return None
+    stem = file_name[: -len(".json")]
+    for key_type in TYPES_BY_LENGTH:
+        if stem.startswith(key_type + "-") and len(stem) > len(key_type) + 1:
+            return key_type, stem[len(key_type) + 1:]
+    return None
+
+
+def preimage_count(name):
+    """How many ids fixFileName turns into name: 2 per '-' ('-' or ':'), Fibonacci per run of '_' ('__' or '/')."""
+    count = 1
+    for char in name:
+        if char == "-":
+            count *= 2
+    for run in re.findall(r"_+", name):
+        a, b = 1, 1
+        for _ in range(len(run) - 1):
+            a, b = b, a + b
+        count *= b
+    return count
+
+
+def preimages(name, limit=MAX_CANDIDATES):
+    """Up to limit ids that fixFileName turns into name, the name itself first."""
+    found = []
+
+    def walk(position, prefix):
+        if len(found) >= limit:
+            return
+        if position == len(name):
+            found.append(prefix)
+        elif name[position] == "-":
+            walk(position + 1, prefix + "-")
+            walk(position + 1, prefix + ":")
+        elif name.startswith("__", position):
+            walk(position + 1, prefix + "_")
+            walk(position + 2, prefix + "/")
+        else:
+            walk(position + 1, prefix + name[position])
+
+    walk(0, "")
+    return found
+
+
+class Reverse:
+    """Result of the reverse mapping of one file name: id, or None with candidates and the reason."""
+
+    __slots__ = ("key_id", "reason", "candidates", "candidate_count", "rule")
+
+    def __init__(self, key_id=None, reason=None, name=None, rule=None):
+        self.key_id = key_id
+        self.reason = reason
+        self.rule = rule
+        if key_id is None:
+            self.candidates = preimages(name)
+            self.candidate_count = preimage_count(name)
+        else:
+            self.candidates = [key_id]
+            self.candidate_count = 1
+
+
+def reverse_key_name(key_type, name):
+    """The original id of a key file's name part, by the type's id shape; Reverse(None, reason) when it cannot be told.
+
+    Every id returned satisfies fix_file_name(id) == name.
+    """
+    plain = "-" not in name and "__" not in name
+    if key_type == "pre-key":
+        if DIGITS_RE.match(name):
+            return Reverse(name, rule="pre-key ids are integers")
+        return Reverse(None, "pre-key ids are integers", name)
+    if key_type == "lid-mapping":
+        if LID_MAPPING_RE.match(name):
+            return Reverse(name, rule="lid-mapping ids are <digits> or <digits>_reverse")
+        return Reverse(None, "lid-mapping ids are <digits> or <digits>_reverse", name)
+    if key_type == "app-state-sync-key":
+        if BASE64_NAME_RE.match(name):
+            key_id = name.replace("__", "/")
+            if "_" not in key_id and decode_base64(key_id) is not None:
+                return Reverse(key_id, rule="app-state-sync-key ids are base64: '__' is '/'")
+        return Reverse(None, "app-state-sync-key ids are base64 (a '-' or a lone '_' cannot come from one)", name)
+    if key_type == "sender-key":
+        match = SENDER_KEY_NAME_RE.match(name)
+        if match:
+            return Reverse("::".join(match.groups()), rule="sender-key ids are <group jid>::<user>::<device>")
+        return Reverse(None, "not the sender-key shape <group jid>--<user>--<device>", name)
+    if key_type == "sender-key-memory" and GROUP_JID_RE.match(name):
+        return Reverse(name, rule="sender-key-memory ids are group JIDs (no ':')")
+    if key_type in ("session", "identity-key") and SIGNAL_ADDRESS_RE.match(name):
+        return Reverse(name, rule="%s ids are signal addresses <user>.<device>" % key_type)
+    if plain:
+        return Reverse(name, rule="no '-' or '__': the name is the id")
+    return Reverse(None, "a '-' may have been ':' and '__' may have been '/'", name)
+
+
+# -- file contents ------------------------------------------------------------------------------
+
+
+def _no_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def _finite(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("the number %s is out of range" % text[:20])
+    return value
+
+
+def _check_strings(value):
+    """Strings PostgreSQL's JSONB cannot store (\\u0000, lone surrogates) raise FileProblem."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for name, member in item.items():
+                stack.append(name)
+                stack.append(member)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise FileProblem("holds \\u0000, which PostgreSQL JSONB cannot store")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FileProblem("holds a lone UTF-16 surrogate") from None
+
+
+def parse_file(data):
+    """The JSON value of a file as Baileys' JSON.parse reads it, or FileProblem."""
+    if not data:
+        raise FileProblem("is empty (0 bytes)")
+    if data.startswith(BOM):
+        raise FileProblem("starts with a byte order mark (JSON.parse in Baileys fails on it)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileProblem("is not UTF-8 (byte %d)" % exc.start) from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except ValueError as exc:
+        raise FileProblem("is not JSON (%s; %d bytes: truncated?)" % (str(exc).split(":")[0], len(data))) from None
+    _check_strings(value)
+    return value
+
+
+def check_creds(value):
+    if not isinstance(value, dict):
+        raise FileProblem("is not a JSON object")
+    missing = [name for name in CREDS_REQUIRED if name not in value]
+    if missing:
+        raise FileProblem("lacks %s (Baileys would create fresh credentials: the phone would be paired again)" % ", ".join(missing))
+
+
+def stored_text(key_type, value, buffer_format):
+    """The JSON text written to PostgreSQL for a value read from a file."""
+    if key_type == "app-state-sync-key":
+        return dumps(value)  # as the file holds it (protobuf JSON form)
+    return dumps(to_base64_form(value) if buffer_format == "base64" else to_array_form(value))
+
+
+class FileEntry:
+    """One file of a company directory: bytes, sha256, its manifest entry, the value parsed on demand."""
+
+    __slots__ = ("name", "key_type", "key_id", "data", "sha256", "spec", "_value", "reverse")
+
+    def __init__(self, name, key_type, key_id, data, spec, reverse=None):
+        self.name = name
+        self.key_type = key_type
+        self.key_id = key_id
+        self.data = data
+        self.sha256 = sha256_bytes(data)
+        self.spec = spec
+        self.reverse = reverse
+        self._value = None
+
+    @property
+    def same(self):
+        """The file is byte for byte what the export wrote (manifest sha256 and size)."""
+        return self.spec is not None and self.spec.get("sha256") == self.sha256 and self.spec.get("size", len(self.data)) == len(self.data)
+
+    @property
+    def parsed(self):
+        return self._value is not None
+
+    def value(self):
+        if self._value is None:
+            value = parse_file(self.data)
+            if self.key_type == "creds":
+                check_creds(value)
+            self._value = (value,)
+        return self._value[0]
+
+    def line(self):
+        """The file's line of the state digest input."""
+        if self.key_type == "creds":
+            return creds_line(self.value())
+        return key_line(self.key_type, self.key_id, self.value())
+
+
+class CompanyFiles:
+    """A company directory read against its manifest; problems refuse the company."""
+
+    def __init__(self, company_id):
+        self.company_id = company_id
+        self.creds = None
+        self.keys = {}  # (type, id) -> FileEntry
+        self.problems = []  # (file or None, reason)
+        self.ambiguous = []  # report entries
+        self.skipped = set()  # names of ambiguous files left out (ambiguous=skip)
+        self.stats = {}  # name -> (inode, size, mtime_ns), to see changes before the commit
+        self.counts = {"files": 0, "same": 0, "changed": 0, "new": 0, "missing": 0}
+
+    def problem(self, name, reason):
+        self.problems.append((name, reason))
+
+    def reasons(self, limit=5):
+        shown = ["%s %s" % (name, reason) if name else reason for name, reason in self.problems[:limit]]
+        more = " (and %d more)" % (len(self.problems) - limit) if len(self.problems) > limit else ""
+        return "; ".join(shown) + more
+
+
+def dir_stats(dir_fd):
+    stats = {}
+    for name in os.listdir(dir_fd):
+        try:
+            info = os.lstat(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            continue
+        stats[name] = (info.st_ino, info.st_size, info.st_mtime_ns, stat.S_IFMT(info.st_mode))
+    return stats
+
+
+def read_file_at(dir_fd, name):
+    """(bytes, stat) of a regular file; no symbolic link followed, no FIFO opened for long."""
+    fd = os.open(name, READ_FLAGS | os.O_NONBLOCK, dir_fd=dir_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileProblem("is not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise FileProblem("is larger than %d bytes" % MAX_FILE_BYTES)
+        parts = []
+        while True:
+            block = os.read(fd, max(info.st_size + 1, 65536))
+            if not block:
+                break
+            parts.append(block)
+        return b"".join(parts), info
+    finally:
+        os.close(fd)
+
+
+# -- the source tree ---------------------------------------------------------------------------
+
+
+class SourceTree:
+    """The sessions tree failback reads: its manifests and company directories (fds, no symbolic link followed)."""
+
+    def __init__(self, path, root_fd, require_manifest=True):
+        self.path = path
+        self.root_fd = root_fd
+        self.require_manifest = require_manifest
+        self.top = None
+        self.legacy = None
+        self.meta_fd = self.companies_fd = None
+
+    def open(self):
+        try:
+            self.meta_fd = open_dir(META_DIR, self.root_fd)
+        except FileNotFoundError:
+            self.meta_fd = None
+        except SessionsError as exc:
+            raise FailbackError("%s/%s: %s" % (self.path, META_DIR, exc)) from None
+        if self.meta_fd is not None:
+            try:
+                os.lstat(IN_PROGRESS_NAME, dir_fd=self.meta_fd)
+                raise FailbackError("%s/%s/%s exists: a standby refresh was interrupted or is running; the tree is not a finished "
+                                    "generation" % (self.path, META_DIR, IN_PROGRESS_NAME))
+            except FileNotFoundError:
+                pass
+            try:
+                _, top = read_json_at(self.meta_fd, MANIFEST_NAME)
+                self.top = validate_top_manifest(top)
+                self.companies_fd = open_dir(COMPANIES_DIR, self.meta_fd)
+            except FileNotFoundError:
+                if self.top is not None:
+                    raise FailbackError("%s/%s/%s is missing" % (self.path, META_DIR, COMPANIES_DIR)) from None
+            except (ManifestError, SessionsError, OSError) as exc:
+                raise FailbackError("the manifest of %s is unusable: %s" % (self.path, exc)) from None
+        if self.top is None:
+            self.legacy = self._legacy()
+        if self.top is None and self.legacy is None and self.require_manifest:
+            raise FailbackError(
+                "%s has no manifest (%s/%s or %s): files cannot be verified and ids of every file would have to be guessed "
+                "(require_manifest=false imports it anyway, reverse-mapping every name)" % (self.path, META_DIR, MANIFEST_NAME, LEGACY_MANIFEST)
+            )
+        return self
+
+    def _legacy(self):
+        """Companies of an older tree's <tree>/manifest.json ({"format": 1, "companies": {id: {"files": {...}}}}), or None."""
+        try:
+            _, document = read_json_at(self.root_fd, LEGACY_MANIFEST)
+        except FileNotFoundError:
+            return None
+        except (ManifestError, SessionsError, OSError) as exc:
+            raise FailbackError("%s/%s is unusable: %s" % (self.path, LEGACY_MANIFEST, exc)) from None
+        if not isinstance(document, dict) or document.get("format") != 1 or not isinstance(document.get("companies"), dict):
+            raise FailbackError("%s/%s is not a format 1 manifest" % (self.path, LEGACY_MANIFEST))
+        return document["companies"]
+
+    def close(self):
+        for attr in ("companies_fd", "meta_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, attr, None)
+
+    @property
+    def kind(self):
+        return "baileys-dr" if self.top is not None else "legacy" if self.legacy is not None else None
+
+    @property
+    def source(self):
+        return (self.top or {}).get("source") or {}
+
+    def listed(self):
+        if self.top is not None:
+            return set(self.top["companies"])
+        return set(self.legacy or ())
+
+    def company_ids(self, wanted=None):
+        """(company ids in byte order, {raw name: reason} of directories that cannot be companies)."""
+        listed = self.listed()
+        found, bad = set(), {}
+        for name in os.listdir(self.root_fd):
+            if not name.startswith(COMPANY_PREFIX):
+                continue
+            company_id = name[len(COMPANY_PREFIX):]
+            info = os.lstat(name, dir_fd=self.root_fd)
+            if not COMPANY_ID_RE.match(company_id):
+                bad[company_id] = "directory %r: the company id does not match [A-Za-z0-9_-]{1,50}" % name
+            elif stat.S_ISLNK(info.st_mode):
+                bad[company_id] = "%s is a symbolic link: refused" % name
+            elif not stat.S_ISDIR(info.st_mode):
+                bad[company_id] = "%s is not a directory" % name
+            else:
+                found.add(company_id)
+        ids = found | listed | set(bad)
+        if wanted:
+            unknown = [c for c in wanted if c not in ids]
+            if unknown:
+                raise FailbackError("companies not in %s: %s" % (self.path, ", ".join(repr(c) for c in unknown[:20])))
+            ids = set(wanted)
+        ordered = sorted(ids, key=lambda c: c.encode("utf-8", "surrogateescape"))
+        return ordered, {c: r for c, r in bad.items() if c in ids}
+
+    def manifest_files(self, company_id):
+        """{file name: entry} the manifest lists for the company ({} for a company created while on files)."""
+        if self.top is not None:
+            entry = self.top["companies"].get(company_id)
+            if entry is None:
+                return {}
+            try:
+                return load_company_manifest(self.companies_fd, company_id, entry["manifest_sha256"])["files"]
+            except FileNotFoundError:
+                raise CompanyRefused("its manifest %s/%s/%s.json is missing" % (META_DIR, COMPANIES_DIR, company_id)) from None
+            except (ManifestError, SessionsError, OSError) as exc:
+                raise CompanyRefused("its manifest is unusable (checksum mismatch or damage): %s" % exc) from None
+        entry = (self.legacy or {}).get(company_id)
+        if entry is None:
+            return {}
+        files = entry.get("files") if isinstance(entry, dict) else None
+        if not isinstance(files, dict):
+            raise CompanyRefused("its entry in %s has no files object" % LEGACY_MANIFEST)
+        for name, spec in files.items():
+            ok = isinstance(spec, dict) and (
+                (name == CREDS_FILE and spec.get("type") in ("creds", None))
+                or (spec.get("type") in KEY_TYPES and isinstance(spec.get("id"), str) and key_file_name(spec["type"], spec["id"]) == name)
+            )
+            if not ok:
+                raise CompanyRefused("%s: the entry of %r does not name the file of its type and id" % (LEGACY_MANIFEST, name))
+        return files
+
+    def manifest_digest(self, company_id):
+        if self.top is None:
+            return None
+        return (self.top["companies"].get(company_id) or {}).get("digest")
+
+    def read_company(self, company_id, ambiguous_mode):
+        """The company's files, checked: everything that refuses the company is in .problems / .ambiguous."""
+        files = CompanyFiles(company_id)
+        specs = self.manifest_files(company_id)
+        try:
+            dir_fd = open_dir(COMPANY_PREFIX + company_id, self.root_fd)
+        except FileNotFoundError:
+            files.problem(None, "its directory %s%s is missing (the manifest lists it): refusing to delete the company's rows"
+                          % (COMPANY_PREFIX, company_id))
+            return files
+        except SessionsError as exc:
+            files.problem(None, str(exc))
+            return files
+        try:
+            present = set()
+            for name in sorted(os.listdir(dir_fd)):
+                present.add(name)
+                self._read_file(files, dir_fd, name, specs.get(name), ambiguous_mode)
+            for name, spec in specs.items():
+                if name in present:
+                    continue
+                if name == CREDS_FILE:
+                    files.problem(CREDS_FILE, "is missing (the manifest lists it): refusing to delete the credentials "
+                                              "(Baileys would have written fresh ones)")
+                else:
+                    files.counts["missing"] += 1
+        finally:
+            os.close(dir_fd)
+        return files
+
+    def _read_file(self, files, dir_fd, name, spec, ambiguous_mode):
+        files.counts["files"] += 1
+        try:
+            data, info = read_file_at(dir_fd, name)
+        except FileProblem as exc:
+            files.problem(name, str(exc))
+            return
+        except OSError as exc:
+            reason = "is a symbolic link: refused" if exc.errno == errno.ELOOP else "is unreadable (%s)" % exc.strerror
+            files.problem(name, reason)
+            return
+        files.stats[name] = (info.st_ino, info.st_size, info.st_mtime_ns, stat.S_IFMT(info.st_mode))
+        reverse = None
+        if name == CREDS_FILE:
+            key_type, key_id = "creds", None
+        elif spec is not None:
+            key_type, key_id = spec.get("type"), spec.get("id")
+            if key_type not in KEY_TYPES:
+                files.problem(name, "has the type %r in the manifest, not a Baileys key type" % (key_type,))
+                return
+        else:
+            parsed = parse_key_file_name(name)
+            if parsed is None:
+                files.problem(name, "is not a Baileys key file (<type>-<id>.json with a type of %s): unknown type" % ", ".join(KEY_TYPES))
+                return
+            key_type, part = parsed
+            reverse = reverse_key_name(key_type, part)
+            if reverse.key_id is None:
+                files.ambiguous.append({"company": files.company_id, "file": name, "type": key_type, "reason": reverse.reason,
+                                        "candidates": reverse.candidates, "candidate_count": reverse.candidate_count})
+                if ambiguous_mode == "skip":
+                    files.skipped.add(name)
+                return
+            key_id = reverse.key_id
+            try:
+                if checked_key_file_name(files.company_id, key_type, key_id) != name:
+                    raise HostileInputError("the id %r does not give back the file name" % key_id)
+            except HostileInputError as exc:
+                files.problem(name, "cannot be imported: %s" % exc)
+                return
+        entry = FileEntry(name, key_type, key_id, data, spec, reverse)
+        if entry.same:
+            files.counts["same"] += 1
+        else:
+            files.counts["changed" if spec is not None else "new"] += 1
+            try:
+                entry.value()  # validated now, before any write
+            except FileProblem as exc:
+                files.problem(name, str(exc))
+                return
+        if key_type == "creds":
+            files.creds = entry
+        else:
+            files.keys[(key_type, key_id)] = entry
+
+    def unchanged_since_read(self, files):
+        """None when the company directory still holds what was read, else what changed."""
+        dir_fd = open_dir(COMPANY_PREFIX + files.company_id, self.root_fd)
+        try:
+            now = dir_stats(dir_fd)
+        finally:
+            os.close(dir_fd)
+        before = files.stats
+        if now == before:
+            return None
+        changed = sorted(set(now) ^ set(before)) + sorted(n for n in set(now) & set(before) if now[n] != before[n])
+        return ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+
+
+# -- the database ---------------------------------------------------------------------------------
+
+
+class Database:
+    """The module's connection: UTC, ISO dates, REPEATABLE READ; every statement recorded."""
+
+    def __init__(self, connect, queries):
+        self.connect = connect
+        self.queries = queries
+        self.conn = None
+        self.locked = False
+
+    def _record(self, sql):
+        if sql not in self.queries:
+            self.queries.append(sql)
+
+    def open(self, lock):
+        self.conn = self.connect()
+        self.conn.set_session(isolation_level="REPEATABLE READ")
+        self.conn.set_client_encoding("UTF8")
+        self.execute(SESSION_SQL)
+        if lock:
+            if not self.one(LOCK_SQL, {"name": LOCK_NAME})[0]:
+                self.conn.rollback()
+                raise FailbackError("another baileys_auth_import (import or undo) holds its lock on this database")
+            self.locked = True
+        self.conn.commit()
+        return self
+
+    def ensure(self, lock):
+        if self.conn is None or self.conn.closed:
+            self.close()
+            self.open(lock)
+
+    def close(self):
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg2.Error:
+                pass
+            self.conn = None
+
+    def execute(self, sql, args=None):
+        self._record(sql)
+        with self.conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.rowcount
+
+    def one(self, sql, args=None):
+        self._record(sql)
+        with self.conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchone()
+
+    def all(self, sql, args=None):
+        self._record(sql)
+        with self.conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall()
+
+    def stream(self, sql, args=None, size=2000):
+        self._record(sql)
+        with self.conn.cursor() as cur:
+            cur.execute(sql, args)
+            while True:
+                rows = cur.fetchmany(size)
+                if not rows:
+                    return
+                yield from rows
+
+    def selected(self, sql, company_id, keys, extra=None):
+        """Rows of sql for the (type, id) keys of a company, in batches."""
+        out = []
+        for part in chunks(keys):
+            args = {"company": company_id, "types": [k[0] for k in part], "ids": [k[1] for k in part]}
+            args.update(extra or {})
+            out.extend(self.all(sql, args))
+        return out
+
+    def rollback(self):
+        if self.conn is not None and not self.conn.closed:
+            try:
+                self.conn.rollback()
+            except psycopg2.Error:
+                pass
+
+    def meta(self):
+        system_identifier, now = self.one(META_SQL)
+        referenced = {t: self.one(REFERENCED_SQL, {"table": t})[0] > 0 for t in ("whatsapp_auth", "whatsapp_keys")}
+        self.conn.commit()
+        return {"system_identifier": system_identifier, "now": now, "referenced": referenced}
+
+    def txid_status(self, txid):
+        """'committed', 'aborted', 'in progress' or None, asked on a fresh connection (this one may be gone)."""
+        try:
+            conn = self.connect()
+        except Exception:  # noqa: BLE001 - the answer is then unknown
+            return None
+        try:
+            self._record(TXID_STATUS_SQL)
+            with conn.cursor() as cur:
+                cur.execute(TXID_STATUS_SQL, {"txid": txid})
+                return cur.fetchone()[0]
+        except psycopg2.Error:
+            return None
+        finally:
+            conn.close()
+
+
+# -- undo files -------------------------------------------------------------------------------------
+
+
+class _HashingWriter:
+    def __init__(self, raw):
+        self.raw = raw
+        self.digest = hashlib.sha256()
+
+    def write(self, data):
+        self.digest.update(data)
+        return self.raw.write(data)
+
+    def flush(self):
+        self.raw.flush()
+
+
+def write_undo_file(undo_dir, company_id, header, records):
+    """<undo_dir>/failback-<company>-<UTC stamp>.jsonl.gz and its .sha256, both synced; returns the path."""
+    base = "failback-%s-%s" % (company_id, compact_stamp(utc_now()))
+    name, serial = base + ".jsonl.gz", 1
+    while os.path.lexists(os.path.join(undo_dir, name)) or os.path.lexists(os.path.join(undo_dir, name + ".sha256")):
+        serial += 1
+        name = "%s-%d.jsonl.gz" % (base, serial)
+    final = os.path.join(undo_dir, name)
+    tmp = os.path.join(undo_dir, ".%s.tmp-%s" % (name, secrets.token_hex(4)))
+    count = 0
+    try:
+        fd = os.open(tmp, NEW_FILE_FLAGS, 0o600)
+        with os.fdopen(fd, "wb") as raw:
+            hashing = _HashingWriter(raw)
+            with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:
+                gz.write(encode_json(header) + b"\n")
+                for record in records:
+                    gz.write(encode_json(record) + b"\n")
+                    count += 1
+                gz.write(encode_json({"end": True, "records": count}) + b"\n")
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.rename(tmp, final)
+        tmp = None
+        write_file_atomic(final + ".sha256", ("%s  %s\n" % (hashing.digest.hexdigest(), name)).encode("ascii"), mode=0o600)
+    except BaseException:
+        for path in (tmp, final if tmp is None else None):
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        raise
+    fsync_dir(undo_dir)
+    return final
+
+
+def remove_undo_file(path):
+    for name in (path, path + ".sha256"):
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+    fsync_dir(os.path.dirname(path))
+
+
+def read_undo_file(path):
+    """(header, records) of an undo file whose sha256 matches its sidecar; FailbackError otherwise."""
+    name = os.path.basename(path)
+    try:
+        with open(path + ".sha256", "r", encoding="ascii") as fh:
+            expected, _, listed = fh.read().strip().partition("  ")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FailbackError("undo file %s: its .sha256 sidecar is unreadable (%s)" % (path, exc)) from None
+    if listed != name:
+        raise FailbackError("undo file %s: its .sha256 sidecar names %r" % (path, listed))
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise FailbackError("undo file %s is unreadable (%s)" % (path, exc.strerror)) from None
+    if digest.hexdigest() != expected:
+        raise FailbackError("undo file %s: checksum mismatch (sha256 %s, the sidecar says %s)" % (path, digest.hexdigest(), expected))
+    try:
+        with gzip.open(path, "rb") as gz:
+            lines = [json.loads(line) for line in gz]
+    except (OSError, EOFError, ValueError) as exc:
+        raise FailbackError("undo file %s is damaged (%s)" % (path, exc)) from None
+    if len(lines) < 2 or not isinstance(lines[0], dict) or lines[0].get("kind") != UNDO_KIND or lines[0].get("format") != UNDO_FORMAT:
+        raise FailbackError("undo file %s is not a format %d %s file" % (path, UNDO_FORMAT, UNDO_KIND))
+    header, records, end = lines[0], lines[1:-1], lines[-1]
+    if end != {"end": True, "records": len(records)}:
+        raise FailbackError("undo file %s is incomplete (no end record for %d records)" % (path, len(records)))
+    company_id = header.get("company_id")
+    if not isinstance(company_id, str) or not COMPANY_ID_RE.match(company_id):
+        raise FailbackError("undo file %s names an invalid company id %r" % (path, company_id))
+    for record in records:
+        if record.get("table") == "whatsapp_auth":
+            ok = record.get("action") in ("updated", "inserted")
+        else:
+            ok = (record.get("table") == "whatsapp_keys" and record.get("action") in ("updated", "deleted", "inserted")
+                  and isinstance(record.get("key_type"), str) and isinstance(record.get("key_id"), str))
+        if not ok:
+            raise FailbackError("undo file %s holds a record it cannot apply: %r" % (path, {k: record.get(k) for k in ("table", "action")}))
+    return header, records
+
+
+# -- one company ------------------------------------------------------------------------------------
+
+
+class CompanyPlan:
+    """What a failback changes in one company's rows, decided before anything is written."""
+
+    def __init__(self):
+        self.inserts = []  # FileEntry
+        self.updates = []  # FileEntry
+        self.deletes = []  # (type, id)
+        self.kept = []  # (type, id): rows of skipped ambiguous files, left as they are
+        self.unchanged = 0
+        self.creds = None  # None, "inserted" or "updated"
+        self.creds_present = False
+        self.conflicts = []
+        self.lines = {}  # (type, id) -> the file's digest line, computed while comparing
+        self.proven = True  # every row equals the manifest's: the digest is the manifest's
+
+    @property
+    def writes(self):
+        return bool(self.inserts or self.updates or self.deletes or self.creds)
+
+    def counts(self):
+        return {"inserted": len(self.inserts), "updated": len(self.updates), "deleted": len(self.deletes),
+                "unchanged": self.unchanged, "creds_changed": self.creds is not None, "creds": self.creds or
+                ("unchanged" if self.creds_present else "absent"), "kept": len(self.kept), "conflicts": len(self.conflicts)}
+
+
+def new_outcome():
+    return {"status": None, "inserted": 0, "updated": 0, "deleted": 0, "unchanged": 0, "creds_changed": False, "creds": None,
+            "kept": 0, "conflicts": 0, "ambiguous": 0, "undo_file": None, "digest": None, "error": None}
+
+
+class Failback:
+    """mode=import: the files of a sessions tree become the rows of PostgreSQL, company by company."""
+
+    def __init__(self, params, connect, target, check_mode):
+        self.params = params
+        self.connect = connect
+        self.target = target
+        self.check_mode = check_mode
+        self.queries = []
+        self.db = Database(connect, self.queries)
+        self.meta = None
+        self.tree = None
+        self.since = None
+        self.warnings = []
+
+    # -- the run --
+    def run(self):
+        started = time.monotonic()
+        src, exists = check_dest(self.params["src"])
+        if not exists:
+            raise FailbackError("src %s does not exist" % src)
+        with ParentLock(os.path.dirname(src), exclusive=False, timeout=self.params["lock_timeout"]):
+            root_fd = open_dir(src)
+            try:
+                self.tree = SourceTree(src, root_fd, self.params["require_manifest"]).open()
+                try:
+                    result = self._run(src)
+                finally:
+                    self.tree.close()
+            finally:
+                os.close(root_fd)
+                self.db.close()
+        result["duration_seconds"] = round(time.monotonic() - started, 3)
+        return result
+
+    def _since(self):
+        since = self.params.get("since")
+        if since:
+            moment = parse_iso(since)
+            if moment is None:
+                raise FailbackError("since %r is not an ISO 8601 time" % since)
+            return iso(moment), "option"
+        snapshot = self.tree.source.get("snapshot_at")
+        if snapshot and parse_iso(snapshot):
+            return iso(parse_iso(snapshot)), "manifest source.snapshot_at"
+        self.warnings.append("no since and no export snapshot time in the manifest: the conflict guard is off")
+        return None, None
+
+    def _run(self, src):
+        params = self.params
+        companies, bad = self.tree.company_ids(params.get("companies"))
+        self.db.open(lock=not self.check_mode)
+        self.meta = self.db.meta()
+        source_id = self.tree.source.get("system_identifier")
+        if source_id and source_id != self.meta["system_identifier"] and not params["allow_other_database"]:
+            raise FailbackError(
+                "the tree was exported from the database with system identifier %s, this one is %s: refusing to import into "
+                "another database (allow_other_database=true to do it)" % (source_id, self.meta["system_identifier"]))
+        self.since, since_from = self._since()
+        outcomes = {c: new_outcome() for c in companies}
+        for company_id, reason in bad.items():
+            outcomes[company_id].update(status="refused", error=reason)
+        # Pass 1, read-only: every company checked and planned before the first write.
+        for index, company_id in enumerate(companies, 1):
+            if company_id not in bad:
+                self._company(index, company_id, outcomes[company_id], write=False)
+        refused = [c for c in companies if outcomes[c]["status"] == "refused"]
+        if not self.check_mode and not (refused and not params["continue_on_error"]):
+            # Pass 2: the writes, one transaction per company.
+            for index, company_id in enumerate(companies, 1):
+                outcome = outcomes[company_id]
+                if outcome["status"] == "refused":
+                    continue
+                self._company(index, company_id, outcome, write=True)
+                if outcome["status"] in ("failed", "refused") and not params["continue_on_error"]:
+                    for later in companies[index:]:
+                        if outcomes[later]["status"] not in ("refused",):
+                            outcomes[later].update(status="not_attempted")
+                    break
+        elif not self.check_mode:
+            for company_id in companies:
+                if outcomes[company_id]["status"] != "refused":
+                    outcomes[company_id]["status"] = "not_attempted"
+        return self._result(src, companies, outcomes, since_from)
+
+    def _result(self, src, companies, outcomes, since_from):
+        cap = self.params["max_report"]
+        ambiguous, conflicts, refusals = [], [], []
+        totals = dict.fromkeys(("inserted", "updated", "deleted", "unchanged", "kept"), 0)
+        totals["creds_changed"] = 0
+        for company_id in companies:
+            outcome = outcomes[company_id]
+            ambiguous.extend(outcome.pop("_ambiguous", []))
+            conflicts.extend(outcome.pop("_conflicts", []))
+            if outcome["status"] in ("refused", "failed"):
+                refusals.append({"company": company_id, "status": outcome["status"], "error": outcome["error"]})
+            for name in totals:
+                totals[name] += int(outcome[name])
+        committed = [c for c in companies if outcomes[c]["status"] == "imported"]
+        failed = [c for c in companies if outcomes[c]["status"] in ("refused", "failed")]
+        result = {
+            "changed": bool(committed) or (self.check_mode and any(outcomes[c]["status"] == "would_change" for c in companies)),
+            "mode": "import",
+            "src": src,
+            "manifest": self.tree.kind,
+            "generation": (self.tree.top or {}).get("generation"),
+            "system_identifier": self.meta["system_identifier"],
+            "since": self.since,
+            "since_from": since_from,
+            "companies": outcomes,
+            "totals": totals,
+            "committed": committed,
+            "failed_companies": failed,
+            "not_attempted": [c for c in companies if outcomes[c]["status"] == "not_attempted"],
+            "errors": refusals[:cap],
+            "undo_files": [outcomes[c]["undo_file"] for c in companies if outcomes[c]["undo_file"]],
+            "ambiguous": ambiguous[:cap],
+            "ambiguous_count": len(ambiguous),
+            "conflicts": conflicts[:cap],
+            "conflict_count": len(conflicts),
+            "digests": {c: outcomes[c]["digest"] for c in companies if outcomes[c]["digest"]},
+            "queries": self.queries,
+            "warnings": self.warnings,
+        }
+        try:
+            self.db.ensure(lock=False)
+            result["untouched_companies"] = self.db.one(UNTOUCHED_SQL, {"ids": list(companies)})[0]
+            self.db.rollback()
+        except (psycopg2.Error, FailbackError):
+            result["untouched_companies"] = None
+        if len(companies) > 1000 and not self.params["return_digests"]:
+            result.pop("digests")
+        return result
+
+    # -- one company, either pass --
+    def _company(self, index, company_id, outcome, write):
+        mode = self.params["ambiguous"]
+        try:
+            files = self.tree.read_company(company_id, mode)
+        except CompanyRefused as exc:
+            outcome.update(status="refused", error="company %s: %s" % (company_id, exc))
+            return
+        except (OSError, SessionsError) as exc:
+            outcome.update(status="refused", error="company %s: its files cannot be read: %s" % (company_id, exc))
+            return
+        outcome["ambiguous"] = len(files.ambiguous)
+        if not write:
+            if files.ambiguous:
+                self._ambiguous_hints(company_id, files)
+            outcome["_ambiguous"] = files.ambiguous
+        if files.problems:
+            outcome.update(status="refused", error="company %s: refused before any write: %s" % (company_id, files.reasons()))
+            return
+        if files.ambiguous and mode == "fail":
+            names = ", ".join(a["file"] for a in files.ambiguous[:5])
+            outcome.update(status="refused", error="company %s: %d file(s) whose original id cannot be told for certain: %s "
+                                                   "(see ambiguous; ambiguous=skip leaves them out)" % (company_id, len(files.ambiguous), names))
+            return
+        try:
+            self.db.ensure(lock=not self.check_mode)
+            if write:
+                self._write_company(index, company_id, files, outcome)
+            else:
+                self._check_company(company_id, files, outcome)
+        except CompanyRefused as exc:
+            self.db.rollback()
+            outcome.update(status="refused", error="company %s: %s" % (company_id, exc))
+        finally:
+            self.db.rollback()
+
+    def _ambiguous_hints(self, company_id, files):
+        for entry in files.ambiguous[: self.params["max_report"]]:
+            stem = entry["file"][len(entry["type"]) + 1: -len(".json")]
+            rows = self.db.all(AMBIGUOUS_ROWS_SQL, {"company": company_id, "type": entry["type"], "name": stem})
+            entry["in_database"] = [r[0] for r in rows]
+        self.db.rollback()
+
+    def _check_company(self, company_id, files, outcome):
+        """Pass 1 (and check mode): plan in a read-only transaction."""
+        self.db.execute(READ_ONLY_SQL)
+        plan = self._plan(company_id, files)
+        self._record_plan(company_id, plan, outcome)
+        if plan.conflicts and not self.params["force"]:
+            raise CompanyRefused(self._conflict_message(plan))
+        if self.check_mode:
+            outcome["digest"] = self._digests(company_id, files, plan, written=False)
+            outcome["status"] = "would_change" if plan.writes else "unchanged"
+        else:
+            outcome["status"] = "planned"
+
+    @staticmethod
+    def _conflict_message(plan):
+        shown = ", ".join("%s %s (%s)" % (c["type"], repr(c["id"]) if c["id"] is not None else "", c["updated_at"]) for c in plan.conflicts[:5])
+        return ("%d row(s) changed in PostgreSQL after since would be overwritten or deleted: %s%s; refused (force=true imports "
+                "anyway, the rows are saved in the undo file)" % (len(plan.conflicts), shown, " ..." if len(plan.conflicts) > 5 else ""))
+
+    def _record_plan(self, company_id, plan, outcome):
+        outcome.update(plan.counts())
+        outcome["_conflicts"] = [dict(c, company=company_id) for c in plan.conflicts]
+
+    def _write_company(self, index, company_id, files, outcome):
+        """Pass 2: plan again inside the writing transaction, save, write, prove, commit."""
+        undo = None
+        committing = False
+        txid = None
+        try:
+            plan = self._plan(company_id, files)
+            self._record_plan(company_id, plan, outcome)
+            if plan.conflicts and not self.params["force"]:
+                raise CompanyRefused(self._conflict_message(plan))
+            if not plan.writes:
+                outcome["digest"] = self._digests(company_id, files, plan, written=False)
+                outcome["status"] = "unchanged"
+                return
+            txn_now, txid = self.db.one(TXN_SQL)
+            undo = self._save(company_id, files, plan, txn_now, txid)
+            self._apply(company_id, files, plan)
+            outcome["digest"] = self._digests(company_id, files, plan, written=True)
+            test_hook("import_company:%d" % index)
+            changed = self.tree.unchanged_since_read(files)
+            if changed:
+                raise FailbackError("its files changed while it was imported (%s): is the service still running on the files? "
+                                    "Stop it and run again" % changed)
+            committing = True
+            self.db.conn.commit()
+        except CompanyRefused:
+            raise
+        except (psycopg2.Error, SessionsError, OSError, FileProblem) as exc:
+            self.db.rollback()
+            state = self.db.txid_status(txid) if committing and txid is not None else "aborted"
+            if state != "committed":
+                fate = "nothing of it was committed" if state == "aborted" else \
+                    "whether the COMMIT took effect is unknown (txid %s: %s); the undo file %s is kept" % (txid, state, undo)
+                if undo and state == "aborted":
+                    remove_undo_file(undo)
+                    undo = None
+                text = exc.pgerror if isinstance(exc, psycopg2.Error) and exc.pgerror else str(exc)
+                kind = "the database" if isinstance(exc, psycopg2.Error) else "the import"
+                outcome.update(status="failed", undo_file=undo, digest=None,
+                               error="company %s: %s failed: %s; %s" % (company_id, kind, " ".join(str(text).split()), fate))
+                return
+            self.warnings.append("company %s: the COMMIT reported an error (%s) but the transaction committed" % (company_id, exc))
+        outcome.update(status="imported", undo_file=undo)
+
+    # -- planning --
+    def _plan(self, company_id, files):
+        db = self.db
+        plan = CompanyPlan()
+        args = {"company": company_id, "since": self.since, "key_types": list(KEY_TYPES)}
+        creds_row = db.one(CREDS_STATE_SQL, args)
+        rows = {(t, i): (md5, updated, after) for t, i, md5, updated, after in db.all(KEYS_STATE_SQL, args)}
+        compare = []
+        for key, entry in files.keys.items():
+            row = rows.pop(key, None)
+            if row is None:
+                plan.inserts.append(entry)
+                plan.proven = False
+            elif entry.same and entry.spec.get("row_md5") == row[0]:
+                plan.unchanged += 1
+            else:
+                compare.append((key, entry, row))
+                plan.proven = False
+        if compare:
+            texts = {(t, i): text for t, i, text in db.selected(VALUES_SQL, company_id, [c[0] for c in compare])}
+            for key, entry, row in compare:
+                try:
+                    file_line = entry.line()
+                except FileProblem as exc:
+                    raise CompanyRefused("%s %s" % (entry.name, exc)) from None
+                if key_line(key[0], key[1], json.loads(texts[key])) == file_line:
+                    plan.unchanged += 1
+                else:
+                    plan.updates.append(entry)
+                    if row[2]:
+                        plan.conflicts.append({"type": key[0], "id": key[1], "updated_at": row[1]})
+                plan.lines[key] = file_line
+        for key, row in sorted(rows.items(), key=lambda item: sort_key(*item[0])):
+            plan.proven = False
+            if key_file_name(*key) in files.skipped:
+                plan.kept.append(key)
+                continue
+            plan.deletes.append(key)
+            if row[2]:
+                plan.conflicts.append({"type": key[0], "id": key[1], "updated_at": row[1]})
+        self._plan_creds(company_id, files, plan, creds_row)
+        plan.conflicts.sort(key=lambda c: c["updated_at"] or "")
+        return plan
+
+    def _plan_creds(self, company_id, files, plan, row):
+        entry = files.creds
+        plan.creds_present = entry is not None
+        if entry is None:
+            if row is not None:
+                raise CompanyRefused("creds.json is missing but the database holds creds: refusing to delete the credentials")
+            return
+        if row is None:
+            plan.creds = "inserted"
+            plan.proven = False
+            return
+        if entry.same and entry.spec.get("row_md5") == row[0]:
+            return
+        plan.proven = False
+        (text,) = self.db.one(CREDS_TEXT_SQL, {"company": company_id})
+        try:
+            differs = creds_line(json.loads(text)) != entry.line()
+        except FileProblem as exc:
+            raise CompanyRefused("creds.json %s" % exc) from None
+        if differs:
+            plan.creds = "updated"
+            if row[2]:
+                plan.conflicts.append({"type": "creds", "id": None, "updated_at": row[1]})
+
+    # -- writing --
+    def _save(self, company_id, files, plan, txn_now, txid):
+        """Write the undo file (rows replaced or deleted, ids inserted) before the first write; its path."""
+        records = []
+        if plan.creds == "updated":
+            creds, created, updated, _after = self.db.one(SAVE_CREDS_SQL, {"company": company_id, "after": txn_now})
+            records.append({"table": "whatsapp_auth", "action": "updated", "creds": creds, "created_at": created, "updated_at": updated})
+        elif plan.creds == "inserted":
+            records.append({"table": "whatsapp_auth", "action": "inserted"})
+        actions = {(e.key_type, e.key_id): "updated" for e in plan.updates}
+        actions.update({key: "deleted" for key in plan.deletes})
+        saved = self.db.selected(SAVE_KEYS_SQL, company_id, sorted(actions, key=lambda k: sort_key(*k)), {"after": txn_now})
+        if len(saved) != len(actions):
+            raise FailbackError("%d rows to save for undo but %d read back" % (len(actions), len(saved)))
+        for key_type, key_id, value, created, updated, expires, _after in saved:
+            records.append({"table": "whatsapp_keys", "action": actions[(key_type, key_id)], "key_type": key_type, "key_id": key_id,
+                            "value": value, "created_at": created, "updated_at": updated, "expires_at": expires})
+        for entry in plan.inserts:
+            records.append({"table": "whatsapp_keys", "action": "inserted", "key_type": entry.key_type, "key_id": entry.key_id})
+        header = {"format": UNDO_FORMAT, "kind": UNDO_KIND, "company_id": company_id, "created_at": iso(utc_now()),
+                  "txn_started_at": txn_now, "txid": int(txid), "system_identifier": self.meta["system_identifier"],
+                  "target": self.target, "source": {"path": self.tree.path, "manifest": self.tree.kind,
+                                                    "generation": (self.tree.top or {}).get("generation")},
+                  "since": self.since, "counts": {"inserted": len(plan.inserts), "updated": len(plan.updates),
+                                                  "deleted": len(plan.deletes), "creds": plan.creds}}
+        undo_dir = self.params["undo_dir"]
+        os.makedirs(undo_dir, mode=0o700, exist_ok=True)
+        return write_undo_file(undo_dir, company_id, header, records)
+
+    def _apply(self, company_id, files, plan):
+        db = self.db
+        buffer_format = self.params["buffer_format"]
+        deleted = 0
+        for part in chunks(plan.deletes):
+            deleted += db.execute(DELETE_KEYS_SQL, {"company": company_id, "types": [k[0] for k in part], "ids": [k[1] for k in part]})
+        if deleted != len(plan.deletes):
+            raise FailbackError("%d rows to delete but %d deleted" % (len(plan.deletes), deleted))
+        for sql, entries in ((UPDATE_KEYS_SQL, plan.updates), (INSERT_KEYS_SQL, plan.inserts)):
+            done = 0
+            for part in chunks(entries):
+                args = {"company": company_id, "types": [e.key_type for e in part], "ids": [e.key_id for e in part],
+                        "values": [stored_text(e.key_type, e.value(), buffer_format) for e in part],
+                        "days": [expiry_days(e.key_type) for e in part]}
+                done += db.execute(sql, args)
+            if done != len(entries):
+                raise FailbackError("%d rows to write but %d written" % (len(entries), done))
+        if plan.creds:
+            text = stored_text(None, files.creds.value(), buffer_format)
+            if db.execute(INSERT_CREDS_SQL if plan.creds == "inserted" else UPDATE_CREDS_SQL, {"company": company_id, "creds": text}) != 1:
+                raise FailbackError("the creds row was not written")
+
+    def _digests(self, company_id, files, plan, written):
+        """The state digest the rows will hold (check mode) or hold (after writing, proven equal to the files')."""
+        manifest_digest = self.tree.manifest_digest(company_id)
+        if plan.proven and not plan.writes and manifest_digest:
+            return manifest_digest
+        row = self.db.one(CREDS_TEXT_SQL, {"company": company_id})
+        db_creds = creds_line(None if row is None else json.loads(row[0]))
+        if files.creds is None:
+            file_creds = creds_line(None)
+        elif files.creds.parsed or plan.creds:
+            file_creds = files.creds.line()
+        else:
+            file_creds = db_creds
+        database, expected = DigestLines(db_creds), DigestLines(file_creds)
+        kept = set(plan.kept)
+        wanted = sorted(list(files.keys) + plan.kept, key=lambda k: sort_key(*k))
+        position = 0
+        for key_type, key_id, text in self.db.stream(DIGEST_KEYS_SQL, {"company": company_id, "key_types": list(KEY_TYPES)}):
+            key = (key_type, key_id)
+            here = sort_key(*key)
+            while position < len(wanted) and sort_key(*wanted[position]) < here:
+                missing = wanted[position]
+                if missing not in kept:
+                    expected.add(missing[0], missing[1], self._file_line(files, plan, missing))
+                position += 1
+            line = key_line(key_type, key_id, json.loads(text))
+            database.add(key_type, key_id, line)
+            if position < len(wanted) and wanted[position] == key:
+                position += 1
+                entry = files.keys.get(key)
+                use_file = key not in kept and (key in plan.lines or entry.parsed)
+                expected.add(key_type, key_id, self._file_line(files, plan, key) if use_file else line)
+        for missing in wanted[position:]:
+            if missing not in kept:
+                expected.add(missing[0], missing[1], self._file_line(files, plan, missing))
+        if written and database.hexdigest() != expected.hexdigest():
+            raise FailbackError("after the writes the rows' state digest (%s, %d keys) differs from the files' (%s, %d keys): "
+                                "rolled back" % (database.hexdigest(), database.keys, expected.hexdigest(), expected.keys))
+        return expected.hexdigest()
+
+    @staticmethod
+    def _file_line(files, plan, key):
+        line = plan.lines.get(key)
+        if line is None:
+            line = plan.lines[key] = files.keys[key].line()
+        return line
+
+
+# -- undo ---------------------------------------------------------------------------------------------
+
+
+class Undo:
+    """mode=undo: the rows an undo file saved are put back, the ids the failback inserted deleted; one transaction per file."""
+
+    def __init__(self, params, connect, target, check_mode):
+        self.params = params
+        self.check_mode = check_mode
+        self.target = target
+        self.queries = []
+        self.db = Database(connect, self.queries)
+        self.warnings = []
+
+    def run(self):
+        started = time.monotonic()
+        paths = self.params.get("undo_file") or []
+        if not paths:
+            raise FailbackError("mode=undo needs undo_file (one or more undo files)")
+        outcomes = {}
+        try:
+            self.db.open(lock=not self.check_mode)
+            meta = self.db.meta()
+            for index, path in enumerate(paths, 1):
+                outcome = outcomes[path] = {"status": None, "company": None, "restored": 0, "deleted": 0, "already": 0,
+                                            "creds": None, "conflicts": [], "error": None}
+                try:
+                    self.db.ensure(lock=not self.check_mode)
+                    self._one(index, path, meta, outcome)
+                except (SessionsError, psycopg2.Error, OSError) as exc:
+                    self.db.rollback()
+                    text = exc.pgerror if isinstance(exc, psycopg2.Error) and exc.pgerror else str(exc)
+                    outcome.update(status="refused" if outcome["status"] == "refused" else "failed",
+                                   error="%s: %s" % (path, " ".join(str(text).split())))
+                    if not self.params["continue_on_error"]:
+                        break
+                finally:
+                    self.db.rollback()
+        finally:
+            self.db.close()
+        failed = [p for p, o in outcomes.items() if o["status"] in ("failed", "refused")]
+        return {"changed": any(o["status"] in ("undone", "would_undo") for o in outcomes.values()), "mode": "undo",
+                "undo_files": outcomes, "failed_files": failed, "not_attempted": [p for p in paths if p not in outcomes],
+                "conflicts": [dict(c, file=p) for p, o in outcomes.items() for c in o["conflicts"]][: self.params["max_report"]],
+                "queries": self.queries, "warnings": self.warnings, "duration_seconds": round(time.monotonic() - started, 3)}
+
+    def _one(self, index, path, meta, outcome):
+        header, records = read_undo_file(path)
+        company_id = outcome["company"] = header["company_id"]
+        if header.get("system_identifier") != meta["system_identifier"] and not self.params["allow_other_database"]:
+            raise FailbackError("the undo file was written for the database with system identifier %s, this one is %s"
+                                % (header.get("system_identifier"), meta["system_identifier"]))
+        db = self.db
+        if self.check_mode:
+            db.execute(READ_ONLY_SQL)
+        (state,) = db.one(TXID_STATUS_SQL, {"txid": header.get("txid")})
+        if state == "aborted":
+            outcome.update(status="nothing_to_undo", error=None)
+            self.warnings.append("%s: the failback transaction of company %s never committed: nothing to undo" % (path, company_id))
+            return
+        if state == "in progress":
+            raise FailbackError("the failback transaction of company %s is still running" % company_id)
+        after = header["txn_started_at"]
+        keys = [r for r in records if r["table"] == "whatsapp_keys"]
+        current = {(t, i): (v, c, u, e, later) for t, i, v, c, u, e, later in db.selected(
+            SAVE_KEYS_SQL, company_id, [(r["key_type"], r["key_id"]) for r in keys], {"after": after})}
+        restore, delete, conflicts = [], [], []
+        for record in keys:
+            key = (record["key_type"], record["key_id"])
+            now = current.get(key)
+            if record["action"] == "inserted":
+                if now is None:
+                    outcome["already"] += 1
+                    continue
+                if now[4]:
+                    conflicts.append({"type": key[0], "id": key[1], "updated_at": now[2], "why": "changed after the failback"})
+                delete.append(key)
+                continue
+            saved = (record["value"], record["created_at"], record["updated_at"], record["expires_at"])
+            if now is not None and now[:4] == saved:
+                outcome["already"] += 1
+                continue
+            if record["action"] == "updated" and now is None:
+                conflicts.append({"type": key[0], "id": key[1], "updated_at": None, "why": "deleted after the failback"})
+            elif now is not None and now[4]:
+                conflicts.append({"type": key[0], "id": key[1], "updated_at": now[2], "why": "changed after the failback"})
+            restore.append(record)
+        creds_record = next((r for r in records if r["table"] == "whatsapp_auth"), None)
+        creds_action = None
+        if creds_record is not None:
+            now = db.one(SAVE_CREDS_SQL, {"company": company_id, "after": after})
+            if creds_record["action"] == "inserted":
+                if now is not None:
+                    creds_action = "delete"
+                    if now[3]:
+                        conflicts.append({"type": "creds", "id": None, "updated_at": now[2], "why": "changed after the failback"})
+            elif now is None or now[:3] != (creds_record["creds"], creds_record["created_at"], creds_record["updated_at"]):
+                creds_action = "restore"
+                if now is None:
+                    conflicts.append({"type": "creds", "id": None, "updated_at": None, "why": "deleted after the failback"})
+                elif now[3]:
+                    conflicts.append({"type": "creds", "id": None, "updated_at": now[2], "why": "changed after the failback"})
+        outcome.update(restored=len(restore), deleted=len(delete), creds=creds_action, conflicts=conflicts)
+        if conflicts and not self.params["force"]:
+            outcome["status"] = "refused"
+            raise FailbackError("company %s: %d row(s) changed after the failback would be overwritten (first: %s %r); refused "
+                                "(force=true undoes anyway)" % (company_id, len(conflicts), conflicts[0]["type"], conflicts[0]["id"]))
+        if not (restore or delete or creds_action):
+            outcome["status"] = "already_undone"
+            return
+        if self.check_mode:
+            outcome["status"] = "would_undo"
+            return
+        self._apply(company_id, restore, delete, creds_record, creds_action, meta)
+        # Proof: the rows are now exactly the saved ones, the inserted ones are gone.
+        check = {(t, i): (v, c, u, e) for t, i, v, c, u, e, _l in db.selected(
+            SAVE_KEYS_SQL, company_id, [(r["key_type"], r["key_id"]) for r in keys], {"after": after})}
+        for record in keys:
+            key = (record["key_type"], record["key_id"])
+            expected = None if record["action"] == "inserted" else (record["value"], record["created_at"], record["updated_at"],
+                                                                    record["expires_at"])
+            if check.get(key) != expected:
+                raise FailbackError("company %s: %s %r is not as saved after the undo: rolled back" % (company_id, key[0], key[1]))
+        if creds_record is not None:
+            now = db.one(SAVE_CREDS_SQL, {"company": company_id, "after": after})
+            if creds_record["action"] == "inserted":
+                ok = now is None
+            else:
+                ok = now is not None and now[0] == creds_record["creds"] and now[1] == creds_record["created_at"] and (
+                    now[2] == creds_record["updated_at"] or meta["referenced"]["whatsapp_auth"])
+            if not ok:
+                raise FailbackError("company %s: the creds are not as saved after the undo: rolled back" % company_id)
+        test_hook("undo_company:%d" % index)
+        db.conn.commit()
+        outcome["status"] = "undone"
+
+    def _apply(self, company_id, restore, delete, creds_record, creds_action, meta):
+        db = self.db
+        keys = [(r["key_type"], r["key_id"]) for r in restore] + delete
+        for part in chunks(keys):
+            db.execute(DELETE_KEYS_SQL, {"company": company_id, "types": [k[0] for k in part], "ids": [k[1] for k in part]})
+        for part in chunks(restore):
+            db.execute(RESTORE_KEYS_SQL, {"company": company_id, "types": [r["key_type"] for r in part],
+                                          "ids": [r["key_id"] for r in part], "values": [r["value"] for r in part],
+                                          "created": [r["created_at"] for r in part], "updated": [r["updated_at"] for r in part],
+                                          "expires": [r["expires_at"] for r in part]})
+        if creds_action == "delete":
+            db.execute(DELETE_CREDS_SQL, {"company": company_id})
+        elif creds_action == "restore":
+            args = {"company": company_id, "creds": creds_record["creds"], "created": creds_record["created_at"],
+                    "updated": creds_record["updated_at"]}
+            if meta["referenced"]["whatsapp_auth"]:
+                # Other tables reference whatsapp_auth: no DELETE; updated_at is then set by the trigger.
+                if db.execute(RESTORE_CREDS_UPDATE_SQL, args) != 1:
+                    db.execute(RESTORE_CREDS_SQL, args)
+                self.warnings.append("company %s: whatsapp_auth is referenced by foreign keys: creds restored by UPDATE "
+                                     "(updated_at is the undo's time)" % company_id)
+            else:
+                db.execute(DELETE_CREDS_SQL, {"company": company_id})
+                db.execute(RESTORE_CREDS_SQL, args)
+
+
+def failback(params, connect, target, check_mode):
+    """Entry point of baileys_auth_import."""
+    previous = os.umask(0o077)
+    try:
+        if params["mode"] == "undo":
+            return Undo(params, connect, target, check_mode).run()
+        return Failback(params, connect, target, check_mode).run()
+    finally:
+        os.umask(previous)
