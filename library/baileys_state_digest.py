@@ -17,6 +17,8 @@ description:
   - Read-only; reads one company at a time, so memory does not grow with the table.
 version_added: "0.1.0"
 author: baileys-dr contributors
+extends_documentation_fragment:
+  - baileys_dr_postgres
 options:
   companies:
     description: Only these company ids (default all).
@@ -27,46 +29,11 @@ options:
       - Digests to compare with, by company id (for example the readiness report of the application).
       - The module fails naming every company whose digest differs or is missing on either side.
     type: dict
-  db_url:
-    description: libpq connection URI; takes precedence over the login_* options.
-    type: str
-  login_host:
-    description: Database host; default from C(PGHOST).
-    type: str
-  login_port:
-    description: Database port; default from C(PGPORT).
-    type: int
-  login_user:
-    description: Database user; default from C(PGUSER).
-    type: str
-  login_password:
-    description: Password of O(login_user); default from C(PGPASSWORD).
-    type: str
-  login_db:
-    description: Database name; default from C(PGDATABASE).
-    type: str
-  ssl_mode:
-    description: libpq sslmode.
-    type: str
-    choices: [disable, allow, prefer, require, verify-ca, verify-full]
-  ca_cert:
-    description: CA certificate file.
-    type: path
-  connect_timeout:
-    description: Seconds to wait for a connection.
-    type: int
-    default: 10
-  statement_timeout:
-    description: Statement timeout in milliseconds (0 for none).
-    type: int
-    default: 0
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: none
-requirements:
-  - psycopg2
 """
 
 EXAMPLES = r"""

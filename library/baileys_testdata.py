@@ -19,7 +19,8 @@ description:
     setting says C(production).
 version_added: "0.1.0"
 author: baileys-dr contributors
-extends_documentation_fragment: []
+extends_documentation_fragment:
+  - baileys_dr_postgres
 options:
   seed:
     description: Seed of the generator; the same seed, count and prefix always give the same state.
@@ -45,46 +46,11 @@ options:
     type: str
     choices: [present, reloaded, absent]
     default: present
-  db_url:
-    description: libpq connection URI; takes precedence over the login_* options.
-    type: str
-  login_host:
-    description: Database host; default from C(PGHOST).
-    type: str
-  login_port:
-    description: Database port; default from C(PGPORT).
-    type: int
-  login_user:
-    description: Database user; default from C(PGUSER).
-    type: str
-  login_password:
-    description: Password of O(login_user); default from C(PGPASSWORD).
-    type: str
-  login_db:
-    description: Database name; default from C(PGDATABASE).
-    type: str
-  ssl_mode:
-    description: libpq sslmode.
-    type: str
-    choices: [disable, allow, prefer, require, verify-ca, verify-full]
-  ca_cert:
-    description: CA certificate file for O(ssl_mode=verify-ca) or O(ssl_mode=verify-full).
-    type: path
-  connect_timeout:
-    description: Seconds to wait for a connection.
-    type: int
-    default: 10
-  statement_timeout:
-    description: Statement timeout in milliseconds (0 for none).
-    type: int
-    default: 0
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: none
-requirements:
-  - psycopg2
 """
 
 EXAMPLES = r"""

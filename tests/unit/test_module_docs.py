@@ -45,3 +45,29 @@ def test_documented_options_match_the_argument_spec(name):
     source = open(os.path.join(ROOT, "library", name + ".py"), encoding="utf-8").read()
     for option in documented:
         assert option in source, "%s documents %s but never uses it" % (name, option)
+
+
+def test_the_connection_doc_fragment_documents_exactly_the_shared_connection_options():
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "plugins", "doc_fragments"))
+    from baileys_dr_postgres import ModuleDocFragment
+
+    from ansible.module_utils.baileys_dr_postgres import postgres_argument_spec
+
+    documented = yaml.safe_load(ModuleDocFragment.DOCUMENTATION)["options"]
+    spec = postgres_argument_spec()
+    assert set(documented) == set(spec)
+    for name, option in spec.items():
+        assert documented[name]["type"] == option["type"], name
+        assert documented[name].get("default") == option.get("default"), name
+        assert sorted(documented[name].get("aliases", [])) == sorted(option.get("aliases", [])), name
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_modules_with_database_options_use_the_connection_doc_fragment(name):
+    source = open(os.path.join(ROOT, "library", name + ".py"), encoding="utf-8").read()
+    if "postgres_argument_spec()" in source:
+        documentation = yaml.safe_load(doc_strings(name)["DOCUMENTATION"])
+        fragments = documentation.get("extends_documentation_fragment") or []
+        assert "baileys_dr_postgres" in fragments or "login_password" in (documentation.get("options") or {})
