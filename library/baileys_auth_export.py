@@ -44,6 +44,8 @@ description:
   - With O(companies), the tree holds only those companies (it is still replaced or refreshed as a whole).
 version_added: "0.1.0"
 author: baileys-dr contributors
+extends_documentation_fragment:
+  - baileys_dr_postgres
 options:
   mode:
     description:
@@ -119,39 +121,6 @@ options:
     description: Minimum seconds between two archives.
     type: int
     default: 3600
-  db_url:
-    description: libpq connection URI; takes precedence over the login_* options.
-    type: str
-  login_host:
-    description: Database host; default from C(PGHOST).
-    type: str
-  login_port:
-    description: Database port; default from C(PGPORT).
-    type: int
-  login_user:
-    description: Database user; default from C(PGUSER).
-    type: str
-  login_password:
-    description: Password of O(login_user); default from C(PGPASSWORD).
-    type: str
-  login_db:
-    description: Database name; default from C(PGDATABASE).
-    type: str
-  ssl_mode:
-    description: libpq sslmode.
-    type: str
-    choices: [disable, allow, prefer, require, verify-ca, verify-full]
-  ca_cert:
-    description: CA certificate file.
-    type: path
-  connect_timeout:
-    description: Seconds to wait for a connection.
-    type: int
-    default: 10
-  statement_timeout:
-    description: Statement timeout in milliseconds (0 for none).
-    type: int
-    default: 0
 attributes:
   check_mode:
     support: full

@@ -36,6 +36,10 @@ options:
     type: str
     choices: [promoted, restored]
     default: promoted
+  lock_timeout:
+    description: Seconds to wait for a running export, refresh or verification of the same trees.
+    type: int
+    default: 300
 attributes:
   check_mode:
     support: full
@@ -73,6 +77,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.baileys_dr_fs import swap_in
+from ansible.module_utils.baileys_dr_sessions import ParentLock, SessionsError
 
 
 def _stamp():
@@ -99,7 +104,8 @@ class SessionsSwap:
             return dict(changed=False, dest=self.dest, backup=None)
         aside = "%s.failed-%s" % (self.dest, _stamp())
         if not self.module.check_mode:
-            os.rename(self.dest, aside)
+            with ParentLock(os.path.dirname(self.dest), timeout=self.module.params["lock_timeout"]):
+                os.rename(self.dest, aside)
         return dict(changed=True, dest=self.dest, backup=aside)
 
     def run(self):
@@ -120,7 +126,9 @@ class SessionsSwap:
             self.module.fail_json(msg="%s already exists: refusing to overwrite a kept tree" % backup)
         if self.module.check_mode:
             return dict(changed=True, dest=self.dest, backup=backup if os.path.exists(self.dest) else None)
-        kept = swap_in(incoming, self.dest, backup)
+        # The lock the export, refresh and verification take: no swap under a running refresh.
+        with ParentLock(os.path.dirname(self.dest), timeout=self.module.params["lock_timeout"]):
+            kept = swap_in(incoming, self.dest, backup)
         return dict(changed=True, dest=self.dest, backup=kept)
 
 
@@ -131,10 +139,14 @@ def main():
             src=dict(type="path"),
             backup=dict(type="path"),
             state=dict(type="str", default="promoted", choices=["promoted", "restored"]),
+            lock_timeout=dict(type="int", default=300),
         ),
         supports_check_mode=True,
     )
-    module.exit_json(**SessionsSwap(module).run())
+    try:
+        module.exit_json(**SessionsSwap(module).run())
+    except SessionsError as exc:
+        module.fail_json(msg=str(exc))
 
 
 if __name__ == "__main__":
