@@ -52,6 +52,8 @@ description:
   - Keys of types that are not Baileys key types are never touched (nor counted in the digests).
 version_added: "0.1.0"
 author: baileys-dr contributors
+extends_documentation_fragment:
+  - baileys_dr_postgres
 options:
   mode:
     description: C(import) (files to PostgreSQL) or C(undo) (re-apply undo files).
@@ -75,7 +77,10 @@ options:
         (they are written 0600).
     type: path
   undo_file:
-    description: Undo files to re-apply (O(mode=undo)), in order; typically RV(undo_files) of the failback.
+    description:
+      - Undo files to re-apply (O(mode=undo)), typically RV(undo_files) of the failback. Every file is checked against its
+        C(.sha256) sidecar before the first write; they are applied newest failback first (transaction id), whatever the
+        order given.
     type: list
     elements: path
     aliases: [undo_files]
@@ -129,39 +134,6 @@ options:
     description: Seconds to wait for the C(flock) on the parent of O(src) that an export or refresh holds.
     type: int
     default: 300
-  db_url:
-    description: libpq connection URI; takes precedence over the login_* options.
-    type: str
-  login_host:
-    description: Database host; default from C(PGHOST).
-    type: str
-  login_port:
-    description: Database port; default from C(PGPORT).
-    type: int
-  login_user:
-    description: Database user; default from C(PGUSER).
-    type: str
-  login_password:
-    description: Password of O(login_user); default from C(PGPASSWORD).
-    type: str
-  login_db:
-    description: Database name; default from C(PGDATABASE).
-    type: str
-  ssl_mode:
-    description: libpq sslmode.
-    type: str
-    choices: [disable, allow, prefer, require, verify-ca, verify-full]
-  ca_cert:
-    description: CA certificate file.
-    type: path
-  connect_timeout:
-    description: Seconds to wait for a connection.
-    type: int
-    default: 10
-  statement_timeout:
-    description: Statement timeout in milliseconds (0 for none).
-    type: int
-    default: 0
 attributes:
   check_mode:
     support: full
@@ -224,7 +196,9 @@ companies:
   description:
     - (import) By company id - status (C(imported), C(unchanged), C(would_change), C(refused), C(failed), C(not_attempted)),
       inserted, updated, deleted, unchanged (rows kept as they were), creds_changed, creds (C(inserted), C(updated),
-      C(unchanged), C(absent)), kept (rows of skipped ambiguous files), conflicts, ambiguous, undo_file, digest, error.
+      C(unchanged), C(absent)), kept (rows of skipped ambiguous files), reverted (updates of rows changed in PostgreSQL
+      after the export whose files Baileys did not touch - put back to the exported value, with a warning), conflicts,
+      ambiguous, undo_file, digest, error.
   returned: mode=import
   type: dict
 totals:
@@ -252,9 +226,17 @@ errors:
   type: list
   elements: dict
 undo_files:
-  description: (import) Undo files written by this run, one per company that changed. (undo) Outcome by undo file.
+  description:
+    - (import) Undo files written by this run, one per company that changed.
+    - (undo) Outcome by undo file - company, status (C(undone), C(already_undone), C(nothing_to_undo) when the failback's
+      transaction never committed, C(would_undo), C(refused), C(failed)), restored, deleted, already, creds, conflicts, error.
   returned: always
   type: raw
+order:
+  description: (undo) The undo files in the order applied, newest failback first (by transaction id).
+  returned: mode=undo
+  type: list
+  elements: str
 ambiguous:
   description: (import) Files whose original id cannot be told - company, file, type, reason, candidates (at most 8),
     candidate_count, in_database (ids of rows giving that file name).

@@ -34,6 +34,13 @@ KEY_TYPES = (
 
 DIGEST_HEADER = ["baileys-dr-state", 1]
 
+# The application's expires_at policy (DOMAIN.md section 1): written rows get now() + this many days.
+SHORT_LIVED_TYPES = frozenset(("lid-mapping", "pre-key", "session", "sender-key"))
+
+
+def expiry_days(key_type):
+    return 7 if key_type in SHORT_LIVED_TYPES else 14
+
 _BASE64_RE = re.compile(r"\A(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}(?:==)?|[A-Za-z0-9+/]{3}=?)?\Z")
 _DIGITS_RE = re.compile(r"\A-?[0-9]+\Z")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}

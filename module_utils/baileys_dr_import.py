@@ -22,7 +22,7 @@ at a time.
 
 Reused: the codec (fixFileName, Buffer forms, canonical JSON through the
 digest lines), the sessions tree readers and validators, the export's test
-hooks, the application's expires_at policy (baileys_dr_testdata.expiry_days).
+hooks, the application's expires_at policy (baileys_dr_codec.expiry_days).
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ from ansible.module_utils.baileys_dr_codec import (
     COMPANY_ID_RE,
     KEY_TYPES,
     decode_base64,
-    fix_file_name,
+    expiry_days,
     key_file_name,
     sort_key,
     to_array_form,
     to_base64_form,
 )
 from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
-from ansible.module_utils.baileys_dr_postgres import psycopg2
+from ansible.module_utils.baileys_dr_postgres import DatabaseError, psycopg2
 from ansible.module_utils.baileys_dr_sessions import (
     COMPANIES_DIR,
     COMPANY_PREFIX,
@@ -79,7 +79,6 @@ from ansible.module_utils.baileys_dr_sessions import (
     utc_now,
     validate_top_manifest,
 )
-from ansible.module_utils.baileys_dr_testdata import expiry_days
 
 UNDO_FORMAT = 1
 UNDO_KIND = "baileys-dr-failback-undo"
@@ -146,10 +145,7 @@ INSERT_KEYS_SQL = (
 )
 INSERT_CREDS_SQL = "INSERT INTO whatsapp_auth (company_id, creds) VALUES (%(company)s, %(creds)s::jsonb)"
 UPDATE_CREDS_SQL = "UPDATE whatsapp_auth SET creds = %(creds)s::jsonb WHERE company_id = %(company)s"
-DIGEST_KEYS_SQL = (
-    "SELECT key_type, key_id, value::text FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = ANY(%(key_types)s) "
-    'ORDER BY key_type COLLATE "C", key_id COLLATE "C"'
-)
+KEY_IDS_SQL = "SELECT key_type, key_id FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = ANY(%(key_types)s)"
 AMBIGUOUS_ROWS_SQL = (
     "SELECT key_id FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = %(type)s "
     "AND replace(replace(key_id, '/', '__'), ':', '-') = %(name)s ORDER BY key_id COLLATE \"C\" LIMIT 10"
@@ -750,16 +746,6 @@ class Database:
             cur.execute(sql, args)
             return cur.fetchall()
 
-    def stream(self, sql, args=None, size=2000):
-        self._record(sql)
-        with self.conn.cursor() as cur:
-            cur.execute(sql, args)
-            while True:
-                rows = cur.fetchmany(size)
-                if not rows:
-                    return
-                yield from rows
-
     def selected(self, sql, company_id, keys, extra=None):
         """Rows of sql for the (type, id) keys of a company, in batches."""
         out = []
@@ -916,6 +902,7 @@ class CompanyPlan:
         self.deletes = []  # (type, id)
         self.kept = []  # (type, id): rows of skipped ambiguous files, left as they are
         self.unchanged = 0
+        self.reverted = 0  # updates back to the exported value: rows changed after the export, files untouched
         self.creds = None  # None, "inserted" or "updated"
         self.creds_present = False
         self.conflicts = []
@@ -929,12 +916,13 @@ class CompanyPlan:
     def counts(self):
         return {"inserted": len(self.inserts), "updated": len(self.updates), "deleted": len(self.deletes),
                 "unchanged": self.unchanged, "creds_changed": self.creds is not None, "creds": self.creds or
-                ("unchanged" if self.creds_present else "absent"), "kept": len(self.kept), "conflicts": len(self.conflicts)}
+                ("unchanged" if self.creds_present else "absent"), "kept": len(self.kept), "conflicts": len(self.conflicts),
+                "reverted": self.reverted}
 
 
 def new_outcome():
     return {"status": None, "inserted": 0, "updated": 0, "deleted": 0, "unchanged": 0, "creds_changed": False, "creds": None,
-            "kept": 0, "conflicts": 0, "ambiguous": 0, "undo_file": None, "digest": None, "error": None}
+            "kept": 0, "reverted": 0, "conflicts": 0, "ambiguous": 0, "undo_file": None, "digest": None, "error": None}
 
 
 class Failback:
@@ -1010,7 +998,12 @@ class Failback:
                 outcome = outcomes[company_id]
                 if outcome["status"] == "refused":
                     continue
-                self._company(index, company_id, outcome, write=True)
+                try:
+                    self._company(index, company_id, outcome, write=True)
+                except (psycopg2.Error, DatabaseError) as exc:
+                    text = exc.pgerror if isinstance(exc, psycopg2.Error) and exc.pgerror else str(exc)
+                    outcome.update(status="failed", error="company %s: the database failed before its writes: %s; nothing of it "
+                                                          "was committed" % (company_id, " ".join(str(text).split())))
                 if outcome["status"] in ("failed", "refused") and not params["continue_on_error"]:
                     for later in companies[index:]:
                         if outcomes[later]["status"] not in ("refused",):
@@ -1035,6 +1028,12 @@ class Failback:
                 refusals.append({"company": company_id, "status": outcome["status"], "error": outcome["error"]})
             for name in totals:
                 totals[name] += int(outcome[name])
+        reverted = [c for c in companies if outcomes[c]["reverted"]]
+        if reverted:
+            self.warnings.append(
+                "%d row(s) of %d companies (%s) changed in PostgreSQL after the export but not in the files: the failback puts "
+                "them back to the exported value the service used on files (counted as reverted)"
+                % (sum(outcomes[c]["reverted"] for c in reverted), len(reverted), ", ".join(reverted[:10])))
         committed = [c for c in companies if outcomes[c]["status"] == "imported"]
         failed = [c for c in companies if outcomes[c]["status"] in ("refused", "failed")]
         result = {
@@ -1065,7 +1064,7 @@ class Failback:
             self.db.ensure(lock=False)
             result["untouched_companies"] = self.db.one(UNTOUCHED_SQL, {"ids": list(companies)})[0]
             self.db.rollback()
-        except (psycopg2.Error, FailbackError):
+        except (psycopg2.Error, SessionsError, DatabaseError):
             result["untouched_companies"] = None
         if len(companies) > 1000 and not self.params["return_digests"]:
             result.pop("digests")
@@ -1210,6 +1209,8 @@ class Failback:
                     plan.unchanged += 1
                 else:
                     plan.updates.append(entry)
+                    if entry.same:
+                        plan.reverted += 1  # the exported file, a row changed after the export
                     if row[2]:
                         plan.conflicts.append({"type": key[0], "id": key[1], "updated_at": row[1]})
                 plan.lines[key] = file_line
@@ -1246,6 +1247,8 @@ class Failback:
             raise CompanyRefused("creds.json %s" % exc) from None
         if differs:
             plan.creds = "updated"
+            if entry.same:
+                plan.reverted += 1
             if row[2]:
                 plan.conflicts.append({"type": "creds", "id": None, "updated_at": row[1]})
 
@@ -1301,44 +1304,46 @@ class Failback:
                 raise FailbackError("the creds row was not written")
 
     def _digests(self, company_id, files, plan, written):
-        """The state digest the rows will hold (check mode) or hold (after writing, proven equal to the files')."""
+        """The state digest of the company's files, which the rows will hold (check mode) or now hold (proven after the writes).
+
+        Lines come from the files (their base64 Buffers canonicalise faster than the rows' byte arrays); rows of skipped
+        ambiguous files from the database. After the writes the proof is: the rows are exactly the files' keys, every
+        written row reads back canonically equal to its file, and the creds too; every other row was proven equal to
+        its file before (manifest sha256 and row_md5, or the canonical comparison) in this same transaction.
+        """
         manifest_digest = self.tree.manifest_digest(company_id)
         if plan.proven and not plan.writes and manifest_digest:
             return manifest_digest
-        row = self.db.one(CREDS_TEXT_SQL, {"company": company_id})
-        db_creds = creds_line(None if row is None else json.loads(row[0]))
-        if files.creds is None:
-            file_creds = creds_line(None)
-        elif files.creds.parsed or plan.creds:
-            file_creds = files.creds.line()
-        else:
-            file_creds = db_creds
-        database, expected = DigestLines(db_creds), DigestLines(file_creds)
-        kept = set(plan.kept)
-        wanted = sorted(list(files.keys) + plan.kept, key=lambda k: sort_key(*k))
-        position = 0
-        for key_type, key_id, text in self.db.stream(DIGEST_KEYS_SQL, {"company": company_id, "key_types": list(KEY_TYPES)}):
-            key = (key_type, key_id)
-            here = sort_key(*key)
-            while position < len(wanted) and sort_key(*wanted[position]) < here:
-                missing = wanted[position]
-                if missing not in kept:
-                    expected.add(missing[0], missing[1], self._file_line(files, plan, missing))
-                position += 1
-            line = key_line(key_type, key_id, json.loads(text))
-            database.add(key_type, key_id, line)
-            if position < len(wanted) and wanted[position] == key:
-                position += 1
-                entry = files.keys.get(key)
-                use_file = key not in kept and (key in plan.lines or entry.parsed)
-                expected.add(key_type, key_id, self._file_line(files, plan, key) if use_file else line)
-        for missing in wanted[position:]:
-            if missing not in kept:
-                expected.add(missing[0], missing[1], self._file_line(files, plan, missing))
-        if written and database.hexdigest() != expected.hexdigest():
-            raise FailbackError("after the writes the rows' state digest (%s, %d keys) differs from the files' (%s, %d keys): "
-                                "rolled back" % (database.hexdigest(), database.keys, expected.hexdigest(), expected.keys))
+        try:
+            file_creds = creds_line(None) if files.creds is None else files.creds.line()
+            kept = {}
+            if plan.kept:
+                kept = {(t, i): key_line(t, i, json.loads(text)) for t, i, text in self.db.selected(VALUES_SQL, company_id, plan.kept)}
+            expected = DigestLines(file_creds)
+            for key in sorted(list(files.keys) + plan.kept, key=lambda k: sort_key(*k)):
+                expected.add(key[0], key[1], kept[key] if key in kept else self._file_line(files, plan, key))
+        except FileProblem as exc:
+            raise CompanyRefused("a file the manifest proves cannot be read back: %s" % exc) from None
+        if written:
+            self._prove(company_id, files, plan, file_creds)
         return expected.hexdigest()
+
+    def _prove(self, company_id, files, plan, file_creds):
+        """After the writes: the rows hold what the files hold (else the transaction is rolled back)."""
+        args = {"company": company_id, "key_types": list(KEY_TYPES)}
+        present = {(t, i) for t, i in self.db.all(KEY_IDS_SQL, args)}
+        wanted = set(files.keys) | set(plan.kept)
+        if present != wanted:
+            extra, missing = sorted(present - wanted), sorted(wanted - present)
+            raise FailbackError("after the writes the rows are not the files' keys (extra %r, missing %r): rolled back"
+                                % (extra[:3], missing[:3]))
+        written = sorted(((e.key_type, e.key_id) for e in plan.inserts + plan.updates), key=lambda k: sort_key(*k))
+        for key_type, key_id, text in self.db.selected(VALUES_SQL, company_id, written):
+            if key_line(key_type, key_id, json.loads(text)) != self._file_line(files, plan, (key_type, key_id)):
+                raise FailbackError("after the writes %s %r does not read back as its file: rolled back" % (key_type, key_id))
+        row = self.db.one(CREDS_TEXT_SQL, {"company": company_id})
+        if creds_line(None if row is None else json.loads(row[0])) != file_creds:
+            raise FailbackError("after the writes the creds do not read back as creds.json: rolled back")
 
     @staticmethod
     def _file_line(files, plan, key):
@@ -1367,6 +1372,11 @@ class Undo:
         paths = self.params.get("undo_file") or []
         if not paths:
             raise FailbackError("mode=undo needs undo_file (one or more undo files)")
+        # Every file verified (sha256 sidecar, header) before the first write; newest failback first, as undo is a stack.
+        headers = {}
+        for path in paths:
+            headers[path] = read_undo_file(path)[0]
+        paths = sorted(dict.fromkeys(paths), key=lambda p: int(headers[p].get("txid") or 0), reverse=True)
         outcomes = {}
         try:
             self.db.open(lock=not self.check_mode)
@@ -1377,7 +1387,7 @@ class Undo:
                 try:
                     self.db.ensure(lock=not self.check_mode)
                     self._one(index, path, meta, outcome)
-                except (SessionsError, psycopg2.Error, OSError) as exc:
+                except (SessionsError, psycopg2.Error, DatabaseError, OSError) as exc:
                     self.db.rollback()
                     text = exc.pgerror if isinstance(exc, psycopg2.Error) and exc.pgerror else str(exc)
                     outcome.update(status="refused" if outcome["status"] == "refused" else "failed",
@@ -1390,7 +1400,7 @@ class Undo:
             self.db.close()
         failed = [p for p, o in outcomes.items() if o["status"] in ("failed", "refused")]
         return {"changed": any(o["status"] in ("undone", "would_undo") for o in outcomes.values()), "mode": "undo",
-                "undo_files": outcomes, "failed_files": failed, "not_attempted": [p for p in paths if p not in outcomes],
+                "undo_files": outcomes, "order": paths, "failed_files": failed, "not_attempted": [p for p in paths if p not in outcomes],
                 "conflicts": [dict(c, file=p) for p, o in outcomes.items() for c in o["conflicts"]][: self.params["max_report"]],
                 "queries": self.queries, "warnings": self.warnings, "duration_seconds": round(time.monotonic() - started, 3)}
 
@@ -1403,7 +1413,10 @@ class Undo:
         db = self.db
         if self.check_mode:
             db.execute(READ_ONLY_SQL)
-        (state,) = db.one(TXID_STATUS_SQL, {"txid": header.get("txid")})
+        state = None
+        if header.get("system_identifier") == meta["system_identifier"]:
+            # Transaction ids only mean something in the database that gave them.
+            (state,) = db.one(TXID_STATUS_SQL, {"txid": header.get("txid")})
         if state == "aborted":
             outcome.update(status="nothing_to_undo", error=None)
             self.warnings.append("%s: the failback transaction of company %s never committed: nothing to undo" % (path, company_id))

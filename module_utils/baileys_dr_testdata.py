@@ -17,7 +17,7 @@ import datetime
 import json
 import random
 
-from ansible.module_utils.baileys_dr_codec import KEY_TYPES
+from ansible.module_utils.baileys_dr_codec import KEY_TYPES, expiry_days
 
 DAY = datetime.timedelta(days=1)
 APP_STATE_COLLECTIONS = ("critical_block", "critical_unblock_low", "regular", "regular_high", "regular_low")
@@ -33,14 +33,6 @@ TYPE_WEIGHTS = (
     ("tctoken", 4),
     ("identity-key", 3),
 )
-# The application's expires_at policy (DOMAIN.md section 1).
-SHORT_LIVED = frozenset(("lid-mapping", "pre-key", "session", "sender-key"))
-
-
-def expiry_days(key_type):
-    return 7 if key_type in SHORT_LIVED else 14
-
-
 def company_id(prefix, index):
     return "%s%05d" % (prefix, index)
 

@@ -308,6 +308,7 @@ def test_rows_changed_after_since_refuse_the_company_unless_forced(db, exported,
     with gzip.open(result["undo_files"][0], "rt") as fh:
         saved = [json.loads(line) for line in fh][1:-1]
     assert saved[0]["value"] == '{"changed": "on postgres"}', "the overwritten row is kept for undo"
+    assert result["companies"]["company00001"]["reverted"] == 1 and "changed in PostgreSQL after the export" in result["warnings"][0]
 
 
 def test_a_row_changed_after_since_to_what_the_files_hold_is_not_a_conflict(db, exported, failback, sessions):
@@ -430,6 +431,27 @@ def test_an_unfinished_standby_refresh_is_refused(db, exported, failback, sessio
     (sessions / ".baileys-dr" / "refresh-in-progress").write_text("{}")
     ok, result = failback()
     assert not ok and "refresh-in-progress" in result["msg"]
+
+
+def test_an_older_tree_with_only_a_manifest_json_or_no_manifest_at_all(db, exported, failback, sessions):
+    legacy = {"format": 1, "companies": {}}
+    for company in exported["digests"]:
+        files = manifest_of(sessions, company)["files"]
+        legacy["companies"][company] = {"files": {n: {"type": e["type"], "id": e.get("id")} for n, e in files.items()}}
+    shutil.rmtree(sessions / ".baileys-dr")
+    (sessions / "manifest.json").write_text(json.dumps(legacy))
+    before = full_rows(db)
+    ok, result = failback()
+    assert ok and result["manifest"] == "legacy" and result["changed"] is False, result.get("msg")
+    assert result["digests"] == exported["digests"] and full_rows(db) == before, "no sha256: every row compared, none written"
+    os.unlink(sessions / "manifest.json")
+    ok, result = failback()
+    assert not ok and "has no manifest" in result["msg"]
+    ok, result = failback(require_manifest=False)
+    assert not ok and result["ambiguous_count"] >= 1, "ids only the manifest knew cannot be told"
+    ok, result = failback(require_manifest=False, ambiguous="skip")
+    assert ok and result["changed"] is False and result["totals"]["kept"] == result["ambiguous_count"], result.get("msg")
+    assert full_rows(db) == before
 
 
 # -- ids of new files ---------------------------------------------------------------------------------------------------
@@ -568,7 +590,42 @@ def test_files_changed_while_importing_roll_the_company_back(db, exported, failb
     assert full_rows(db) == before
 
 
+def test_a_row_that_does_not_read_back_as_its_file_rolls_the_company_back(db, exported, failback, sessions, undo_dir):
+    """The rows are proven equal to the files before the COMMIT: here a trigger of the database alters one inserted value."""
+    baileys_changes(sessions, "company00001", manifest_of(sessions, "company00001"))
+    before = full_rows(db)
+    execute(db, "CREATE FUNCTION pytest_tamper() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.key_type = 'pre-key' AND NEW.key_id = '100001' THEN NEW.value = '{\"tampered\": true}'; END IF; "
+                "RETURN NEW; END; $$",
+                "CREATE TRIGGER pytest_tamper BEFORE INSERT ON whatsapp_keys FOR EACH ROW EXECUTE FUNCTION pytest_tamper()")
+    try:
+        ok, result = failback()
+    finally:
+        execute(db, "DROP TRIGGER pytest_tamper ON whatsapp_keys", "DROP FUNCTION pytest_tamper()")
+    assert not ok and "company00001" in result["msg"] and "pre-key '100001' does not read back as its file" in result["msg"]
+    assert "nothing of it was committed" in result["msg"]
+    assert full_rows(db) == before and not list(undo_dir.iterdir())
+
+
 # -- undo -------------------------------------------------------------------------------------------------------------
+
+
+def test_undo_files_of_successive_failbacks_are_applied_newest_first_whatever_the_order_given(db, exported, failback, undo, sessions):
+    before = full_rows(db)
+    baileys_changes(sessions, "company00002", manifest_of(sessions, "company00002"))
+    ok, first = failback()
+    assert ok, first.get("msg")
+    directory = sessions / "company_company00002"
+    (directory / "pre-key-100001.json").write_bytes(file_content({"private": {"type": "Buffer", "data": "CQk="}}))
+    (directory / "pre-key-100003.json").write_bytes(file_content({"private": {"type": "Buffer", "data": "CAg="}}))
+    ok, second = failback(since=db_now(db).isoformat())  # a second failover and failback
+    assert ok, second.get("msg")
+    assert (second["companies"]["company00002"]["updated"], second["companies"]["company00002"]["inserted"]) == (1, 1)
+    files = first["undo_files"] + second["undo_files"]
+    ok, undone = undo(files)
+    assert ok, undone.get("msg")
+    assert undone["order"] == second["undo_files"] + first["undo_files"]
+    assert full_rows(db) == before
 
 
 def test_undo_refuses_rows_changed_after_the_failback_unless_forced(db, exported, failback, undo, sessions):

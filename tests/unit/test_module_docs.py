@@ -70,4 +70,5 @@ def test_modules_with_database_options_use_the_connection_doc_fragment(name):
     if "postgres_argument_spec()" in source:
         documentation = yaml.safe_load(doc_strings(name)["DOCUMENTATION"])
         fragments = documentation.get("extends_documentation_fragment") or []
-        assert "baileys_dr_postgres" in fragments or "login_password" in (documentation.get("options") or {})
+        assert "baileys_dr_postgres" in fragments
+        assert "login_password" not in (documentation.get("options") or {}), "document the connection once, in the fragment"
