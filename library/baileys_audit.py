@@ -49,6 +49,26 @@ options:
     description: Names (of inputs and details, at any depth) whose values are redacted.
     type: str
     default: (?i)(pass|secret|token|dsn|url|key$|_key|credential|auth)
+  redact_values:
+    description:
+      - Secret values (passwords, tokens, URLs holding tokens) replaced by C(********) wherever they appear in any string
+        of the record, for example inside an error message. Values shorter than 4 characters are ignored.
+    type: list
+    elements: str
+    default: []
+  event:
+    description: What the record is about, for example C(run) (a DR operation) or C(notification_failed).
+    type: str
+    default: run
+  hosts:
+    description: The target hosts of the operation (C(host) is the machine writing the record).
+    type: list
+    elements: str
+    default: []
+  job_id:
+    description: The AWX/AAP job id when the run comes from AWX ("" otherwise).
+    type: str
+    default: ""
 attributes:
   check_mode:
     support: full
@@ -66,6 +86,16 @@ EXAMPLES = r"""
     user: "{{ lookup('ansible.builtin.env', 'USER') }}"
     inputs: {source: live, tag: emergency-file-fallback-v1}
     details: {companies: 3, keys: 4500}
+
+- name: Audit a notification that could not be sent, without its URL or token
+  baileys_audit:
+    event: notification_failed
+    operation: failover
+    outcome: ok
+    hosts: ["{{ inventory_hostname }}"]
+    job_id: "{{ awx_job_id | default('') }}"
+    details: {channel: telegram, status: 500}
+    redact_values: ["{{ baileys_dr_notify_telegram_bot_token }}"]
 """
 
 RETURN = r"""
@@ -95,6 +125,20 @@ def redact(value, pattern):
     return value
 
 
+def scrub(value, secrets):
+    """value with every occurrence of a secret in its strings (keys included) replaced."""
+    if not secrets:
+        return value
+    if isinstance(value, dict):
+        return {scrub(k, secrets): scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
 def parse_time(value):
     if value in (None, ""):
         return None
@@ -115,6 +159,10 @@ def main():
             inputs=dict(type="dict", default={}),
             details=dict(type="dict", default={}),
             secret_keys_regex=dict(type="str", default=r"(?i)(pass|secret|token|dsn|url|key$|_key|credential|auth)"),
+            redact_values=dict(type="list", elements="str", default=[], no_log=True),
+            event=dict(type="str", default="run"),
+            hosts=dict(type="list", elements="str", default=[]),
+            job_id=dict(type="str", default=""),
         ),
         supports_check_mode=True,
     )
@@ -125,16 +173,22 @@ def main():
         started = parse_time(params["started_at"])
     except ValueError:
         module.fail_json(msg="started_at %r is neither ISO 8601 nor epoch seconds" % params["started_at"])
+    # Longest first, so that a secret containing another is replaced whole.
+    secrets = sorted({v for v in params["redact_values"] if v and len(v) >= 4}, key=len, reverse=True)
     record = {
         "time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "event": params["event"],
         "operation": params["operation"],
         "outcome": "check" if module.check_mode else params["outcome"],
         "duration_seconds": round((now - started).total_seconds(), 3) if started else None,
         "user": params["user"],
+        "job_id": params["job_id"],
         "host": socket.gethostname(),
+        "hosts": params["hosts"],
         "inputs": redact(params["inputs"], pattern),
         "details": redact(params["details"], pattern),
     }
+    record = scrub(record, secrets)
     if not module.check_mode:
         directory = os.path.dirname(params["path"])
         os.makedirs(directory, mode=0o750, exist_ok=True)

@@ -340,7 +340,9 @@ def main():
     except SessionsError as exc:
         module.fail_json(msg=scrub(exc, module.params))
     except psycopg2.Error as exc:
-        module.fail_json(msg="reading the auth-state store failed: %s" % scrub(exc, module.params).strip())
+        # Name the server: "server closed the connection" alone does not say which one died.
+        module.fail_json(msg="reading the auth-state store at %s failed: %s"
+                         % (describe_target(module.params), scrub(exc, module.params).strip()))
     except OSError as exc:
         module.fail_json(msg="writing the sessions tree failed: %s" % scrub(exc, module.params))
 

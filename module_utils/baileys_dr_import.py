@@ -108,7 +108,8 @@ BASE64_NAME_RE = re.compile(r"\A[A-Za-z0-9+=_]+\Z")
 # -- SQL (parameters by name; every statement is recorded in `queries`) ----------------------
 SESSION_SQL = "SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, YMD'"
 LOCK_SQL = "SELECT pg_try_advisory_lock(hashtext(%(name)s))"
-META_SQL = "SELECT (SELECT system_identifier FROM pg_control_system())::text, now()::text"
+META_SQL = ("SELECT (SELECT system_identifier FROM pg_control_system())::text, now()::text, pg_is_in_recovery(), "
+            "current_setting('default_transaction_read_only') = 'on'")
 REFERENCED_SQL = "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND confrelid = %(table)s::regclass"
 READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
 TXN_SQL = "SELECT now()::text, txid_current()"
@@ -763,10 +764,11 @@ class Database:
                 pass
 
     def meta(self):
-        system_identifier, now = self.one(META_SQL)
+        system_identifier, now, in_recovery, read_only = self.one(META_SQL)
         referenced = {t: self.one(REFERENCED_SQL, {"table": t})[0] > 0 for t in ("whatsapp_auth", "whatsapp_keys")}
         self.conn.commit()
-        return {"system_identifier": system_identifier, "now": now, "referenced": referenced}
+        return {"system_identifier": system_identifier, "now": now, "referenced": referenced, "in_recovery": in_recovery,
+                "read_only": read_only}
 
     def txid_status(self, txid):
         """'committed', 'aborted', 'in progress' or None, asked on a fresh connection (this one may be gone)."""
@@ -783,6 +785,15 @@ class Database:
             return None
         finally:
             conn.close()
+
+
+def read_only_reason(meta, target):
+    """Why the database cannot take the writes, or None (a standby would only fail at its first write, obscurely)."""
+    if meta.get("in_recovery"):
+        return "PostgreSQL at %s is a read-only standby (pg_is_in_recovery() is true): run against the primary" % target
+    if meta.get("read_only"):
+        return "PostgreSQL at %s accepts only read-only transactions (default_transaction_read_only is on)" % target
+    return None
 
 
 # -- undo files -------------------------------------------------------------------------------------
@@ -978,6 +989,11 @@ class Failback:
         companies, bad = self.tree.company_ids(params.get("companies"))
         self.db.open(lock=not self.check_mode)
         self.meta = self.db.meta()
+        read_only = read_only_reason(self.meta, self.target)
+        if read_only and not self.check_mode:
+            raise FailbackError("%s; nothing was written" % read_only)
+        if read_only:
+            self.warnings.append(read_only)
         source_id = self.tree.source.get("system_identifier")
         if source_id and source_id != self.meta["system_identifier"] and not params["allow_other_database"]:
             raise FailbackError(
@@ -1381,6 +1397,9 @@ class Undo:
         try:
             self.db.open(lock=not self.check_mode)
             meta = self.db.meta()
+            read_only = read_only_reason(meta, self.target)
+            if read_only and not self.check_mode:
+                raise FailbackError("%s; nothing was undone" % read_only)
             for index, path in enumerate(paths, 1):
                 outcome = outcomes[path] = {"status": None, "company": None, "restored": 0, "deleted": 0, "already": 0,
                                             "creds": None, "conflicts": [], "error": None}

@@ -35,3 +35,25 @@ def test_check_mode_writes_no_record(tmp_path):
     ok, result = run_module(baileys_audit, dict(path=str(log), operation="failover", outcome="ok"), check_mode=True)
     assert ok and result["record"]["outcome"] == "check"
     assert not log.exists()
+
+
+def test_known_secret_values_are_scrubbed_wherever_they_appear(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    token = "123456:AAE-bot-token-value"
+    ok, result = run_module(baileys_audit, dict(
+        path=str(log), operation="failover", outcome="failed", event="notification_failed",
+        details={"message": "POST https://api.telegram.org/bot%s/sendMessage: HTTP 500" % token, "status": 500},
+        redact_values=[token, "", "ab"]))
+    assert ok
+    text = log.read_text()
+    assert token not in text and token not in json.dumps(result)
+    record = json.loads(text)
+    assert record["event"] == "notification_failed"
+    assert record["details"]["message"] == "POST https://api.telegram.org/bot********/sendMessage: HTTP 500"
+
+
+def test_records_name_the_target_hosts_and_the_awx_job(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    run_module(baileys_audit, dict(path=str(log), operation="snapshot", outcome="ok", hosts=["app1", "app2"], job_id="4242"))
+    record = json.loads(log.read_text())
+    assert record["hosts"] == ["app1", "app2"] and record["job_id"] == "4242" and record["event"] == "run"

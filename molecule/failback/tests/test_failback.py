@@ -71,3 +71,39 @@ def test_failover_state_is_retired_and_undo_files_kept(host):
     assert host.run("ls /var/lib/baileys-dr/undo/").stdout.strip() != ""
     records = [json.loads(line) for line in host.file("/var/log/baileys-dr/audit.jsonl").content_string.splitlines()]
     assert [r["operation"] for r in records if r["outcome"] == "ok"][-1] == "failback"
+
+
+FAILBACK = (("operation", "failback"),)
+
+
+def prom_samples(host, path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(host.file(path).content_string) for s in family.samples}
+
+
+def test_metrics_count_the_keys_the_failback_imported_and_deleted(host):
+    path = "/var/lib/baileys-dr/metrics/baileys_dr_failback.prom"
+    assert host.file(path).mode == 0o644
+    samples = prom_samples(host, path)
+    simulated = files_state(host)["simulated"]
+    assert samples[("baileys_dr_last_success_timestamp_seconds", FAILBACK)] > 1.7e9
+    # New keys and the changed creds were written; the consumed pre-keys deleted. The idempotence run imports nothing.
+    assert samples[("baileys_dr_keys_imported_total", FAILBACK)] >= len(simulated["written"])
+    assert samples[("baileys_dr_keys_deleted_total", FAILBACK)] == len(simulated["deleted"])
+    assert samples[("baileys_dr_runs_total", FAILBACK + (("outcome", "ok"),))] == 2
+    # The failover of the same converge left its own file.
+    assert host.file("/var/lib/baileys-dr/metrics/baileys_dr_failover.prom").exists
+
+
+def test_audit_records_say_what_the_failback_did_without_secrets(host):
+    audit = host.file("/var/log/baileys-dr/audit.jsonl")
+    assert audit.mode == 0o600
+    records = [json.loads(line) for line in audit.content_string.splitlines()]
+    failback = [r for r in records if r["operation"] == "failback" and r["event"] == "run"]
+    assert [r["outcome"] for r in failback] == ["ok", "ok"]
+    assert failback[0]["details"]["figures"]["keys_imported"] >= len(files_state(host)["simulated"]["written"])
+    assert failback[1]["details"]["nothing_to_do"] in (True, "True")
+    password = os.environ.get("BAILEYS_DR_MOLECULE_DB_PASSWORD") or "molecule-only-db-password"
+    assert password not in audit.content_string

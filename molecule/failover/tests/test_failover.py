@@ -7,7 +7,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 
 from verify_helpers import (  # noqa: E402
-    SESSIONS, STATE_FILE, TAG, database_digests, env_values, git_commit_of, git_head, manifest, pm2_process, readiness,
+    SESSIONS, STATE_FILE, TAG, database_digests, db_params, env_values, git_commit_of, git_head, manifest, pm2_process, readiness,
 )
 
 testinfra_hosts = ["ansible://baileys-dr-app"]
@@ -49,3 +49,60 @@ def test_state_file_records_what_failback_restores(host):
     assert state["git"]["ref"] == "main"
     assert state["env"]["USE_DATABASE_AUTH_STATE"] == {"present": True, "value": "true"}
     assert state["source"] == "live"
+
+
+METRICS = "/var/lib/baileys-dr/metrics/baileys_dr_failover.prom"
+FAILOVER = (("operation", "failover"),)
+
+
+def prom_samples(host, path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(host.file(path).content_string) for s in family.samples}
+
+
+def database_key_count():
+    from verify_helpers import import_module_utils
+
+    import_module_utils()
+    from ansible.module_utils.baileys_dr_postgres import connect
+
+    conn = connect(db_params())
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM whatsapp_keys")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_metrics_record_the_successful_failover_for_the_textfile_collector(host):
+    prom = host.file(METRICS)
+    assert prom.mode == 0o644
+    samples = prom_samples(host, METRICS)
+    assert samples[("baileys_dr_last_success_timestamp_seconds", FAILOVER)] > 1.7e9
+    assert ("baileys_dr_last_failure_timestamp_seconds", FAILOVER) not in samples
+    assert samples[("baileys_dr_last_run_duration_seconds", FAILOVER)] > 0
+    # The converge exported every key; the idempotence run (already on files) exported none.
+    assert samples[("baileys_dr_keys_exported_total", FAILOVER)] == database_key_count()
+    assert samples[("baileys_dr_last_run_keys_exported", FAILOVER)] == 0
+    assert samples[("baileys_dr_last_run_companies", FAILOVER)] == 4
+    # The check-mode run writes no metrics: converge and idempotence are the two runs.
+    assert samples[("baileys_dr_runs_total", FAILOVER + (("outcome", "ok"),))] == 2
+    assert samples[("baileys_dr_last_run_outcome", FAILOVER + (("outcome", "ok"),))] == 1
+    assert samples[("baileys_dr_snapshot_age_seconds", FAILOVER)] >= 0
+
+
+def test_audit_log_on_the_target_holds_one_private_record_per_real_run(host):
+    audit = host.file("/var/log/baileys-dr/audit.jsonl")
+    assert audit.mode == 0o600
+    records = [json.loads(line) for line in audit.content_string.splitlines()]
+    runs = [r for r in records if r["operation"] == "failover" and r["event"] == "run"]
+    assert [r["outcome"] for r in runs] == ["ok", "ok"]
+    first = runs[0]
+    assert first["hosts"] == ["baileys-dr-app"] and first["user"] and first["duration_seconds"] > 0
+    assert first["inputs"] == {"source": "live", "tag": TAG}
+    assert first["details"]["figures"]["keys_exported"] == database_key_count()
+    password = os.environ.get("BAILEYS_DR_MOLECULE_DB_PASSWORD") or "molecule-only-db-password"
+    assert password not in audit.content_string

@@ -1,0 +1,849 @@
+#!/usr/bin/env python3
+"""baileys-dr performance benchmark: our modules against baselines on the same rows (run it as bench/run).
+
+    bench/run [--sizes 1500,150000,1500000] [--only export,import,standby,failover,cleanup] [--out docs/benchmarks.md]
+
+Per size (keys; 1,500 keys per company) on a throwaway PostgreSQL cluster of its own (testbed/bin/pg-cluster) loaded
+with testbed/bin/seed, every step runs as a child process whose wall time and peak RSS (wait4 rusage) are recorded:
+
+- baselines: `psql -c "COPY ... TO STDOUT"` to /dev/null; bench/baselines.py write-files (the same per-key files);
+  bench/baselines.py read-copy-in (reading those files and COPY ... FROM of the same rows into fresh tables);
+- export: baileys_auth_export mode=live into an empty directory;
+- import: baileys_auth_import of that tree into an empty database of the same cluster;
+- standby: baileys_auth_export mode=standby build, refresh without change, refresh after 1% of the keys changed;
+- failover: playbooks/failover.yml with baileys_failover_source=standby against a private application (its own
+  repository, PM2_HOME and health port; started in database mode first);
+- cleanup: baileys_keys_cleanup deleting part of the keys with the archive (when that module exists).
+
+Results per size go to bench/results/<keys>.json; docs/benchmarks.md is generated from every result file there,
+with the machine description and the command lines. A missed target gets a profile under bench/profiles/.
+`bench/run module NAME --args-file F` runs one module in this process (what the steps time); `bench/run change`
+changes 1% of the keys of the database of the PG* environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import glob
+import io
+import json
+import os
+import platform
+import pstats
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+PROFILES = os.path.join(HERE, "profiles")
+KEYS_PER_COMPANY = 1500
+MODULES = {"export": "baileys_auth_export", "import": "baileys_auth_import", "verify": "baileys_sessions_verify",
+           "cleanup": "baileys_keys_cleanup"}
+STEPS = ("export", "import", "standby", "failover", "cleanup")
+MIB = 1024 * 1024
+# Bytes a key file takes on disk (one 4 KiB block) and trees alive at once (baseline + export, or standby + live).
+DISK_PER_KEY = 4096 + 600
+PROFILE_MAX_SECONDS = 150
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Child side: one module in this process.
+
+def setup_paths():
+    sys.path[:0] = [os.path.join(ROOT, "library"), os.path.join(ROOT, "tests")]
+    import ansible.module_utils
+
+    path = os.path.join(ROOT, "module_utils")
+    if path not in ansible.module_utils.__path__:
+        ansible.module_utils.__path__.append(path)
+
+
+def db_args():
+    """Connection options from the PG* environment (the password stays in PGPASSWORD, read by libpq)."""
+    return {"login_host": os.environ.get("PGHOST"), "login_port": int(os.environ.get("PGPORT") or 5432),
+            "login_user": os.environ.get("PGUSER"), "login_db": os.environ.get("PGDATABASE")}
+
+
+def cmd_module(args):
+    setup_paths()
+    import importlib
+
+    from module_harness import run_module
+
+    module = importlib.import_module(MODULES.get(args.name, args.name))
+    with open(args.args_file, encoding="utf-8") as fh:
+        params = json.load(fh)
+    if args.name != "verify":
+        params = dict(db_args(), **params)
+    if args.profile:
+        profiler = cProfile.Profile()
+        ok, result = profiler.runcall(run_module, module, params, args.check)
+        write_profile(profiler, args.profile, "%s %s" % (MODULES.get(args.name, args.name), json.dumps(params)))
+    else:
+        ok, result = run_module(module, params, check_mode=args.check)
+    if not args.full:
+        result = {k: v for k, v in result.items() if not isinstance(v, (dict, list)) or k in ("msg", "counts", "would_change", "batches", "vacuum", "archive")}
+    print(json.dumps({"ok": ok, "result": result}, default=str))
+    return 0 if ok else 1
+
+
+def write_profile(profiler, path, title):
+    out = io.StringIO()
+    out.write("# cProfile of %s\n\n## top 30 by cumulative time\n" % title)
+    stats = pstats.Stats(profiler, stream=out).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(30)
+    out.write("\n## top 30 by own time\n")
+    stats.sort_stats("tottime").print_stats(30)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(out.getvalue())
+
+
+def change_rows(percent, spread="uniform", seed=None):
+    """UPDATE percent of the keys (all companies, or the first tenth when concentrated), delete and insert 1% of that."""
+    import psycopg2
+
+    conn = psycopg2.connect("", application_name="bench-change")
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM whatsapp_keys")
+        total = cur.fetchone()[0]
+        count = int(total * percent / 100)
+        where = ""
+        if spread == "concentrated":
+            where = ("WHERE company_id IN (SELECT DISTINCT company_id FROM whatsapp_keys ORDER BY 1 "
+                     "LIMIT (SELECT greatest(1, count(DISTINCT company_id) / 10) FROM whatsapp_keys))")
+        cur.execute("SELECT setseed(%s)", ((seed if seed is not None else time.time() % 1000) / 1000.0,))
+        cur.execute(
+            "UPDATE whatsapp_keys k SET value = CASE WHEN jsonb_typeof(value) = 'object' "
+            "THEN jsonb_set(value, '{baileysDrBench}', to_jsonb(clock_timestamp()::text)) "
+            "ELSE jsonb_build_array(value, clock_timestamp()::text) END "
+            "FROM (SELECT company_id, key_type, key_id FROM whatsapp_keys %s ORDER BY random() LIMIT %%s) s "
+            "WHERE k.company_id = s.company_id AND k.key_type = s.key_type AND k.key_id = s.key_id" % where, (count,))
+        updated = cur.rowcount
+        cur.execute("DELETE FROM whatsapp_keys WHERE ctid IN (SELECT ctid FROM whatsapp_keys WHERE key_type = 'pre-key' "
+                    "ORDER BY random() LIMIT %s)", (max(1, count // 100),))
+        deleted = cur.rowcount
+        cur.execute("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) SELECT company_id, 'pre-key', "
+                    "'9' || (1000000 + floor(random() * 8000000))::bigint::text, "
+                    "'{\"private\":{\"type\":\"Buffer\",\"data\":\"AQID\"}}' "
+                    "FROM (SELECT DISTINCT company_id FROM whatsapp_keys ORDER BY 1 LIMIT %s) c ON CONFLICT DO NOTHING",
+                    (max(1, count // 100),))
+        inserted = cur.rowcount
+    conn.commit()
+    conn.close()
+    return {"updated": updated, "deleted": deleted, "inserted": inserted}
+
+
+def cmd_change(args):
+    print(json.dumps(change_rows(args.percent, args.spread)))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parent side.
+
+def measure(argv, env=None, cwd=None, stdout_file=None, timeout=None):
+    """Run argv as a child: wall seconds, peak RSS (MiB, from wait4), exit code, stdout, stderr tail."""
+    tmp = os.path.join(os.environ.get("BENCH_TMP", "/tmp"), "bench-%s" % secrets.token_hex(4))
+    out_path = stdout_file or tmp + ".out"
+    with open(out_path, "wb") as out, open(tmp + ".err", "wb") as err:
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd)
+        deadline = started + timeout if timeout else None
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline and time.monotonic() > deadline:
+                proc.kill()
+            time.sleep(0.02)
+        seconds = time.monotonic() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stdout = "" if stdout_file else open(out_path, encoding="utf-8", errors="replace").read()
+    stderr = open(tmp + ".err", encoding="utf-8", errors="replace").read()
+    for path in (tmp + ".out", tmp + ".err"):
+        if os.path.exists(path) and path != stdout_file:
+            os.unlink(path)
+    return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "rc": proc.returncode,
+            "stdout": stdout, "stderr": stderr[-4000:]}
+
+
+def last_json(text):
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                pass
+    return None
+
+
+def sh(argv, **kwargs):
+    kwargs.setdefault("check", True)
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    return subprocess.run(argv, **kwargs)
+
+
+def log(message):
+    print("[%s] %s" % (datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S"), message), flush=True)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+class SizeRun:
+    """Every step at one size, on a cluster of its own under workdir/<keys>."""
+
+    def __init__(self, opts, keys):
+        if keys % KEYS_PER_COMPANY:
+            raise BenchError("--sizes: %d is not a multiple of %d keys per company" % (keys, KEYS_PER_COMPANY))
+        self.opts = opts
+        self.keys = keys
+        self.companies = keys // KEYS_PER_COMPANY
+        self.work = os.path.join(opts.workdir, str(keys))
+        self.record = {"keys": keys, "companies": self.companies, "keys_per_company": KEYS_PER_COMPANY,
+                       "command": opts.command_line, "started_at": utcnow(), "steps": {}, "profiles": {},
+                       "notes": [], "loadavg": {"start": loadavg()}}
+        self.env = None
+        self.cluster = None
+        previous = os.path.join(RESULTS, "%d.json" % keys)
+        if opts.only != set(STEPS) and os.path.exists(previous):
+            # A partial run (--only) replaces the steps it measures and keeps the others of the last run, saying so.
+            with open(previous, encoding="utf-8") as fh:
+                old = json.load(fh)
+            mine = {label for label in STEP_TEXT if phase_of(label) in opts.only}
+            kept = {k: v for k, v in old.get("steps", {}).items() if k not in mine}
+            if kept:
+                self.record["steps"].update(kept)
+                self.record["profiles"].update({k: v for k, v in old.get("profiles", {}).items() if k not in mine})
+                self.record["notes"].append("steps %s come from an earlier run: `%s` (%s to %s, load average mean %s)" % (
+                    ", ".join(sorted(kept)), old.get("command"), old.get("started_at"), old.get("finished_at"),
+                    old.get("loadavg", {}).get("mean")))
+
+    # -- plumbing ---------------------------------------------------------------------------------------------------
+    def discard(self, path):
+        """Move a tree out of the way; removing millions of files takes minutes on a busy disk, so it happens after
+        the results are written (see cmd_run), never between measured steps."""
+        if os.path.lexists(path):
+            trash = os.path.join(self.work, "trash")
+            os.makedirs(trash, exist_ok=True)
+            os.rename(path, os.path.join(trash, "%s-%s" % (os.path.basename(path), secrets.token_hex(3))))
+
+    def py(self, *args):
+        return [sys.executable] + list(args)
+
+    def module_argv(self, name, params, profile=None, check=False):
+        path = os.path.join(self.work, "args-%s-%s.json" % (name, secrets.token_hex(3)))
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(params, fh)
+        argv = self.py(os.path.join(HERE, "benchmark.py"), "module", name, "--args-file", path)
+        return argv + (["--profile", profile] if profile else []) + (["--check"] if check else [])
+
+    def step(self, label, argv, kind, keys=None, env=None, extra=None, timeout=None):
+        log("%s: %s ..." % (self.keys, label))
+        run = measure(argv, env=env or self.env, timeout=timeout)
+        output = last_json(run["stdout"])
+        if run["rc"] != 0 or not output or not output.get("ok"):
+            raise BenchError("%s failed (exit %s): %s\n%s" % (label, run["rc"], (output or {}).get("result", run["stdout"][-3000:]),
+                                                              run["stderr"]))
+        keys = self.keys if keys is None else keys
+        entry = {"kind": kind, "seconds": run["seconds"], "peak_rss_mib": run["peak_rss_mib"], "keys": keys,
+                 "keys_per_second": round(keys / run["seconds"]) if run["seconds"] and keys else None,
+                 "result": output.get("result")}
+        entry.update(extra or {})
+        self.record["steps"][label] = entry
+        log("%s: %s %.2f s, %s keys/s, peak %.1f MiB" % (self.keys, label, run["seconds"], entry["keys_per_second"],
+                                                         run["peak_rss_mib"]))
+        self.save()
+        return entry
+
+    def save(self):
+        os.makedirs(RESULTS, exist_ok=True)
+        path = os.path.join(RESULTS, "%d.json" % self.keys)
+        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump(self.record, fh, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+
+    def profile_path(self, label):
+        return os.path.join(PROFILES, "%s-%d.txt" % (label, self.keys))
+
+    def maybe_profile(self, label, seconds, rerun):
+        """Re-run a step that missed its time target under cProfile (when it is short enough to afford twice)."""
+        if seconds > self.opts.profile_max_seconds:
+            self.record["profiles"][label] = {"skipped": "the step took %.0f s (> %d s); see the same step's profile at a "
+                                                         "smaller size" % (seconds, self.opts.profile_max_seconds)}
+            return
+        log("%s: profiling %s" % (self.keys, label))
+        rerun(self.profile_path(label))
+        self.record["profiles"][label] = {"path": os.path.relpath(self.profile_path(label), ROOT)}
+        self.save()
+
+    # -- set-up ------------------------------------------------------------------------------------------------------
+    def check_disk(self):
+        os.makedirs(self.work, exist_ok=True)
+        stat = os.statvfs(self.work)
+        free = stat.f_bavail * stat.f_frsize
+        need = self.keys * DISK_PER_KEY * 4 + self.keys * 2500 + 2 * 1024 ** 3
+        if free < need:
+            raise BenchError("%s has %.1f GiB free, %d keys need about %.1f GiB" % (self.work, free / 1024 ** 3, self.keys,
+                                                                                  need / 1024 ** 3))
+        if stat.f_favail < self.keys * 2.2:
+            raise BenchError("%s has %d free inodes, %d keys need about %d" % (self.work, stat.f_favail, self.keys,
+                                                                               self.keys * 2.2))
+
+    def start_cluster(self):
+        sys.path.insert(0, os.path.join(ROOT, "testbed"))
+        from pgcluster import Cluster
+
+        password = secrets.token_urlsafe(18)
+        self.password_file = os.path.join(self.work, "pg-password")
+        with open(os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fh.write(password)
+        os.chmod(self.work, 0o755)
+        self.cluster = Cluster(os.path.join(self.work, "pg"))
+        self.cluster.start(password)
+        self.cluster.wait_ready()
+        self.env = dict(os.environ, PGHOST="127.0.0.1", PGPORT=str(self.cluster.port), PGUSER="baileys",
+                        PGDATABASE="baileys", PGPASSWORD=password, BENCH_TMP=self.work)
+        os.environ.update({k: self.env[k] for k in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD")})
+        self.record["postgresql"] = self.cluster.psql("SHOW server_version").strip()
+
+    def seed(self):
+        log("%s: seeding %d companies x %d keys" % (self.keys, self.companies, KEYS_PER_COMPANY))
+        started = time.monotonic()
+        sh([os.path.join(ROOT, "testbed", "bin", "seed"), "--companies", str(self.companies), "--keys-per-company",
+            str(KEYS_PER_COMPANY), "--seed", "bench"], env=dict(self.env, PATH=os.path.dirname(sys.executable) + ":" +
+                                                              os.environ["PATH"]))
+        self.cluster.psql("VACUUM ANALYZE", db="baileys")
+        self.cluster.psql("CHECKPOINT")
+        self.record["seed_seconds"] = round(time.monotonic() - started, 1)
+        self.record["table_size"] = self.cluster.psql(
+            "SELECT pg_size_pretty(pg_total_relation_size('whatsapp_keys'))", db="baileys").strip()
+
+    def make_import_db(self):
+        self.cluster.psql("DROP DATABASE IF EXISTS bench_import")
+        self.cluster.psql("CREATE DATABASE bench_import OWNER baileys")
+        with open(os.path.join(ROOT, "testbed", "schema.sql"), encoding="utf-8") as fh:
+            self.cluster.psql(fh.read(), db="bench_import", user="baileys")
+        self.cluster.psql("CREATE TABLE copy_auth (LIKE whatsapp_auth INCLUDING ALL);"
+                          "CREATE TABLE copy_keys (LIKE whatsapp_keys INCLUDING ALL);", db="bench_import", user="baileys")
+
+    # -- steps -------------------------------------------------------------------------------------------------------
+    def run_export_import(self, do_import):
+        baseline_tree = os.path.join(self.work, "baseline", "baileys_sessions")
+        live_dir = os.path.join(self.work, "live")
+        live_tree = os.path.join(live_dir, "baileys_sessions")
+        os.makedirs(live_dir, exist_ok=True)
+        psql = shutil.which("psql") or os.path.join(self.cluster.bindir, "psql")
+        run = measure([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", "COPY whatsapp_auth TO STDOUT",
+                       "-c", "COPY whatsapp_keys TO STDOUT"], env=self.env, stdout_file="/dev/null")
+        if run["rc"]:
+            raise BenchError("psql COPY TO STDOUT failed: %s" % run["stderr"])
+        self.record["steps"]["baseline_copy_to"] = {
+            "kind": "baseline", "seconds": run["seconds"], "peak_rss_mib": run["peak_rss_mib"], "keys": self.keys,
+            "keys_per_second": round(self.keys / run["seconds"]) if run["seconds"] else None}
+        log("%s: baseline_copy_to %.2f s" % (self.keys, run["seconds"]))
+        self.step("baseline_write_files", self.py(os.path.join(HERE, "baselines.py"), "write-files", "--dest", baseline_tree),
+                  "baseline")
+        params = {"dest": live_tree, "keep_backup": False}
+        export = self.step("export_live", self.module_argv("export", params), "ours")
+        if export["seconds"] > TARGETS_RATIO * self.record["steps"]["baseline_write_files"]["seconds"]:
+            prof_tree = os.path.join(self.work, "live-profile")
+            os.makedirs(prof_tree, exist_ok=True)
+
+            def rerun(path):
+                run = measure(self.module_argv("export", dict(params, dest=os.path.join(prof_tree, "baileys_sessions")),
+                                               profile=path), env=self.env)
+                self.discard(prof_tree)
+                if run["rc"]:
+                    raise BenchError("profiled export failed: %s" % run["stdout"][-2000:])
+            self.maybe_profile("export_live", export["seconds"], rerun)
+        if do_import:
+            self.make_import_db()
+            import_env = dict(self.env, PGDATABASE="bench_import")
+            self.step("baseline_read_copy_in", self.py(os.path.join(HERE, "baselines.py"), "read-copy-in", "--src",
+                                                       baseline_tree), "baseline", env=import_env)
+            self.discard(os.path.dirname(baseline_tree))
+            self.cluster.psql("DROP TABLE copy_keys, copy_auth; CHECKPOINT", db="bench_import")
+            iparams = {"src": live_tree, "undo_dir": os.path.join(self.work, "undo")}
+            imported = self.step("import", self.module_argv("import", iparams), "ours", env=import_env)
+            if imported["seconds"] > TARGETS_RATIO * self.record["steps"]["baseline_read_copy_in"]["seconds"]:
+                def rerun(path):
+                    self.cluster.psql("TRUNCATE whatsapp_keys, whatsapp_auth", db="bench_import")
+                    run = measure(self.module_argv("import", dict(iparams, undo_dir=os.path.join(self.work, "undo2")),
+                                                   profile=path), env=import_env)
+                    if run["rc"]:
+                        raise BenchError("profiled import failed: %s" % run["stdout"][-2000:])
+                self.maybe_profile("import", imported["seconds"], rerun)
+            self.cluster.psql("DROP DATABASE bench_import")
+            self.discard(os.path.join(self.work, "undo"))
+            self.discard(os.path.join(self.work, "undo2"))
+        self.discard(os.path.dirname(baseline_tree))
+        self.discard(live_dir)
+
+    def run_standby(self, standby):
+        params = {"dest": standby, "mode": "standby"}
+        self.step("standby_build", self.module_argv("export", params), "ours")
+        self.step("standby_refresh_unchanged", self.module_argv("export", params), "ours")
+        change = change_rows(1.0, "uniform", seed=7)
+        changed = change["updated"] + change["deleted"] + change["inserted"]
+        entry = self.step("standby_refresh_1pct", self.module_argv("export", params), "ours", keys=changed,
+                          extra={"change": change})
+        if entry["seconds"] > TARGET_REFRESH_SECONDS:
+            def rerun(path):
+                change_rows(1.0, "uniform", seed=11)
+                run = measure(self.module_argv("export", params, profile=path), env=self.env)
+                if run["rc"]:
+                    raise BenchError("profiled refresh failed: %s" % run["stdout"][-2000:])
+            self.maybe_profile("standby_refresh_1pct", entry["seconds"], rerun)
+
+    # -- failover ----------------------------------------------------------------------------------------------------
+    def app_setup(self):
+        out = sh([os.path.join(ROOT, "testbed", "bin", "install-node-deps"), "--link"]).stdout
+        found = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        self.node_modules, self.pm2_bin = found["APP_NODE_MODULES"], found["PM2_BIN"]
+        self.app_root = os.path.join(self.work, "app")
+        sh([os.path.join(ROOT, "testbed", "bin", "make-app-repo"), self.app_root, "--node-modules", self.node_modules])
+        sys.path.insert(0, os.path.join(ROOT, "testbed"))
+        from pgcluster import free_port
+
+        self.health_port = free_port()
+        dr = os.path.join(self.work, "dr")
+        inventory = os.path.join(self.work, "inventory")
+        os.makedirs(os.path.join(inventory, "group_vars", "all"), exist_ok=True)
+        with open(os.path.join(inventory, "hosts.yml"), "w", encoding="utf-8") as fh:
+            fh.write("all:\n  children:\n    testbed:\n      hosts:\n        localhost:\n"
+                     "          ansible_connection: local\n"
+                     "          ansible_python_interpreter: \"{{ ansible_playbook_python }}\"\n"
+                     "    baileys_app:\n      hosts:\n        localhost:\n")
+        settings = {
+            "baileys_dr_app_root": self.app_root, "baileys_dr_app_user": "root", "baileys_dr_pm2_bin": self.pm2_bin,
+            "baileys_dr_health_port": self.health_port, "baileys_dr_archive_dir": dr + "/archives",
+            "baileys_dr_state_dir": dr + "/state", "baileys_dr_audit_log": dr + "/audit.jsonl",
+            "baileys_dr_lock_dir": dr + "/locks", "baileys_dr_db_host": "127.0.0.1",
+            "baileys_dr_db_port": self.cluster.port, "baileys_dr_db_name": "baileys", "baileys_dr_db_user": "baileys",
+            "baileys_dr_db_password": "{{ lookup('ansible.builtin.file', '%s') }}" % self.password_file,
+            "baileys_dr_environment": "test", "baileys_dr_report_dir": dr + "/reports",
+            "baileys_dr_metrics_dir": dr + "/metrics", "baileys_dr_controller_audit_log": dr + "/controller-audit.jsonl",
+            "baileys_dr_notify_state_dir": dr + "/notify",
+            "testbed_app_root": self.app_root, "testbed_app_health_port": self.health_port,
+            "testbed_app_node_modules": self.node_modules, "testbed_app_pm2": self.pm2_bin,
+            "testbed_app_ready_timeout": 1800,
+            "testbed_postgres_connection": {"host": "127.0.0.1", "port": self.cluster.port, "database": "baileys",
+                                            "user": "baileys", "password": "{{ baileys_dr_db_password }}"},
+        }
+        path = os.path.join(inventory, "group_vars", "all", "main.yml")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as fh:
+            json.dump(settings, fh, indent=1)  # JSON is YAML
+        self.inventory = os.path.join(inventory, "hosts.yml")
+        self.pm2_home = self.opts.pm2_home
+        os.makedirs(self.pm2_home, exist_ok=True)
+        self.app_env = dict(self.env, PM2_HOME=self.pm2_home, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"),
+                            PATH=os.path.dirname(sys.executable) + ":" + os.environ["PATH"])
+        for name in ("PGPASSWORD", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE"):
+            self.app_env.pop(name, None)
+
+    def playbook(self, label, playbook, extra, timeout=3600):
+        argv = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i", self.inventory, playbook]
+        for item in extra:
+            argv += ["-e", item]
+        log_path = os.path.join(self.work, "%s.log" % label)
+        run = measure(argv, env=self.app_env, cwd=ROOT, stdout_file=log_path, timeout=timeout)
+        with open(log_path, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+        if run["rc"]:
+            raise BenchError("%s failed (exit %s); log %s:\n%s\n%s" % (label, run["rc"], log_path, text[-4000:], run["stderr"]))
+        return run, text
+
+    def run_failover(self, standby):
+        log("%s: starting the private application (database mode, PM2_HOME=%s)" % (self.keys, self.pm2_home))
+        run, _ = self.playbook("app-start", os.path.join(HERE, "app.yml"), ["bench_app_state=present"])
+        self.record["app_start_seconds"] = run["seconds"]
+        try:
+            log("%s: failover from the standby copy" % self.keys)
+            run, text = self.playbook("failover", os.path.join(ROOT, "playbooks", "failover.yml"),
+                                      ["baileys_failover_source=standby", "baileys_failover_ready_timeout=1800"])
+            audit = [json.loads(line) for line in open(os.path.join(self.work, "dr", "audit.jsonl"), encoding="utf-8")]
+            record = [r for r in audit if r.get("operation") == "failover"][-1]
+            if record.get("outcome") != "ok":
+                raise BenchError("the failover's audit record says %s" % record.get("outcome"))
+            done = re.search(r"Failover done in ([0-9.]+) s", text)
+            entry = {"kind": "ours", "seconds": run["seconds"], "keys": self.keys,
+                     "keys_per_second": round(self.keys / run["seconds"]),
+                     "rto_role_seconds": float(done.group(1)) if done else record.get("duration_seconds"),
+                     "audit_duration_seconds": record.get("duration_seconds"),
+                     "peak_rss_mib": None}
+            self.record["steps"]["failover_standby"] = entry
+            # profile_tasks' summary is where the RTO goes, task by task.
+            timings = [ln for ln in text.splitlines() if re.search(r"-+ \d+\.\d+s$", ln)]
+            os.makedirs(PROFILES, exist_ok=True)
+            with open(self.profile_path("failover_standby"), "w", encoding="utf-8") as fh:
+                fh.write("# playbooks/failover.yml -e baileys_failover_source=standby, %d keys: ansible.posix.profile_tasks\n\n"
+                         % self.keys)
+                fh.write("\n".join(timings) + "\n")
+            self.record["profiles"]["failover_standby"] = {"path": os.path.relpath(self.profile_path("failover_standby"), ROOT)}
+            log("%s: failover playbook %.2f s, role RTO %s s" % (self.keys, run["seconds"], entry["rto_role_seconds"]))
+            self.save()
+        finally:
+            self.app_teardown()
+
+    def app_teardown(self):
+        try:
+            self.playbook("app-stop", os.path.join(HERE, "app.yml"), ["bench_app_state=absent"], timeout=600)
+        except BenchError as exc:
+            self.record["notes"].append("application teardown: %s" % str(exc)[:300])
+        finally:
+            subprocess.run([self.pm2_bin, "kill"], env=self.app_env, capture_output=True, timeout=120)
+            shutil.rmtree(self.pm2_home, ignore_errors=True)
+            self.discard(self.app_root)
+
+    # -- cleanup -----------------------------------------------------------------------------------------------------
+    def run_cleanup(self):
+        if not os.path.exists(os.path.join(ROOT, "library", "baileys_keys_cleanup.py")):
+            self.record["notes"].append("cleanup not measured: library/baileys_keys_cleanup.py does not exist yet")
+            return
+        params = cleanup_params(self)
+        entry = self.step("cleanup", self.module_argv("cleanup", params), "ours",
+                          extra={"params": {k: v for k, v in params.items() if k != "archive_dir"}})
+        deleted = (entry.get("result") or {}).get("keys_deleted")
+        if deleted:
+            # keys/s of a cleanup counts the keys deleted (and archived), not the table.
+            entry["keys"] = deleted
+            entry["keys_per_second"] = round(deleted / entry["seconds"])
+            self.save()
+
+    # -- all ---------------------------------------------------------------------------------------------------------
+    def phase(self, name, func, *args):
+        try:
+            func(*args)
+        except BenchError as exc:
+            log("%s: %s FAILED: %s" % (self.keys, name, exc))
+            self.record["notes"].append("%s failed: %s" % (name, str(exc)[:1500]))
+            self.record.setdefault("failed", []).append(name)
+            self.save()
+
+    def run_standby_failover(self, failover):
+        if failover:
+            self.app_setup()
+            standby = os.path.join(self.app_root, "baileys_sessions.standby")
+        else:
+            os.makedirs(os.path.join(self.work, "standby"), exist_ok=True)
+            standby = os.path.join(self.work, "standby", "baileys_sessions")
+        self.run_standby(standby)
+        if failover:
+            self.run_failover(standby)
+        self.discard(os.path.dirname(standby))
+
+    def sample_load(self, stop):
+        """The 1-minute load average every 5 s: how busy the machine was besides the benchmark."""
+        samples = []
+        while not stop.wait(5):
+            samples.append(float(loadavg().split()[0]))
+            self.record["loadavg"].update(max=max(samples), mean=round(sum(samples) / len(samples), 2))
+
+    def run(self):
+        import threading
+
+        only = self.opts.only
+        self.check_disk()
+        if self.opts.note:
+            self.record["notes"].append(self.opts.note)
+        stop = threading.Event()
+        threading.Thread(target=self.sample_load, args=(stop,), daemon=True).start()
+        try:
+            self.start_cluster()
+            self.seed()
+            # The 1,500,000-key targets (refresh, failover) first: a run cut short still has them. A phase that fails
+            # is recorded and the next one runs.
+            if "standby" in only or "failover" in only:
+                self.phase("standby/failover", self.run_standby_failover, "failover" in only)
+            if "export" in only or "import" in only:
+                self.phase("export/import", self.run_export_import, "import" in only)
+            if "cleanup" in only:
+                self.phase("cleanup", self.run_cleanup)
+        finally:
+            stop.set()
+            self.record["finished_at"] = utcnow()
+            self.record["loadavg"]["end"] = loadavg()
+            self.save()
+            if self.cluster:
+                self.cluster.stop()
+        return self.record
+
+
+def cleanup_params(run):
+    """Arguments of baileys_keys_cleanup for the benchmark (see docs/benchmarks.md)."""
+    # The default retention (rebuildable types older than 30 days: about 37% of the generated keys, whose updated_at is
+    # spread over 90 days), archive first, VACUUM after; the row cap lifted so that the whole share is deleted.
+    return {"mode": "delete", "archive_dir": os.path.join(run.work, "cleanup-archive"), "max_delete": run.keys}
+
+
+def phase_of(label):
+    """The --only step a result label belongs to."""
+    if label in ("baseline_copy_to", "baseline_write_files", "export_live"):
+        return "export"
+    if label in ("baseline_read_copy_in", "import"):
+        return "import"
+    if label.startswith("standby"):
+        return "standby"
+    if label.startswith("failover"):
+        return "failover"
+    return label
+
+
+TARGETS_RATIO = 1.5
+TARGET_REFRESH_SECONDS = 10.0
+TARGET_MEMORY_MIB = 256.0
+
+
+def utcnow():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def loadavg():
+    with open("/proc/loadavg", encoding="ascii") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Report.
+
+def targets_of(rec):
+    """(target, measured, limit, met) rows for one size."""
+    steps = rec["steps"]
+    rows = []
+
+    def ratio(ours, base, name):
+        if ours in steps and base in steps:
+            value = steps[ours]["seconds"] / steps[base]["seconds"]
+            rows.append((name, "%.2fx (%.1f s / %.1f s)" % (value, steps[ours]["seconds"], steps[base]["seconds"]),
+                         "<= %.1fx" % TARGETS_RATIO, value <= TARGETS_RATIO))
+
+    ratio("export_live", "baseline_write_files", "live export / per-key-files baseline")
+    ratio("import", "baseline_read_copy_in", "import / read-files + COPY FROM baseline")
+    for label in ("export_live", "import"):
+        if label in steps:
+            rss = steps[label]["peak_rss_mib"]
+            rows.append(("peak memory of %s" % label.replace("_live", ""), "%.0f MiB" % rss, "<= %d MiB" % TARGET_MEMORY_MIB,
+                         rss <= TARGET_MEMORY_MIB))
+    if "standby_refresh_1pct" in steps and rec["keys"] >= 1500000:
+        sec = steps["standby_refresh_1pct"]["seconds"]
+        rows.append(("standby refresh after 1% changed", "%.1f s" % sec, "<= %.0f s" % TARGET_REFRESH_SECONDS,
+                     sec <= TARGET_REFRESH_SECONDS))
+    if "failover_standby" in steps:
+        limit = 10.0 if rec["companies"] >= 1000 else 5.0 if rec["companies"] == 1 else None
+        if limit:
+            sec = steps["failover_standby"]["seconds"]
+            role = steps["failover_standby"].get("rto_role_seconds")
+            rows.append(("failover RTO from the standby copy (%d compan%s)" % (rec["companies"], "y" if rec["companies"] == 1 else "ies"),
+                         "%.1f s playbook (%.1f s inside the play)" % (sec, role or 0), "<= %.0f s" % limit, sec <= limit))
+    return rows
+
+
+STEP_TEXT = {
+    "baseline_copy_to": "baseline: `psql -c \"COPY ... TO STDOUT\"` > /dev/null",
+    "baseline_write_files": "baseline: minimal script writing the same per-key files",
+    "export_live": "**export** (baileys_auth_export mode=live)",
+    "baseline_read_copy_in": "baseline: read those files + `COPY ... FROM` into fresh tables",
+    "import": "**import** (baileys_auth_import into an empty database)",
+    "standby_build": "standby build (baileys_auth_export mode=standby, empty)",
+    "standby_refresh_unchanged": "standby refresh, nothing changed",
+    "standby_refresh_1pct": "**standby refresh after 1% of the keys changed** (keys = rows changed)",
+    "failover_standby": "**failover from the standby copy** (playbooks/failover.yml, whole playbook)",
+    "cleanup": "**cleanup** (baileys_keys_cleanup)",
+}
+
+
+def machine():
+    info = {}
+    try:
+        lscpu = sh(["lscpu"]).stdout
+        info["cpu"] = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
+    except Exception:  # noqa: BLE001 - a description, best effort
+        info["cpu"] = platform.processor() or "unknown"
+    info["cores"] = os.cpu_count()
+    with open("/proc/meminfo", encoding="ascii") as fh:
+        info["ram"] = "%.1f GiB" % (int(re.search(r"MemTotal:\s+(\d+)", fh.read()).group(1)) / 1024 ** 2)
+    info["kernel"] = platform.release()
+    try:
+        src = sh(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "-T", "/var/tmp"]).stdout.split()
+        dev = os.path.basename(src[0])
+        rota = open("/sys/block/%s/queue/rotational" % dev).read().strip() if os.path.exists("/sys/block/%s" % dev) else "?"
+        size = sh(["lsblk", "-dn", "-o", "SIZE", src[0]], check=False).stdout.strip()
+        info["disk"] = "%s (%s, %s, %s)" % (src[0], src[1], size, {"0": "non-rotational", "1": "rotational"}.get(rota, "?"))
+    except Exception:  # noqa: BLE001
+        info["disk"] = "unknown"
+    info["python"] = platform.python_version()
+    return info
+
+
+def fmt(value, spec="%.2f"):
+    return "" if value is None else spec % value
+
+
+def render(records, mach, out_path):
+    lines = ["# Benchmarks", "",
+             "Generated by `bench/run` (bench/benchmark.py) from bench/results/*.json; do not edit by hand.", "",
+             "## Machine", ""]
+    for key in ("cpu", "cores", "ram", "disk", "kernel", "python"):
+        lines.append("- %s: %s" % (key, mach.get(key)))
+    versions = sorted({r.get("postgresql") for r in records if r.get("postgresql")})
+    lines.append("- PostgreSQL: %s (throwaway cluster per size, testbed/bin/pg-cluster, fsync on, shared_buffers 128MB)"
+                 % ", ".join(versions))
+    lines += ["", "## Targets", "", "| size | target | measured | limit | |", "| --- | --- | --- | --- | --- |"]
+    for rec in records:
+        for name, measured, limit, met in targets_of(rec):
+            lines.append("| %s keys | %s | %s | %s | %s |" % ("{:,}".format(rec["keys"]), name, measured, limit,
+                                                              "met" if met else "**missed**"))
+    lines += ["", "Standby-refresh target applies at 1,500,000 keys; failover RTO targets: 5 s for 1 company, 10 s for "
+              "1,000 companies (from the standby copy), judged on the whole `ansible-playbook` run.", ""]
+    for rec in records:
+        lines += ["## %s keys (%d compan%s x %d keys)" % ("{:,}".format(rec["keys"]), rec["companies"],
+                                                         "y" if rec["companies"] == 1 else "ies", rec["keys_per_company"]), "",
+                  "Command: `%s`  " % rec["command"],
+                  "Run %s to %s on %d cores; 1-minute load average %s (mean %s, max %s while it ran; this benchmark "
+                  "alone is about 1 to 2). Seeding took %s s (table %s)." % (
+                      rec["started_at"], rec.get("finished_at"), mach["cores"], "at start %s, at end %s" % (
+                          rec["loadavg"]["start"].split()[0], (rec["loadavg"].get("end") or "?").split()[0]),
+                      rec["loadavg"].get("mean", "?"), rec["loadavg"].get("max", "?"),
+                      rec.get("seed_seconds"), rec.get("table_size")), ""]
+        lines += ["| step | wall s | module's own s | keys/s | peak RSS MiB | ratio to baseline |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        steps = rec["steps"]
+        base = {"export_live": "baseline_write_files", "import": "baseline_read_copy_in"}
+        for label in [k for k in STEP_TEXT if k in steps] + [k for k in steps if k not in STEP_TEXT]:
+            entry = steps[label]
+            ratio = ""
+            if label in base and base[label] in steps:
+                ratio = "%.2fx" % (entry["seconds"] / steps[base[label]]["seconds"])
+                if label == "export_live" and "baseline_copy_to" in steps:
+                    ratio += " (%.1fx COPY TO)" % (entry["seconds"] / steps["baseline_copy_to"]["seconds"])
+            if label == "failover_standby":
+                ratio = "play: %.1f s" % (entry.get("rto_role_seconds") or 0)
+            own = (entry.get("result") or {}).get("duration_seconds")
+            lines.append("| %s | %s | %s | %s | %s | %s |" % (STEP_TEXT.get(label, label), fmt(entry["seconds"]), fmt(own),
+                                                         "{:,}".format(entry["keys_per_second"]) if entry.get("keys_per_second") else "",
+                                                         fmt(entry.get("peak_rss_mib"), "%.1f"), ratio))
+        if "standby_refresh_1pct" in steps:
+            lines.append("")
+            lines.append("1%% change: %s." % json.dumps(steps["standby_refresh_1pct"].get("change")))
+        if rec.get("profiles"):
+            lines += ["", "Profiles:"]
+            for label, prof in rec["profiles"].items():
+                lines.append("- %s: %s" % (label, "[%s](../%s)" % (prof["path"], prof["path"]) if "path" in prof else prof.get("skipped")))
+        for note in rec.get("notes", []):
+            lines.append("- note: %s" % note)
+        lines.append("")
+    lines += ["## How it is measured", "", "```", __doc__.strip(), "```", "", "Baselines:", "", "```",
+              baseline_doc().strip(), "```", ""]
+    text = "\n".join(lines).rstrip() + "\n"
+    with open(out_path + ".tmp", "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(out_path + ".tmp", out_path)
+    return text
+
+
+def baseline_doc():
+    import ast
+
+    with open(os.path.join(HERE, "baselines.py"), encoding="utf-8") as fh:
+        return ast.get_docstring(ast.parse(fh.read()))
+
+
+def print_summary(records):
+    for rec in records:
+        print("\n== %s keys (%d companies)" % ("{:,}".format(rec["keys"]), rec["companies"]))
+        for label, entry in rec["steps"].items():
+            print("  %-28s %9.2f s  %10s keys/s  %7s MiB" % (label, entry["seconds"], entry.get("keys_per_second"),
+                                                               entry.get("peak_rss_mib")))
+        for name, measured, limit, met in targets_of(rec):
+            print("  target %-50s %-40s %-10s %s" % (name, measured, limit, "met" if met else "MISSED"))
+
+
+def cmd_run(opts):
+    opts.only = set(opts.only.split(",")) if opts.only else set(STEPS)
+    unknown = opts.only - set(STEPS)
+    if unknown:
+        raise SystemExit("--only: unknown step(s) %s (choose from %s)" % (", ".join(sorted(unknown)), ",".join(STEPS)))
+    sizes = [int(s.replace("_", "")) for s in opts.sizes.split(",")]
+    if not opts.pm2_home.startswith("/tmp/") or opts.pm2_home.rstrip("/") in (os.path.expanduser("~/.pm2"),):
+        raise SystemExit("--pm2-home must be a private directory under /tmp (short: PM2's socket path is limited)")
+    done = []
+    try:
+        for keys in sizes:
+            run = SizeRun(opts, keys)
+            done.append(run)
+            run.run()
+    finally:
+        write_report(opts)
+        if not opts.keep:
+            for run in done:
+                log("removing %s (the trees of %d keys)" % (run.work, run.keys))
+                subprocess.run(["rm", "-rf", "--one-file-system", run.work], check=False)
+    failed = ["%d keys: %s" % (run.keys, ", ".join(run.record["failed"])) for run in done if run.record.get("failed")]
+    if failed:
+        print("bench/run: failed phases (see the notes in %s): %s" % (opts.out, "; ".join(failed)), file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_report(opts):
+    records = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "*.json")), key=lambda p: int(os.path.basename(p).split(".")[0])):
+        with open(path, encoding="utf-8") as fh:
+            records.append(json.load(fh))
+    print_summary(records)
+    render(records, machine(), opts.out)
+    print("\nwrote %s" % opts.out, flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], prog="bench/run")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("module", help="run one module in this process (JSON arguments in a file)")
+    p.add_argument("name")
+    p.add_argument("--args-file", required=True)
+    p.add_argument("--check", action="store_true")
+    p.add_argument("--profile", help="write a cProfile summary to this file")
+    p.add_argument("--full", action="store_true", help="print the whole result (digests, per-company details)")
+    p.set_defaults(func=cmd_module)
+    p = sub.add_parser("change", help="change percent of the keys of the PG* database")
+    p.add_argument("--percent", type=float, default=1.0)
+    p.add_argument("--spread", choices=["uniform", "concentrated"], default="uniform")
+    p.set_defaults(func=cmd_change)
+    p = sub.add_parser("run", help="the benchmark (default)")
+    p.add_argument("--sizes", default="1500,150000,1500000", help="keys, multiples of %d" % KEYS_PER_COMPANY)
+    p.add_argument("--only", help="steps among %s (default all)" % ",".join(STEPS))
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    p.add_argument("--workdir", default="/var/tmp/baileys-dr-bench")
+    p.add_argument("--pm2-home", default="/tmp/bpm2-bench")
+    p.add_argument("--profile-max-seconds", type=int, default=PROFILE_MAX_SECONDS,
+                   help="re-run a step that missed its target under cProfile only when it took at most this long")
+    p.add_argument("--keep", action="store_true", help="keep the cluster and trees of each size")
+    p.add_argument("--note", help="a remark recorded with each size (e.g. what else ran on the machine)")
+    p.set_defaults(func=cmd_run)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        argv = ["run"] + argv
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        args.command_line = "bench/run " + " ".join(shlex.quote(a) for a in argv[1:])
+    try:
+        return args.func(args)
+    except BenchError as exc:
+        print("bench/run: %s" % exc, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: contributors to baileys-dr
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: baileys_rehearsal_report
+short_description: Write the JSON and JUnit XML reports of a DR rehearsal and render its RTO/RPO table
+description:
+  - Takes the phases a rehearsal ran (each with its start, ready and end times, the age of the data a
+    failover used, and the state digests it saw) and computes per phase the duration, the RTO (start to
+    ready), the RPO (age of the data the failover used) and whether no key was lost (digests equal to the
+    baseline).
+  - Writes C(<name>.json) and C(<name>.xml) (JUnit, one testcase per phase, a C(failure) element with the
+    message of a failed phase, C(skipped) for phases an earlier failure prevented) into O(dest), then the same
+    documents as C(rehearsal-latest.json) and C(rehearsal-latest.xml) for CI; each file is staged and renamed
+    into place.
+  - Never fails because a phase failed; the play decides (the reports must exist either way).
+version_added: "0.1.0"
+author: baileys-dr contributors
+options:
+  dest:
+    description: Directory of the reports; created 0750 when missing.
+    type: path
+    required: true
+  name:
+    description: Base name of this rehearsal's report files (letters, digits, C(._-)).
+    type: str
+    required: true
+  host:
+    description: The application host rehearsed.
+    type: str
+    required: true
+  environment:
+    description: The kind of environment (test, staging, production).
+    type: str
+    default: test
+  baseline_digests:
+    description: State digests by company id before the rehearsal began (the database's); C(zero_loss) compares with them.
+    type: dict
+    default: {}
+  phases:
+    description:
+      - "The phases in order, each a dict: C(name) (required), C(kind) (snapshot, failover, failback, verify, database),
+        C(status) (passed, failed, skipped), C(started) and C(ended) (epoch seconds), C(ready) (epoch seconds the
+        service was ready; default C(ended)), C(message), C(source) (live or standby), C(data_at) (ISO 8601 time of the
+        data a failover used), C(digests) (by company id), C(details) (dict kept as is)."
+    type: list
+    elements: dict
+    required: true
+  rto_targets:
+    description: Target RTO in seconds by phase kind (for example C({failover: 5})); the report says whether each was met. Informational.
+    type: dict
+    default: {}
+attributes:
+  check_mode:
+    support: full
+    details: Nothing is written; the report and the table are returned.
+  diff_mode:
+    support: none
+"""
+
+EXAMPLES = r"""
+- name: Write the rehearsal reports
+  baileys_rehearsal_report:
+    dest: /var/lib/baileys-dr/reports
+    name: rehearsal-20261128T210000Z
+    host: app1
+    baseline_digests: "{{ baseline.digests }}"
+    phases:
+      - {name: snapshot, kind: snapshot, status: passed, started: 1795900000.1, ended: 1795900002.3}
+      - {name: failover (PostgreSQL up), kind: failover, status: passed, started: 1795900002.4, ready: 1795900007.0,
+         ended: 1795900007.6, source: live, data_at: "2026-11-28T21:00:03+00:00"}
+  register: report
+
+- name: Print the RTO/RPO table
+  ansible.builtin.debug:
+    msg: "{{ report.table }}"
+"""
+
+RETURN = r"""
+json_path:
+  description: The JSON report of this rehearsal.
+  returned: always
+  type: str
+junit_path:
+  description: The JUnit XML report of this rehearsal.
+  returned: always
+  type: str
+report:
+  description: The JSON report (phases with seconds, rto_seconds, rpo_seconds, zero_loss; totals; the table).
+  returned: always
+  type: dict
+table:
+  description: The RTO/RPO table, one line per list item.
+  returned: always
+  type: list
+  elements: str
+passed:
+  description: Whether every phase passed.
+  returned: always
+  type: bool
+"""
+
+import datetime
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.baileys_dr_fs import write_file_atomic
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+KINDS = ("snapshot", "failover", "failback", "verify", "database")
+STATUSES = ("passed", "failed", "skipped")
+# Characters XML 1.0 cannot carry at all, even escaped.
+_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+class ReportError(Exception):
+    pass
+
+
+def epoch_of_iso(value):
+    """Epoch seconds of an ISO 8601 time (naive means UTC), or None for an empty value."""
+    if value in (None, ""):
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ReportError("data_at %r is not an ISO 8601 time" % (value,)) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return parsed.timestamp()
+
+
+def iso_of_epoch(value):
+    return datetime.datetime.fromtimestamp(value, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _number(phase, key, index, required=True):
+    value = phase.get(key)
+    if value in (None, ""):
+        if required:
+            raise ReportError("phases[%d] (%s) has no %s" % (index, phase.get("name"), key))
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ReportError("phases[%d] (%s): %s %r is not a number of seconds" % (index, phase.get("name"), key, value)) from None
+
+
+def build_phase(phase, index, baseline):
+    """One phase of the report: the inputs checked, the figures computed."""
+    if not isinstance(phase, dict) or not str(phase.get("name") or "").strip():
+        raise ReportError("phases[%d] needs a name" % index)
+    kind = phase.get("kind") or "verify"
+    status = phase.get("status") or "passed"
+    if kind not in KINDS:
+        raise ReportError("phases[%d] (%s): kind %r is not one of %s" % (index, phase["name"], kind, ", ".join(KINDS)))
+    if status not in STATUSES:
+        raise ReportError("phases[%d] (%s): status %r is not one of %s" % (index, phase["name"], status, ", ".join(STATUSES)))
+    out = {"name": str(phase["name"]), "kind": kind, "status": status, "message": str(phase.get("message") or "")}
+    if status == "skipped":
+        return out
+    started = _number(phase, "started", index)
+    ended = _number(phase, "ended", index, required=status == "passed") or started
+    ready = _number(phase, "ready", index, required=False)
+    out.update(started_at=iso_of_epoch(started), ended_at=iso_of_epoch(ended), seconds=round(max(0.0, ended - started), 3))
+    if kind in ("failover", "failback") and status == "passed":
+        out["rto_seconds"] = round(max(0.0, (ready if ready is not None else ended) - started), 3)
+        out["rto_measured_to"] = "ready" if ready is not None else "end of phase"
+    if kind == "failover":
+        out["source"] = phase.get("source") or None
+        data_at = epoch_of_iso(phase.get("data_at"))
+        if data_at is not None:
+            out["data_at"] = iso_of_epoch(data_at)
+            # The data a failover serves is as old as the moment it was read; a live export reads after the start.
+            out["rpo_seconds"] = round(max(0.0, started - data_at), 3)
+    digests = phase.get("digests")
+    if isinstance(digests, dict) and digests:
+        out["companies"] = len(digests)
+        if baseline:
+            differ = sorted(k for k in set(baseline) | set(digests) if baseline.get(k) != digests.get(k))
+            out["zero_loss"] = not differ
+            if differ:
+                out["digests_differ"] = differ[:20]
+    if isinstance(phase.get("details"), dict):
+        out["details"] = phase["details"]
+    return out
+
+
+def build_report(params, now):
+    baseline = params["baseline_digests"] or {}
+    phases = [build_phase(p, i, baseline) for i, p in enumerate(params["phases"])]
+    failed = [p["name"] for p in phases if p["status"] == "failed"]
+    ran = [p for p in phases if p["status"] != "skipped"]
+    targets = {}
+    for kind, target in (params["rto_targets"] or {}).items():
+        measured = [p["rto_seconds"] for p in phases if p["kind"] == kind and "rto_seconds" in p]
+        if measured:
+            targets[kind] = {"target_seconds": float(target), "worst_seconds": max(measured), "met": max(measured) <= float(target)}
+    checked = [p["zero_loss"] for p in phases if "zero_loss" in p]
+    return {
+        "format": 1,
+        "name": params["name"],
+        "host": params["host"],
+        "environment": params["environment"],
+        "written_at": iso_of_epoch(now),
+        "passed": not failed and bool(ran),
+        "failed_phases": failed,
+        "zero_loss": bool(checked) and all(checked) and not failed,
+        "seconds": round(sum(p.get("seconds", 0.0) for p in ran), 3),
+        "baseline": {"companies": len(baseline)},
+        "rto_targets": targets,
+        "phases": phases,
+    }
+
+
+def _clean(text):
+    return _XML_ILLEGAL.sub("?", str(text))
+
+
+def _fmt(value, digits=1):
+    return "-" if value is None else ("%.*f" % (digits, value))
+
+
+def junit_xml(report):
+    phases = report["phases"]
+    counts = {s: sum(1 for p in phases if p["status"] == s) for s in STATUSES}
+    attrs = {"tests": str(len(phases)), "failures": str(counts["failed"]), "errors": "0",
+             "skipped": str(counts["skipped"]), "time": "%.3f" % report["seconds"]}
+    suites = ET.Element("testsuites", dict(attrs, name="baileys-dr rehearsal"))
+    suite = ET.SubElement(suites, "testsuite", dict(attrs, name=_clean("rehearsal %s" % report["host"]),
+                                                    hostname=_clean(report["host"]), timestamp=report["written_at"]))
+    props = ET.SubElement(suite, "properties")
+    for key in ("name", "environment", "zero_loss"):
+        ET.SubElement(props, "property", name=key, value=_clean(json.dumps(report[key]) if key == "zero_loss" else report[key]))
+    for index, phase in enumerate(phases, 1):
+        case = ET.SubElement(suite, "testcase", classname=_clean("rehearsal.%s" % report["host"]),
+                             name=_clean("%02d %s" % (index, phase["name"])), time="%.3f" % phase.get("seconds", 0.0))
+        if phase["status"] == "failed":
+            failure = ET.SubElement(case, "failure", message=_clean(phase["message"][:1000] or "phase failed"), type="PhaseFailed")
+            failure.text = _clean(phase["message"] or "phase failed")
+        elif phase["status"] == "skipped":
+            ET.SubElement(case, "skipped", message=_clean(phase["message"] or "not run: an earlier phase failed"))
+        figures = ["%s=%s" % (k, phase[k]) for k in ("rto_seconds", "rpo_seconds", "source", "data_at", "zero_loss") if k in phase]
+        if figures:
+            ET.SubElement(case, "system-out").text = _clean(", ".join(figures))
+    ET.indent(suites)
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="utf-8") + b"\n"
+
+
+def table(report):
+    header = ("#", "Phase", "Result", "Time s", "RTO s", "RPO s", "Source", "Data as of", "Zero loss")
+    rows = []
+    for index, p in enumerate(report["phases"], 1):
+        zero = {True: "yes", False: "NO"}.get(p.get("zero_loss"), "-")
+        rows.append((str(index), p["name"], p["status"].upper() if p["status"] == "failed" else p["status"],
+                     _fmt(p.get("seconds")), _fmt(p.get("rto_seconds")), _fmt(p.get("rpo_seconds")),
+                     p.get("source") or "-", (p.get("data_at") or "-")[:19].replace("T", " "), zero))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    for kind, t in sorted(report["rto_targets"].items()):
+        out.append("%s RTO target %s s: worst %s s, %s" % (kind, _fmt(t["target_seconds"]), _fmt(t["worst_seconds"]),
+                                                          "met" if t["met"] else "MISSED"))
+    out.append("rehearsal %s: %s%s" % (report["name"], "PASSED" if report["passed"] else "FAILED (%s)" % ", ".join(report["failed_phases"]),
+                                       ", zero loss proven by digests" if report["zero_loss"] else ""))
+    return out
+
+
+class RehearsalReport:
+    def __init__(self, module):
+        self.module = module
+        self.params = module.params
+
+    def run(self, now):
+        if not NAME_RE.match(self.params["name"]):
+            raise ReportError("name %r must be letters, digits, '.', '_' or '-' (it names files)" % self.params["name"])
+        report = build_report(self.params, now)
+        report["table"] = table(report)
+        dest = self.params["dest"]
+        json_path = os.path.join(dest, self.params["name"] + ".json")
+        junit_path = os.path.join(dest, self.params["name"] + ".xml")
+        result = {"changed": True, "json_path": json_path, "junit_path": junit_path, "report": report,
+                  "table": report["table"], "passed": report["passed"]}
+        if self.module.check_mode:
+            return result
+        os.makedirs(dest, mode=0o750, exist_ok=True)
+        documents = {".json": (json.dumps(report, indent=2, sort_keys=False) + "\n").encode("utf-8"), ".xml": junit_xml(report)}
+        for suffix, data in documents.items():
+            write_file_atomic(os.path.join(dest, self.params["name"] + suffix), data, mode=0o640)
+            write_file_atomic(os.path.join(dest, "rehearsal-latest" + suffix), data, mode=0o640)
+        return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            dest=dict(type="path", required=True),
+            name=dict(type="str", required=True),
+            host=dict(type="str", required=True),
+            environment=dict(type="str", default="test"),
+            baseline_digests=dict(type="dict", default={}),
+            phases=dict(type="list", elements="dict", required=True),
+            rto_targets=dict(type="dict", default={}),
+        ),
+        supports_check_mode=True,
+    )
+    try:
+        result = RehearsalReport(module).run(datetime.datetime.now(datetime.timezone.utc).timestamp())
+    except (ReportError, OSError) as exc:
+        module.fail_json(msg=str(exc))
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""`ansible-builder create` turns execution-environment.yml into a build context, offline.
+
+No image is built (no registry is reachable here); the context is what
+`podman build`/`docker build` would get, and it is checked for what AWX jobs
+need: the pinned Python packages with the `ansible` bundle (the collections),
+no Galaxy step, the project's callback plugins, and the environment that
+enables them under ansible-runner.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+BUILDER = os.path.join(os.path.dirname(sys.executable), "ansible-builder")
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ee") / "context"
+    # No proxy, no DNS needed: create never touches the network.
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    run = subprocess.run(
+        [BUILDER, "create", "-f", os.path.join(ROOT, "execution-environment.yml"), "-c", str(out),
+         "--output-filename", "Containerfile", "-v", "3"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return out
+
+
+def containerfile(context):
+    return (context / "Containerfile").read_text()
+
+
+def test_create_writes_a_containerfile_from_the_chosen_base_image(context):
+    text = containerfile(context)
+    definition = yaml.safe_load(open(os.path.join(ROOT, "execution-environment.yml"), encoding="utf-8"))
+    assert definition["version"] == 3
+    assert 'ARG EE_BASE_IMAGE="%s"' % definition["images"]["base_image"]["name"] in text
+    assert re.search(r'ARG ANSIBLE_INSTALL_REFS="ansible-core==[\d.]+ ansible-runner==[\d.]+"', text)
+
+
+def test_the_build_never_asks_ansible_galaxy(context):
+    text = containerfile(context)
+    assert "ansible-galaxy" not in text
+    assert not (context / "_build" / "requirements.yml").exists()
+
+
+def test_python_requirements_include_the_ansible_bundle_and_the_runtime_packages(context):
+    shipped = (context / "_build" / "requirements.txt").read_text()
+    with open(os.path.join(ROOT, "awx", "ee", "requirements.txt"), encoding="utf-8") as fh:
+        assert shipped == fh.read()
+    for package in ("ansible==", "psycopg2-binary==", "sentry-sdk==", "prometheus-client=="):
+        assert re.search(r"^%s" % re.escape(package), shipped, re.M), package
+    assert "COPY _build/requirements.txt requirements.txt" in containerfile(context)
+
+
+def test_system_packages_come_from_bindep(context):
+    bindep = (context / "_build" / "bindep.txt").read_text()
+    assert "openssh-clients" in bindep
+    assert "--user-bindep=bindep.txt" in containerfile(context)
+
+
+def test_the_sentry_callback_is_baked_in_and_enabled_through_the_environment(context):
+    baked = context / "_build" / "callback_plugins" / "baileys_dr_sentry.py"
+    with open(os.path.join(ROOT, "callback_plugins", "baileys_dr_sentry.py"), "rb") as fh:
+        assert baked.read_bytes() == fh.read()
+    text = containerfile(context)
+    assert "COPY _build/callback_plugins/ /usr/share/ansible/plugins/callback/" in text
+    env = dict(re.findall(r"^ENV (ANSIBLE_\w+)=(\S+)$", text, re.M))
+    assert env["ANSIBLE_CALLBACK_PLUGINS"] == "/runner/project/callback_plugins:/usr/share/ansible/plugins/callback"
+    assert "baileys_dr_sentry" in env["ANSIBLE_CALLBACKS_ENABLED"].split(",")
+    # The final stage runs as a non-root user, as AWX expects.
+    assert text.rstrip().splitlines()[-3:][0] == "USER 1000"
