@@ -149,7 +149,8 @@ class CallbackModule(CallbackBase):
             "event": "step",
             "play": self.play,
             "role": task._role.get_name() if task._role else "",
-            "task": task.get_name().strip(),
+            # The bare name: the role has a field of its own.
+            "task": (task.name or task.get_name()).strip(),
             "host": host,
             "status": status,
             "duration_seconds": round(time.time() - started, 3) if started else None,

@@ -137,6 +137,10 @@ server:
   description: version, version_num, in_recovery, replay_lag_seconds, max_connections, superuser_reserved_connections, database_size_bytes.
   returned: when reachable
   type: dict
+schema_present:
+  description: Whether both tables (whatsapp_auth, whatsapp_keys) exist in the search path.
+  returned: when reachable
+  type: bool
 latency:
   description: probes, shape, p50_seconds, p95_seconds, p99_seconds, avg_seconds, min_seconds, max_seconds.
   returned: when reachable

@@ -33,6 +33,7 @@ description:
     rows are never overwritten (the application may have written a newer version), and counted. The sidecar is verified
     and the whole archive parsed before the first write; a mismatch refuses the restore. Running it twice changes nothing.
   - One cleanup or restore runs per database at a time (a PostgreSQL advisory lock).
+  - A run that fails after its first batch says how many keys it deleted and where their archive is (it verifies).
 version_added: "0.1.0"
 author: baileys-dr contributors
 extends_documentation_fragment:
@@ -118,6 +119,9 @@ attributes:
   diff_mode:
     support: none
 notes:
+  - "Test-only fault hooks, never to be set in production: C(BAILEYS_DR_TEST_FAIL_AT=cleanup_after_batch:<n>) makes the
+    run fail after the n-th batch committed, C(BAILEYS_DR_TEST_PAUSE_AT=cleanup_after_batch:<n>) makes it sleep
+    C(BAILEYS_DR_TEST_PAUSE_SECONDS) there."
   - The archive holds key material, so it is written 0600 in a 0700 directory. Keep O(archive_dir) on storage as protected
     as the database.
   - Age buckets (days since C(updated_at) at the run's start, lower bound included) are C(under_1d), C(1_7d), C(7_14d),

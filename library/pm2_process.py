@@ -105,6 +105,8 @@ options:
     description:
       - Readiness endpoint of the application, for example C(http://127.0.0.1:3011/health); it must answer
         200 (no proxy is used). When its JSON has a C(pid), it must be the pid PM2 runs.
+      - With C(state=info) and no O(wait), it is read once and its answer returned in RV(health) and
+        RV(health_status), whatever it is (a preflight reads PM2 and the application in one task).
     type: str
   health_expect:
     description: "Fields of the O(health_url) JSON that must have these exact values, for example C({store: files})."
@@ -189,6 +191,10 @@ health:
   description: The last JSON of O(health_url), without secret-looking fields, big members replaced by a count.
   returned: when O(health_url) was asked
   type: dict
+health_status:
+  description: HTTP status of the one read of O(health_url) by C(state=info) without O(wait); null when nothing answered.
+  returned: when O(state=info) reads O(health_url) without waiting
+  type: int
 stale_env:
   description: Names of O(env_check) present in the environment of the process (names only).
   returned: when O(env_check) is given
@@ -451,6 +457,17 @@ class Pm2Process:
             terminal = terminal or bool(differ)
         return checks, terminal
 
+    def read_health_once(self, result):
+        """One GET of health_url, its answer returned as it is (no readiness decision)."""
+        status, body = self.health_client.get(self.params["health_url"], timeout=self.health_request_timeout)
+        result["health_status"] = status
+        try:
+            doc = json.loads(body.decode("utf-8")) if status is not None else None
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            self.health = safe_health(doc, secrets=self.runner.secrets)
+
     def wait_ready(self, instances):
         """The readiness report; Pm2Error (with the report) when not ready in time."""
         tracker = ReadinessTracker(self.params["ready_window"])
@@ -507,6 +524,8 @@ class Pm2Process:
                 if not instances:
                     raise Pm2Error(self._not_found(processes))
                 result["readiness"], instances = self.wait_ready(instances)
+            if self.state == "info" and not self.wait and self.params["health_url"]:
+                self.read_health_once(result)
             self._describe(result, instances)
             if self.module._diff:
                 after = PREDICTED_STATUS[would] if self.module.check_mode and would != "none" else status_of(instances)

@@ -37,6 +37,7 @@ import time
 
 from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES
 from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
+from ansible.module_utils.baileys_dr_sessions import test_hook
 
 TABLE = "whatsapp_keys"
 ARCHIVE_KIND = "baileys-dr-keys-archive"
@@ -492,6 +493,13 @@ class Cleanup:
                     per = deleted.setdefault(company, {})
                     per[key_type] = per.get(key_type, 0) + 1
                 total += len(rows)
+                test_hook("cleanup_after_batch:%d" % stats["batches"])
+        except Exception as exc:
+            if writer is None:
+                raise
+            # What was deleted so far is archived and verifies: say where, for a restore.
+            raise CleanupError("the cleanup stopped after deleting %d keys, all archived in %s (it verifies against its sidecar): %s"
+                               % (total, writer.path, str(exc).strip())) from None
         finally:
             if writer is not None:
                 writer.close()

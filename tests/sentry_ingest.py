@@ -19,6 +19,7 @@ import argparse
 import gzip
 import json
 import re
+import signal
 import sys
 import threading
 import zlib
@@ -235,18 +236,20 @@ def main(argv=None):
     ingest = IngestServer(args.host, args.port, args.public_key)
     seen = 0
     ingest.start()
+    # SIGTERM ends it like Ctrl-C (a background job of a script ignores SIGINT).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     print("listening; DSN %s" % ingest.dsn(), file=sys.stderr, flush=True)
     try:
         while True:
             with ingest._arrived:
-                ingest._arrived.wait()
+                ingest._arrived.wait(timeout=1)
                 fresh = ingest.requests[seen:]
                 seen = len(ingest.requests)
             for request in fresh:
                 for item in request.envelope.items:
                     print(json.dumps({"project": request.project, "item": item.headers,
                                       "payload": item.payload.decode("utf-8", "replace")}), flush=True)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         ingest.stop()
 
 

@@ -9,6 +9,7 @@ enables them under ansible-runner.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -79,3 +80,57 @@ def test_the_sentry_callback_is_baked_in_and_enabled_through_the_environment(con
     assert "baileys_dr_sentry" in env["ANSIBLE_CALLBACKS_ENABLED"].split(",")
     # The final stage runs as a non-root user, as AWX expects.
     assert text.rstrip().splitlines()[-3:][0] == "USER 1000"
+
+
+def ee_env():
+    with open(os.path.join(ROOT, "execution-environment.yml"), encoding="utf-8") as fh:
+        steps = yaml.safe_load(fh)["additional_build_steps"]["append_final"]
+    return dict(step[4:].split("=", 1) for step in steps if step.startswith("ENV "))
+
+
+def run_like_ansible_runner(tmp_path, callback_plugins, callbacks_enabled):
+    """Run a playbook from the project directory with the environment ansible-runner gives it in the EE.
+
+    ansible-runner (AWX) sets ANSIBLE_STDOUT_CALLBACK to its own display callback and
+    ANSIBLE_CALLBACK_PLUGINS to the image's value followed by its own directory; the
+    project's ansible.cfg is read as usual (AWX runs in the project checkout).
+    """
+    runner_dir = tmp_path / "runner-callbacks"
+    runner_dir.mkdir(exist_ok=True)
+    playbook = tmp_path / "probe.yml"
+    playbook.write_text("---\n- name: Probe\n  hosts: localhost\n  gather_facts: false\n  tasks:\n"
+                        "    - name: Say hello\n      ansible.builtin.debug:\n        msg: hello\n")
+    audit = tmp_path / "audit.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "SENTRY_", "BAILEYS_DR_"))}
+    env.update({
+        "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.minimal",
+        "ANSIBLE_CALLBACK_PLUGINS": ":".join(filter(None, (callback_plugins, str(runner_dir)))),
+        "BAILEYS_DR_AUDIT_LOG": str(audit),
+        "ANSIBLE_NOCOLOR": "1",
+    })
+    if callbacks_enabled is not None:
+        env["ANSIBLE_CALLBACKS_ENABLED"] = callbacks_enabled
+    run = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), str(playbook),
+                          "-i", "localhost,", "-c", "local"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run, audit
+
+
+def test_the_ee_environment_loads_the_project_callbacks_under_ansible_runner(tmp_path):
+    env = ee_env()
+    # /runner/project is where AWX checks the project out; here it is this checkout.
+    plugins = env["ANSIBLE_CALLBACK_PLUGINS"].replace("/runner/project", ROOT)
+    run, audit = run_like_ansible_runner(tmp_path, plugins, env["ANSIBLE_CALLBACKS_ENABLED"])
+    events = [json.loads(line)["event"] for line in audit.read_text().splitlines()]
+    assert events[0] == "playbook_start" and events[-1] == "playbook_end"
+    # The Sentry callback loaded too: without a DSN it says once that it is disabled.
+    assert (run.stdout + run.stderr).count("baileys_dr_sentry callback disabled: no DSN") == 1
+
+
+def test_without_the_project_directory_in_the_variable_the_callbacks_are_lost(tmp_path):
+    # ansible.cfg names callback_plugins, but ansible-runner's variable replaces it:
+    # a plain image gets only ansible-runner's directory.
+    run, audit = run_like_ansible_runner(tmp_path, "", ee_env()["ANSIBLE_CALLBACKS_ENABLED"])
+    assert not audit.exists()
+    assert "baileys_dr_audit" in run.stdout + run.stderr  # ansible-core warns that it cannot load it

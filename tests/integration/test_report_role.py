@@ -368,7 +368,8 @@ def test_the_snapshot_playbook_at_vvv_reports_and_leaks_no_secret(db, db_params,
         assert record["operation"] == "snapshot" and record["outcome"] == "ok" and record["hosts"] == ["app1"]
     steps = [json.loads(line) for line in (tmp_path / "callback" / "audit.jsonl").read_text().splitlines()]
     assert steps[-1]["event"] == "playbook_end" and steps[-1]["outcome"] == "ok"
-    assert any(s.get("task") == "Refresh the standby copy from PostgreSQL" and s["status"] == "changed" for s in steps)
+    assert any(s.get("task") == "Refresh the standby copy from PostgreSQL" and s["status"] == "changed"
+               and s["role"] == "baileys_snapshot" for s in steps)
     assert [r["path"] for r in receiver.requests] == ["/bot%s/sendMessage" % TOKEN, "/hooks/" + HOOK_SECRET]
 
     output = result.stdout + result.stderr

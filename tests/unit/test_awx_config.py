@@ -167,8 +167,23 @@ def test_no_survey_asks_for_a_secret_or_the_production_override():
             assert item["variable"] != "baileys_rehearsal_allow_production"
 
 
+def _uses(var):
+    """(path:line, line) of every use of `var` in role tasks and playbooks."""
+    pattern = re.compile(r"\b%s\b" % re.escape(var))
+    for base in ("roles", "playbooks"):
+        for dirpath, _dirs, files in os.walk(os.path.join(ROOT, base)):
+            if os.sep + "meta" in dirpath or os.sep + "defaults" in dirpath:
+                continue
+            for fname in sorted(files):
+                if fname.endswith(".yml"):
+                    with open(os.path.join(dirpath, fname), encoding="utf-8") as fh:
+                        for number, line in enumerate(fh, 1):
+                            if pattern.search(line) and not line.lstrip().startswith("#"):
+                                yield "%s:%d" % (os.path.relpath(os.path.join(dirpath, fname), ROOT), number), line
+
+
 def _bool_misuses(var):
-    """Lines of roles and playbooks reading `var` in an expression without `| bool`.
+    """Uses of `var` in an expression without `| bool`.
 
     Survey answers and `-e name=value` arrive as the strings "true"/"false";
     `not "false"` is False. A whole value given to a module option is fine
@@ -176,26 +191,13 @@ def _bool_misuses(var):
     """
     bad = []
     pattern = re.compile(r"\b%s\b" % re.escape(var))
-    for base in ("roles", "playbooks"):
-        for dirpath, _dirs, files in os.walk(os.path.join(ROOT, base)):
-            if os.sep + "meta" in dirpath or os.sep + "defaults" in dirpath:
+    whole = re.compile(r'(^\s*|[{,]\s*)[\w.]+:\s*"\{\{\s*%s\s*\}\}"' % re.escape(var))
+    for where, line in _uses(var):
+        for match in pattern.finditer(line):
+            after = line[match.end():]
+            if re.match(r"\s*\|\s*bool\b", after) or after.startswith("=") or whole.search(line):
                 continue
-            for fname in files:
-                if not fname.endswith(".yml"):
-                    continue
-                path = os.path.join(dirpath, fname)
-                with open(path, encoding="utf-8") as fh:
-                    for number, line in enumerate(fh, 1):
-                        if line.lstrip().startswith("#"):
-                            continue
-                        for match in pattern.finditer(line):
-                            after = line[match.end():]
-                            if re.match(r"\s*\|\s*bool\b", after) or after.startswith("="):
-                                continue
-                            if re.search(r'^\s*[\w.]+:\s*"\{\{\s*%s\s*\}\}"' % re.escape(var), line) or re.search(
-                                    r'[{,]\s*[\w.]+:\s*"\{\{\s*%s\s*\}\}"' % re.escape(var), line):
-                                continue
-                            bad.append("%s:%d: %s" % (os.path.relpath(path, ROOT), number, line.strip()))
+            bad.append("%s: %s" % (where, line.strip()))
     return bad
 
 
@@ -207,6 +209,20 @@ def test_boolean_survey_answers_are_read_through_the_bool_filter(template):
         if options.get(item["variable"], {}).get("type") == "bool":
             bad += _bool_misuses(item["variable"])
     assert not bad, "a survey answer 'false' is a true string here:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_list_survey_answers_reach_the_modules_whole(template):
+    """A list asked as text arrives as "a,b": only a module option (which splits it) may read it."""
+    options = playbook_options(TEMPLATES[template]["playbook"])
+    bad = []
+    for item in survey(TEMPLATES[template]["survey"])["spec"]:
+        var = item["variable"]
+        if options.get(var, {}).get("type") != "list":
+            continue
+        whole = re.compile(r'^\s*[\w.]+:\s*"\{\{\s*%s(\s+or\s+omit)?\s*\}\}"\s*$' % re.escape(var))
+        bad += ["%s: %s" % (where, line.strip()) for where, line in _uses(var) if not whole.match(line)]
+    assert not bad, "a comma-separated answer is a string here:\n" + "\n".join(bad)
 
 
 # --- job templates, credential type --------------------------------------------------------------
@@ -406,7 +422,11 @@ def test_the_failover_workflow_needs_an_approval_after_a_check_mode_plan():
     assert not approval["related"].get("always_nodes") and not approval["related"].get("failure_nodes")
     health = nodes["health"]
     assert health["unified_job_template"]["name"] == "baileys-dr health"
-    assert "health" in [c["identifier"] for c in nodes["failover"]["related"]["always_nodes"]]
+    # A failed failover keeps the workflow failed: no always/failure child handles it.
+    assert [c["identifier"] for c in nodes["failover"]["related"]["success_nodes"]] == ["health"]
+    assert not nodes["failover"]["related"].get("always_nodes") and not nodes["failover"]["related"].get(
+        "failure_nodes")
+    assert health["extra_data"] == {"baileys_health_fail_on": "never"}
     for node in nodes.values():
         if node["unified_job_template"]["type"] == "job_template":
             assert node["unified_job_template"]["name"] in TEMPLATES

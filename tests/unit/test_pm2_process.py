@@ -622,3 +622,19 @@ def test_no_answer_from_the_health_url_times_out_with_the_reason(pm2_env):
 def test_window_longer_than_the_timeout_is_refused(pm2_env):
     ok, result = run(pm2_env, FakePm2(["[]"]), dict(state="started", ready_window=30, ready_timeout=20))
     assert not ok and "ready_window (30.0s) must be shorter than ready_timeout (20.0s)" in result["msg"]
+
+
+def test_info_reads_pm2_and_the_readiness_endpoint_once_in_one_task(pm2_env):
+    health = FakeHealth([(503, health_doc(app_pid(), ready=False, store="postgres", errors=["loading"]))])
+    fake = FakePm2([recorded("jlist-online-stopped-errored.txt")])
+    ok, result = run(pm2_env, fake, dict(state="info", health_url="http://127.0.0.1:3011/health"), health=health)
+    assert ok and not result["changed"]
+    assert result["health_status"] == 503 and result["health"]["store"] == "postgres"
+    assert health.urls == ["http://127.0.0.1:3011/health"] and "readiness" not in result
+    assert result["process"]["status"] == "online"
+
+
+def test_info_reports_a_readiness_endpoint_that_does_not_answer(pm2_env):
+    ok, result = run(pm2_env, FakePm2([recorded("jlist-online-stopped-errored.txt")]),
+                     dict(state="info", health_url="http://127.0.0.1:3011/health"), health=FakeHealth([(None, b"refused")]))
+    assert ok and result["health_status"] is None and "health" not in result

@@ -363,11 +363,18 @@ def test_a_critical_store_fails_the_play_only_after_the_reports_are_written(db, 
     report = json.loads(paths["report"].read_text())
     assert report["status"] == "critical" and report["fails_play"] is True
     assert prometheus_samples(paths["metrics"])[("baileys_dr_health_status", (("check", "latency_p95_seconds"),))] == 2
-    rc, out, _ = health_playbook("-e", "baileys_health_fail_on=never", thresholds=critical)
-    assert rc == 0, out
-    rc, out, _ = health_playbook("-e", "baileys_health_fail_on=warning",
-                                 thresholds=dict(QUIET, latency_p95_seconds={"warning": 0, "critical": 60}))
+
+
+
+def test_fail_on_warning_fails_a_warning_store_and_never_fails_nothing(db, db_params, health_playbook):
+    warning = dict(QUIET, latency_p95_seconds={"warning": 0, "critical": 60})
+    rc, out, paths = health_playbook("-e", "baileys_health_fail_on=warning", thresholds=warning)
     assert rc == 2 and "is WARNING" in out
+    assert json.loads(paths["report"].read_text())["fails_play"] is True
+    rc, out, paths = health_playbook("-e", "baileys_health_fail_on=never",
+                                     thresholds=dict(QUIET, connections_ratio={"warning": 0, "critical": 0}))
+    assert rc == 0, out
+    assert json.loads(paths["report"].read_text())["status"] == "critical"
 
 
 def test_check_mode_checks_but_writes_no_report(db, db_params, health_playbook):
