@@ -184,6 +184,10 @@ metrics:
   returned: always
   type: list
   elements: dict
+check_mode:
+  description: Whether the module ran in check mode (also when set by the C(check_mode) keyword, which C(ansible_check_mode) does not show).
+  returned: always
+  type: bool
 checked_at:
   description: Epoch seconds when the check started.
   returned: always
@@ -215,7 +219,10 @@ class DbHealthModule:
                 raise HealthArgumentError("%s must be %d or more, got %d" % (name, minimum, self.params[name]))
         if self.params["probes"] > 10000:
             raise HealthArgumentError("probes must be 10000 or less, got %d" % self.params["probes"])
-        return DbHealth(self.params).run()
+        result = DbHealth(self.params).run()
+        # Roles applied with the check_mode keyword do not see it in ansible_check_mode: they read it here.
+        result["check_mode"] = self.module.check_mode
+        return result
 
 
 def main():

@@ -190,6 +190,10 @@ deleted:
   description: (delete) Rows deleted per company and type.
   returned: mode=delete
   type: dict
+deleted_by_type:
+  description: (delete) Rows deleted per type.
+  returned: mode=delete
+  type: dict
 skipped:
   description: (delete) Planned candidates not deleted (the application wrote them meanwhile, or they were locked).
   returned: mode=delete
@@ -204,7 +208,7 @@ batches:
   type: dict
 before:
   description: >-
-    (delete) keys, companies, protected_keys, by_type ({type: {keys, buckets}}), buckets, table_bytes, index_bytes,
+    (delete) keys, companies, protected (keys of protected types), by_type ({type: {keys, buckets}}), buckets, table_bytes, index_bytes,
     total_bytes, live_tuples, dead_tuples and the last (auto)vacuum and (auto)analyze times. Keys in the scope of O(companies).
   returned: mode=delete
   type: dict
@@ -213,7 +217,7 @@ after_delete:
   returned: mode=delete, when rows were deleted
   type: dict
 after:
-  description: (delete) The same, at the end (after the vacuum).
+  description: (delete) The same, at the end (after the vacuum; RV(before) when nothing was deleted).
   returned: mode=delete, not in check mode
   type: dict
 vacuum:
@@ -289,12 +293,15 @@ class KeysCleanup:
             job.take_lock()
         before = job.stats()
         plan = job.plan()
-        result = dict(changed=False, plan=plan, before=before, refused=False, keys_deleted=0, deleted={}, skipped=0,
-                      archive=None, vacuum=None)
+        result = dict(changed=False, plan=plan, before=before, refused=False, keys_deleted=0, deleted={}, deleted_by_type={},
+                      skipped=0, archive=None, vacuum=None)
         refusal = check_cap(plan["by_company"], plan["company_keys"], self.params["max_delete"], self.params["max_delete_share"])
         if refusal:
             raise CleanupError(refusal, refused=True, details=result)
-        if self.module.check_mode or plan["keys"] == 0:
+        if self.module.check_mode:
+            return result
+        if plan["keys"] == 0:
+            result["after"] = before
             return result
         self.check_space(archive_dir, plan["row_bytes"])
         header = {
@@ -305,8 +312,12 @@ class KeysCleanup:
                        "expired_grace_days": self.params["expired_grace_days"], "companies": self.params["companies"] or None},
         }
         total, deleted, archive, batches = job.delete(archive_dir, plan["keys"], header)
-        result.update(changed=total > 0, keys_deleted=total, deleted=deleted, skipped=plan["keys"] - total, archive=archive,
-                      batches=batches)
+        by_type = {}
+        for types in deleted.values():
+            for key_type, count in types.items():
+                by_type[key_type] = by_type.get(key_type, 0) + count
+        result.update(changed=total > 0, keys_deleted=total, deleted=deleted, deleted_by_type=dict(sorted(by_type.items())),
+                      skipped=plan["keys"] - total, archive=archive, batches=batches)
         if total:
             job.flush_stats()
             result["after_delete"] = job.stats()

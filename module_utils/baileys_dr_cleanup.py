@@ -366,7 +366,7 @@ class Cleanup:
             "companies": int(companies),
             "by_type": by_type,
             "buckets": buckets,
-            "protected_keys": sum(t["keys"] for name, t in by_type.items() if name in self.protected),
+            "protected": sum(t["keys"] for name, t in by_type.items() if name in self.protected),
         }
 
     def table_stats(self):

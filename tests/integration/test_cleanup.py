@@ -84,7 +84,7 @@ def test_check_mode_counts_exactly_per_company_and_type_and_deletes_nothing(db, 
     assert result["plan"]["keys"] == 20
     assert result["plan"]["buckets"] == {"under_1d": 0, "1_7d": 0, "7_14d": 0, "14_30d": 0, "over_30d": 20, "unknown": 0}
     assert result["before"]["buckets"] == {"under_1d": 20, "1_7d": 20, "7_14d": 20, "14_30d": 20, "over_30d": 40, "unknown": 0}
-    assert result["before"]["keys"] == 120 and result["before"]["protected_keys"] == 60
+    assert result["before"]["keys"] == 120 and result["before"]["protected"] == 60
     assert rows(db) == before
     assert not (tmp_path / "archive").exists()
 
@@ -218,7 +218,7 @@ def test_second_run_deletes_nothing(db, db_params, tmp_path):
     ok, first = cleanup(db_params, tmp_path)
     ok, second = cleanup(db_params, tmp_path)
     assert first["changed"] and ok and second["changed"] is False and second["keys_deleted"] == 0 and second["archive"] is None
-    assert second["vacuum"] is None
+    assert second["vacuum"] is None and second["after"] == second["before"]
 
 
 def test_bad_policy_is_refused_naming_the_types(db_params, tmp_path):

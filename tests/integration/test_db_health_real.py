@@ -282,6 +282,7 @@ def test_check_mode_gives_the_same_read_only_result(db, db_params):
     seed(db_params, companies=1, keys_per_company=10)
     result = health(db_params, check_mode=True)
     assert result["reachable"] and result["keys"]["total"] == 10
+    assert result["check_mode"] is True and health(db_params)["check_mode"] is False
 
 
 @pytest.mark.parametrize("thresholds, message", [
@@ -344,7 +345,7 @@ def test_the_playbook_writes_the_json_report_the_textfile_and_a_summary(db, db_p
     assert rc == 0, out
     report = json.loads(paths["report"].read_text())
     assert report["status"] == "healthy" and report["operation"] == "health" and report["fails_play"] is False
-    assert report["keys"]["total"] == 30 and "metrics" not in report and "invocation" not in report
+    assert report["keys"]["total"] == 30 and not {"metrics", "invocation", "check_mode"} & set(report)
     assert stat.S_IMODE(paths["report"].stat().st_mode) == 0o640
     samples = prometheus_samples(paths["metrics"])
     assert samples[("baileys_dr_db_up", ())] == 1

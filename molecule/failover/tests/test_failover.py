@@ -87,7 +87,8 @@ def test_metrics_record_the_successful_failover_for_the_textfile_collector(host)
     # The converge exported every key; the idempotence run (already on files) exported none.
     assert samples[("baileys_dr_keys_exported_total", FAILOVER)] == database_key_count()
     assert samples[("baileys_dr_last_run_keys_exported", FAILOVER)] == 0
-    assert samples[("baileys_dr_last_run_companies", FAILOVER)] == 4
+    # The last run found the failover in effect and covered no company.
+    assert samples[("baileys_dr_last_run_companies", FAILOVER)] == 0
     # The check-mode run writes no metrics: converge and idempotence are the two runs.
     assert samples[("baileys_dr_runs_total", FAILOVER + (("outcome", "ok"),))] == 2
     assert samples[("baileys_dr_last_run_outcome", FAILOVER + (("outcome", "ok"),))] == 1
@@ -104,5 +105,6 @@ def test_audit_log_on_the_target_holds_one_private_record_per_real_run(host):
     assert first["hosts"] == ["baileys-dr-app"] and first["user"] and first["duration_seconds"] > 0
     assert first["inputs"] == {"source": "live", "tag": TAG}
     assert first["details"]["figures"]["keys_exported"] == database_key_count()
+    assert first["details"]["figures"]["companies"] == 4
     password = os.environ.get("BAILEYS_DR_MOLECULE_DB_PASSWORD") or "molecule-only-db-password"
     assert password not in audit.content_string

@@ -49,7 +49,7 @@ def test_every_playbook_ran_and_the_run_after_the_faults_went_through():
 @pytest.mark.parametrize("playbook", PLAYBOOKS)
 def test_no_secret_in_the_vvv_output_of_the_playbook(secrets, playbook):
     output = artefact(playbook + ".log")
-    assert "PLAYBOOK RECAP" in output and "ESTABLISH" in output, "a -vvv run"
+    assert "PLAY RECAP" in output and "ESTABLISH" in output, "a -vvv run"
     assert leaks(output, secrets) == []
 
 
