@@ -15,10 +15,17 @@ with testbed/bin/seed, every step runs as a child process whose wall time and pe
   repository, PM2_HOME and health port; started in database mode first);
 - cleanup: baileys_keys_cleanup deleting part of the keys with the archive (when that module exists).
 
-Results per size go to bench/results/<keys>.json; docs/benchmarks.md is generated from every result file there,
-with the machine description and the command lines. A missed target gets a profile under bench/profiles/.
-`bench/run module NAME --args-file F` runs one module in this process (what the steps time); `bench/run change`
-changes 1% of the keys of the database of the PG* environment.
+Order per size: standby and failover, export and import, cleanup (the 1,500,000-key targets first). The 1% change
+UPDATEs 1% of the keys (uniformly, only values that are JSON objects and not Buffers, so that Baileys still reads
+them), and DELETEs and INSERTs 1% of that. Trees are moved aside between steps and removed after the report is
+written (removing millions of files takes minutes on a busy disk).
+
+Results per size go to bench/results/<keys>.json (a run with --only keeps the other steps of the last run of that
+size, and says so); docs/benchmarks.md is generated from every result file there, with the machine description
+and the command lines (`bench/run report` writes it again). A missed time target gets a profile under
+bench/profiles/: cProfile of the module re-run (when the step took at most --profile-max-seconds), and
+ansible.posix.profile_tasks for the failover. `bench/run module NAME --args-file F` runs one module in this process
+(what the steps time); `bench/run change` changes 1% of the keys of the database of the PG* environment.
 """
 
 from __future__ import annotations
@@ -121,10 +128,12 @@ def change_rows(percent, spread="uniform", seed=None):
             where = ("WHERE company_id IN (SELECT DISTINCT company_id FROM whatsapp_keys ORDER BY 1 "
                      "LIMIT (SELECT greatest(1, count(DISTINCT company_id) / 10) FROM whatsapp_keys))")
         cur.execute("SELECT setseed(%s)", ((seed if seed is not None else time.time() % 1000) / 1000.0,))
+        # Only JSON objects that are not themselves a Buffer get a new member: every changed value keeps a shape Baileys
+        # reads (a member added to a Buffer object would make it a plain object of byte numbers, which Baileys refuses).
+        where = (where + " AND " if where else "WHERE ") + (
+            "jsonb_typeof(value) = 'object' AND coalesce(value->>'type', '') <> 'Buffer'")
         cur.execute(
-            "UPDATE whatsapp_keys k SET value = CASE WHEN jsonb_typeof(value) = 'object' "
-            "THEN jsonb_set(value, '{baileysDrBench}', to_jsonb(clock_timestamp()::text)) "
-            "ELSE jsonb_build_array(value, clock_timestamp()::text) END "
+            "UPDATE whatsapp_keys k SET value = jsonb_set(value, '{baileysDrBench}', to_jsonb(clock_timestamp()::text)) "
             "FROM (SELECT company_id, key_type, key_id FROM whatsapp_keys %s ORDER BY random() LIMIT %%s) s "
             "WHERE k.company_id = s.company_id AND k.key_type = s.key_type AND k.key_id = s.key_id" % where, (count,))
         updated = cur.rowcount
@@ -133,7 +142,7 @@ def change_rows(percent, spread="uniform", seed=None):
         deleted = cur.rowcount
         cur.execute("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) SELECT company_id, 'pre-key', "
                     "'9' || (1000000 + floor(random() * 8000000))::bigint::text, "
-                    "'{\"private\":{\"type\":\"Buffer\",\"data\":\"AQID\"}}' "
+                    "'{\"private\":{\"type\":\"Buffer\",\"data\":\"AQID\"},\"public\":{\"type\":\"Buffer\",\"data\":\"BAUG\"}}' "
                     "FROM (SELECT DISTINCT company_id FROM whatsapp_keys ORDER BY 1 LIMIT %s) c ON CONFLICT DO NOTHING",
                     (max(1, count // 100),))
         inserted = cur.rowcount
@@ -467,7 +476,7 @@ class SizeRun:
 
     def run_failover(self, standby):
         log("%s: starting the private application (database mode, PM2_HOME=%s)" % (self.keys, self.pm2_home))
-        run, _ = self.playbook("app-start", os.path.join(HERE, "app.yml"), ["bench_app_state=present"])
+        run, _ = self.playbook("app-start", os.path.join(HERE, "app.yml"), [])
         self.record["app_start_seconds"] = run["seconds"]
         try:
             log("%s: failover from the standby copy" % self.keys)
@@ -498,14 +507,11 @@ class SizeRun:
             self.app_teardown()
 
     def app_teardown(self):
-        try:
-            self.playbook("app-stop", os.path.join(HERE, "app.yml"), ["bench_app_state=absent"], timeout=600)
-        except BenchError as exc:
-            self.record["notes"].append("application teardown: %s" % str(exc)[:300])
-        finally:
-            subprocess.run([self.pm2_bin, "kill"], env=self.app_env, capture_output=True, timeout=120)
-            shutil.rmtree(self.pm2_home, ignore_errors=True)
-            self.discard(self.app_root)
+        # Not testbed_app's state=absent: it removes the application root, sessions tree included, file by file.
+        for argv in ([self.pm2_bin, "delete", "baileys-whatsapp-service"], [self.pm2_bin, "kill"]):
+            subprocess.run(argv, env=self.app_env, capture_output=True, timeout=120, check=False)
+        shutil.rmtree(self.pm2_home, ignore_errors=True)
+        self.discard(self.app_root)
 
     # -- cleanup -----------------------------------------------------------------------------------------------------
     def run_cleanup(self):
@@ -821,6 +827,9 @@ def main(argv=None):
     p.add_argument("--percent", type=float, default=1.0)
     p.add_argument("--spread", choices=["uniform", "concentrated"], default="uniform")
     p.set_defaults(func=cmd_change)
+    p = sub.add_parser("report", help="only write the document again from bench/results/*.json")
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    p.set_defaults(func=lambda a: write_report(a) or 0)
     p = sub.add_parser("run", help="the benchmark (default)")
     p.add_argument("--sizes", default="1500,150000,1500000", help="keys, multiples of %d" % KEYS_PER_COMPANY)
     p.add_argument("--only", help="steps among %s (default all)" % ",".join(STEPS))
