@@ -366,7 +366,7 @@ class SizeRun:
                   "baseline")
         params = {"dest": live_tree, "keep_backup": False}
         export = self.step("export_live", self.module_argv("export", params), "ours")
-        if export["seconds"] > TARGETS_RATIO * self.record["steps"]["baseline_write_files"]["seconds"]:
+        if self.opts.profile_always or export["seconds"] > TARGETS_RATIO * self.record["steps"]["baseline_write_files"]["seconds"]:
             prof_tree = os.path.join(self.work, "live-profile")
             os.makedirs(prof_tree, exist_ok=True)
 
@@ -386,7 +386,7 @@ class SizeRun:
             self.cluster.psql("DROP TABLE copy_keys, copy_auth; CHECKPOINT", db="bench_import")
             iparams = {"src": live_tree, "undo_dir": os.path.join(self.work, "undo")}
             imported = self.step("import", self.module_argv("import", iparams), "ours", env=import_env)
-            if imported["seconds"] > TARGETS_RATIO * self.record["steps"]["baseline_read_copy_in"]["seconds"]:
+            if self.opts.profile_always or imported["seconds"] > TARGETS_RATIO * self.record["steps"]["baseline_read_copy_in"]["seconds"]:
                 def rerun(path):
                     self.cluster.psql("TRUNCATE whatsapp_keys, whatsapp_auth", db="bench_import")
                     run = measure(self.module_argv("import", dict(iparams, undo_dir=os.path.join(self.work, "undo2")),
@@ -408,7 +408,7 @@ class SizeRun:
         changed = change["updated"] + change["deleted"] + change["inserted"]
         entry = self.step("standby_refresh_1pct", self.module_argv("export", params), "ours", keys=changed,
                           extra={"change": change})
-        if entry["seconds"] > TARGET_REFRESH_SECONDS:
+        if self.opts.profile_always or entry["seconds"] > TARGET_REFRESH_SECONDS:
             def rerun(path):
                 change_rows(1.0, "uniform", seed=11)
                 run = measure(self.module_argv("export", params, profile=path), env=self.env)
@@ -838,6 +838,7 @@ def main(argv=None):
     p.add_argument("--pm2-home", default="/tmp/bpm2-bench")
     p.add_argument("--profile-max-seconds", type=int, default=PROFILE_MAX_SECONDS,
                    help="re-run a step that missed its target under cProfile only when it took at most this long")
+    p.add_argument("--profile-always", action="store_true", help="profile export, import and refresh even when they meet their targets")
     p.add_argument("--keep", action="store_true", help="keep the cluster and trees of each size")
     p.add_argument("--note", help="a remark recorded with each size (e.g. what else ran on the machine)")
     p.set_defaults(func=cmd_run)

@@ -168,6 +168,10 @@ mode:
   description: O(mode).
   returned: always
   type: str
+check_mode:
+  description: Whether the run was a check (also when check mode was set on the task only, which C(ansible_check_mode) does not show).
+  returned: always
+  type: bool
 run_at:
   description: The database's now() at the start; retention is counted from it.
   returned: always
@@ -283,7 +287,7 @@ class KeysCleanup:
                 result = self.delete(job)
         finally:
             conn.close()
-        result.update(mode=self.params["mode"], run_at=job.run_at.isoformat(), queries=self.queries,
+        result.update(mode=self.params["mode"], check_mode=self.module.check_mode, run_at=job.run_at.isoformat(), queries=self.queries,
                       duration_seconds=round(time.monotonic() - started, 3))
         return result
 

@@ -410,7 +410,8 @@ class DbHealth:
         waiting, longest = self._query(Q_LOCKS[has_waitstart])[0]
         sample = []
         if waiting:
-            for pid, locktype, mode, relation, application, seconds, blockers in self._query(Q_LOCK_SAMPLE[has_waitstart], (self.sample_size,)):
+            rows = self._query(Q_LOCK_SAMPLE[has_waitstart], (self.sample_size,))
+            for pid, locktype, mode, relation, application, seconds, blockers in rows:
                 sample.append({"pid": pid, "locktype": locktype, "mode": mode, "relation": relation, "application": application,
                                "wait_seconds": seconds, "blocked_by": list(blockers or [])})
         self.result["locks"] = {"waiting": waiting, "longest_wait_seconds": longest, "sample": sample}
@@ -501,8 +502,8 @@ class DbHealth:
                         "labels": {k: str(v) for k, v in (labels or {}).items()}})
 
         r = self.result
-        add("db_up", "1 when the auth-state database answered the health check.", 1 if r.get("reachable") and "reachability" in self.checks
-            and self.checks["reachability"]["status"] == "healthy" else 0)
+        answered = r.get("reachable") and self.checks.get("reachability", {}).get("status") == "healthy"
+        add("db_up", "1 when the auth-state database answered the health check.", 1 if answered else 0)
         server = r.get("server") or {}
         add("db_in_recovery", "1 when the database server is a standby (pg_is_in_recovery).",
             None if "in_recovery" not in server else int(server["in_recovery"]))
@@ -512,7 +513,8 @@ class DbHealth:
         latency = r.get("latency") or {}
         for q in ("0.5", "0.95", "0.99"):
             key = "p%s_seconds" % {"0.5": "50", "0.95": "95", "0.99": "99"}[q]
-            add("db_latency_seconds", "Latency of the application's key lookup, by quantile of the health probes.", latency.get(key), {"quantile": q})
+            add("db_latency_seconds", "Latency of the application's key lookup, by quantile of the health probes.",
+                latency.get(key), {"quantile": q})
         add("db_latency_average_seconds", "Average latency of the health probes.", latency.get("avg_seconds"))
         add("db_latency_probes", "Probe queries the latency figures come from.", latency.get("probes"))
         for item in (r.get("connections") or {}).get("by_application", []):
@@ -541,18 +543,21 @@ class DbHealth:
             add("table_indexes_size_bytes", "Size of the table's indexes.", info["indexes_size_bytes"], labels)
             add("table_live_tuples", "Estimated live tuples.", info["live_tuples"], labels)
             add("table_dead_tuples", "Estimated dead tuples.", info["dead_tuples"], labels)
-            for kind, prefix in (("manual", "last_"), ("auto", "last_auto")):
-                add("table_last_vacuum_timestamp_seconds", "Last vacuum of the table.", info[prefix + "vacuum"], dict(labels, kind=kind))
-                add("table_last_analyze_timestamp_seconds", "Last analyze of the table.", info[prefix + "analyze"], dict(labels, kind=kind))
             for kind, prefix in (("manual", ""), ("auto", "auto")):
-                add("table_vacuums_total", "Vacuums of the table since statistics were reset.", info[prefix + "vacuum_count"], dict(labels, kind=kind), "counter")
-                add("table_analyzes_total", "Analyzes of the table since statistics were reset.", info[prefix + "analyze_count"], dict(labels, kind=kind), "counter")
+                by_kind = dict(labels, kind=kind)
+                add("table_last_vacuum_timestamp_seconds", "Last vacuum of the table.", info["last_" + prefix + "vacuum"], by_kind)
+                add("table_last_analyze_timestamp_seconds", "Last analyze of the table.", info["last_" + prefix + "analyze"], by_kind)
+                add("table_vacuums_total", "Vacuums of the table since statistics were reset.",
+                    info[prefix + "vacuum_count"], by_kind, "counter")
+                add("table_analyzes_total", "Analyzes of the table since statistics were reset.",
+                    info[prefix + "analyze_count"], by_kind, "counter")
             for index, size in sorted(info["indexes"].items()):
                 add("index_size_bytes", "Size of each index of the auth-state tables.", size, {"table": table, "index": index})
+        status_help = "Health check status: 0 healthy, 1 warning, 2 critical."
         for check, info in self.checks.items():
-            add("health_status", "Health check status: 0 healthy, 1 warning, 2 critical.", STATUS_VALUE[info["status"]], {"check": check})
+            add("health_status", status_help, STATUS_VALUE[info["status"]], {"check": check})
         if "status" in r:
-            add("health_status", "Health check status: 0 healthy, 1 warning, 2 critical.", STATUS_VALUE[r["status"]], {"check": "overall"})
+            add("health_status", status_help, STATUS_VALUE[r["status"]], {"check": "overall"})
         add("health_duration_seconds", "Duration of the health check.", r.get("duration_seconds"))
         add("health_last_run_timestamp_seconds", "When the health check ran.", r.get("checked_at"))
         return out

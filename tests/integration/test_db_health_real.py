@@ -234,7 +234,20 @@ def test_a_primary_is_critical_when_a_standby_is_expected(db, db_params):
     assert health(db_params, expected_role="any")["checks"]["role"]["status"] == "healthy"
 
 
-def test_dead_tuples_rate_the_table_once_past_the_floor(db, db_params):
+@pytest.fixture
+def no_autovacuum(db):
+    """Autovacuum must not remove the dead tuples a test counts."""
+    with db.cursor() as cur:
+        cur.execute("ALTER TABLE whatsapp_auth SET (autovacuum_enabled = false)")
+    db.commit()
+    yield
+    db.rollback()
+    with db.cursor() as cur:
+        cur.execute("ALTER TABLE whatsapp_auth RESET (autovacuum_enabled)")
+    db.commit()
+
+
+def test_dead_tuples_rate_the_table_once_past_the_floor(db, db_params, no_autovacuum):
     insert(db, "INSERT INTO whatsapp_auth (company_id, creds) VALUES (%s, '{}')", [("c%d" % i,) for i in range(200)])
     with db.cursor() as cur:
         cur.execute("DELETE FROM whatsapp_auth WHERE company_id <> 'c1'")

@@ -131,3 +131,14 @@ def test_bad_input_is_refused_naming_it(tmp_path):
     assert not ok and "phases[0] (refresh the standby copy): kind 'party'" in result["msg"]
     ok, result = write(tmp_path, phases(p2={"started": None}))
     assert not ok and "phases[2] (verify on files) has no started" in result["msg"]
+
+
+def test_module_documents_itself_as_ansible_doc_reads_it():
+    import yaml
+
+    documentation = yaml.safe_load(baileys_rehearsal_report.DOCUMENTATION)
+    yaml.safe_load(baileys_rehearsal_report.EXAMPLES)
+    yaml.safe_load(baileys_rehearsal_report.RETURN)
+    assert documentation["module"] == "baileys_rehearsal_report"
+    assert set(documentation["options"]) == {"dest", "name", "host", "environment", "baseline_digests", "phases", "rto_targets"}
+    assert {"check_mode", "diff_mode"} <= set(documentation["attributes"])

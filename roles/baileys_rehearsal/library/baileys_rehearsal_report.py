@@ -52,7 +52,7 @@ options:
     elements: dict
     required: true
   rto_targets:
-    description: Target RTO in seconds by phase kind (for example C({failover: 5})); the report says whether each was met. Informational.
+    description: "Target RTO in seconds by phase kind (for example C({failover: 5})); the report says whether each was met. Informational."
     type: dict
     default: {}
 attributes:
