@@ -519,6 +519,9 @@ class Cleanup:
         started = self.clock()
         try:
             with self.conn.cursor() as cur:
+                # VACUUM's lock never blocks the application's row writes, but it queues
+                # behind an autovacuum (cancelled after deadlock_timeout): do not give up at 1 s.
+                self._run(cur, "SET lock_timeout = '60s'")
                 self._run(cur, "VACUUM (ANALYZE) %s" % TABLE)
         finally:
             self.conn.autocommit = old
