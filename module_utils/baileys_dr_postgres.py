@@ -6,12 +6,21 @@
 Option names follow community.postgresql (login_host, login_port, ...), plus
 db_url; unset options fall back to the libpq PG* environment variables.
 Errors never carry the password: psycopg2 messages are scrubbed first.
+
+With statement_timeout set, every wait on the server also has a client-side
+deadline (statement_timeout + connect_timeout without any answer): a frozen
+server (SIGSTOP, `docker pause`) enforces no statement_timeout, and its kernel
+still answers TCP keepalives, so without it libpq would wait for ever.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import select
+import threading
+import time
+import weakref
 
 try:
     import psycopg2
@@ -101,12 +110,138 @@ class DatabaseError(Exception):
     """A connection or query error whose message is safe to show."""
 
 
+# -- client-side deadline --------------------------------------------------------------------------------------
+# psycopg2 has a single, process-wide wait callback ("green" mode): it is
+# installed while at least one connection with a deadline is open, and waits
+# without a deadline for every other connection. Green mode forbids COPY, so
+# cursors of connect() suspend the callback around COPY (bounded by the server's
+# statement_timeout only).
+
+_deadline_lock = threading.RLock()
+_deadline_conns = weakref.WeakSet()
+_suspended = [0]
+
+
+def _wait(conn):
+    """psycopg2 wait callback: poll/select, giving up after conn's deadline without any answer."""
+    limit = getattr(conn, "_baileys_dr_wait", None)
+    connecting = getattr(conn, "_baileys_dr_connecting", False)
+    if connecting:
+        limit = getattr(conn, "_baileys_dr_connect_timeout", None)
+        connect_deadline = time.monotonic() + limit if limit else None
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        if state == psycopg2.extensions.POLL_READ:
+            readers, writers = [conn.fileno()], []
+        elif state == psycopg2.extensions.POLL_WRITE:
+            readers, writers = [], [conn.fileno()]
+        else:
+            raise psycopg2.OperationalError("bad state from poll: %s" % state)
+        # Connecting: libpq's connect_timeout does not apply to a polled connection, so it is
+        # enforced here, in total, with libpq's own words. Afterwards: per wait, since any answer is progress.
+        timeout = (max(0.0, connect_deadline - time.monotonic()) if connect_deadline else None) if connecting else limit
+        ready = select.select(readers, writers, [], timeout)
+        if not any(ready):
+            if connecting:
+                raise psycopg2.OperationalError("timeout expired")
+            raise psycopg2.OperationalError(
+                "no answer from PostgreSQL at %s within %s s (server frozen?)" % (conn._baileys_dr_target, _seconds(limit)))
+
+
+def _seconds(value):
+    return ("%.1f" % value).rstrip("0").rstrip(".")
+
+
+def _refresh_wait_callback():
+    """Install the callback while a connection with a deadline is open (and COPY is not running)."""
+    with _deadline_lock:
+        wanted = not _suspended[0] and any(not conn.closed for conn in list(_deadline_conns))
+        psycopg2.extensions.set_wait_callback(_wait if wanted else None)
+
+
+class _suspend_deadline(object):
+    """Context manager: no wait callback (COPY cannot run in green mode)."""
+
+    def __enter__(self):
+        with _deadline_lock:
+            _suspended[0] += 1
+            _refresh_wait_callback()
+
+    def __exit__(self, *exc):
+        with _deadline_lock:
+            _suspended[0] -= 1
+            _refresh_wait_callback()
+
+
+if HAS_PSYCOPG2:
+
+    class _Cursor(psycopg2.extensions.cursor):
+        """A cursor whose COPY runs outside green mode."""
+
+        def copy_expert(self, *args, **kwargs):
+            with _suspend_deadline():
+                return super().copy_expert(*args, **kwargs)
+
+        def copy_from(self, *args, **kwargs):
+            with _suspend_deadline():
+                return super().copy_from(*args, **kwargs)
+
+        def copy_to(self, *args, **kwargs):
+            with _suspend_deadline():
+                return super().copy_to(*args, **kwargs)
+
+    class _Connection(psycopg2.extensions.connection):
+        """A connection that may carry a client-side deadline for _wait."""
+
+        def __init__(self, dsn, *args, **kwargs):
+            # Handed over by connect(): _wait needs them while libpq is still connecting.
+            self._baileys_dr_wait = kwargs.pop("baileys_dr_wait", None)
+            self._baileys_dr_connect_timeout = kwargs.pop("baileys_dr_connect_timeout", None)
+            self._baileys_dr_target = kwargs.pop("baileys_dr_target", "PostgreSQL")
+            self._baileys_dr_connecting = True
+            try:
+                super().__init__(dsn, *args, **kwargs)
+            finally:
+                self._baileys_dr_connecting = False
+            self.cursor_factory = _Cursor
+
+        def close(self):
+            super().close()
+            if self._baileys_dr_wait:
+                _refresh_wait_callback()
+
+
+def client_deadline(params):
+    """Seconds without any answer after which a query gives up (0: never): statement_timeout + connect_timeout."""
+    statement_timeout = params.get("statement_timeout") or 0
+    if statement_timeout <= 0:
+        return 0
+    return statement_timeout / 1000.0 + float(params.get("connect_timeout") or 10)
+
+
 def connect(params, application_name="baileys-dr", autocommit=False):
     if not HAS_PSYCOPG2:
         raise DatabaseError("the Python library psycopg2 is required on the host running this module: %s" % PSYCOPG2_IMPORT_ERROR)
+    wait = client_deadline(params)
+    kwargs = connection_kwargs(params, application_name)
+
+    def factory(dsn, *args, **extra):
+        return _Connection(dsn, *args, baileys_dr_wait=wait or None, baileys_dr_connect_timeout=float(kwargs["connect_timeout"]),
+                           baileys_dr_target=describe_target(params), **extra)
+
     try:
-        conn = psycopg2.connect(**connection_kwargs(params, application_name))
+        with _deadline_lock:
+            if wait and not _suspended[0]:
+                psycopg2.extensions.set_wait_callback(_wait)
+        conn = psycopg2.connect(connection_factory=factory, **kwargs)
     except psycopg2.Error as exc:
+        _refresh_wait_callback()
         raise DatabaseError("cannot connect to PostgreSQL at %s: %s" % (describe_target(params), scrub(exc, params).strip())) from None
+    if wait:
+        with _deadline_lock:
+            _deadline_conns.add(conn)
+    _refresh_wait_callback()
     conn.autocommit = autocommit
     return conn

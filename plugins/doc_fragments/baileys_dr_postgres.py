@@ -47,7 +47,10 @@ options:
     type: int
     default: 10
   statement_timeout:
-    description: Statement timeout in milliseconds (0 for none).
+    description:
+      - Statement timeout in milliseconds (0 for none).
+      - The client also stops waiting O(statement_timeout) plus O(connect_timeout) seconds without an answer,
+        so a frozen server fails the task instead of hanging it.
     type: int
     default: 0
     aliases: [statement_timeout_ms]

@@ -169,25 +169,36 @@ def test_a_statement_the_server_cannot_answer_fails_within_statement_timeout(scr
     assert ok and rerun["changed"] and rerun["digests"] == database_digests(conn) == tree_digests(sessions)
 
 
-@pytest.mark.xfail(strict=True, reason="statement_timeout is enforced by the server: a frozen server never answers, and the "
-                   "connection is already open, so libpq waits for ever (no client-side deadline yet; docs/reliability.md)")
 def test_a_server_frozen_in_the_middle_of_an_export_fails_within_statement_timeout(scratch, tmp_path, monkeypatch):
+    """statement_timeout is enforced by the server, which a frozen one never does: the client-side deadline
+    (statement_timeout + connect_timeout without any answer) ends the wait, naming the server."""
     cluster, params, conn = scratch
     testdata.load(conn, "frozenmid", 2, 10)
     conn.close()
     sessions = tmp_path / "baileys_sessions"
     monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_AT", "after_company:1")
     monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_SECONDS", "2")
-    worker, outcome = in_background(lambda: export(params, sessions, statement_timeout=1500))
+    worker, outcome = in_background(lambda: export(params, sessions, statement_timeout=1500, connect_timeout=2))
     wait_until(lambda: staging_dirs(tmp_path), what="the export to start writing")
     freeze(cluster)
-    worker.join(2 + 1.5 + 4)
-    frozen_for_good = worker.is_alive()
-    thaw(cluster)
+    started = time.monotonic()
+    try:
+        # The pause (2 s), then one wait of 1.5 + 2 s without an answer, then some slack for a loaded machine.
+        worker.join(2 + 1.5 + 2 + 4)
+        elapsed = time.monotonic() - started
+        frozen_for_good = worker.is_alive()
+    finally:
+        thaw(cluster)
     worker.join(60)
     assert not frozen_for_good, "the export was still waiting on the frozen server"
     ok, result = outcome["result"]
-    assert not ok and "timeout" in result["msg"]
+    assert not ok
+    assert "no answer from PostgreSQL at 127.0.0.1:%d/baileys within 3.5 s (server frozen?)" % cluster.port in result["msg"], result["msg"]
+    assert params["login_password"] not in result["msg"]
+    assert elapsed >= 3.5, "the deadline fired after %.1fs, before statement_timeout + connect_timeout" % elapsed
+    assert staging_dirs(tmp_path) == [] and not sessions.exists(), "no partial tree is left"
+    ok, rerun = export(params, sessions, statement_timeout=1500, connect_timeout=2)
+    assert ok and rerun["changed"], rerun.get("msg")
 
 
 # -- 3. Disk full during the export -------------------------------------------------------------------------------
