@@ -35,7 +35,7 @@ import json
 import os
 import time
 
-from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES
+from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES, PROTECTED_KEY_TYPES
 from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
 from ansible.module_utils.baileys_dr_sessions import test_hook
 
@@ -44,8 +44,7 @@ ARCHIVE_KIND = "baileys-dr-keys-archive"
 ARCHIVE_FORMAT = 1
 PRIMARY_KEY = ("company_id", "key_type", "key_id")
 
-# Needed by Baileys however old (DOMAIN.md section 2): never deleted by default.
-DEFAULT_PROTECTED = ("pre-key", "app-state-sync-key", "app-state-sync-version", "identity-key", "lid-mapping")
+DEFAULT_PROTECTED = PROTECTED_KEY_TYPES
 # Rebuildable by the protocol at the cost of a renegotiation.
 DEFAULT_RETENTION = {"session": 30, "sender-key": 30, "sender-key-memory": 30, "device-list": 30, "tctoken": 30}
 

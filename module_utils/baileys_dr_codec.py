@@ -32,6 +32,10 @@ KEY_TYPES = (
     "identity-key",
 )
 
+# Keys Baileys needs however old (DOMAIN.md section 2): cleanup never deletes them by default,
+# health counts them apart.
+PROTECTED_KEY_TYPES = ("pre-key", "app-state-sync-key", "app-state-sync-version", "identity-key", "lid-mapping")
+
 DIGEST_HEADER = ["baileys-dr-state", 1]
 
 # The application's expires_at policy (DOMAIN.md section 1): written rows get now() + this many days.

@@ -18,14 +18,13 @@ import math
 import select
 import time
 
-from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES
+from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES, PROTECTED_KEY_TYPES
 from ansible.module_utils.baileys_dr_postgres import connection_kwargs, describe_target, psycopg2, scrub
 
 STATUSES = ("healthy", "warning", "critical")
 STATUS_VALUE = {name: index for index, name in enumerate(STATUSES)}
 
-# Keys a cleanup must never delete (Baileys needs them for the life of the session).
-PROTECTED_TYPES = ("pre-key", "app-state-sync-key", "app-state-sync-version", "identity-key", "lid-mapping")
+PROTECTED_TYPES = PROTECTED_KEY_TYPES
 
 # A value strictly above a level gets that level (the original dashboard alerted on "> 500 ms",
 # "> 80 % of the pool", "> 5 waiting"). None disables a level.
