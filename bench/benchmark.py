@@ -49,8 +49,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
-PROFILES = os.path.join(HERE, "profiles")
+# BAILEYS_DR_BENCH_RESULTS: a scratch results directory, so a trial run leaves bench/results/ alone.
+RESULTS = os.environ.get("BAILEYS_DR_BENCH_RESULTS") or os.path.join(HERE, "results")
+PROFILES = os.environ.get("BAILEYS_DR_BENCH_PROFILES") or os.path.join(HERE, "profiles")
 KEYS_PER_COMPANY = 1500
 MODULES = {"export": "baileys_auth_export", "import": "baileys_auth_import", "verify": "baileys_sessions_verify",
            "cleanup": "baileys_keys_cleanup"}
