@@ -37,6 +37,11 @@ description:
   - A refresh that stops half-way leaves the previous top manifest, so the standby does not verify until the next good
     refresh; the next refresh sees C(.baileys-dr/refresh-in-progress), re-checks every company's files against its own
     manifest, and rewrites whole the companies that do not match.
+  - A full write (O(mode=live), or the first O(mode=standby) build) of at least 20,000 keys in two or more companies is
+    shared among worker processes, one per usable CPU (at most 4). The module exports its snapshot
+    (C(pg_export_snapshot())), each worker opens one more connection on that same snapshot and writes whole companies
+    into the staging directory, and the module writes the top manifest. A worker that cannot connect makes the module
+    write alone. A worker that fails fails the run, every worker is stopped and the staging directory removed.
   - Hostile rows are refused before anything is swapped in, naming company, key type and key id. Refused are company ids outside
     C([A-Za-z0-9_-]{1,50}), key types that are not Baileys key types (see O(unknown_types)), key ids with control
     characters, key ids C(.) or C(..), file names over 255 bytes, and two ids of one company that become the same file
@@ -235,6 +240,10 @@ queries:
   returned: always
   type: list
   elements: str
+workers:
+  description: Worker processes that wrote the tree (0 when the module wrote it alone).
+  returned: when a tree was written in full (O(mode=live), first O(mode=standby) build)
+  type: int
 skipped_keys:
   description: Keys of unknown types left out (O(unknown_types=skip)).
   returned: when rows were read

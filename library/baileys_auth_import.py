@@ -277,11 +277,6 @@ queries:
   returned: always
   type: list
   elements: str
-warnings:
-  description: Things worth knowing that did not stop the run.
-  returned: always
-  type: list
-  elements: str
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -350,6 +345,9 @@ def main():
                          % scrub(exc, module.params).strip())
     except OSError as exc:
         module.fail_json(msg="reading the sessions tree or writing an undo file failed: %s" % scrub(exc, module.params))
+    # Through module.warn, as ansible-core 2.19 wants (a warnings key of the result is deprecated).
+    for warning in result.pop("warnings", None) or ():
+        module.warn(scrub(warning, module.params))
     message = runner.summary(result)
     if message:
         module.fail_json(msg=scrub(message, module.params), **result)

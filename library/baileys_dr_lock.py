@@ -50,6 +50,10 @@ attributes:
 notes:
   - The holder is found by walking up the module's parent processes to the outermost C(ansible-playbook)
     or C(ansible-runner) process; without one (an ad-hoc run) the module's parent process is the holder.
+  - An action plugin of the same name (plugins/action/baileys_dr_lock.py, also shipped in the action_plugins
+    of the roles that take a lock) does the same work inside the controller, with no module process (about
+    0.3 s less per call); it always works on the control node, which is where the roles delegate this module.
+    Lock files taken by one are released by the other.
 """
 
 EXAMPLES = r"""
@@ -82,158 +86,37 @@ path:
   type: str
 """
 
-import datetime
-import fcntl
-import getpass
-import json
 import os
-import re
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_fs import write_file_atomic
+from ansible.module_utils.baileys_dr_lockfile import (  # noqa: F401 (process_info, boot_id: used by the tests)
+    Lock,
+    LockError,
+    boot_id,
+    find_holder_process,
+    holder_alive,
+    process_info,
+)
 
-_NAME_RE = re.compile(r"\A[A-Za-z0-9._-]{1,100}\Z")
-_RUNNERS = ("ansible-playbook", "ansible-runner", "ansible-navigator")
-
-
-def _read(path):
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError:
-        return b""
-
-
-def boot_id():
-    return _read("/proc/sys/kernel/random/boot_id").decode().strip()
-
-
-def process_info(pid):
-    """(parent pid, start ticks, argv) of a live process, or None."""
-    stat = _read("/proc/%d/stat" % pid).decode("utf-8", "replace")
-    if not stat:
-        return None
-    # The command name is in parentheses and may itself contain spaces or parentheses.
-    fields = stat[stat.rindex(")") + 2:].split()
-    argv = [a.decode("utf-8", "replace") for a in _read("/proc/%d/cmdline" % pid).split(b"\0") if a]
-    return int(fields[1]), int(fields[19]), argv
-
-
-def find_holder_process():
-    """pid, start ticks and playbook of the outermost ansible-playbook/runner above us."""
-    pid = os.getppid()
-    found = None
-    while pid > 1:
-        info = process_info(pid)
-        if info is None:
-            break
-        parent, ticks, argv = info
-        if any(os.path.basename(a).startswith(_RUNNERS) for a in argv[:3]):
-            playbooks = [os.path.basename(a) for a in argv if a.endswith((".yml", ".yaml"))]
-            found = (pid, ticks, playbooks[0] if playbooks else " ".join(argv[:3]))
-        pid = parent
-    if found is None:
-        pid = os.getppid()
-        info = process_info(pid)
-        found = (pid, info[1] if info else 0, "ad-hoc")
-    return found
-
-
-def holder_alive(holder):
-    if holder.get("boot_id") != boot_id():
-        return False
-    info = process_info(int(holder.get("pid", 0)))
-    return info is not None and info[1] == holder.get("start_ticks")
-
-
-class Lock:
-    def __init__(self, module):
-        self.module = module
-        self.params = module.params
-        if not _NAME_RE.match(self.params["name"]):
-            module.fail_json(msg="invalid lock name %r: use letters, digits, '.', '_' and '-'" % self.params["name"])
-        self.dir = os.path.expanduser(self.params["lock_dir"])
-        self.path = os.path.join(self.dir, self.params["name"] + ".lock")
-        pid, ticks, playbook = find_holder_process()
-        self.me = {"pid": pid, "start_ticks": ticks, "boot_id": boot_id(), "user": getpass.getuser(),
-                   "playbook": playbook, "operation": self.params["operation"],
-                   "since": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-
-    def _current(self):
-        raw = _read(self.path)
-        if not raw:
-            return None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return {"pid": 0, "unreadable": True}
-
-    @staticmethod
-    def _same(a, b):
-        return bool(a) and all(a.get(k) == b.get(k) for k in ("pid", "start_ticks", "boot_id"))
-
-    def run(self):
-        if not self.module.check_mode:
-            os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        guard_path = os.path.join(self.dir, ".guard")
-        guard = open(guard_path, "a") if not self.module.check_mode else None
-        try:
-            if guard:
-                # Serialises check-and-take between two runs starting together.
-                fcntl.flock(guard, fcntl.LOCK_EX)
-            current = self._current()
-            if self.params["state"] == "released":
-                return self._release(current)
-            return self._acquire(current)
-        finally:
-            if guard:
-                guard.close()
-
-    def _acquire(self, current):
-        result = dict(changed=False, path=self.path, holder=self.me)
-        if current and self._same(current, self.me):
-            result["holder"] = current
-            return result
-        if current and holder_alive(current) and not self.params["force"]:
-            self.module.fail_json(
-                msg="%s is already running: lock %s is held by pid %s (%s, %s) as %s since %s; "
-                    "wait for it, or pass force only if that run is gone"
-                    % (current.get("operation") or self.params["name"], self.path, current.get("pid"),
-                       current.get("playbook"), current.get("operation") or "operation unknown",
-                       current.get("user"), current.get("since")),
-                holder=current, path=self.path)
-        if current:
-            result["stale_holder"] = current
-        result["changed"] = True
-        if not self.module.check_mode:
-            write_file_atomic(self.path, json.dumps(self.me).encode(), mode=0o600)
-        return result
-
-    def _release(self, current):
-        result = dict(changed=False, path=self.path, holder=current or {})
-        if current is None:
-            return result
-        if not self._same(current, self.me) and holder_alive(current) and not self.params["force"]:
-            self.module.fail_json(msg="lock %s belongs to another live run (pid %s): not released" % (self.path, current.get("pid")),
-                                  holder=current, path=self.path)
-        result["changed"] = True
-        if not self.module.check_mode:
-            os.unlink(self.path)
-        return result
+ARGUMENT_SPEC = dict(
+    name=dict(type="str", required=True),
+    state=dict(type="str", default="acquired", choices=["acquired", "released"]),
+    lock_dir=dict(type="path", default="~/.cache/baileys-dr/locks"),
+    operation=dict(type="str", default=""),
+    force=dict(type="bool", default=False),
+)
 
 
 def main():
-    module = AnsibleModule(
-        argument_spec=dict(
-            name=dict(type="str", required=True),
-            state=dict(type="str", default="acquired", choices=["acquired", "released"]),
-            lock_dir=dict(type="path", default="~/.cache/baileys-dr/locks"),
-            operation=dict(type="str", default=""),
-            force=dict(type="bool", default=False),
-        ),
-        supports_check_mode=True,
-    )
-    module.exit_json(**Lock(module).run())
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    params = module.params
+    try:
+        lock = Lock(params["name"], params["lock_dir"], operation=params["operation"], force=params["force"],
+                    check_mode=module.check_mode, start_pid=os.getppid(), fallback_pid=os.getppid())
+        result = lock.run(params["state"])
+    except LockError as exc:
+        module.fail_json(msg=str(exc), **exc.fields)
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":

@@ -104,10 +104,24 @@ options:
         values only where secrets may be stored (the failover state file is 0600).
     type: bool
     default: false
+  record_path:
+    description:
+      - Before the file is changed, write a JSON record to this path, so that whoever undoes the change later
+        (a failback, or a person after a crash) knows what was there. It holds O(record_data) and, under
+        C(env), what RV(previous) holds (the values before the change, secrets included).
+      - It is written, with mode 0600 in a directory created 0700 when missing, staged and renamed into place
+        and fsynced, after the edit was planned and found safe and before the dotenv file is touched, even
+        when no key changes; a crash leaves the record without the edit, never the edit without the record.
+      - One module call instead of three tasks (read the values, create the directory, write the record).
+    type: path
+  record_data:
+    description: The rest of the record written to O(record_path) (shown in the task's arguments, so no secrets).
+    type: dict
+    default: {}
 attributes:
   check_mode:
     support: full
-    details: Reports what would change (C(changed), C(changed_keys), the diff) and writes nothing, not even the backup.
+    details: Reports what would change (C(changed), C(changed_keys), the diff) and writes nothing, not even the backup or the record.
   diff_mode:
     support: full
     details: Before and after text of the file, the values of secret keys masked.
@@ -185,6 +199,14 @@ previous:
   returned: when O(return_previous=true)
   type: dict
   sample: {USE_LEGACY_SUPABASE: {present: true, value: "true"}, USE_REPOSITORY_PATTERN: {present: false, value: null}}
+file_changed:
+  description: Whether the dotenv file itself was (or would be) changed; C(changed) also counts the record.
+  returned: always
+  type: bool
+record_path:
+  description: The record written (or, in check mode, that would be written) before the change.
+  returned: when O(record_path) is given
+  type: str
 backup_file:
   description: The backup made before the change.
   returned: when O(backup=true) and the file was changed
@@ -192,13 +214,14 @@ backup_file:
   sample: /srv/baileys/.env.4242.2025-11-20@09:00:00~
 """
 
+import json
 import os
 import re
 import tempfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_fs import fsync_dir
+from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
 from ansible.module_utils.common.text.converters import to_bytes, to_native
 
 MASK = "********"
@@ -455,7 +478,7 @@ class EnvFile:
             raise EnvFileError("secret_keys_regex %r is not a valid regular expression: %s"
                                % (self.params["secret_keys_regex"], exc))
         self.wanted = self._wanted_values()
-        self.result = dict(changed=False, path=self.path, changed_keys=[], created=False, duplicates=[])
+        self.result = dict(changed=False, file_changed=False, path=self.path, changed_keys=[], created=False, duplicates=[])
 
     def _wanted_values(self):
         wanted = {}
@@ -572,6 +595,9 @@ class EnvFile:
         new_text, changed_keys = self.plan(document)
         self.result["changed_keys"] = changed_keys
         content_changed = creating or new_text != text
+        self.result["file_changed"] = content_changed
+        if self.params["record_path"]:
+            self.record(document)
         if self.module._diff:
             self.result["diff"] = dict(
                 before_header=self.path if not creating else "%s (absent)" % self.path,
@@ -589,6 +615,26 @@ class EnvFile:
         if not (creating and self.module.check_mode):
             self.result["changed"] = self.set_attributes(self.result["changed"])
         return self.result
+
+    def record(self, document):
+        """The record of what the file held, written durably before the file is touched."""
+        path = self.params["record_path"]
+        current = document.values()
+        data = dict(self.params["record_data"] or {})
+        data["env"] = {key: dict(present=key in current, value=current.get(key)) for key in self.wanted}
+        self.result["record_path"] = path
+        self.result["changed"] = True
+        if self.module.check_mode:
+            return
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            if not os.path.isdir(directory):
+                os.makedirs(directory, mode=0o700)
+                fsync_dir(os.path.dirname(directory))
+            write_file_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"), mode=0o600)
+        except OSError as exc:
+            raise EnvFileError("cannot write the record %s, so %s was left unchanged: %s"
+                               % (path, self.path, exc.strerror or exc))
 
     def masked(self, text):
         return DotenvDocument(text).render(mask=self.secret)
@@ -608,7 +654,7 @@ class EnvFile:
             raise EnvFileError("path %s is a directory, not a dotenv file" % self.path)
         if not os.path.lexists(self.path):
             return self.result
-        self.result["changed"] = True
+        self.result["changed"] = self.result["file_changed"] = True
         if self.module._diff:
             self.result["diff"] = dict(before_header=self.path, after_header="%s (absent)" % self.path,
                                        before=self.masked(self._read() or ""), after="")
@@ -719,6 +765,8 @@ def main():
             follow=dict(type="bool", default=True),
             secret_keys_regex=dict(type="str", default="PASSWORD|SECRET|TOKEN|KEY|DSN|URL"),
             return_previous=dict(type="bool", default=False),
+            record_path=dict(type="path"),
+            record_data=dict(type="dict", default={}),
         ),
         supports_check_mode=True,
     )

@@ -63,6 +63,9 @@ options:
         described in O(env_remove), instead of C(pm2 restart), which keeps every variable PM2 stored.
       - Default true for C(restarted), false for the other states; with C(started) it applies to a process
         that is stopped. C(reloaded) cannot have it (a reload keeps the environment).
+      - A C(restarted) with it runs C(pm2 delete) straight away, without reading the list first (one C(pm2)
+        Node process less while the service is down); a delete that fails is an error unless the list then
+        shows PM2 does not know the process. Check mode and diff mode read the list first.
     type: bool
   env_remove:
     description:
@@ -115,7 +118,18 @@ options:
     description:
       - State digests by company id that the C(digests) of the O(health_url) JSON must equal exactly (no
         company more or less). The failure message names up to 20 differing companies.
+      - "An application that answers ready before it has computed every digest says so with
+        C(digestsComplete: false): the module then notes the readiness (RV(readiness.ready_at)) and keeps
+        reading O(health_url) until C(digestsComplete) is true, for at most O(digests_timeout), before it
+        compares. An answer that is no longer ready (an error found meanwhile), another pid, or a
+        mismatch fails the task. Without the field the digests are compared as soon as it is ready."
     type: dict
+  digests_timeout:
+    description:
+      - Seconds to wait, after readiness, for the application to report C(digestsComplete) (see
+        O(expected_digests)). Separate from O(ready_timeout), since the service already serves meanwhile.
+    type: float
+    default: 600
 attributes:
   check_mode:
     support: full
@@ -186,7 +200,27 @@ readiness:
   description: The readiness wait; C(checks) are the checks of the last round.
   returned: when the module waited
   type: dict
-  sample: {ready: true, waited_seconds: 6.1, checks: [{name: status, ok: true, detail: PM2 status online}]}
+  sample: {ready: true, waited_seconds: 6.1, ready_at: "2026-11-28T18:00:01.250Z", ready_at_epoch: 1795888801.25,
+           checks: [{name: status, ok: true, detail: PM2 status online}]}
+  contains:
+    ready_at:
+      description:
+        - When the module first saw every readiness check pass (UTC, milliseconds), digests apart; the end of
+          a restart's downtime. RV(readiness.ready_at_epoch) is the same instant in seconds since the epoch.
+      type: str
+      returned: when the process became ready
+    app_ready_at:
+      description: The C(readyAt) the application reported on O(health_url), as it gave it.
+      type: str
+      returned: when the process became ready and its readiness endpoint gives C(readyAt)
+    digests_waited_seconds:
+      description: Seconds spent after readiness waiting for C(digestsComplete) and comparing the digests.
+      type: float
+      returned: when O(expected_digests) was checked
+    digests_complete_at:
+      description: When the digests were complete and equal (UTC, milliseconds).
+      type: str
+      returned: when O(expected_digests) matched
 health:
   description: The last JSON of O(health_url), without secret-looking fields, big members replaced by a count.
   returned: when O(health_url) was asked
@@ -215,6 +249,7 @@ user:
   type: str
 """
 
+import datetime
 import json
 import os
 import pwd
@@ -239,6 +274,7 @@ from ansible.module_utils.baileys_dr_pm2 import (
     scrub_output,
     status_of,
     summarize,
+    uptime_seconds,
 )
 
 STARTING_STATES = ("started", "restarted", "reloaded")
@@ -250,7 +286,10 @@ class Pm2Process:
     clock = staticmethod(time.time)  # wall clock: pm_uptime is an epoch
     monotonic = staticmethod(time.monotonic)
     sleep = staticmethod(time.sleep)
-    poll_interval = 0.5
+    poll_interval = 0.25  # between PM2 samples when there is no readiness endpoint
+    health_poll_interval = 0.05  # between two reads of the readiness endpoint (a local HTTP GET)
+    pm2_sample_interval = 1.0  # between PM2 samples while the endpoint is not ready (to see a crash)
+    digests_poll_interval = 0.25
     health_request_timeout = 5.0
 
     def __init__(self, module, runner=None, health_client=None):
@@ -413,19 +452,27 @@ class Pm2Process:
 
     # --- readiness ---
 
-    def _health_checks(self, instances, remaining):
-        """(checks, terminal): checks of the readiness endpoint; terminal when a wrong answer will not change."""
+    def _read_health(self, remaining):
+        """(status, doc, reason): one GET of health_url; doc is the JSON object (or None)."""
         url = self.params["health_url"]
         status, body = self.health_client.get(url, timeout=max(1.0, min(self.health_request_timeout, remaining)))
         if status is None:
-            reason = scrub_output(body.decode("utf-8", "replace"), self.runner.secrets, limit=200)
-            return [("health_http", False, "GET %s: no answer (%s)" % (url, reason))], False
+            return None, None, scrub_output(body.decode("utf-8", "replace"), self.runner.secrets, limit=200)
         try:
             doc = json.loads(body.decode("utf-8"))
         except ValueError:
             doc = None
         if isinstance(doc, dict):
             self.health = safe_health(doc, secrets=self.runner.secrets)
+            return status, doc, ""
+        return status, None, ""
+
+    def _health_checks(self, instances, status, doc, reason):
+        """(checks, terminal): checks of one readiness answer, digests apart; terminal when a wrong answer will
+        not change."""
+        url = self.params["health_url"]
+        if status is None:
+            return [("health_http", False, "GET %s: no answer (%s)" % (url, reason))], False
         if status != 200:
             errors = doc.get("errors") if isinstance(doc, dict) and isinstance(doc.get("errors"), list) else []
             detail = "GET %s answered %d" % (url, status)
@@ -439,69 +486,156 @@ class Pm2Process:
         if "pid" in doc and doc["pid"] not in pids:
             checks.append(("health_pid", False, "answered by pid %s, but PM2 runs %s as pid %s: another process holds "
                                                 "the port" % (doc["pid"], self.name, ", ".join(map(str, pids)))))
-            return checks, False
+            return checks, True
         terminal = False
         if self.params["health_expect"]:
             wrong = health_field_differences(self.params["health_expect"], doc)
             checks.append(("health_fields", not wrong, "; ".join(wrong) or "expected fields match"))
-            terminal = terminal or bool(wrong)
-        if self.params["expected_digests"] is not None:
-            differ = digest_differences(self.params["expected_digests"], doc.get("digests"))
-            if differ:
-                detail = "state digests differ for %d companies: %s" % (len(differ), ", ".join(differ[:20]))
-                if len(differ) > 20:
-                    detail += ", ..."
-            else:
-                detail = "state digests of %d companies match" % len(self.params["expected_digests"])
-            checks.append(("digests", not differ, detail))
-            terminal = terminal or bool(differ)
+            terminal = bool(wrong)
         return checks, terminal
+
+    def _digest_check(self, doc):
+        differ = digest_differences(self.params["expected_digests"], doc.get("digests"))
+        if differ:
+            detail = "state digests differ for %d companies: %s" % (len(differ), ", ".join(differ[:20]))
+            if len(differ) > 20:
+                detail += ", ..."
+        else:
+            detail = "state digests of %d companies match" % len(self.params["expected_digests"])
+        return "digests", not differ, detail
 
     def read_health_once(self, result):
         """One GET of health_url, its answer returned as it is (no readiness decision)."""
-        status, body = self.health_client.get(self.params["health_url"], timeout=self.health_request_timeout)
+        status, _doc, _reason = self._read_health(self.health_request_timeout)
         result["health_status"] = status
-        try:
-            doc = json.loads(body.decode("utf-8")) if status is not None else None
-        except ValueError:
-            doc = None
-        if isinstance(doc, dict):
-            self.health = safe_health(doc, secrets=self.runner.secrets)
+
+    def _sample(self):
+        return find_instances(self.runner.jlist(), self.name)
 
     def wait_ready(self, instances):
-        """The readiness report; Pm2Error (with the report) when not ready in time."""
+        """The readiness report; Pm2Error (with the report) when not ready in time.
+
+        The readiness endpoint is cheap to ask and is polled every health_poll_interval; `pm2 jlist` (a Node
+        process, about 0.3 s) is sampled when the endpoint says ready (to tie its pid to PM2's and check the
+        restart count and the uptime), and every pm2_sample_interval otherwise to see a crash.
+        """
         tracker = ReadinessTracker(self.params["ready_window"])
         start = self.monotonic()
         deadline = start + self.params["ready_timeout"]
+        url = self.params["health_url"]
+        pm2_checks = tracker.observe(instances, self.clock()) if instances else []
+        sampled = self.monotonic()
+        resampled_for_pid = False
+        health = None  # (checks, terminal, doc) of the last answer
+        answer = None
         while True:
             terminal = None
             if not instances:
                 checks = [("process", False, "%s is no longer in PM2" % self.name)]
                 terminal = "it disappeared from PM2"
             else:
-                checks = tracker.observe(instances, self.clock())
+                checks = list(pm2_checks)
                 if status_of(instances) == "errored":
                     terminal = "PM2 gave up on it (status errored after %d restarts)" % restart_count(instances)
-            if self.params["health_url"] and not terminal:
-                if all(ok for _, ok, _ in checks):
-                    health_checks, wrong_answer = self._health_checks(instances, deadline - self.monotonic())
-                    checks += health_checks
-                    if wrong_answer and all(ok for name, ok, _ in health_checks if name in ("health_http", "health_pid")):
-                        terminal = "it is up but its readiness endpoint reports the wrong state"
-                else:
-                    checks.append(("health", False, "not asked yet: PM2 checks not passed"))
+            if url and not terminal:
+                # An answer that was ready is judged again against the PM2 sample it asked for, not asked again.
+                status, doc, reason = answer if answer else self._read_health(deadline - self.monotonic())
+                answer = None
+                health_checks, wrong = self._health_checks(instances, status, doc, reason)
+                if wrong and any(name == "health_pid" for name, _, _ in health_checks):
+                    if not resampled_for_pid:
+                        # The sample may predate a restart by PM2: judge the pid against a fresh one.
+                        resampled_for_pid = True
+                        before = restart_count(instances)
+                        instances, sampled = self._sample(), self.monotonic()
+                        pm2_checks = tracker.observe(instances, self.clock()) if instances else []
+                        restarting = not instances or status_of(instances) != "online" or restart_count(instances) != before
+                        answer = None if restarting else (status, doc, reason)
+                        continue
+                    if not all(ok for _, ok, _ in pm2_checks):
+                        wrong = False  # PM2 is restarting it: another pid answering is no proof of another process
+                health = (health_checks, wrong, doc)
+                last_answer, answered = (status, doc, reason), self.monotonic()
+                checks += health_checks
+                if wrong:
+                    terminal = "it is up but its readiness endpoint reports the wrong state"
             ready = all(ok for _, ok, _ in checks)
             if ready or terminal or self.monotonic() >= deadline:
                 break
-            self.sleep(max(0.0, min(self.poll_interval, deadline - self.monotonic())))
-            instances = find_instances(self.runner.jlist(), self.name)
+            pm2_ok = all(ok for _, ok, _ in pm2_checks)
+            health_ok = not url or all(ok for _, ok, _ in health[0])
+            if health_ok and not pm2_ok:
+                # Only PM2's side is missing: sample again once the uptime can have passed the window.
+                uptimes = [uptime_seconds(p, self.clock()) for p in instances]
+                short = self.params["ready_window"] - min(uptimes) if uptimes and None not in uptimes else 0.0
+                cap = self.pm2_sample_interval if url else self.poll_interval
+                self.sleep(max(0.0, min(short, cap, deadline - self.monotonic())))
+                answer = last_answer if url and self.monotonic() - answered <= self.pm2_sample_interval else None
+            else:
+                self.sleep(max(0.0, min(self.health_poll_interval if url else self.poll_interval,
+                                        deadline - self.monotonic())))
+                if url and self.monotonic() - sampled < self.pm2_sample_interval:
+                    continue
+            instances, sampled = self._sample(), self.monotonic()
+            pm2_checks = tracker.observe(instances, self.clock()) if instances else []
+            resampled_for_pid = False
         readiness = {"ready": ready, "waited_seconds": round(self.monotonic() - start, 3),
                      "checks": [{"name": name, "ok": ok, "detail": detail} for name, ok, detail in checks]}
+        if ready:
+            readiness.update(_when(self.clock()))
+            app_ready = (health[2] or {}).get("readyAt") if health else None
+            if isinstance(app_ready, str):
+                readiness["app_ready_at"] = app_ready[:40]
         if not ready:
             failed = "; ".join(detail for _, ok, detail in checks if not ok)
             why = terminal or "not ready after %ss" % _seconds(self.params["ready_timeout"])
             raise ReadinessError("%s is not ready: %s: %s" % (self.name, why, failed), readiness, instances)
+        if self.params["expected_digests"] is not None and url:
+            self.wait_digests(readiness, instances, health[2])
         return readiness, instances
+
+    def wait_digests(self, readiness, instances, doc):
+        """After readiness: wait until the application has computed every digest (digestsComplete, when it reports
+        it), then compare them. A mismatch, an answer that is no longer ready, or another pid fails."""
+        start = self.monotonic()
+        deadline = start + self.params["digests_timeout"]
+        url = self.params["health_url"]
+        pids = [p.get("pid") for p in instances]
+        problem = None
+        while True:
+            if doc is not None and doc.get("digestsComplete", True) is not False:
+                break
+            if self.monotonic() >= deadline:
+                problem = "its digests were not complete after %ss (digests_timeout)" % _seconds(self.params["digests_timeout"])
+                break
+            self.sleep(max(0.0, min(self.digests_poll_interval, deadline - self.monotonic())))
+            status, doc, reason = self._read_health(deadline - self.monotonic())
+            checks, wrong = self._health_checks(instances, status, doc, reason)
+            if status is None:
+                # Busy or gone: PM2 tells which.
+                now = self._sample()
+                if [p.get("pid") for p in now] != pids or status_of(now) != "online":
+                    problem = "it went down while computing its digests (PM2 status %s, pid %s)" % (
+                        status_of(now), ", ".join(str(p.get("pid")) for p in now) or "none")
+                    instances = now
+                    break
+                doc = None
+                continue
+            if wrong or not all(ok for _, ok, _ in checks):
+                problem = "it was ready, then %s" % "; ".join(detail for _, ok, detail in checks if not ok)
+                break
+        readiness["digests_waited_seconds"] = round(self.monotonic() - start, 3)
+        if problem is None:
+            check = self._digest_check(doc)
+            readiness["checks"].append({"name": check[0], "ok": check[1], "detail": check[2]})
+            if check[1]:
+                readiness["digests_complete_at"] = _when(self.clock())["ready_at"]
+                return
+            problem = "it is up but its readiness endpoint reports the wrong state"
+        readiness["ready"] = False
+        failed = "; ".join(c["detail"] for c in readiness["checks"] if not c["ok"])
+        raise ReadinessError("%s is not ready: %s%s" % (self.name, problem, (": " + failed) if failed else ""),
+                             readiness, instances)
 
     # --- the run ---
 
@@ -509,10 +643,15 @@ class Pm2Process:
         result = {"changed": False, "pm2_home": self.pm2_home, "user": self.user, "commands": self.runner.commands}
         try:
             self.validate()
-            processes = self.runner.jlist()
-            instances = find_instances(processes, self.name)
-            before = status_of(instances)
-            would, steps = self.plan(instances, processes)
+            if self._deletes_first():
+                # A fresh-env restart is delete + start whatever the process's state: delete straight away rather
+                # than read the list first (one `pm2` Node process less while the service is down).
+                would, steps, before = ("restart" if self._delete_first() else "start"), ["start_ecosystem"], None
+            else:
+                processes = self.runner.jlist()
+                instances = find_instances(processes, self.name)
+                before = status_of(instances)
+                would, steps = self.plan(instances, processes)
             result.update(would=would, changed=would != "none")
             if would != "none" and not self.module.check_mode:
                 for step in steps:
@@ -543,6 +682,24 @@ class Pm2Process:
             return self._failed(result, str(exc))
         return True, result
 
+    def _deletes_first(self):
+        """Whether this run may delete before reading the list: a fresh-env restart, for real (check mode and diff
+        mode read the list first to tell what would be done and the status before), in a running daemon."""
+        return (self.state == "restarted" and self.fresh_env and not self.module.check_mode and not self.module._diff
+                and self.runner.daemon_running())
+
+    def _delete_first(self):
+        """Delete the process; True when PM2 had it, False when it did not (the list then says so)."""
+        self._ecosystem()  # a missing ecosystem is refused before the service is stopped
+        rc, out, err = self.runner.run(["delete", self.name])
+        if rc == 0:
+            return True
+        processes = self.runner.jlist()
+        if find_instances(processes, self.name):
+            raise Pm2Error("`pm2 delete %s` failed (rc=%d, PM2_HOME=%s): %s" % (
+                self.name, rc, self.pm2_home, scrub_output((err or "") + "\n" + (out or ""), self.runner.secrets) or "no output"))
+        return False
+
     def _describe(self, result, instances):
         result["process"] = summarize(instances[0], self.clock()) if instances else None
         result["instances"] = len(instances)
@@ -562,6 +719,13 @@ class ReadinessError(Pm2Error):
         super().__init__(msg)
         self.readiness = readiness
         self.instances = instances
+
+
+def _when(epoch):
+    """ready_at (ISO 8601 UTC, milliseconds) and ready_at_epoch of an epoch."""
+    stamp = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return {"ready_at": stamp.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (stamp.microsecond // 1000),
+            "ready_at_epoch": round(epoch, 3)}
 
 
 def _seconds(value):
@@ -588,6 +752,7 @@ def main():
             health_url=dict(type="str"),
             health_expect=dict(type="dict"),
             expected_digests=dict(type="dict"),
+            digests_timeout=dict(type="float", default=600),
         ),
         supports_check_mode=True,
     )

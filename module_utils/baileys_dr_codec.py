@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
+import json.encoder
 import math
 import re
 
@@ -49,6 +51,7 @@ _BASE64_RE = re.compile(r"\A(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}(?:==)?|[A-Z
 _DIGITS_RE = re.compile(r"\A-?[0-9]+\Z")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _ESCAPE_RE = re.compile('["\\\\\x00-\x1f\ud800-\udfff]')
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _INDEX_KEYS = {}
 
 
@@ -131,8 +134,145 @@ def _encode_tree(value, encode):
     return value
 
 
+# -- fast paths ------------------------------------------------------------------------------
+# The exact walkers above define the forms; these give the same text with the C JSON encoder
+# for plain JSON trees (dict, list, str, int, bool, None), which is what json.loads returns
+# for almost every row. Anything else (floats, whose text differs from Number::toString; bytes,
+# tuples or subclasses; lone surrogates, which the canonical form escapes) goes the exact way.
+
+_PLAIN = frozenset((str, int, bool, type(None)))
+_json_encoder = getattr(json.encoder, "c_make_encoder", None)
+
+
+def _make_dumps(sort_keys):
+    if _json_encoder is not None:
+        encoder = _json_encoder(None, None, json.encoder.c_encode_basestring, None, ":", ",", sort_keys, False, True)
+        return lambda value: "".join(encoder(value, 0))
+    return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys).encode
+
+
+_compact_dumps = _make_dumps(False)
+_sorted_dumps = _make_dumps(True)
+
+
+def _b64_text(raw):
+    return binascii.b2a_base64(raw, newline=False).decode("ascii")
+
+
+def _fast_byte_list(items):
+    """_byte_list in C for the usual case (ints 0-255, no bool)."""
+    try:
+        raw = bytes(items)
+    except (TypeError, ValueError):
+        return _byte_list(items)
+    if bool in set(map(type, items)):
+        return None
+    return raw
+
+
+def _fast_buffer_bytes(value):
+    """buffer_bytes of a dict."""
+    if len(value) == 2 and value.get("type") == "Buffer" and "data" in value:
+        data = value["data"]
+        kind = type(data)
+        if kind is str:
+            return decode_base64(data)
+        if kind is list:
+            return _fast_byte_list(data)
+        return None
+    if "0" in value:
+        keys = _index_keys(len(value))
+        if value.keys() == set(keys):
+            return _fast_byte_list([value[k] for k in keys])
+    return None
+
+
+def _fast_dict(value, odd):
+    raw = _fast_buffer_bytes(value)
+    if raw is not None:
+        return {"type": "Buffer", "data": _b64_text(raw)}
+    out = None
+    for name, item in value.items():
+        kind = type(item)
+        if kind is dict:
+            new = _fast_dict(item, odd)
+        elif kind is list:
+            new = _fast_list(item, odd)
+        else:
+            if kind not in _PLAIN:
+                odd.append(kind)
+            continue
+        if new is not item:
+            if out is None:
+                out = value.copy()
+            out[name] = new
+    return value if out is None else out
+
+
+def _fast_list(value, odd):
+    out = None
+    for index, item in enumerate(value):
+        kind = type(item)
+        if kind is dict:
+            new = _fast_dict(item, odd)
+        elif kind is list:
+            new = _fast_list(item, odd)
+        else:
+            if kind not in _PLAIN:
+                odd.append(kind)
+            continue
+        if new is not item:
+            if out is None:
+                out = value.copy()
+            out[index] = new
+    return value if out is None else out
+
+
+def _plain_base64_form(value):
+    """(to_base64_form(value) sharing unchanged parts with value, types met that are not plain JSON).
+
+    The first is None when value itself is not a plain JSON type; the form is right whatever the
+    second holds as long as it holds nothing but float.
+    """
+    odd = []
+    kind = type(value)
+    if kind is dict:
+        value = _fast_dict(value, odd)
+    elif kind is list:
+        value = _fast_list(value, odd)
+    elif kind not in _PLAIN:
+        return None, [kind]
+    return value, odd
+
+
+def _plain_type_rules(key_type, value):
+    """apply_type_rules on a plain base64 form: the Buffer it makes in that form too."""
+    if key_type != "app-state-sync-key" or type(value) is not dict:
+        return value
+    out = dict(value)
+    key_data = out.get("keyData")
+    if type(key_data) is str:
+        raw = decode_base64(key_data)
+        if raw is not None:
+            out["keyData"] = {"type": "Buffer", "data": _b64_text(raw)}
+    timestamp = out.get("timestamp")
+    if type(timestamp) is str and _DIGITS_RE.match(timestamp):
+        out["timestamp"] = int(timestamp)
+    return out
+
+
+def _canonical_text(text):
+    """text unless it holds a lone surrogate (the canonical form escapes those, the C encoder does not)."""
+    if text.isascii() or not _SURROGATE_RE.search(text):
+        return text
+    return None
+
+
 def to_base64_form(value):
-    """Value with every Buffer in the form Baileys' BufferJSON.replacer writes."""
+    """Value with every Buffer in the form Baileys' BufferJSON.replacer writes (may share unchanged parts with value)."""
+    plain, odd = _plain_base64_form(value)
+    if plain is not None and all(kind is float for kind in odd):
+        return plain
     return _encode_tree(value, lambda raw: {"type": "Buffer", "data": base64.b64encode(raw).decode("ascii")})
 
 
@@ -224,11 +364,42 @@ def _canonical(value, out):
         raise TypeError("cannot canonicalise a value of type %s" % type(value).__name__)
 
 
+def _exact_canonical(value):
+    out = []
+    _canonical(value, out)
+    return "".join(out)
+
+
 def canonical_json(value, key_type=None):
     """Canonical JSON text of a decoded JSON value (docs/architecture.md)."""
-    out = []
-    _canonical(apply_type_rules(key_type, value), out)
-    return "".join(out)
+    plain, odd = _plain_base64_form(value)
+    if plain is not None and not odd:
+        # Buffers normalised, no float: sorted compact JSON is the canonical form (code point order
+        # is UTF-8 byte order for every string without a lone surrogate, and those are sent back).
+        text = _canonical_text(_sorted_dumps(_plain_type_rules(key_type, plain)))
+        if text is not None:
+            return text
+    return _exact_canonical(apply_type_rules(key_type, value))
+
+
+def key_forms(key_type, key_id, value):
+    """(file text, digest line text) of a key from one walk of its value.
+
+    The file text is compact JSON of to_base64_form(value) (what Baileys' writeFile holds); the
+    line is the canonical [type, id, value] line StateDigest.add hashes, without its newline.
+    """
+    plain, odd = _plain_base64_form(value)
+    if plain is not None and not odd:
+        line = _canonical_text(_sorted_dumps([key_type, key_id, _plain_type_rules(key_type, plain)]))
+        if line is not None:
+            return _compact_dumps(plain), line
+    return (_compact_dumps(to_base64_form(value)),
+            "[%s,%s,%s]" % (_escape(key_type), _escape(key_id), _exact_canonical(apply_type_rules(key_type, value))))
+
+
+def key_line_text(key_type, key_id, value):
+    """The canonical [type, id, value] line of a key, without its newline."""
+    return "[%s,%s,%s]" % (_escape(key_type), _escape(key_id), canonical_json(value, key_type))
 
 
 def sort_key(key_type, key_id):

@@ -11,7 +11,10 @@ manifest (format 1)"); undo files: docs/failback-undo.md.
              read rows (md5 of value::text) -> plan (insert, update, delete)
              -> conflict guard (rows changed after `since`)
              -> undo file (rows replaced or deleted, ids inserted), fsynced
-             -> DELETE / UPDATE / INSERT -> digest of the rows == digest of the files
+             -> DELETE; COPY of the values to write (and of the ids of the other keys) into a temporary
+                staging table; one UPDATE and one INSERT from it
+             -> proof on the server: the rows are the staged keys, written values equal what was sent;
+                the digest of the files (one canonical line per key, from the values parsed to write)
              -> the directory did not change meanwhile -> COMMIT
 
 A run reads every company twice: a first pass, read-only, validates the
@@ -146,6 +149,34 @@ INSERT_KEYS_SQL = (
 )
 INSERT_CREDS_SQL = "INSERT INTO whatsapp_auth (company_id, creds) VALUES (%(company)s, %(creds)s::jsonb)"
 UPDATE_CREDS_SQL = "UPDATE whatsapp_auth SET creds = %(creds)s::jsonb WHERE company_id = %(company)s"
+# The writes of a company go through a temporary staging table filled by one COPY (its rows vanish at the end of the
+# transaction): one statement inserts, one updates, and the proof after the writes is a join on the server. Action
+# 'i' insert, 'u' update, 'k' a key the files hold whose row is kept (v NULL): together the key set the rows must have.
+STAGE = "pg_temp.baileys_dr_stage"
+STAGE_SQL = ("CREATE TEMPORARY TABLE IF NOT EXISTS baileys_dr_stage (a \"char\" NOT NULL, t text NOT NULL, i text NOT NULL, "
+             "v jsonb, d int) ON COMMIT DELETE ROWS")
+TXN_STAGE_SQL = STAGE_SQL + "; " + TXN_SQL
+STAGE_COPY_SQL = "COPY %s (a, t, i, v, d) FROM STDIN" % STAGE
+INSERT_STAGED_SQL = (
+    "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value, expires_at) "
+    "SELECT %%(company)s, t, i, v, now() + d * interval '1 day' FROM %s WHERE a = 'i'" % STAGE
+)
+UPDATE_STAGED_SQL = (
+    "UPDATE whatsapp_keys k SET value = s.v, expires_at = now() + s.d * interval '1 day' FROM %s s "
+    "WHERE s.a = 'u' AND k.company_id = %%(company)s AND k.key_type = s.t AND k.key_id = s.i" % STAGE
+)
+# After the writes: rows of the company that are not keys of the files (extra), keys of the files without a row
+# (missing), written rows whose value is not, byte for byte, the JSONB of the text sent (differs; *<> compares the
+# binary images of the values, cheaper than JSONB equality and stricter). At most three of each.
+PROVE_STAGED_SQL = (
+    "(SELECT 'extra', k.key_type, k.key_id FROM whatsapp_keys k WHERE k.company_id = %%(company)s "
+    "AND k.key_type = ANY(%%(key_types)s) AND NOT EXISTS (SELECT 1 FROM %s s WHERE s.t = k.key_type AND s.i = k.key_id) "
+    "LIMIT 3) UNION ALL "
+    "(SELECT CASE WHEN k.key_id IS NULL THEN 'missing' ELSE 'differs' END, s.t, s.i FROM %s s LEFT JOIN whatsapp_keys k "
+    "ON k.company_id = %%(company)s AND k.key_type = s.t AND k.key_id = s.i "
+    "LEFT JOIN LATERAL (SELECT k.value) AS row_value (v) ON true LEFT JOIN LATERAL (SELECT s.v) AS sent (v) ON true "
+    "WHERE k.key_id IS NULL OR (s.a <> 'k' AND row_value *<> sent) LIMIT 3)" % (STAGE, STAGE)
+)
 KEY_IDS_SQL = "SELECT key_type, key_id FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = ANY(%(key_types)s)"
 AMBIGUOUS_ROWS_SQL = (
     "SELECT key_id FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = %(type)s "
@@ -190,6 +221,43 @@ def chunks(items, size=BATCH):
 
 def dumps(value):
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def copy_text(text):
+    """A field of COPY's text format."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+class CopyStream:
+    """A file-like object feeding COPY FROM STDIN from an iterator of text lines, produced as PostgreSQL reads them.
+
+    An exception of the iterator ends the data early and is kept in .error (raised by the caller once COPY returned):
+    psycopg2 would otherwise turn it into an unrelated COPY error.
+    """
+
+    def __init__(self, lines):
+        self._lines = iter(lines)
+        self._rest = b""
+        self.error = None
+
+    def read(self, size=-1):
+        size = 1 << 16 if size is None or size < 0 else size
+        parts, length = [self._rest], len(self._rest)
+        if self.error is None:
+            try:
+                for line in self._lines:
+                    data = line.encode("utf-8")
+                    parts.append(data)
+                    length += len(data)
+                    if length >= size:
+                        break
+            except Exception as exc:  # noqa: BLE001 - re-raised by the caller
+                self.error = exc
+        chunk = b"".join(parts)
+        self._rest = chunk[size:]
+        return chunk[:size]
+
+    readline = read
 
 
 # -- file names: type by longest prefix, id by a type-aware reverse of fixFileName ------------
@@ -341,7 +409,10 @@ def parse_file(data):
         value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except ValueError as exc:
         raise FileProblem("is not JSON (%s; %d bytes: truncated?)" % (str(exc).split(":")[0], len(data))) from None
-    _check_strings(value)
+    # \u0000 and lone surrogates can only come from a \u escape: strict JSON holds no raw control character, and
+    # UTF-8 decoding refuses encoded surrogates. Without one, the walk over every string is not needed.
+    if "\\u" in text:
+        _check_strings(value)
     return value
 
 
@@ -746,6 +817,17 @@ class Database:
         with self.conn.cursor() as cur:
             cur.execute(sql, args)
             return cur.fetchall()
+
+    def copy(self, sql, lines):
+        """COPY ... FROM STDIN of the lines; the number of rows copied."""
+        self._record(sql)
+        stream = CopyStream(lines)
+        with self.conn.cursor() as cur:
+            cur.copy_expert(sql, stream)
+            count = cur.rowcount
+        if stream.error is not None:
+            raise stream.error
+        return count
 
     def selected(self, sql, company_id, keys, extra=None):
         """Rows of sql for the (type, id) keys of a company, in batches."""
@@ -1166,7 +1248,7 @@ class Failback:
                 outcome["digest"] = self._digests(company_id, files, plan, written=False)
                 outcome["status"] = "unchanged"
                 return
-            txn_now, txid = self.db.one(TXN_SQL)
+            txn_now, txid = self.db.one(TXN_STAGE_SQL)
             undo = self._save(company_id, files, plan, txn_now, txid)
             self._apply(company_id, files, plan)
             outcome["digest"] = self._digests(company_id, files, plan, written=True)
@@ -1305,13 +1387,9 @@ class Failback:
             deleted += db.execute(DELETE_KEYS_SQL, {"company": company_id, "types": [k[0] for k in part], "ids": [k[1] for k in part]})
         if deleted != len(plan.deletes):
             raise FailbackError("%d rows to delete but %d deleted" % (len(plan.deletes), deleted))
-        for sql, entries in ((UPDATE_KEYS_SQL, plan.updates), (INSERT_KEYS_SQL, plan.inserts)):
-            done = 0
-            for part in chunks(entries):
-                args = {"company": company_id, "types": [e.key_type for e in part], "ids": [e.key_id for e in part],
-                        "values": [stored_text(e.key_type, e.value(), buffer_format) for e in part],
-                        "days": [expiry_days(e.key_type) for e in part]}
-                done += db.execute(sql, args)
+        db.copy(STAGE_COPY_SQL, self._stage_lines(files, plan, buffer_format))
+        for sql, entries in ((UPDATE_STAGED_SQL, plan.updates), (INSERT_STAGED_SQL, plan.inserts)):
+            done = db.execute(sql, {"company": company_id}) if entries else 0
             if done != len(entries):
                 raise FailbackError("%d rows to write but %d written" % (len(entries), done))
         if plan.creds:
@@ -1319,13 +1397,34 @@ class Failback:
             if db.execute(INSERT_CREDS_SQL if plan.creds == "inserted" else UPDATE_CREDS_SQL, {"company": company_id, "creds": text}) != 1:
                 raise FailbackError("the creds row was not written")
 
+    @staticmethod
+    def _stage_lines(files, plan, buffer_format):
+        """COPY lines of the staging table: rows to write (text and digest line from the same parsed value), then the
+        keys whose rows stay as they are."""
+        lines = plan.lines
+        for action, entries in (("u", plan.updates), ("i", plan.inserts)):
+            for entry in entries:
+                key_type, key_id = key = entry.key_type, entry.key_id
+                value = entry.value()
+                if key not in lines:
+                    lines[key] = key_line(key_type, key_id, value)
+                yield "%s\t%s\t%s\t%s\t%d\n" % (action, copy_text(key_type), copy_text(key_id),
+                                                  copy_text(stored_text(key_type, value, buffer_format)), expiry_days(key_type))
+        written = {(e.key_type, e.key_id) for e in plan.updates}
+        written.update((e.key_type, e.key_id) for e in plan.inserts)
+        for key_type, key_id in list(files.keys) + plan.kept:
+            if (key_type, key_id) not in written:
+                yield "k\t%s\t%s\t\\N\t\\N\n" % (copy_text(key_type), copy_text(key_id))
+
     def _digests(self, company_id, files, plan, written):
         """The state digest of the company's files, which the rows will hold (check mode) or now hold (proven after the writes).
 
-        Lines come from the files (their base64 Buffers canonicalise faster than the rows' byte arrays); rows of skipped
-        ambiguous files from the database. After the writes the proof is: the rows are exactly the files' keys, every
-        written row reads back canonically equal to its file, and the creds too; every other row was proven equal to
-        its file before (manifest sha256 and row_md5, or the canonical comparison) in this same transaction.
+        Lines come from the files, one per key, computed once (while comparing, or from the value parsed to write it);
+        rows of skipped ambiguous files from the database. After the writes the proof (_prove) is: the rows are exactly
+        the files' keys, every written row is the JSONB of the text written, which is the file's value with its Buffers in
+        the row form (the codec's canonical form is the same for both), and the creds read back equal to creds.json;
+        every other row was proven equal to its file before (manifest sha256 and row_md5, or the canonical comparison)
+        in this same transaction.
         """
         manifest_digest = self.tree.manifest_digest(company_id)
         if plan.proven and not plan.writes and manifest_digest:
@@ -1345,18 +1444,22 @@ class Failback:
         return expected.hexdigest()
 
     def _prove(self, company_id, files, plan, file_creds):
-        """After the writes: the rows hold what the files hold (else the transaction is rolled back)."""
-        args = {"company": company_id, "key_types": list(KEY_TYPES)}
-        present = {(t, i) for t, i in self.db.all(KEY_IDS_SQL, args)}
-        wanted = set(files.keys) | set(plan.kept)
-        if present != wanted:
-            extra, missing = sorted(present - wanted), sorted(wanted - present)
+        """After the writes: the rows hold what the files hold (else the transaction is rolled back).
+
+        On the server: the company's rows are exactly the staged keys (the files' and the kept ones), and every written
+        row equals the JSONB of the text sent, whose digest line was computed from the same parsed value. No row is read
+        back or canonicalised again.
+        """
+        found = {"extra": [], "missing": [], "differs": []}
+        for kind, key_type, key_id in self.db.all(PROVE_STAGED_SQL, {"company": company_id, "key_types": list(KEY_TYPES)}):
+            found[kind].append((key_type, key_id))
+        if found["extra"] or found["missing"]:
+            extra, missing = sorted(found["extra"]), sorted(found["missing"])
             raise FailbackError("after the writes the rows are not the files' keys (extra %r, missing %r): rolled back"
                                 % (extra[:3], missing[:3]))
-        written = sorted(((e.key_type, e.key_id) for e in plan.inserts + plan.updates), key=lambda k: sort_key(*k))
-        for key_type, key_id, text in self.db.selected(VALUES_SQL, company_id, written):
-            if key_line(key_type, key_id, json.loads(text)) != self._file_line(files, plan, (key_type, key_id)):
-                raise FailbackError("after the writes %s %r does not read back as its file: rolled back" % (key_type, key_id))
+        if found["differs"]:
+            key_type, key_id = min(found["differs"], key=lambda k: sort_key(*k))
+            raise FailbackError("after the writes %s %r does not read back as its file: rolled back" % (key_type, key_id))
         row = self.db.one(CREDS_TEXT_SQL, {"company": company_id})
         if creds_line(None if row is None else json.loads(row[0])) != file_creds:
             raise FailbackError("after the writes the creds do not read back as creds.json: rolled back")

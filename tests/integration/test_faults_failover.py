@@ -46,17 +46,25 @@ def failover_like_playbook(tmp_path):
     return path
 
 
-def playbook(path, lock_dir, hold, **popen):
+def playbook(path, lock_dir, hold, action_plugin=False, **popen):
+    """ansible-playbook on path; with action_plugin, the lock is taken by the action plugin the failover role ships
+    (in the controller) instead of the module."""
     argv = [PLAYBOOK_BIN, "-i", "localhost,", "-c", "local", "-v", str(path),
             "-e", json.dumps({"baileys_dr_lock_dir": str(lock_dir), "hold": hold, "ansible_python_interpreter": sys.executable})]
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    if action_plugin:
+        env["ANSIBLE_ACTION_PLUGINS"] = os.path.join(ROOT, "roles", "baileys_failover", "action_plugins")
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def test_a_second_failover_fails_at_once_naming_the_holder_and_after_kill_9_a_new_run_proceeds(failover_like_playbook, tmp_path):
+# The first run's lock taken by the module or by the action plugin; the other runs use the other one, so either
+# refuses and takes over what the other took.
+@pytest.mark.parametrize("first_by_action_plugin", [False, True], ids=["module-first", "action-plugin-first"])
+def test_a_second_failover_fails_at_once_naming_the_holder_and_after_kill_9_a_new_run_proceeds(
+        failover_like_playbook, tmp_path, first_by_action_plugin):
     lock_dir = tmp_path / "locks"
     lock_file = lock_dir / "failover-localhost.lock"
-    first = playbook(failover_like_playbook, lock_dir, 300, start_new_session=True)
+    first = playbook(failover_like_playbook, lock_dir, 300, action_plugin=first_by_action_plugin, start_new_session=True)
     try:
         wait_until(lambda: lock_file.exists() or first.poll() is not None, timeout=120, what="the first run to take the lock")
         assert first.poll() is None, first.stdout.read()
@@ -64,7 +72,7 @@ def test_a_second_failover_fails_at_once_naming_the_holder_and_after_kill_9_a_ne
         assert holder["pid"] == first.pid and holder["playbook"] == "failover.yml"
 
         started = time.monotonic()
-        second = playbook(failover_like_playbook, lock_dir, 0)
+        second = playbook(failover_like_playbook, lock_dir, 0, action_plugin=not first_by_action_plugin)
         out, _ = second.communicate(timeout=120)
         elapsed = time.monotonic() - started
         assert second.returncode != 0, out
@@ -78,7 +86,7 @@ def test_a_second_failover_fails_at_once_naming_the_holder_and_after_kill_9_a_ne
         first.wait()
     assert json.loads(lock_file.read_text())["pid"] == first.pid, "the lock file of the killed run is still there"
 
-    third = playbook(failover_like_playbook, lock_dir, 0)
+    third = playbook(failover_like_playbook, lock_dir, 0, action_plugin=not first_by_action_plugin)
     out, _ = third.communicate(timeout=120)
     assert third.returncode == 0, out
     assert '"stale_holder"' in out or "stale_holder:" in out, out

@@ -461,3 +461,57 @@ def test_a_run_killed_in_the_middle_of_the_write_leaves_the_old_file(envfile):
     # The next run is not disturbed by the leftover.
     ok, result = run(dict(path=str(envfile), values={"USE_LEGACY_SUPABASE": "false"}))
     assert ok and result["changed"]
+
+
+# -- the record written before the change ------------------------------------------------------------
+
+
+def test_record_of_the_previous_values_is_written_0600_in_a_new_0700_directory_before_the_change(envfile, tmp_path):
+    record = tmp_path / "state" / "failover-state.json"
+    ok, result = run(dict(path=str(envfile), values={"USE_LEGACY_SUPABASE": "false", "USE_REPOSITORY_PATTERN": "false"},
+                          record_path=str(record), record_data={"format": 1, "source": "standby"}))
+    assert ok and result["changed"] and result["file_changed"] and result["record_path"] == str(record)
+    assert json.loads(record.read_text()) == {
+        "format": 1, "source": "standby",
+        "env": {"USE_LEGACY_SUPABASE": {"present": True, "value": "true"},
+                "USE_REPOSITORY_PATTERN": {"present": False, "value": None}}}
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600 and stat.S_IMODE(record.parent.stat().st_mode) == 0o700
+    assert "USE_LEGACY_SUPABASE=false" in envfile.read_text()
+    # The values were in the record only: not in the result.
+    assert "previous" not in result
+
+
+def test_record_is_written_even_when_no_key_changes_and_the_file_is_left_alone(envfile, tmp_path):
+    record = tmp_path / "record.json"
+    before = envfile.read_text()
+    ok, result = run(dict(path=str(envfile), values={"USE_LEGACY_SUPABASE": "true"}, record_path=str(record)))
+    assert ok and result["changed"] and not result["file_changed"]
+    assert json.loads(record.read_text())["env"] == {"USE_LEGACY_SUPABASE": {"present": True, "value": "true"}}
+    assert envfile.read_text() == before
+
+
+def test_record_in_check_mode_writes_nothing(envfile, tmp_path):
+    record = tmp_path / "state" / "record.json"
+    before = envfile.read_text()
+    ok, result = run(dict(path=str(envfile), values={"USE_LEGACY_SUPABASE": "false"}, record_path=str(record)),
+                     check_mode=True)
+    assert ok and result["changed"] and result["file_changed"]
+    assert not record.parent.exists() and envfile.read_text() == before
+
+
+def test_refused_edit_writes_no_record(tmp_path):
+    path = tmp_path / ".env"
+    path.write_text('X="abc\n')
+    record = tmp_path / "record.json"
+    ok, result = run(dict(path=str(path), values={"B": "#tag"}, record_path=str(record)))
+    assert not ok and "dotenv would then read other values" in result["msg"] and not record.exists()
+
+
+def test_record_that_cannot_be_written_leaves_the_file_unchanged(envfile, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    before = envfile.read_text()
+    ok, result = run(dict(path=str(envfile), values={"USE_LEGACY_SUPABASE": "false"},
+                          record_path=str(blocker / "record.json")))
+    assert not ok and "cannot write the record" in result["msg"] and "left unchanged" in result["msg"]
+    assert envfile.read_text() == before

@@ -277,11 +277,43 @@ def test_ecosystem_relative_to_cwd(pm2_env):
 
 def test_restarted_deletes_then_starts_from_the_ecosystem_by_default(pm2_env):
     ecosystem = str(pm2_env["app"] / "ecosystem.config.js")
-    fake = FakePm2([recorded("jlist-online-stopped-errored.txt"), recorded("jlist-out-of-date.txt")])
+    fake = FakePm2([recorded("jlist-out-of-date.txt")])
     ok, result = run(pm2_env, fake, dict(state="restarted", ecosystem=ecosystem, wait=False))
     assert ok and result["changed"] and result["would"] == "restart"
-    assert fake.argv == [["jlist"], ["delete", APP], ["start", ecosystem, "--only", APP], ["jlist"]]
+    # No list read first: a fresh-env restart deletes whatever the process's state (one Node process less).
+    assert fake.argv == [["delete", APP], ["start", ecosystem, "--only", APP], ["jlist"]]
     assert result["commands"] == [[pm2_env["bin"]] + argv for argv in fake.argv]
+
+
+def test_restarted_when_pm2_does_not_know_the_process_starts_it(pm2_env):
+    ecosystem = str(pm2_env["app"] / "ecosystem.config.js")
+    fake = FakePm2([recorded("jlist-first-run.txt"), recorded("jlist-out-of-date.txt")],
+                   replies={"delete": (1, "", "[PM2][ERROR] Process or Namespace %s not found" % APP)})
+    ok, result = run(pm2_env, fake, dict(state="restarted", ecosystem=ecosystem, wait=False))
+    assert ok and result["changed"] and result["would"] == "start"
+    assert fake.argv == [["delete", APP], ["jlist"], ["start", ecosystem, "--only", APP], ["jlist"]]
+
+
+def test_restarted_whose_delete_fails_on_a_known_process_is_an_error_and_starts_nothing(pm2_env):
+    ecosystem = str(pm2_env["app"] / "ecosystem.config.js")
+    fake = FakePm2([recorded("jlist-online-stopped-errored.txt")], replies={"delete": (1, "", "[PM2][ERROR] EACCES")})
+    ok, result = run(pm2_env, fake, dict(state="restarted", ecosystem=ecosystem, wait=False))
+    assert not ok and "`pm2 delete %s` failed (rc=1" % APP in result["msg"] and "EACCES" in result["msg"]
+    assert fake.argv == [["delete", APP], ["jlist"]]
+
+
+def test_restarted_with_a_missing_ecosystem_is_refused_before_anything_is_deleted(pm2_env):
+    fake = FakePm2([recorded("jlist-online-stopped-errored.txt")])
+    ok, result = run(pm2_env, fake, dict(state="restarted", ecosystem=str(pm2_env["app"] / "nope.config.js"), wait=False))
+    assert not ok and "does not exist" in result["msg"] and fake.argv == []
+
+
+def test_restarted_in_diff_mode_reads_the_status_before(pm2_env):
+    ecosystem = str(pm2_env["app"] / "ecosystem.config.js")
+    fake = FakePm2([recorded("jlist-online-stopped-errored.txt"), recorded("jlist-out-of-date.txt")])
+    ok, result = run(pm2_env, fake, dict(state="restarted", ecosystem=ecosystem, wait=False), diff=True)
+    assert ok and fake.argv == [["jlist"], ["delete", APP], ["start", ecosystem, "--only", APP], ["jlist"]]
+    assert result["diff"]["before"] == "%s: online\n" % APP
 
 
 def test_restarted_without_ecosystem_is_refused_explaining_the_environment_trap(pm2_env):
@@ -638,3 +670,88 @@ def test_info_reports_a_readiness_endpoint_that_does_not_answer(pm2_env):
     ok, result = run(pm2_env, FakePm2([recorded("jlist-online-stopped-errored.txt")]),
                      dict(state="info", health_url="http://127.0.0.1:3011/health"), health=FakeHealth([(None, b"refused")]))
     assert ok and result["health_status"] is None and "health" not in result
+
+
+# --- readiness first, digests when the application has computed them ----------------------------------------------
+
+DIGESTS = {"company1": "a" * 64, "company2": "b" * 64}
+
+
+def test_ready_at_is_when_readiness_was_first_seen_with_the_applications_own_time(pm2_env):
+    clock = FakeClock(app_started() + 3600)
+    health = FakeHealth([(200, health_doc(app_pid(), readyAt="2026-11-28T18:29:00.125Z"))])
+    ok, result = run(pm2_env, FakePm2([recorded("jlist-online-stopped-errored.txt")]),
+                     dict(state="started", health_url="http://127.0.0.1:3011/health", ready_window=1), clock=clock, health=health)
+    assert ok
+    readiness = result["readiness"]
+    assert readiness["ready_at_epoch"] == round(clock.time(), 3)
+    assert readiness["ready_at"].endswith("Z") and len(readiness["ready_at"]) == len("2026-11-28T18:29:00.125Z")
+    assert readiness["app_ready_at"] == "2026-11-28T18:29:00.125Z"
+
+
+def test_restart_asks_pm2_once_more_when_the_service_answers_ready(pm2_env):
+    """The readiness endpoint is polled; `pm2 jlist` (a Node process) is run again only to confirm it."""
+    ecosystem = str(pm2_env["app"] / "ecosystem.config.js")
+    clock = FakeClock(app_started() + 0.3)  # the new run is up 0.3 s when PM2 is first asked
+    answers = [(None, b"[Errno 111] Connection refused")] * 4 + [(200, health_doc(app_pid()))]
+    fake = FakePm2([recorded("jlist-online-stopped-errored.txt")])
+    ok, result = run(pm2_env, fake, dict(state="restarted", ecosystem=ecosystem, ready_window=1,
+                                         health_url="http://127.0.0.1:3011/health"), clock=clock, health=FakeHealth(answers))
+    assert ok and result["readiness"]["ready"]
+    assert fake.argv == [["delete", APP], ["start", ecosystem, "--only", APP], ["jlist"], ["jlist"]]
+    # Ready once up for the window: 0.3 s at the start, four polls of 0.05 s, then a wait for the rest of it.
+    assert result["readiness"]["waited_seconds"] == pytest.approx(0.7, abs=0.01)
+
+
+def test_digests_are_compared_once_the_application_has_computed_them_all(pm2_env):
+    partial = health_doc(app_pid(), digests={"company1": "a" * 64}, digestsComplete=False)
+    complete = health_doc(app_pid(), digestsComplete=True)
+    health = FakeHealth([(200, partial), (200, partial), (200, partial), (200, complete)])
+    ok, result = run(pm2_env, FakePm2([recorded("jlist-online-stopped-errored.txt")]),
+                     dict(state="started", health_url="http://127.0.0.1:3011/health", ready_window=1,
+                          expected_digests=DIGESTS), health=health)
+    assert ok, result.get("msg")
+    readiness = result["readiness"]
+    assert readiness["ready"] and readiness["digests_waited_seconds"] == pytest.approx(0.75)
+    assert readiness["digests_complete_at"] > readiness["ready_at"]
+    assert {"name": "digests", "ok": True, "detail": "state digests of 2 companies match"} in readiness["checks"]
+
+
+def test_digest_mismatch_found_after_readiness_fails_the_task(pm2_env):
+    partial = health_doc(app_pid(), digests={}, digestsComplete=False)
+    wrong = health_doc(app_pid(), digests={"company1": "a" * 64, "company2": "0" * 64}, digestsComplete=True)
+    ok, result = run(pm2_env, FakePm2([recorded("jlist-online-stopped-errored.txt")]),
+                     dict(state="started", health_url="http://127.0.0.1:3011/health", expected_digests=DIGESTS),
+                     health=FakeHealth([(200, partial), (200, wrong)]))
+    assert not ok and "state digests differ for 1 companies: company2" in result["msg"]
+    assert result["readiness"]["ready"] is False and result["readiness"]["ready_at"]
+
+
+def test_an_error_found_while_computing_the_digests_fails_the_task(pm2_env):
+    partial = health_doc(app_pid(), digests={}, digestsComplete=False)
+    broken = health_doc(app_pid(), ready=False, digestsComplete=False, errors=["company2: pre-key-7.json is not JSON"])
+    ok, result = run(pm2_env, FakePm2([recorded("jlist-online-stopped-errored.txt")]),
+                     dict(state="started", health_url="http://127.0.0.1:3011/health", expected_digests=DIGESTS),
+                     health=FakeHealth([(200, partial), (503, broken)]))
+    assert not ok
+    assert "it was ready, then GET http://127.0.0.1:3011/health answered 503: company2: pre-key-7.json is not JSON" \
+        in result["msg"]
+
+
+def test_digests_never_complete_fail_after_digests_timeout(pm2_env):
+    partial = health_doc(app_pid(), digests={}, digestsComplete=False)
+    ok, result = run(pm2_env, FakePm2([recorded("jlist-online-stopped-errored.txt")]),
+                     dict(state="started", health_url="http://127.0.0.1:3011/health", expected_digests=DIGESTS,
+                          digests_timeout=3), health=FakeHealth([(200, partial)]))
+    assert not ok and "its digests were not complete after 3s (digests_timeout)" in result["msg"]
+    assert result["readiness"]["digests_waited_seconds"] == 3
+
+
+def test_a_restart_while_computing_the_digests_fails_the_task(pm2_env):
+    partial = health_doc(app_pid(), digests={}, digestsComplete=False)
+    restarted = jlist("jlist-online-stopped-errored.txt", baileys_whatsapp_service={"pid": 55555, "restart_time": 9})
+    fake = FakePm2([recorded("jlist-online-stopped-errored.txt"), recorded("jlist-online-stopped-errored.txt"), restarted])
+    ok, result = run(pm2_env, fake, dict(state="started", health_url="http://127.0.0.1:3011/health",
+                                         expected_digests=DIGESTS),
+                     health=FakeHealth([(200, partial), (None, b"[Errno 111] Connection refused")]))
+    assert not ok and "it went down while computing its digests (PM2 status online, pid 55555)" in result["msg"]

@@ -1,8 +1,10 @@
 'use strict';
 // baileys-whatsapp-service, test edition: a stand-in for the real WhatsApp
 // service. It loads the Baileys auth state of every company from the store
-// the .env selects, computes the state digest of each (docs/architecture.md)
-// and answers readiness on http://127.0.0.1:<HEALTH_PORT>/health.
+// the .env selects and answers readiness on http://127.0.0.1:<HEALTH_PORT>/health.
+// Like the real service, it is ready once every company's creds are loaded
+// (keys are read on demand); then a background pass (the verification) reads
+// every key and computes each company's state digest (docs/architecture.md).
 // It never connects to WhatsApp. With the file store, POST /simulate changes a
 // company's directory as the live service would during an outage
 // (src/simulate.js, README.md).
@@ -54,15 +56,24 @@ function createService(options = {}) {
   const config = options.config || loadConfig();
   const startedAt = new Date().toISOString();
   const revision = gitRevision(config.appRoot);
-  // options.storeModule: a stand-in store for tests ({name, load(config, ctx)})
+  // options.storeModule: a stand-in store for tests ({name, load(config, ctx)}; without
+  // verify(), the companies load() returns are taken as verified, digests included)
   const selected = options.storeModule ? { module: options.storeModule } : resolveStore(config.store);
   const state = {
     loading: false,
     loadPromise: null,
-    result: null, // {companies, errors, warnings}
-    storeError: null, // store-level failure of the last load (connection, ...)
+    result: null, // phase 1 of the last load: {companies: [{id, registrationId}], errors, warnings}
+    storeError: null, // store-level failure of the last load or verification (connection, ...)
     loadedAt: null,
     loadMs: null,
+    readyAt: null, // when the last load became ready (ISO), null if it did not
+    verifying: false,
+    verified: new Map(), // company id -> {id, digest, keys, registrationId, guessed...}, as the pass finds them
+    verifyErrors: [],
+    verifyWarnings: [],
+    verifiedAt: null,
+    verifyMs: null,
+    digestsComplete: false,
     loads: 0,
     stopping: false,
     retryTimer: null,
@@ -76,7 +87,12 @@ function createService(options = {}) {
     if (selected.error) list.push(selected.error);
     if (state.storeError) list.push(state.storeError);
     if (state.result) list.push(...state.result.errors);
+    list.push(...state.verifyErrors);
     return list;
+  }
+
+  function warnings() {
+    return (state.result ? state.result.warnings : []).concat(state.verifyWarnings);
   }
 
   function isReady() {
@@ -91,10 +107,12 @@ function createService(options = {}) {
     const keys = Object.create(null);
     const guessedIds = Object.create(null);
     for (const c of companies) {
-      digests[c.id] = c.digest;
       registrationIds[c.id] = c.registrationId;
-      keys[c.id] = c.keys;
-      if (c.guessedCount) guessedIds[c.id] = { count: c.guessedCount, ambiguous: c.ambiguousCount, listed: c.guessed };
+      const v = state.verified.get(c.id);
+      if (!v) continue; // not verified (yet): partial maps until digestsComplete
+      digests[c.id] = v.digest;
+      keys[c.id] = v.keys;
+      if (v.guessedCount) guessedIds[c.id] = { count: v.guessedCount, ambiguous: v.ambiguousCount, listed: v.guessed };
     }
     return {
       ready: isReady(),
@@ -109,9 +127,14 @@ function createService(options = {}) {
       loading: state.loading,
       loadedAt: state.loadedAt,
       loadMs: state.loadMs,
+      readyAt: state.readyAt,
+      verifying: state.verifying,
+      digestsComplete: state.digestsComplete,
+      verifiedAt: state.verifiedAt,
+      verifyMs: state.verifyMs,
       keys,
       guessedIds,
-      warnings: capped(state.result ? state.result.warnings : []),
+      warnings: capped(warnings()),
       flags: config.flags,
       rssBytes: process.memoryUsage().rss,
     };
@@ -129,53 +152,121 @@ function createService(options = {}) {
     state.retryTimer.unref();
   }
 
+  const msSince = (started) => Number((process.hrtime.bigint() - started) / 1000000n);
+
+  /** A load: phase 1 (ready: creds), then phase 2 (the verification: keys, digests). */
   async function runLoad(reason) {
-    const started = process.hrtime.bigint();
     state.loading = true;
+    state.digestsComplete = false;
     state.loads += 1;
+    const loaded = await loadPhase(reason);
+    try {
+      if (loaded && !state.stopping) await verifyPhase(loaded);
+    } finally {
+      if (loaded && typeof loaded.close === 'function') await loaded.close();
+    }
+    if (state.storeError && !state.stopping) scheduleRetry();
+  }
+
+  /** Phase 1: the store's load(). Returns what it loaded, or null on a store-level failure. */
+  async function loadPhase(reason) {
+    const started = process.hrtime.bigint();
     log.info('load_started', { store: config.store, reason, load: state.loads });
     let done = 0;
+    let loaded = null;
     try {
-      const result = await selected.module.load(config, {
+      loaded = await selected.module.load(config, {
         isStopping: () => state.stopping,
         onCompany: () => {
           done += 1;
           if (done % 100 === 0) log.info('load_progress', { companies: done });
         },
       });
-      state.result = result;
       state.storeError = null;
-      state.retryMs = RETRY_MIN_MS;
+      state.result = { companies: loaded.companies, errors: loaded.errors, warnings: loaded.warnings };
+      state.verified = new Map();
+      state.verifyErrors = [];
+      state.verifyWarnings = [];
+      state.verifiedAt = null;
+      state.verifyMs = null;
     } catch (error) {
       state.storeError = `${config.store} store: ${log.errorText(error)}`;
       state.result = state.result || { companies: [], errors: [], warnings: [] };
     } finally {
       state.loading = false;
       state.loadedAt = new Date().toISOString();
-      state.loadMs = Number((process.hrtime.bigint() - started) / 1000000n);
+      state.loadMs = msSince(started);
     }
-    const h = health();
+    const ready = isReady();
+    state.readyAt = ready ? state.loadedAt : null;
     const mem = process.memoryUsage();
-    log[h.ready ? 'info' : 'error']('load_finished', {
+    log[ready ? 'info' : 'error']('load_finished', {
       store: config.store,
-      ready: h.ready,
-      companies: h.companies,
-      keys: Object.values(h.keys).reduce((a, b) => a + b, 0),
-      errors: h.errors.slice(0, 20),
+      ready,
+      companies: state.result.companies.length,
+      errors: errors().slice(0, 20),
       errorCount: errors().length,
       warningCount: state.result.warnings.length,
       loadMs: state.loadMs,
       rssBytes: mem.rss,
       heapUsedBytes: mem.heapUsed,
     });
-    for (const c of state.result.companies) {
-      if (c.guessedCount) log.warn('ids_guessed', { company: c.id, count: c.guessedCount, ambiguous: c.ambiguousCount });
-    }
-    if (state.storeError && !state.stopping) scheduleRetry();
-    if (h.ready && !state.signalledReady && typeof process.send === 'function') {
+    if (ready && !state.signalledReady && typeof process.send === 'function') {
       state.signalledReady = true;
-      process.send('ready'); // PM2 wait_ready
+      process.send('ready'); // PM2 wait_ready: the service is up once the creds are loaded
     }
+    return loaded;
+  }
+
+  /** Phase 2: the store's verify() over what loadPhase loaded; /health fills in as it goes. */
+  async function verifyPhase(loaded) {
+    const started = process.hrtime.bigint();
+    state.verifying = true;
+    log.info('verify_started', { store: config.store, companies: loaded.companies.length });
+    const take = (part) => {
+      for (const c of part.companies) {
+        state.verified.set(c.id, c);
+        if (c.guessedCount) log.warn('ids_guessed', { company: c.id, count: c.guessedCount, ambiguous: c.ambiguousCount });
+        if (state.verified.size % 100 === 0) log.info('verify_progress', { companies: state.verified.size });
+      }
+      state.verifyErrors.push(...part.errors);
+      state.verifyWarnings.push(...part.warnings);
+      for (const e of part.errors.slice(0, 5)) log.error('verify_error', { error: e });
+    };
+    let details = null;
+    try {
+      if (typeof selected.module.verify === 'function') {
+        details = await selected.module.verify(config, loaded, { isStopping: () => state.stopping, onResult: take });
+      } else {
+        take({ companies: loaded.companies, errors: [], warnings: [] });
+      }
+      state.retryMs = RETRY_MIN_MS;
+    } catch (error) {
+      state.storeError = `${config.store} store: ${log.errorText(error)}`;
+    } finally {
+      state.verifying = false;
+      state.verifiedAt = new Date().toISOString();
+      state.verifyMs = msSince(started);
+    }
+    state.digestsComplete = !state.storeError && state.verifyErrors.length === 0 &&
+      state.result.companies.every((c) => state.verified.has(c.id));
+    const mem = process.memoryUsage();
+    let keys = 0;
+    for (const c of state.verified.values()) keys += c.keys;
+    log[isReady() ? 'info' : 'error']('verify_finished', {
+      store: config.store,
+      ready: isReady(),
+      digestsComplete: state.digestsComplete,
+      companies: state.verified.size,
+      keys,
+      errors: errors().slice(0, 20),
+      errorCount: errors().length,
+      warningCount: warnings().length,
+      verifyMs: state.verifyMs,
+      rssBytes: mem.rss,
+      heapUsedBytes: mem.heapUsed,
+      ...(details || {}), // the store's own figures (files: workers)
+    });
   }
 
   function reload(reason = 'reload') {
@@ -277,7 +368,7 @@ function createService(options = {}) {
     });
     await reload('simulate');
     if (state.stopping) return [503, { ...out, digest: null, error: 'the service is stopping: not reloaded' }];
-    const company = state.result && state.result.companies.find((c) => c.id === out.company);
+    const company = state.verified.get(out.company);
     if (!company || state.storeError) {
       return [500, { ...out, digest: null, error: `company ${out.company} did not load after the change`, errors: capped(errors()) }];
     }

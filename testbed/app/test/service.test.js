@@ -1,7 +1,8 @@
 'use strict';
 // The service with the file store, read by the real Baileys
 // (useMultiFileAuthState): digests equal to the ones of the PostgreSQL JSON
-// form, creds and key-file failures, guessed ids, the health endpoint.
+// form, creds and key-file failures, guessed ids, the health endpoint, ready
+// on creds alone with the keys verified afterwards.
 // Needs node_modules (testbed/bin/install-node-deps; link it as
 // testbed/app/node_modules): skipped, saying so, without it.
 
@@ -47,6 +48,35 @@ function filesConfig(root, extra = {}) {
   const config = loadConfig({ appRoot: root, env: {} });
   config.healthPort = 0;
   return Object.assign(config, extra);
+}
+
+/** Both phases of a store, as the service runs them: {ready: [ids loaded at ready], companies, errors, warnings}. */
+async function loadAll(store, config) {
+  const loaded = await store.load(config);
+  const out = { ready: loaded.companies.map((c) => c.id), companies: [], errors: [...loaded.errors], warnings: [...loaded.warnings] };
+  try {
+    out.verify = await store.verify(config, loaded, {
+      onResult: (part) => {
+        out.companies.push(...part.companies);
+        out.errors.push(...part.errors);
+        out.warnings.push(...part.warnings);
+      },
+    });
+  } finally {
+    if (loaded.close) await loaded.close();
+  }
+  return out;
+}
+
+/** /health once the load and its verification are over (or nothing more will happen). */
+async function settled(base) {
+  for (let i = 0; i < 600; i++) {
+    const res = await fetch(`${base}/health`);
+    const h = await res.json();
+    if (!h.loading && !h.verifying && (h.verifiedAt || h.errors.length)) return { status: res.status, h };
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new Error('the service never settled');
 }
 
 test('store selection follows the flags exactly', () => {
@@ -105,7 +135,7 @@ test('file store: Baileys reads back what Baileys wrote; digests equal the Postg
 
   // companies co1..co3 written directly, with a manifest
   const gen = await genFiles({ dest: sessions, companies: 3, keys: 25, prefix: 'co', manifest: true });
-  const result = await files.load(filesConfig(root, { sessionsDir: sessions }));
+  const result = await loadAll(files, filesConfig(root, { sessionsDir: sessions }));
   assert.deepEqual(result.errors, []);
   const got = Object.fromEntries(result.companies.map((c) => [c.id, c.digest]));
   assert.equal(got.A, expectA);
@@ -119,7 +149,7 @@ test('file store: Baileys reads back what Baileys wrote; digests equal the Postg
 
   // without the manifest, the guessed ids of these shapes are right
   fs.rmSync(path.join(sessions, 'manifest.json'));
-  const again = await files.load(filesConfig(root, { sessionsDir: sessions }));
+  const again = await loadAll(files, filesConfig(root, { sessionsDir: sessions }));
   for (const [id, digest] of Object.entries(gen.digests)) assert.equal(again.companies.find((c) => c.id === id).digest, digest);
 });
 
@@ -138,10 +168,10 @@ test('file store: a manifest keeps ids that file names cannot; without it the gu
   assert.ok(fs.existsSync(path.join(dir, name)));
   const expected = stateDigest(JSON.parse(JSON.stringify(state.creds)), [{ type: 'session', id, value: { v: 1 } }]);
   fs.writeFileSync(path.join(sessions, 'manifest.json'), JSON.stringify({ format: 1, companies: { X: { files: { [name]: { type: 'session', id, sha256: 'x' }, 'creds.json': { type: 'creds' } } } } }));
-  const withManifest = await files.load(filesConfig(root, { sessionsDir: sessions }));
+  const withManifest = await loadAll(files, filesConfig(root, { sessionsDir: sessions }));
   assert.equal(withManifest.companies[0].digest, expected);
   fs.rmSync(path.join(sessions, 'manifest.json'));
-  const guessed = await files.load(filesConfig(root, { sessionsDir: sessions }));
+  const guessed = await loadAll(files, filesConfig(root, { sessionsDir: sessions }));
   assert.notEqual(guessed.companies[0].digest, expected);
   assert.equal(guessed.companies[0].ambiguousCount, 1);
   assert.ok(guessed.warnings.some((w) => w.includes('ambiguous')));
@@ -160,7 +190,8 @@ test('file store: missing, empty, corrupt or non-object creds.json make the comp
   fs.writeFileSync(path.join(sessions, 'company_c4', 'creds.json'), 'null');
   fs.writeFileSync(path.join(sessions, 'company_c5', 'creds.json'), JSON.stringify(JSON.parse(text.replace(/"data":"[^"]*"/, '"data":[1,2,3]'))));
   const before = fs.readdirSync(path.join(sessions, 'company_c1'));
-  const result = await files.load(filesConfig(root, { sessionsDir: sessions }));
+  const result = await loadAll(files, filesConfig(root, { sessionsDir: sessions }));
+  assert.deepEqual(result.ready, ['c6'], 'creds are checked before ready');
   assert.deepEqual(result.companies.map((c) => c.id), ['c6']);
   const joined = result.errors.join('\n');
   assert.match(joined, /company c1: creds.json is missing/);
@@ -183,14 +214,15 @@ test('file store: unreadable key files, bad company dirs and stray files', { ...
   fs.writeFileSync(path.join(sessions, 'company_k3', 'notes.txt'), 'x');
   fs.mkdirSync(path.join(sessions, 'company_bad.id'));
   fs.mkdirSync(path.join(sessions, 'lost+found'));
-  const result = await files.load(filesConfig(root, { sessionsDir: sessions }));
+  const result = await loadAll(files, filesConfig(root, { sessionsDir: sessions }));
+  assert.deepEqual(result.ready, ['k1', 'k2', 'k3'], 'key files are not read before ready');
   assert.deepEqual(result.companies.map((c) => c.id), ['k3']);
   const joined = result.errors.join('\n');
   assert.match(joined, /company k1: key file "pre-key-1.json" unreadable/);
   assert.match(joined, /company k2: key file "pre-key-1.json" holds byte-array Buffers/);
   assert.match(joined, /"company_bad.id": invalid company id/);
   assert.ok(result.warnings.some((w) => w.includes('notes.txt')));
-  const missing = await files.load(filesConfig(root, { sessionsDir: path.join(root, 'nope') }));
+  const missing = await loadAll(files, filesConfig(root, { sessionsDir: path.join(root, 'nope') }));
   assert.match(missing.errors[0], /sessions directory .* is missing/);
 });
 
@@ -208,15 +240,10 @@ test('service: /health and /reload with the file store', { ...needDeps }, async 
   const port = await service.start();
   try {
     const base = `http://127.0.0.1:${port}`;
-    let res;
-    for (let i = 0; i < 100; i++) {
-      res = await fetch(`${base}/health`);
-      if (res.status === 200) break;
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    assert.equal(res.status, 200);
-    const h = await res.json();
+    const { status, h } = await settled(base);
+    assert.equal(status, 200);
     assert.equal(h.ready, true);
+    assert.equal(h.digestsComplete, true);
     assert.equal(h.store, 'files');
     assert.equal(h.revision, null);
     assert.equal(h.companies, 3);
@@ -226,17 +253,117 @@ test('service: /health and /reload with the file store', { ...needDeps }, async 
     assert.equal(h.pid, process.pid);
     assert.ok(!Number.isNaN(Date.parse(h.startedAt)));
 
+    // /reload answers after both phases: the digests are complete in its answer
+    fs.cpSync(path.join(sessions, 'company_s1'), path.join(sessions, 'company_s3'), { recursive: true });
+    let res = await fetch(`${base}/reload`, { method: 'POST' });
+    assert.equal(res.status, 200);
+    const reloaded = await res.json();
+    assert.equal(reloaded.digestsComplete, true);
+    assert.equal(reloaded.verifying, false);
+    assert.equal(reloaded.digests.s3, gen.digests.s1);
+    assert.ok(reloaded.readyAt > h.verifiedAt, 'a reload is a new load');
+    fs.rmSync(path.join(sessions, 'company_s3'), { recursive: true });
+
     fs.writeFileSync(path.join(sessions, 'company_s2', 'creds.json'), '{');
     res = await fetch(`${base}/reload`, { method: 'POST' });
     assert.equal(res.status, 503);
     const after = await res.json();
     assert.equal(after.ready, false);
     assert.match(after.errors.join(), /company s2: creds.json is not valid JSON/);
+    assert.equal(after.readyAt, null, 'this load never became ready');
     assert.equal((await fetch(`${base}/health`)).status, 503);
     assert.equal((await fetch(`${base}/reload`)).status, 405);
     assert.equal((await fetch(`${base}/other`)).status, 404);
   } finally {
     await service.stop('test');
+  }
+});
+
+test('service: ready once the creds are loaded, before any key is read; the verification then finds a corrupt key file', { ...needDeps }, async () => {
+  const { createService } = require('../src/index');
+  const { genFiles } = require('../tools/fixture');
+  const root = tmpdir();
+  const sessions = path.join(root, 'baileys_sessions');
+  const gen = await genFiles({ dest: sessions, companies: 12, keys: 400, prefix: 'v', manifest: true });
+  const corrupt = path.join(sessions, 'company_v9', 'pre-key-5.json');
+  const good = fs.readFileSync(corrupt);
+  fs.writeFileSync(corrupt, '{"private":');
+  const service = createService({ config: filesConfig(root, { sessionsDir: sessions }) });
+  // what /health answers at the moment each phase ends (the log call is synchronous with it)
+  const atEvent = {};
+  const saved = { ...log };
+  for (const level of ['info', 'error']) {
+    log[level] = (event) => {
+      if (event === 'load_finished' || event === 'verify_finished') atEvent[event] = atEvent[event] || service.health();
+    };
+  }
+  const port = await service.start();
+  try {
+    const base = `http://127.0.0.1:${port}`;
+    let first;
+    for (let i = 0; i < 2000 && !first; i++) {
+      const res = await fetch(`${base}/health`);
+      if (res.status === 200) first = await res.json();
+      else await new Promise((r) => setTimeout(r, 5));
+    }
+    assert.ok(first, 'the service answered 200 with a corrupt key file: keys are not read before ready');
+    assert.equal(first.ready, true);
+    assert.equal(first.companies, 12);
+    assert.equal(Object.keys(first.registrationIds).length, 12, 'every company\'s creds are loaded at ready');
+    assert.equal(first.digestsComplete, false);
+    assert.equal(first.verifiedAt, null);
+
+    const atReady = atEvent.load_finished;
+    assert.equal(atReady.ready, true);
+    assert.ok(atReady.readyAt);
+    assert.deepEqual(Object.keys(atReady.digests), [], 'no digest at ready: no key was read');
+    assert.equal(atReady.digestsComplete, false);
+
+    const { status, h } = await settled(base);
+    assert.equal(status, 503);
+    assert.equal(h.ready, false);
+    assert.equal(h.digestsComplete, false);
+    assert.deepEqual(h.errors, ['company v9: key file "pre-key-5.json" unreadable by Baileys (empty or not JSON)']);
+    assert.equal(h.readyAt, atReady.readyAt);
+    assert.ok(h.readyAt <= h.verifiedAt);
+    assert.ok(Number.isInteger(h.verifyMs));
+    // the companies the pass read are shown; v9 is not
+    const expected = { ...gen.digests };
+    delete expected.v9;
+    assert.deepEqual({ ...h.digests }, expected);
+    assert.equal(h.keys.v1, 400);
+    assert.equal(atEvent.verify_finished.ready, false);
+
+    // fixed: a reload answers once every digest is known
+    fs.writeFileSync(corrupt, good);
+    const res = await fetch(`${base}/reload`, { method: 'POST' });
+    assert.equal(res.status, 200);
+    const fixed = await res.json();
+    assert.equal(fixed.digestsComplete, true);
+    assert.deepEqual({ ...fixed.digests }, gen.digests);
+    assert.ok(fixed.readyAt <= fixed.verifiedAt);
+    assert.deepEqual(fixed.errors, []);
+  } finally {
+    Object.assign(log, saved);
+    await service.stop('test');
+  }
+});
+
+test('file store: the verification replaces its Baileys worker as it reads, with the same digests', { ...needDeps }, async () => {
+  const files = require('../src/stores/files');
+  const { genFiles } = require('../tools/fixture');
+  const root = tmpdir();
+  const sessions = path.join(root, 'baileys_sessions');
+  const gen = await genFiles({ dest: sessions, companies: 3, keys: 25, prefix: 'w', manifest: true });
+  const before = files.options.recycleFiles;
+  files.options.recycleFiles = 20;
+  try {
+    const result = await loadAll(files, filesConfig(root, { sessionsDir: sessions }));
+    assert.deepEqual(result.errors, []);
+    assert.equal(result.verify.workers, 3, 'one worker per company at 20 files a worker');
+    assert.deepEqual(Object.fromEntries(result.companies.map((c) => [c.id, c.digest])), gen.digests);
+  } finally {
+    files.options.recycleFiles = before;
   }
 });
 

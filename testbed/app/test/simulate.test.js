@@ -58,7 +58,8 @@ async function waitReady(base) {
   for (let i = 0; i < 200; i++) {
     res = await fetch(`${base}/health`);
     const h = await res.json();
-    if (res.status === 200 || (!h.loading && h.loadedAt && h.errors.length)) return { status: res.status, health: h };
+    // ready and verified (the digests are complete), or settled on an error
+    if ((res.status === 200 && h.digestsComplete) || (!h.loading && !h.verifying && h.loadedAt && h.errors.length)) return { status: res.status, health: h };
     await new Promise((r) => setTimeout(r, 25));
   }
   throw new Error('the service never finished loading');

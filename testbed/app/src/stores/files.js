@@ -2,19 +2,30 @@
 // File store: <SESSIONS_DIR>/company_<id>/, read with Baileys' own
 // useMultiFileAuthState (this is the file-auth code of the emergency tag).
 //
-// Per company: creds.json is checked first (exists, parses, is an object):
-// Baileys would otherwise silently start with fresh credentials. Then every
-// "<type>-<name>.json" file is read back through state.keys.get(type, [id]),
-// with the original id from the company's baileys-dr manifest
-// (<SESSIONS_DIR>/.baileys-dr/companies/<id>.json, listed by the top manifest
-// <SESSIONS_DIR>/.baileys-dr/manifest.json; docs/architecture.md) or, for
-// older trees, from <SESSIONS_DIR>/manifest.json when it maps the file, else
-// the type-aware reverse of fixFileName (reported as guessed).
-// One company (and one company manifest) is held in memory at a time.
+// Two phases, like the real service (creds at start, keys on demand):
+//
+// load() makes the service ready: per company, creds.json is checked first
+// (exists, parses, is an object: Baileys would otherwise silently start with
+// fresh credentials), then loaded through useMultiFileAuthState (no byte-array
+// Buffers, an integer registrationId). No key file is read.
+//
+// verify() is the background pass after ready: every "<type>-<name>.json"
+// file is read back through state.keys.get(type, [id]) and the company's
+// state digest computed, with the original id from the company's baileys-dr
+// manifest (<SESSIONS_DIR>/.baileys-dr/companies/<id>.json, listed by the top
+// manifest <SESSIONS_DIR>/.baileys-dr/manifest.json; docs/architecture.md) or,
+// for older trees, from <SESSIONS_DIR>/manifest.json when it maps the file,
+// else the type-aware reverse of fixFileName (reported as guessed). The keys
+// are read in a worker thread, replaced every options.recycleFiles key files:
+// useMultiFileAuthState keeps one mutex per file path it ever touched in a
+// module-level Map that is never emptied (about 300 bytes a file), so one
+// process reading 1.5M files would keep ~0.5 GB for nothing. One company
+// (and one company manifest) is held in memory at a time.
 
 const crypto = require('node:crypto');
 const fsp = require('node:fs/promises');
 const path = require('node:path');
+const { Worker, isMainThread, parentPort, workerData } = require('node:worker_threads');
 const digestLib = require('../digest');
 const { COMPANY_ID_RE } = require('../config');
 const { loadBaileys } = require('../baileys');
@@ -23,6 +34,10 @@ const { StateDigest, keyLine, keyFileName, parseKeyFileName, reverseFileName, so
 
 const READ_BATCH = 64; // ids per state.keys.get call, read concurrently by Baileys
 const GUESSED_LISTED = 20; // guessed ids listed per company in /health (all are counted)
+const LOAD_CONCURRENCY = 8; // companies whose creds are read at once before ready
+// Key files a verification worker reads before it is replaced (tests lower it).
+const options = { recycleFiles: 100000 };
+const WORKER_ROLE = 'baileys-dr-files-verify';
 
 function shown(text) {
   const json = JSON.stringify(String(text));
@@ -107,6 +122,13 @@ function hasUnrevivedBuffer(value, depth = 0) {
   return Object.values(value).some((v) => hasUnrevivedBuffer(v, depth + 1));
 }
 
+/** What is wrong with creds as Baileys loaded them, or null. */
+function credsProblem(creds) {
+  if (hasUnrevivedBuffer(creds)) return 'creds.json holds byte-array Buffers, which this Baileys does not revive';
+  if (!Number.isInteger(creds.registrationId)) return 'creds has no integer registrationId';
+  return null;
+}
+
 /** Checks creds.json the way Baileys cannot: returns an error text or null. */
 async function checkCreds(dir) {
   const file = path.join(dir, 'creds.json');
@@ -151,11 +173,12 @@ function keyEntries(names, manifestFiles, result, companyId) {
   return entries;
 }
 
+/** Verifies one company (every key through Baileys, the digest). Returns how many key files it read. */
 async function readCompany(baileys, companyId, dir, manifestFiles, result) {
   const credsError = await checkCreds(dir);
   if (credsError) {
     result.errors.push(`company ${companyId}: ${credsError}`);
-    return;
+    return 0;
   }
   const names = (await fsp.readdir(dir, { withFileTypes: true }))
     .filter((d) => d.isFile())
@@ -164,13 +187,10 @@ async function readCompany(baileys, companyId, dir, manifestFiles, result) {
 
   const { state } = await baileys.useMultiFileAuthState(dir);
   const creds = state.creds;
-  if (hasUnrevivedBuffer(creds)) {
-    result.errors.push(`company ${companyId}: creds.json holds byte-array Buffers, which this Baileys does not revive`);
-    return;
-  }
-  if (!Number.isInteger(creds.registrationId)) {
-    result.errors.push(`company ${companyId}: creds has no integer registrationId`);
-    return;
+  const badCreds = credsProblem(creds);
+  if (badCreds) {
+    result.errors.push(`company ${companyId}: ${badCreds}`);
+    return 0;
   }
   const AppStateSyncKeyData = baileys.proto.Message.AppStateSyncKeyData;
   const lines = [];
@@ -201,7 +221,7 @@ async function readCompany(baileys, companyId, dir, manifestFiles, result) {
   }
   if (companyErrors.length) {
     result.errors.push(...companyErrors);
-    return;
+    return entries.length;
   }
   const digest = new StateDigest(creds);
   for (const l of sortKeys(lines)) digest.addLine(l.type, l.id, l.line);
@@ -218,60 +238,191 @@ async function readCompany(baileys, companyId, dir, manifestFiles, result) {
     ambiguousCount: guessed.filter((e) => e.ambiguous).length,
     guessed: guessed.slice(0, GUESSED_LISTED).map((e) => ({ file: e.file, type: e.type, id: e.id, ambiguous: e.ambiguous })),
   });
+  return entries.length;
 }
 
-/**
- * Loads every company directory. ctx: {isStopping(): bool, onCompany(id)}.
- * Returns {companies, errors, warnings}; throws on store-level failures.
- */
-async function load(config, ctx = {}) {
-  const result = { companies: [], errors: [], warnings: [] };
-  const sessionsDir = config.sessionsDir;
+/** The sorted company_* names of the sessions directory, or null (an error is pushed). */
+async function companyDirNames(sessionsDir, result) {
   let info;
   try {
     info = await fsp.stat(sessionsDir);
   } catch (error) {
     result.errors.push(`sessions directory ${sessionsDir} is missing (${error.code || error.message})`);
-    return result;
+    return null;
   }
   if (!info.isDirectory()) {
     result.errors.push(`sessions directory ${sessionsDir} is not a directory`);
-    return result;
+    return null;
   }
-  const baileys = await loadBaileys();
-  const treeManifest = await readTreeManifest(sessionsDir, result.warnings);
-  const manifest = await readManifest(sessionsDir, result.warnings);
   const dirents = await fsp.readdir(sessionsDir, { withFileTypes: true });
-  const companyDirs = dirents
+  return dirents
     .filter((d) => d.name.startsWith('company_'))
     .map((d) => d.name)
     .sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
-  for (const name of companyDirs) {
-    if (ctx.isStopping && ctx.isStopping()) throw new Error('stopping');
-    const companyId = name.slice('company_'.length);
-    if (!COMPANY_ID_RE.test(companyId)) {
-      result.errors.push(`sessions directory holds ${shown(name)}: invalid company id`);
-      continue;
+}
+
+/** Phase 1 for one company directory: {company} or {error}. */
+async function loadCompanyCreds(baileys, sessionsDir, name) {
+  const companyId = name.slice('company_'.length);
+  if (!COMPANY_ID_RE.test(companyId)) return { error: `sessions directory holds ${shown(name)}: invalid company id` };
+  const dir = path.join(sessionsDir, name);
+  const st = await fsp.stat(dir).catch(() => null);
+  if (!st || !st.isDirectory()) return { error: `company ${companyId}: ${name} is not a directory` };
+  try {
+    const credsError = await checkCreds(dir);
+    if (credsError) return { error: `company ${companyId}: ${credsError}` };
+    const { state } = await baileys.useMultiFileAuthState(dir);
+    const problem = credsProblem(state.creds);
+    if (problem) return { error: `company ${companyId}: ${problem}` };
+    return { company: { id: companyId, registrationId: state.creds.registrationId } };
+  } catch (error) {
+    return { error: `company ${companyId}: ${error.message}` };
+  }
+}
+
+/**
+ * Phase 1 (ready): every company directory's creds through Baileys; no key
+ * file is read. ctx: {isStopping(): bool, onCompany(id)}. Returns
+ * {companies: [{id, registrationId}], errors, warnings} in company order;
+ * throws on store-level failures.
+ */
+async function load(config, ctx = {}) {
+  const result = { companies: [], errors: [], warnings: [] };
+  const names = await companyDirNames(config.sessionsDir, result);
+  if (names === null) return result;
+  const baileys = await loadBaileys();
+  const outcomes = new Array(names.length);
+  let next = 0;
+  // a few at a time: the reads wait on the disk, not on this thread
+  const lane = async () => {
+    while (next < names.length) {
+      if (ctx.isStopping && ctx.isStopping()) throw new Error('stopping');
+      const i = next++;
+      outcomes[i] = await loadCompanyCreds(baileys, config.sessionsDir, names[i]);
+      if (ctx.onCompany && outcomes[i].company) ctx.onCompany(outcomes[i].company.id);
     }
-    const dir = path.join(sessionsDir, name);
-    const st = await fsp.stat(dir).catch(() => null);
-    if (!st || !st.isDirectory()) {
-      result.errors.push(`company ${companyId}: ${name} is not a directory`);
-      continue;
-    }
-    const listed = treeManifest && Object.prototype.hasOwnProperty.call(treeManifest, companyId) ? treeManifest[companyId] : null;
-    const manifestCompany = Object.prototype.hasOwnProperty.call(manifest, companyId) ? manifest[companyId] : null;
-    const manifestFiles = (await readCompanyManifest(sessionsDir, companyId, listed, result.warnings)) ||
-      (manifestCompany && typeof manifestCompany.files === 'object' ? manifestCompany.files : null);
-    try {
-      await readCompany(baileys, companyId, dir, manifestFiles, result);
-    } catch (error) {
-      result.errors.push(`company ${companyId}: ${error.message}`);
-    }
-    if (manifestCompany) delete manifest[companyId]; // a large manifest is freed as it is used
-    if (ctx.onCompany) ctx.onCompany(companyId);
+  };
+  await Promise.all(Array.from({ length: Math.min(LOAD_CONCURRENCY, names.length) }, lane));
+  for (const o of outcomes) {
+    if (o.company) result.companies.push(o.company);
+    else result.errors.push(o.error);
   }
   return result;
 }
 
-module.exports = { name: 'files', load, loadBaileys, checkCreds, readManifest, readTreeManifest, readCompanyManifest };
+/**
+ * The verification workers: threads with their own Baileys (so their own
+ * fileLocks Map), each replaced after options.recycleFiles key files. The next
+ * one is started when the current one is half way, so that loading Baileys
+ * (about a second) overlaps the reading. One company at a time.
+ */
+class KeyReader {
+  constructor() {
+    this.current = null; // {worker, pending, failed}
+    this.next = null;
+    this.filesRead = 0;
+    this.used = 0; // workers that read keys
+  }
+
+  _spawn() {
+    const slot = { worker: new Worker(__filename, { workerData: { role: WORKER_ROLE } }), pending: null, failed: null };
+    const fail = (error) => {
+      slot.failed = slot.failed || error;
+      const pending = slot.pending;
+      slot.pending = null;
+      if (pending) pending.reject(slot.failed);
+    };
+    slot.worker.on('message', (message) => {
+      const pending = slot.pending;
+      slot.pending = null;
+      if (pending) pending.resolve(message);
+    });
+    slot.worker.on('error', (error) => fail(new Error(`verification worker failed: ${error.message}`)));
+    slot.worker.on('exit', (code) => fail(new Error(`verification worker exited (code ${code})`)));
+    return slot;
+  }
+
+  /** {result: {companies, errors, warnings}, files} of one company, read by a worker. */
+  async read(job) {
+    if (this.current && this.filesRead >= options.recycleFiles) {
+      const old = this.current;
+      this.current = null;
+      await old.worker.terminate();
+    }
+    if (!this.current) {
+      this.current = this.next || this._spawn();
+      this.next = null;
+      this.filesRead = 0;
+      this.used += 1;
+    }
+    const slot = this.current;
+    if (slot.failed) throw slot.failed;
+    const message = await new Promise((resolve, reject) => {
+      slot.pending = { resolve, reject };
+      slot.worker.postMessage(job);
+    });
+    this.filesRead += message.files;
+    if (!this.next && this.filesRead >= options.recycleFiles / 2) this.next = this._spawn();
+    return message;
+  }
+
+  async close() {
+    const slots = [this.current, this.next].filter(Boolean);
+    this.current = null;
+    this.next = null;
+    await Promise.all(slots.map((slot) => slot.worker.terminate()));
+  }
+}
+
+/**
+ * Phase 2 (after ready): every key of every loaded company through Baileys,
+ * and its digest. ctx: {isStopping(): bool, onResult({companies, errors,
+ * warnings})}, called once per company (and once for the manifests' warnings)
+ * as soon as it is known. Returns {workers: how many worker threads read the
+ * keys}. Throws on store-level failures.
+ */
+async function verify(config, loaded, ctx = {}) {
+  const sessionsDir = config.sessionsDir;
+  const report = (part) => ctx.onResult && ctx.onResult(part);
+  const warnings = [];
+  const treeManifest = await readTreeManifest(sessionsDir, warnings);
+  const manifest = await readManifest(sessionsDir, warnings);
+  if (warnings.length) report({ companies: [], errors: [], warnings });
+  const reader = new KeyReader();
+  try {
+    for (const { id: companyId } of loaded.companies) {
+      if (ctx.isStopping && ctx.isStopping()) throw new Error('stopping');
+      const own = [];
+      const listed = treeManifest && Object.prototype.hasOwnProperty.call(treeManifest, companyId) ? treeManifest[companyId] : null;
+      const manifestCompany = Object.prototype.hasOwnProperty.call(manifest, companyId) ? manifest[companyId] : null;
+      const manifestFiles = (await readCompanyManifest(sessionsDir, companyId, listed, own)) ||
+        (manifestCompany && typeof manifestCompany.files === 'object' ? manifestCompany.files : null);
+      if (manifestCompany) delete manifest[companyId]; // a large manifest is freed as it is used
+      const { result } = await reader.read({ companyId, dir: path.join(sessionsDir, `company_${companyId}`), manifestFiles });
+      result.warnings.unshift(...own);
+      report(result);
+    }
+  } finally {
+    await reader.close();
+  }
+  return { workers: reader.used };
+}
+
+/** The worker thread's side of KeyReader. */
+function runWorker() {
+  const baileysPromise = loadBaileys();
+  parentPort.on('message', async ({ companyId, dir, manifestFiles }) => {
+    const result = { companies: [], errors: [], warnings: [] };
+    let files = 0;
+    try {
+      files = await readCompany(await baileysPromise, companyId, dir, manifestFiles, result);
+    } catch (error) {
+      result.errors.push(`company ${companyId}: ${error.message}`);
+    }
+    parentPort.postMessage({ result, files });
+  });
+}
+
+if (!isMainThread && workerData && workerData.role === WORKER_ROLE) runWorker();
+
+module.exports = { name: 'files', load, verify, options, loadBaileys, checkCreds, readManifest, readTreeManifest, readCompanyManifest };

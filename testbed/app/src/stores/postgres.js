@@ -2,8 +2,10 @@
 // PostgreSQL store: whatsapp_auth (creds) and whatsapp_keys (Signal keys),
 // the schema of ../shared/DOMAIN.md section 1 (testbed/schema.sql).
 //
-// Reads inside one REPEATABLE READ READ ONLY transaction (one snapshot for
-// every company), company by company, keys paged in digest order (keyset
+// Two phases inside one REPEATABLE READ READ ONLY transaction (one snapshot
+// for both, so the digests describe exactly what was loaded at ready):
+// load() reads the whatsapp_auth rows (paged) and makes the service ready;
+// verify() then reads every company's creds and keys in digest order (keyset
 // pagination on key_type COLLATE "C", key_id COLLATE "C"), so memory holds
 // one page of one company at a time, whatever the size of the table.
 
@@ -26,9 +28,9 @@ const NEXT_KEYS = `
    ORDER BY key_type COLLATE "C", key_id COLLATE "C"
    LIMIT $4`;
 const FIRST_COMPANIES = `
-  SELECT company_id FROM whatsapp_auth ORDER BY company_id COLLATE "C" LIMIT $1`;
+  SELECT company_id, creds FROM whatsapp_auth ORDER BY company_id COLLATE "C" LIMIT $1`;
 const NEXT_COMPANIES = `
-  SELECT company_id FROM whatsapp_auth
+  SELECT company_id, creds FROM whatsapp_auth
    WHERE company_id COLLATE "C" > $1::text COLLATE "C"
    ORDER BY company_id COLLATE "C" LIMIT $2`;
 const ORPHAN_KEY_COMPANIES = `
@@ -41,13 +43,14 @@ function shown(id) {
   return text.length > 80 ? text.slice(0, 77) + '..."' : text;
 }
 
-async function* companyIds(client) {
+/** whatsapp_auth rows {company_id, creds}, a page at a time. */
+async function* authRows(client) {
   let last = null;
   for (;;) {
     const { rows } = last === null
       ? await client.query(FIRST_COMPANIES, [COMPANY_PAGE_SIZE])
       : await client.query(NEXT_COMPANIES, [last, COMPANY_PAGE_SIZE]);
-    for (const row of rows) yield row.company_id;
+    yield* rows;
     if (rows.length < COMPANY_PAGE_SIZE) return;
     last = rows[rows.length - 1].company_id;
   }
@@ -67,10 +70,18 @@ async function digestCompany(client, companyId, creds) {
   return { digest: digest.hexdigest(), keys: digest.keys };
 }
 
+/** What is wrong with a whatsapp_auth row's creds, or null. */
+function credsProblem(creds) {
+  if (creds === null || typeof creds !== 'object' || Array.isArray(creds)) return 'creds is not a JSON object';
+  if (!Number.isInteger(creds.registrationId)) return 'creds has no integer registrationId';
+  return null;
+}
+
 /**
- * Loads every company. ctx: {isStopping(): bool}. Returns
- * {companies: [{id, digest, registrationId, keys, guessed: []}], errors, warnings}.
- * Throws on store-level failures (connection, missing tables).
+ * Phase 1 (ready): the whatsapp_auth rows. ctx: {isStopping(): bool,
+ * onCompany(id)}. Returns {companies: [{id, registrationId}], errors,
+ * warnings, close()}: the transaction stays open for verify(); close() ends
+ * it (always call it). Throws on store-level failures (connection, missing tables).
  */
 async function load(config, ctx = {}) {
   const pg = config.postgres;
@@ -86,39 +97,72 @@ async function load(config, ctx = {}) {
   });
   // An idle connection error must not crash the process: the load fails instead.
   client.on('error', () => {});
+  let closed = null;
+  const close = () => {
+    closed = closed || client.end().catch(() => {});
+    return closed;
+  };
   const result = { companies: [], errors: [], warnings: [] };
-  await client.connect();
   try {
+    await client.connect();
     await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
-    for await (const companyId of companyIds(client)) {
+    for await (const row of authRows(client)) {
       if (ctx.isStopping && ctx.isStopping()) throw new Error('stopping');
+      const companyId = row.company_id;
       if (!COMPANY_ID_RE.test(companyId)) {
         result.errors.push(`whatsapp_auth: invalid company id ${shown(companyId)}`);
         continue;
       }
-      const { rows } = await client.query('SELECT creds FROM whatsapp_auth WHERE company_id = $1', [companyId]);
-      const creds = rows.length ? rows[0].creds : null;
-      if (creds === null || typeof creds !== 'object' || Array.isArray(creds)) {
-        result.errors.push(`company ${companyId}: creds is not a JSON object`);
+      const problem = credsProblem(row.creds);
+      if (problem) {
+        result.errors.push(`company ${companyId}: ${problem}`);
         continue;
       }
-      if (!Number.isInteger(creds.registrationId)) {
-        result.errors.push(`company ${companyId}: creds has no integer registrationId`);
-        continue;
-      }
-      const { digest, keys } = await digestCompany(client, companyId, creds);
-      result.companies.push({ id: companyId, digest, registrationId: creds.registrationId, keys, guessed: [] });
+      result.companies.push({ id: companyId, registrationId: row.creds.registrationId });
       if (ctx.onCompany) ctx.onCompany(companyId);
     }
-    const orphans = await client.query(ORPHAN_KEY_COMPANIES);
-    for (const row of orphans.rows) {
-      result.warnings.push(`whatsapp_keys: keys of company ${shown(row.company_id)} which has no whatsapp_auth row (ignored)`);
-    }
-    await client.query('COMMIT');
-  } finally {
-    await client.end().catch(() => {});
+  } catch (error) {
+    await close();
+    throw error;
   }
+  // not enumerable: /health and the logs never see the client
+  Object.defineProperty(result, 'close', { value: close });
+  Object.defineProperty(result, 'client', { value: client });
   return result;
 }
 
-module.exports = { name: 'postgres', load };
+/**
+ * Phase 2 (after ready), in load()'s transaction: every loaded company's
+ * creds and keys, and its digest. ctx: {isStopping(): bool, onResult({companies,
+ * errors, warnings})}, called once per company and once for the orphan keys.
+ * Ends the transaction. Throws on store-level failures.
+ */
+async function verify(config, loaded, ctx = {}) {
+  const client = loaded.client;
+  const report = (part) => ctx.onResult && ctx.onResult(part);
+  try {
+    for (const { id: companyId } of loaded.companies) {
+      if (ctx.isStopping && ctx.isStopping()) throw new Error('stopping');
+      const { rows } = await client.query('SELECT creds FROM whatsapp_auth WHERE company_id = $1', [companyId]);
+      const creds = rows.length ? rows[0].creds : null;
+      const problem = credsProblem(creds);
+      if (problem) {
+        report({ companies: [], errors: [`company ${companyId}: ${problem}`], warnings: [] });
+        continue;
+      }
+      const { digest, keys } = await digestCompany(client, companyId, creds);
+      report({ companies: [{ id: companyId, digest, registrationId: creds.registrationId, keys, guessed: [] }], errors: [], warnings: [] });
+    }
+    const orphans = await client.query(ORPHAN_KEY_COMPANIES);
+    report({
+      companies: [],
+      errors: [],
+      warnings: orphans.rows.map((row) => `whatsapp_keys: keys of company ${shown(row.company_id)} which has no whatsapp_auth row (ignored)`),
+    });
+    await client.query('COMMIT');
+  } finally {
+    await loaded.close();
+  }
+}
+
+module.exports = { name: 'postgres', load, verify };
