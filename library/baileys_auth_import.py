@@ -38,11 +38,14 @@ description:
   - "Buffers: files hold Baileys' base64 form; written rows get the application's own form
     (C({\"type\": \"Buffer\", \"data\": [..]})) unless O(buffer_format=base64). C(app-state-sync-key) values are written as
     the files hold them."
-  - Before the first write of a company, the rows it replaces or deletes and the ids it inserts are saved in
-    C(<undo_dir>/failback-<company>-<UTC time>.jsonl.gz) with a C(.sha256) sidecar, both synced (RV(undo_files)); see
-    docs/failback-undo.md. An undo file of a company whose transaction did not commit is removed.
-  - After the writes, the state digest of the company's rows must equal the digest of its files, and the company directory
-    must be unchanged since it was read; otherwise the transaction is rolled back.
+  - Before the COMMIT of a company (written while the server does its writes), the rows it replaces or deletes and the ids
+    it inserts are saved in C(<undo_dir>/failback-<company>-<UTC time>.jsonl.gz) with a C(.sha256) sidecar, both synced
+    (RV(undo_files)); see docs/failback-undo.md. An undo file of a company whose transaction did not commit is removed.
+  - Values are written through one C(COPY) into a temporary staging table, then one C(INSERT) and one C(UPDATE) from it.
+    After the writes, the company's rows must be exactly the keys of its files, every written row byte for byte the JSONB
+    of the text sent (made from the file's parsed value, from which its digest line is computed too; when the files are
+    exactly the exported ones, their digest is the manifest's), the creds equal to C(creds.json), and the company
+    directory unchanged since it was read; otherwise the transaction is rolled back.
   - "Conflict guard: rows changed in PostgreSQL after O(since) (C(updated_at) later than it) that the import would
     overwrite or delete are listed in RV(conflicts) and refuse the company unless O(force). Rows changed after O(since)
     that already equal the files are not conflicts (so a re-run after a partial failback completes)."

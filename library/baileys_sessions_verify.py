@@ -18,7 +18,7 @@ description:
     companies of the manifest in RV(extra_companies); both are problems unless O(allow_extra).
   - Symbolic links are never followed; one anywhere in the tree is a problem.
   - Permissions other than 0600 for files and 0700 for directories are reported in RV(permissions) (not a problem).
-  - With O(depth=structure), no session file is opened: the top manifest and every company manifest are checked as
+  - With O(depth=structure), no session file is opened. The top manifest and every company manifest are checked as
     above (sha256 chain, format, digests), and each company directory must hold exactly the files its manifest lists,
     each a regular file (names and types from the directory listing); missing, extra, renamed files, symbolic links and
     broken manifests are problems as with O(depth=content), but a file whose content was changed in place is not seen.

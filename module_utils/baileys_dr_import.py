@@ -10,7 +10,8 @@ manifest (format 1)"); undo files: docs/failback-undo.md.
           -> per company, one REPEATABLE READ transaction:
              read rows (md5 of value::text) -> plan (insert, update, delete)
              -> conflict guard (rows changed after `since`)
-             -> undo file (rows replaced or deleted, ids inserted), fsynced
+             -> undo file (rows replaced or deleted, ids inserted), written and fsynced by a thread
+                while the server does the writes below, waited for before anything else
              -> DELETE; COPY of the values to write (and of the ids of the other keys) into a temporary
                 staging table; one UPDATE and one INSERT from it
              -> proof on the server: the rows are the staged keys, written values equal what was sent;
@@ -38,6 +39,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 
 from ansible.module_utils.baileys_dr_codec import (
@@ -112,7 +114,7 @@ BASE64_NAME_RE = re.compile(r"\A[A-Za-z0-9+=_]+\Z")
 SESSION_SQL = "SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, YMD'"
 LOCK_SQL = "SELECT pg_try_advisory_lock(hashtext(%(name)s))"
 META_SQL = ("SELECT (SELECT system_identifier FROM pg_control_system())::text, now()::text, pg_is_in_recovery(), "
-            "current_setting('default_transaction_read_only') = 'on'")
+            "current_setting('default_transaction_read_only') = 'on', has_database_privilege(current_database(), 'TEMPORARY')")
 REFERENCED_SQL = "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND confrelid = %(table)s::regclass"
 READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
 TXN_SQL = "SELECT now()::text, txid_current()"
@@ -137,16 +139,6 @@ SAVE_CREDS_SQL = (
     "FROM whatsapp_auth WHERE company_id = %(company)s"
 )
 DELETE_KEYS_SQL = "DELETE FROM whatsapp_keys WHERE " + SELECTED
-UPDATE_KEYS_SQL = (
-    "UPDATE whatsapp_keys k SET value = u.v::jsonb, expires_at = now() + u.d * interval '1 day' "
-    "FROM unnest(%(types)s::text[], %(ids)s::text[], %(values)s::text[], %(days)s::int[]) AS u(t, i, v, d) "
-    "WHERE k.company_id = %(company)s AND k.key_type = u.t AND k.key_id = u.i"
-)
-INSERT_KEYS_SQL = (
-    "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value, expires_at) "
-    "SELECT %(company)s, u.t, u.i, u.v::jsonb, now() + u.d * interval '1 day' "
-    "FROM unnest(%(types)s::text[], %(ids)s::text[], %(values)s::text[], %(days)s::int[]) AS u(t, i, v, d)"
-)
 INSERT_CREDS_SQL = "INSERT INTO whatsapp_auth (company_id, creds) VALUES (%(company)s, %(creds)s::jsonb)"
 UPDATE_CREDS_SQL = "UPDATE whatsapp_auth SET creds = %(creds)s::jsonb WHERE company_id = %(company)s"
 # The writes of a company go through a temporary staging table filled by one COPY (its rows vanish at the end of the
@@ -177,7 +169,6 @@ PROVE_STAGED_SQL = (
     "LEFT JOIN LATERAL (SELECT k.value) AS row_value (v) ON true LEFT JOIN LATERAL (SELECT s.v) AS sent (v) ON true "
     "WHERE k.key_id IS NULL OR (s.a <> 'k' AND row_value *<> sent) LIMIT 3)" % (STAGE, STAGE)
 )
-KEY_IDS_SQL = "SELECT key_type, key_id FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = ANY(%(key_types)s)"
 AMBIGUOUS_ROWS_SQL = (
     "SELECT key_id FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = %(type)s "
     "AND replace(replace(key_id, '/', '__'), ':', '-') = %(name)s ORDER BY key_id COLLATE \"C\" LIMIT 10"
@@ -219,8 +210,12 @@ def chunks(items, size=BATCH):
         yield items[start:start + size]
 
 
+# One encoder for every compact dump (json.dumps with these options would build a new one per call); same output.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(value):
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 def copy_text(text):
@@ -486,6 +481,12 @@ class CompanyFiles:
     def problem(self, name, reason):
         self.problems.append((name, reason))
 
+    @property
+    def as_exported(self):
+        """Every file of the manifest is here, byte for byte (sha256), and no other: the files are the exported ones."""
+        counts = self.counts
+        return counts["files"] == counts["same"] and not counts["missing"] and not self.skipped and not self.problems
+
     def reasons(self, limit=5):
         shown = ["%s %s" % (name, reason) if name else reason for name, reason in self.problems[:limit]]
         more = " (and %d more)" % (len(self.problems) - limit) if len(self.problems) > limit else ""
@@ -512,9 +513,13 @@ def read_file_at(dir_fd, name):
             raise FileProblem("is not a regular file")
         if info.st_size > MAX_FILE_BYTES:
             raise FileProblem("is larger than %d bytes" % MAX_FILE_BYTES)
-        parts = []
+        want = max(info.st_size + 1, 65536)
+        data = os.read(fd, want)
+        if len(data) < want:
+            return data, info  # a regular file reads short only at its end: no second read to see it
+        parts = [data]
         while True:
-            block = os.read(fd, max(info.st_size + 1, 65536))
+            block = os.read(fd, want)
             if not block:
                 break
             parts.append(block)
@@ -846,11 +851,11 @@ class Database:
                 pass
 
     def meta(self):
-        system_identifier, now, in_recovery, read_only = self.one(META_SQL)
+        system_identifier, now, in_recovery, read_only, temporary = self.one(META_SQL)
         referenced = {t: self.one(REFERENCED_SQL, {"table": t})[0] > 0 for t in ("whatsapp_auth", "whatsapp_keys")}
         self.conn.commit()
         return {"system_identifier": system_identifier, "now": now, "referenced": referenced, "in_recovery": in_recovery,
-                "read_only": read_only}
+                "read_only": read_only, "temporary": temporary}
 
     def txid_status(self, txid):
         """'committed', 'aborted', 'in progress' or None, asked on a fresh connection (this one may be gone)."""
@@ -910,9 +915,15 @@ def write_undo_file(undo_dir, company_id, header, records):
             hashing = _HashingWriter(raw)
             with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:
                 gz.write(encode_json(header) + b"\n")
+                batch = []
                 for record in records:
-                    gz.write(encode_json(record) + b"\n")
+                    batch.append(dumps(record))
                     count += 1
+                    if len(batch) >= BATCH:
+                        gz.write(("\n".join(batch) + "\n").encode("utf-8"))
+                        batch = []
+                if batch:
+                    gz.write(("\n".join(batch) + "\n").encode("utf-8"))
                 gz.write(encode_json({"end": True, "records": count}) + b"\n")
             raw.flush()
             os.fsync(raw.fileno())
@@ -929,6 +940,30 @@ def write_undo_file(undo_dir, company_id, header, records):
         raise
     fsync_dir(undo_dir)
     return final
+
+
+class UndoWriter(threading.Thread):
+    """write_undo_file in a thread (gzip and fsync release the GIL), so that the server's writes go on meanwhile."""
+
+    def __init__(self, undo_dir, company_id, header, records):
+        super().__init__(name="baileys-dr-undo-%s" % company_id, daemon=True)
+        self.args = (undo_dir, company_id, header, records)
+        self.path = None
+        self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.path = write_undo_file(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
+            self.error = exc
+
+    def wait(self):
+        """The undo file's path once it is written and synced; its error otherwise."""
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.path
 
 
 def remove_undo_file(path):
@@ -1076,6 +1111,10 @@ class Failback:
             raise FailbackError("%s; nothing was written" % read_only)
         if read_only:
             self.warnings.append(read_only)
+        if not self.meta["temporary"] and not self.check_mode:
+            # The writes go through a temporary staging table (one COPY): refused before anything is written.
+            raise FailbackError("the role has no TEMPORARY privilege on the database at %s, which the import needs for its staging "
+                                "table (GRANT TEMPORARY ON DATABASE ... TO the role); nothing was written" % self.target)
         source_id = self.tree.source.get("system_identifier")
         if source_id and source_id != self.meta["system_identifier"] and not params["allow_other_database"]:
             raise FailbackError(
@@ -1249,8 +1288,12 @@ class Failback:
                 outcome["status"] = "unchanged"
                 return
             txn_now, txid = self.db.one(TXN_STAGE_SQL)
-            undo = self._save(company_id, files, plan, txn_now, txid)
-            self._apply(company_id, files, plan)
+            # The undo file is written and synced while the server does the writes; nothing commits before it is durable.
+            saving = self._save(company_id, files, plan, txn_now, txid)
+            try:
+                self._apply(company_id, files, plan)
+            finally:
+                undo = saving.wait()
             outcome["digest"] = self._digests(company_id, files, plan, written=True)
             test_hook("import_company:%d" % index)
             changed = self.tree.unchanged_since_read(files)
@@ -1352,7 +1395,8 @@ class Failback:
 
     # -- writing --
     def _save(self, company_id, files, plan, txn_now, txid):
-        """Write the undo file (rows replaced or deleted, ids inserted) before the first write; its path."""
+        """Read the rows the writes replace or delete and start writing the undo file (rows replaced or deleted, ids
+        inserted); an UndoWriter, whose wait() gives its path once written and synced."""
         records = []
         if plan.creds == "updated":
             creds, created, updated, _after = self.db.one(SAVE_CREDS_SQL, {"company": company_id, "after": txn_now})
@@ -1377,7 +1421,7 @@ class Failback:
                                                   "deleted": len(plan.deletes), "creds": plan.creds}}
         undo_dir = self.params["undo_dir"]
         os.makedirs(undo_dir, mode=0o700, exist_ok=True)
-        return write_undo_file(undo_dir, company_id, header, records)
+        return UndoWriter(undo_dir, company_id, header, records)
 
     def _apply(self, company_id, files, plan):
         db = self.db
@@ -1387,7 +1431,7 @@ class Failback:
             deleted += db.execute(DELETE_KEYS_SQL, {"company": company_id, "types": [k[0] for k in part], "ids": [k[1] for k in part]})
         if deleted != len(plan.deletes):
             raise FailbackError("%d rows to delete but %d deleted" % (len(plan.deletes), deleted))
-        db.copy(STAGE_COPY_SQL, self._stage_lines(files, plan, buffer_format))
+        db.copy(STAGE_COPY_SQL, self._stage_lines(company_id, files, plan, buffer_format))
         for sql, entries in ((UPDATE_STAGED_SQL, plan.updates), (INSERT_STAGED_SQL, plan.inserts)):
             done = db.execute(sql, {"company": company_id}) if entries else 0
             if done != len(entries):
@@ -1397,16 +1441,21 @@ class Failback:
             if db.execute(INSERT_CREDS_SQL if plan.creds == "inserted" else UPDATE_CREDS_SQL, {"company": company_id, "creds": text}) != 1:
                 raise FailbackError("the creds row was not written")
 
-    @staticmethod
-    def _stage_lines(files, plan, buffer_format):
-        """COPY lines of the staging table: rows to write (text and digest line from the same parsed value), then the
-        keys whose rows stay as they are."""
-        lines = plan.lines
+    def _exported_digest(self, company_id, files, plan):
+        """The manifest's digest when the company's files are exactly the exported ones (and no row is kept), else None."""
+        if plan.kept or not files.as_exported:
+            return None
+        return self.tree.manifest_digest(company_id)
+
+    def _stage_lines(self, company_id, files, plan, buffer_format):
+        """COPY lines of the staging table: rows to write (text and digest line from the same parsed value, the line
+        only when the digest needs it), then the keys whose rows stay as they are."""
+        lines = None if self._exported_digest(company_id, files, plan) else plan.lines
         for action, entries in (("u", plan.updates), ("i", plan.inserts)):
             for entry in entries:
                 key_type, key_id = key = entry.key_type, entry.key_id
                 value = entry.value()
-                if key not in lines:
+                if lines is not None and key not in lines:
                     lines[key] = key_line(key_type, key_id, value)
                 yield "%s\t%s\t%s\t%s\t%d\n" % (action, copy_text(key_type), copy_text(key_id),
                                                   copy_text(stored_text(key_type, value, buffer_format)), expiry_days(key_type))
@@ -1419,8 +1468,9 @@ class Failback:
     def _digests(self, company_id, files, plan, written):
         """The state digest of the company's files, which the rows will hold (check mode) or now hold (proven after the writes).
 
-        Lines come from the files, one per key, computed once (while comparing, or from the value parsed to write it);
-        rows of skipped ambiguous files from the database. After the writes the proof (_prove) is: the rows are exactly
+        When the files are exactly the exported ones (every manifest file present with its sha256, no other), their
+        digest is the manifest's and no line is computed. Otherwise lines come from the files, one per key, computed
+        once (while comparing, or from the value parsed to write it); rows of skipped ambiguous files from the database. After the writes the proof (_prove) is: the rows are exactly
         the files' keys, every written row is the JSONB of the text written, which is the file's value with its Buffers in
         the row form (the codec's canonical form is the same for both), and the creds read back equal to creds.json;
         every other row was proven equal to its file before (manifest sha256 and row_md5, or the canonical comparison)
@@ -1429,8 +1479,14 @@ class Failback:
         manifest_digest = self.tree.manifest_digest(company_id)
         if plan.proven and not plan.writes and manifest_digest:
             return manifest_digest
+        exported = self._exported_digest(company_id, files, plan)
         try:
             file_creds = creds_line(None) if files.creds is None else files.creds.line()
+            if exported:
+                # The files are the export's, byte for byte: their digest is the one the export computed from them.
+                if written:
+                    self._prove(company_id, files, plan, file_creds)
+                return exported
             kept = {}
             if plan.kept:
                 kept = {(t, i): key_line(t, i, json.loads(text)) for t, i, text in self.db.selected(VALUES_SQL, company_id, plan.kept)}

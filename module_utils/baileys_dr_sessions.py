@@ -1409,11 +1409,11 @@ class CompanyState:
     def __init__(self, company_id, manifest_data, lines_data, rows_data, hashes=None):
         self.company_id = company_id
         lines_sha256, rows_sha256 = hashes or (sha256_bytes(lines_data), sha256_bytes(rows_data))
-        parts = manifest_data.split(b"\n")
-        if len(parts) < 3 or parts[-1] != b"" or parts[-2] != MANIFEST_FOOTER or not parts[0].endswith(b'"files":{'):
+        first, newline, body = manifest_data.partition(b"\n")
+        if not newline or not first.endswith(b'"files":{') or not body.endswith(MANIFEST_FOOTER + b"\n"):
             raise ManifestError("the manifest of company %s does not have the one-file-per-line layout" % company_id)
         try:
-            header = json.loads(parts[0] + b"}}")
+            header = json.loads(first + b"}}")
         except ValueError:
             raise ManifestError("the manifest header of company %s is not JSON" % company_id) from None
         if header.get("company_id") != company_id or not isinstance(header.get("keys"), int) \
@@ -1421,11 +1421,11 @@ class CompanyState:
             raise ManifestError("the manifest of company %s does not describe that company" % company_id)
         if not isinstance(header.get("rows_sha256"), str):
             raise ManifestError("the manifest of company %s records no row versions" % company_id)
-        entries = parts[1:-2]
-        for index in range(len(entries) - 1):
-            if not entries[index].endswith(b","):
-                raise ManifestError("the manifest of company %s does not have the one-file-per-line layout" % company_id)
-            entries[index] = entries[index][:-1]
+        # Every file's line but the last ends with a comma: split at ",\n" (no Python loop over a company's lines).
+        body = body[:-len(MANIFEST_FOOTER) - 1]
+        entries = body[:-1].split(b",\n") if body else []
+        if body and (not body.endswith(b"\n") or body.count(b"\n") != len(entries) or entries[-1].endswith(b",")):
+            raise ManifestError("the manifest of company %s does not have the one-file-per-line layout" % company_id)
         self.digest = header["digest"]
         self.keys = header["keys"]
         self.has_creds = bool(entries) and entries[0].startswith(b'"creds.json":')
@@ -2226,7 +2226,7 @@ class _HashingWriter:
 
 VERIFY_DEPTHS = ("content", "structure")
 # The end of each file's line in a company manifest (from its name's closing quote), and each file's size.
-MANIFEST_ENTRY_TAIL_RE = re.compile(rb'":\{[^\n]*')
+MANIFEST_ENTRY_TAIL_RE = re.compile(rb'":\{"type":"[^\n]*')
 MANIFEST_SIZE_RE = re.compile(rb'"size":(\d+)')
 
 
@@ -2255,6 +2255,8 @@ def manifest_listing(data, company_id):
             or not isinstance(document.get("digest"), str) or not isinstance(document.get("keys"), int):
         return None
     body = body[:-len(MANIFEST_FOOTER) - 1]
+    if body and not body.endswith(b"\n"):
+        return None
     count = body.count(b"\n")
     names = []
     if count:
@@ -2268,8 +2270,8 @@ def manifest_listing(data, company_id):
         except UnicodeDecodeError:
             return None
     sizes = MANIFEST_SIZE_RE.findall(body)
-    if len(sizes) != count or len(names) != count:
-        return None
+    if len(sizes) != count or len(names) != count or body.count(b'"sha256":"') != count or body.count(b'","size":') != count:
+        return None  # not every line has the fields of a file: JSON validation says which
     sizes = dict(zip(names, map(int, sizes)))
     if len(sizes) != count or sizes.keys() & {"", ".", ".."}:
         return None

@@ -55,19 +55,23 @@ class App:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def health(self, timeout=180):
-        """(status, report) once a load has finished, or the last answer at the timeout."""
+        """(status, report) once a load and its verification have finished (the digests are complete or
+        an error is known), or the last answer at the timeout. Ready comes before the verification ends."""
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen("http://127.0.0.1:%d/health" % self.port, timeout=30) as resp:
-                    return resp.status, json.load(resp)
+                    last = (resp.status, json.load(resp))
             except urllib.error.HTTPError as exc:
                 last = (exc.code, json.load(exc))
-                if last[1].get("loadedAt"):
-                    return last
             except (urllib.error.URLError, ConnectionError):
                 pass
+            else:
+                status, report = last
+                if not report.get("loading") and not report.get("verifying") and (
+                        report.get("digestsComplete") or (status != 200 and report.get("loadedAt"))):
+                    return last
             assert self.proc.poll() is None, "the application exited with %s" % self.proc.returncode
             time.sleep(0.3)
         if last:
@@ -122,6 +126,7 @@ def test_node_and_python_digests_agree_on_1000_generated_companies(db, db_params
     status, report = app.health()
     assert status == 200, report["errors"][:5]
     assert report["store"] == "postgres" and report["companies"] == 1000
+    assert report["digestsComplete"] and report["readyAt"] <= report["verifiedAt"]
     assert report["digests"] == python_digests(db)
 
 

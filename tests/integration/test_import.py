@@ -383,8 +383,19 @@ def _bad_new_pre_key_with_nan(d):
     return "pre-key-777777.json"
 
 
+def _bad_new_session_with_nul(d):
+    (d / "session-4917555.1.json").write_text('{"_sessions": {"a\\u0000b": {}}, "version": "v1"}')
+    return "session-4917555.1.json"
+
+
+def _bad_new_session_with_lone_surrogate(d):
+    (d / "session-4917556.1.json").write_text('{"_sessions": {}, "version": "\\ud800"}')
+    return "session-4917556.1.json"
+
+
 @pytest.mark.parametrize("damage", [_bad_unknown_type, _bad_json, _bad_bom, _bad_empty, _bad_truncated_creds, _bad_missing_creds,
-                                    _bad_fresh_creds, _bad_symlink, _bad_new_pre_key_with_nan])
+                                    _bad_fresh_creds, _bad_symlink, _bad_new_pre_key_with_nan, _bad_new_session_with_nul,
+                                    _bad_new_session_with_lone_surrogate])
 def test_a_bad_file_refuses_the_run_before_any_write_naming_company_and_file(db, exported, failback, sessions, undo_dir, damage):
     # company00001 has a real change; company00002 the bad file: the first pass refuses before company00001 is written.
     baileys_changes(sessions, "company00001", manifest_of(sessions, "company00001"))
@@ -425,6 +436,22 @@ def test_a_missing_company_directory_is_refused_not_deleted(db, exported, failba
     ok, result = failback()
     assert not ok and "company00003" in result["msg"] and "directory" in result["msg"]
     assert full_rows(db) == before
+
+
+def test_a_role_without_the_temporary_privilege_is_refused_before_any_write(db, pg_cluster, exported, failback, sessions,
+                                                                            undo_dir):
+    """The writes go through a temporary staging table: a role that cannot create one is told so up front."""
+    baileys_changes(sessions, "company00001", manifest_of(sessions, "company00001"))
+    before = full_rows(db)
+    pg_cluster.psql("REVOKE TEMPORARY ON DATABASE baileys FROM PUBLIC; REVOKE TEMPORARY ON DATABASE baileys FROM baileys")
+    try:
+        ok, result = failback()
+        ok_check, checked = failback(check_mode=True)
+    finally:
+        pg_cluster.psql("GRANT TEMPORARY ON DATABASE baileys TO PUBLIC; GRANT TEMPORARY ON DATABASE baileys TO baileys")
+    assert not ok and "no TEMPORARY privilege" in result["msg"] and "nothing was written" in result["msg"], result["msg"]
+    assert full_rows(db) == before and (not undo_dir.exists() or not list(undo_dir.iterdir()))
+    assert ok_check and checked["companies"]["company00001"]["status"] == "would_change", "check mode writes nothing: no staging"
 
 
 def test_a_tree_of_another_database_is_refused_unless_allowed(db, exported, failback, sessions):
@@ -616,6 +643,54 @@ def test_a_row_that_does_not_read_back_as_its_file_rolls_the_company_back(db, ex
     assert not ok and "company00001" in result["msg"] and "pre-key '100001' does not read back as its file" in result["msg"]
     assert "nothing of it was committed" in result["msg"]
     assert full_rows(db) == before and not list(undo_dir.iterdir())
+
+
+def test_a_row_changed_by_the_database_on_update_rolls_the_company_back(db, exported, failback, sessions, undo_dir):
+    """Updated rows too are proven equal to what was sent: a trigger altering an UPDATE is caught."""
+    _, _, rewritten = baileys_changes(sessions, "company00001", manifest_of(sessions, "company00001"))
+    before = full_rows(db)
+    execute(db, "CREATE FUNCTION pytest_tamper() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.key_type = 'session' THEN NEW.value = '{\"tampered\": true}'; END IF; RETURN NEW; END; $$",
+                "CREATE TRIGGER pytest_tamper BEFORE UPDATE ON whatsapp_keys FOR EACH ROW EXECUTE FUNCTION pytest_tamper()")
+    try:
+        ok, result = failback()
+    finally:
+        execute(db, "DROP TRIGGER pytest_tamper ON whatsapp_keys", "DROP FUNCTION pytest_tamper()")
+    assert not ok and "session %r does not read back as its file" % rewritten in result["msg"], result["msg"]
+    assert full_rows(db) == before and not list(undo_dir.iterdir())
+
+
+def test_a_row_the_database_adds_during_the_writes_rolls_the_company_back(db, exported, failback, sessions, undo_dir):
+    """The rows must be exactly the files' keys after the writes: a row a trigger adds is an extra one."""
+    baileys_changes(sessions, "company00001", manifest_of(sessions, "company00001"))
+    before = full_rows(db)
+    execute(db, "CREATE FUNCTION pytest_extra() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.key_id = '100001' THEN INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) "
+                "VALUES (NEW.company_id, 'pre-key', '999999', '{}'); END IF; RETURN NULL; END; $$",
+                "CREATE TRIGGER pytest_extra AFTER INSERT ON whatsapp_keys FOR EACH ROW EXECUTE FUNCTION pytest_extra()")
+    try:
+        ok, result = failback()
+    finally:
+        execute(db, "DROP TRIGGER pytest_extra ON whatsapp_keys", "DROP FUNCTION pytest_extra()")
+    assert not ok and "not the files' keys (extra [('pre-key', '999999')]" in result["msg"], result["msg"]
+    assert full_rows(db) == before and not list(undo_dir.iterdir())
+
+
+def test_an_unchanged_tree_into_an_empty_database_holds_the_exported_digests(db, exported, failback, undo, sessions, undo_dir):
+    """The files are the export's byte for byte: every row is inserted and the digests are the manifest's, which the
+    rows must then have."""
+    before = full_rows(db)
+    execute(db, "DELETE FROM whatsapp_keys", "DELETE FROM whatsapp_auth")
+    ok, result = failback(buffer_format="base64")
+    assert ok, result.get("msg")
+    assert result["totals"]["inserted"] == len(before["keys"]) and result["totals"]["creds_changed"] == len(before["auth"])
+    assert result["digests"] == exported["digests"] == database_digests(db)
+    after = full_rows(db)
+    assert [r[:3] for r in after["keys"]] == [r[:3] for r in before["keys"]]
+    # Undo of an import into an empty database empties it again.
+    ok, undone = undo(result["undo_files"])
+    assert ok, undone.get("msg")
+    assert full_rows(db) == {"keys": [], "auth": []}
 
 
 # -- undo -------------------------------------------------------------------------------------------------------------

@@ -268,3 +268,70 @@ def test_archives_are_written_verified_and_rotated(db, built, refresh, tmp_path)
                                                        "company_company00002" / "creds.json").read_text())
     ok, result = refresh(archive_dir=str(archive_dir), archive_keep=2, archive_every=3600)
     assert ok and result["archive"] is None, "not due yet"
+
+
+def tree_bytes(path):
+    """{relative path: bytes} of every file of a tree but its top manifest (which holds times)."""
+    found = {}
+    for directory, _dirs, files in os.walk(path):
+        for name in files:
+            full = os.path.join(directory, name)
+            relative = os.path.relpath(full, path)
+            if relative != os.path.join(".baileys-dr", "manifest.json"):
+                found[relative] = open(full, "rb").read()
+    return found
+
+
+def test_a_refreshed_standby_is_byte_for_byte_what_a_fresh_build_writes(db, built, refresh, standby_dir):
+    execute(db,
+            "UPDATE whatsapp_keys SET value = value || '{\"longer\": \"by a few bytes\"}' WHERE company_id = 'company00001' "
+            "AND key_type = 'session'",
+            "UPDATE whatsapp_keys SET value = '{}' WHERE company_id = 'company00002' AND key_type = 'pre-key' AND key_id = '7'",
+            "DELETE FROM whatsapp_keys WHERE company_id = 'company00003' AND key_type = 'pre-key' AND key_id IN ('1', '10')",
+            "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES "
+            "('company00003', 'pre-key', '0', '{\"k\": 0}'), ('company00003', 'tctoken', 'zz@s.whatsapp.net', '{\"t\": 1}')",
+            "UPDATE whatsapp_auth SET creds = creds || '{\"accountSyncCounter\": 7}' WHERE company_id = 'company00002'")
+    ok, first = refresh()
+    assert ok and first["companies_refreshed"] == 3 and first["files_deleted"] == 2, first.get("msg")
+    execute(db, "UPDATE whatsapp_keys SET value = '{\"v\": 9}' WHERE key_type = 'tctoken'",
+            "DELETE FROM whatsapp_auth WHERE company_id = 'company00001'")
+    ok, second = refresh()
+    assert ok and second["files_deleted"] == 1, second.get("msg")
+    fresh = standby_dir.parent / "fresh.standby"
+    ok, build = refresh(dest=str(fresh))
+    assert ok and build["initial_build"], build.get("msg")
+    assert tree_bytes(standby_dir) == tree_bytes(fresh)
+    refreshed, built_top = (json.loads((p / ".baileys-dr" / "manifest.json").read_text()) for p in (standby_dir, fresh))
+    assert refreshed["companies"] == built_top["companies"] and refreshed["counts"] == built_top["counts"]
+
+
+def test_a_key_deleted_while_another_takes_its_file_name_keeps_the_new_file(db, built, refresh, standby_dir):
+    """fixFileName turns ':' into '-': the new id's file is the deleted id's file, written, never unlinked after."""
+    execute(db, "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES ('company00001', 'session', 'ab:1.0', '{\"old\": 1}')")
+    ok, result = refresh()
+    assert ok, result.get("msg")
+    execute(db, "DELETE FROM whatsapp_keys WHERE company_id = 'company00001' AND key_id = 'ab:1.0'",
+            "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES ('company00001', 'session', 'ab-1.0', '{\"new\": 2}')")
+    ok, result = refresh()
+    assert ok and result["files_written"] == 1 and result["files_deleted"] == 0, result.get("msg")
+    assert json.loads((standby_dir / "company_company00001" / "session-ab-1.0.json").read_text()) == {"new": 2}
+    assert_verified_equal_to_database(db, standby_dir)
+
+
+def test_free_space_is_asked_once_per_refresh_and_too_little_is_refused_before_any_change(db, built, refresh, standby_dir, monkeypatch):
+    from ansible.module_utils import baileys_dr_sessions as sessions
+
+    calls = []
+    real_statvfs = os.statvfs
+    monkeypatch.setattr(sessions.os, "statvfs", lambda path: calls.append(path) or real_statvfs(path))
+    execute(db, "UPDATE whatsapp_keys SET value = '{\"v\": 10}' WHERE key_type = 'session'")
+    ok, result = refresh()
+    assert ok and result["companies_refreshed"] == 3, result.get("msg")
+    assert len(calls) == 1, "one statvfs for the whole run, each company's estimate taken from what it said"
+    monkeypatch.setattr(sessions, "free_space", lambda path: {"bytes": 4096, "inodes": None, "block": 4096})
+    execute(db, "UPDATE whatsapp_keys SET value = '{\"v\": 11}' WHERE key_type = 'session'")
+    before = listing(standby_dir.parent)
+    ok, result = refresh()
+    assert not ok and "not enough free space" in result["msg"]
+    assert listing(standby_dir.parent) == before
+    assert verify_tree(str(standby_dir))["verified"], "the previous generation is intact"

@@ -246,3 +246,58 @@ def test_a_damaged_or_truncated_undo_file_is_refused(tmp_path):
     os.unlink(path + ".sha256")
     with pytest.raises(imp.FailbackError, match="sidecar"):
         imp.read_undo_file(path)
+
+
+# -- the \u escapes JSONB refuses, and the COPY stream of the staging table ----------------------------------------------
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"a": "x\\u0000y"}', "\\u0000"),
+    ('{"x\\u0000": 1}', "\\u0000"),
+    ('["\\udc00"]', "surrogate"),
+    ('{"a": {"b": ["\\ud83d"]}}', "surrogate"),
+])
+def test_strings_jsonb_cannot_store_are_refused_wherever_they_are(text, problem):
+    with pytest.raises(imp.FileProblem, match=problem.replace("\\", "\\\\")):
+        imp.parse_file(text.encode("utf-8"))
+
+
+@pytest.mark.parametrize("text", ['{"a": "\\\\u0000"}', '{"a": "\\ud83d\\ude00 \\u00e9"}', '{"a": "plain"}'])
+def test_an_escaped_backslash_or_a_paired_surrogate_is_not_refused(text):
+    assert imp.parse_file(text.encode("utf-8")) == json.loads(text)
+
+
+def test_copy_text_escapes_what_copy_text_format_reads_as_control():
+    assert imp.copy_text('a\\b\tc\nd\re"') == 'a\\\\b\\tc\\nd\\re"'
+
+
+def test_the_copy_stream_yields_every_line_in_chunks_of_at_most_the_size_asked():
+    lines = ["%d\t%s\n" % (i, "é" * (i % 50)) for i in range(2000)]
+    stream = imp.CopyStream(iter(lines))
+    chunks = []
+    while True:
+        chunk = stream.read(1000)
+        if not chunk:
+            break
+        assert len(chunk) <= 1000
+        chunks.append(chunk)
+    assert b"".join(chunks).decode("utf-8") == "".join(lines) and stream.error is None
+
+
+def test_an_error_while_producing_copy_lines_ends_the_stream_and_is_kept_for_the_caller():
+    def lines():
+        yield "1\n"
+        raise imp.FileProblem("is not JSON")
+
+    stream = imp.CopyStream(lines())
+    assert stream.read(100) == b"1\n" and stream.read(100) == b""
+    assert isinstance(stream.error, imp.FileProblem)
+
+
+def test_an_undo_file_written_by_the_writer_thread_reads_back(tmp_path):
+    header = {"format": imp.UNDO_FORMAT, "kind": imp.UNDO_KIND, "company_id": "c1", "txid": 1}
+    records = [{"table": "whatsapp_keys", "action": "inserted", "key_type": "pre-key", "key_id": str(i)} for i in range(2500)]
+    path = imp.UndoWriter(str(tmp_path), "c1", header, records).wait()
+    assert imp.read_undo_file(path) == (header, records)
+    with pytest.raises(FileNotFoundError):
+        imp.UndoWriter(str(tmp_path / "missing"), "c1", header, records).wait()

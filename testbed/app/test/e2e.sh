@@ -88,12 +88,15 @@ say "seed $companies companies x $keys keys"
 fixture seed-pg --companies "$companies" --keys "$keys" >"$work/seed.json"
 psql_su -d baileys -c "SELECT key_type, count(*) FROM whatsapp_keys GROUP BY 1 ORDER BY 1"
 
-# wait_health EXPECTED_STATUS -> $work/health.json
+# wait_health EXPECTED_STATUS -> $work/health.json, once the load and its verification are over
+# (ready comes first, on the creds alone; the digests are complete when the verification ends)
 wait_health() {
   local want=$1 code=000
   for _ in $(seq 1 120); do
     code=$(curl -s -o "$work/health.json" -w '%{http_code}' "http://127.0.0.1:$health_port/health" || true)
-    if [ "$code" = "$want" ] && node -e 'process.exit(JSON.parse(require("fs").readFileSync(process.argv[1])).loading ? 1 : 0)' "$work/health.json" 2>/dev/null; then
+    if [ "$code" = "$want" ] && node -e '
+        const h = JSON.parse(require("fs").readFileSync(process.argv[1]));
+        process.exit(h.loading || h.verifying || (h.ready && !h.digestsComplete) ? 1 : 0)' "$work/health.json" 2>/dev/null; then
       return 0
     fi
     sleep 0.5
@@ -110,9 +113,11 @@ check_health() {
     if (h.store !== store) problems.push("store " + h.store);
     if (h.revision !== rev) problems.push("revision " + h.revision);
     if (h.companies !== Object.keys(expected).length) problems.push("companies " + h.companies);
+    if (!h.digestsComplete) problems.push("digests not complete");
+    if (!(h.readyAt <= h.verifiedAt)) problems.push(`readyAt ${h.readyAt} after verifiedAt ${h.verifiedAt}`);
     for (const [c, d] of Object.entries(expected)) if (h.digests[c] !== d) problems.push(`digest of ${c}: ${h.digests[c]} != ${d}`);
     if (problems.length) { console.error(problems.join("\n")); process.exit(1); }
-    console.log(`ok: ${store} at ${rev.slice(0, 12)}, ${h.companies} companies, digests equal, loaded in ${h.loadMs} ms`);
+    console.log(`ok: ${store} at ${rev.slice(0, 12)}, ${h.companies} companies, digests equal, ready in ${h.loadMs} ms, verified in ${h.verifyMs} ms`);
   ' "$work/health.json" "$1" "$2" "$3"
 }
 

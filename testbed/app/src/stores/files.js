@@ -311,17 +311,16 @@ async function load(config, ctx = {}) {
 }
 
 /**
- * The verification workers: threads with their own Baileys (so their own
- * fileLocks Map), each replaced after options.recycleFiles key files. The next
- * one is started when the current one is half way, so that loading Baileys
- * (about a second) overlaps the reading. One company at a time.
+ * The verification worker: a thread with its own Baileys (so its own
+ * fileLocks Map), replaced after options.recycleFiles key files (loading
+ * Baileys takes about a second: not started ahead, as two idle Baileys cost
+ * more memory than the wait). One company at a time.
  */
 class KeyReader {
   constructor() {
-    this.current = null; // {worker, pending, failed}
-    this.next = null;
+    this.slot = null; // {worker, pending, failed}
     this.filesRead = 0;
-    this.used = 0; // workers that read keys
+    this.used = 0; // workers started
   }
 
   _spawn() {
@@ -339,38 +338,29 @@ class KeyReader {
     });
     slot.worker.on('error', (error) => fail(new Error(`verification worker failed: ${error.message}`)));
     slot.worker.on('exit', (code) => fail(new Error(`verification worker exited (code ${code})`)));
+    this.used += 1;
+    this.filesRead = 0;
     return slot;
   }
 
-  /** {result: {companies, errors, warnings}, files} of one company, read by a worker. */
+  /** {result: {companies, errors, warnings}, files} of one company, read by the worker. */
   async read(job) {
-    if (this.current && this.filesRead >= options.recycleFiles) {
-      const old = this.current;
-      this.current = null;
-      await old.worker.terminate();
-    }
-    if (!this.current) {
-      this.current = this.next || this._spawn();
-      this.next = null;
-      this.filesRead = 0;
-      this.used += 1;
-    }
-    const slot = this.current;
+    if (this.slot && this.filesRead >= options.recycleFiles) await this.close();
+    if (!this.slot) this.slot = this._spawn();
+    const slot = this.slot;
     if (slot.failed) throw slot.failed;
     const message = await new Promise((resolve, reject) => {
       slot.pending = { resolve, reject };
       slot.worker.postMessage(job);
     });
     this.filesRead += message.files;
-    if (!this.next && this.filesRead >= options.recycleFiles / 2) this.next = this._spawn();
     return message;
   }
 
   async close() {
-    const slots = [this.current, this.next].filter(Boolean);
-    this.current = null;
-    this.next = null;
-    await Promise.all(slots.map((slot) => slot.worker.terminate()));
+    const slot = this.slot;
+    this.slot = null;
+    if (slot) await slot.worker.terminate();
   }
 }
 

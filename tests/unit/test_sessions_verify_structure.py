@@ -1,0 +1,188 @@
+"""baileys_sessions_verify depth=structure: manifests and directory listings only, no session file read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+import baileys_sessions_verify
+from module_harness import run_module
+from test_sessions_tree import CREDS, KEYS, build_tree
+
+from ansible.module_utils import baileys_dr_sessions as sessions
+
+# An id whose file name JSON escapes in the manifest ('"' and '\'): its company is read by the JSON parser.
+ODD_KEYS = KEYS + [("session", 'quote"back\\slash.0', {"_sessions": {}})]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return build_tree(str(tmp_path / "baileys_sessions"), {"c1": (CREDS, KEYS), "c2": (None, KEYS[:1]), "c3": (CREDS, ODD_KEYS)})
+
+
+def verify(path, **kwargs):
+    return sessions.verify_tree(path, **kwargs)
+
+
+def company_file(tree, company, name):
+    return os.path.join(tree, "company_" + company, name)
+
+
+def rewrite_company_manifest(tree, company, data):
+    """Replace a company manifest and record its new sha256 in the top manifest (a consistent, forged chain)."""
+    with open(os.path.join(tree, ".baileys-dr", "companies", company + ".json"), "wb") as fh:
+        fh.write(data)
+    top_path = os.path.join(tree, ".baileys-dr", "manifest.json")
+    top = json.loads(open(top_path, "rb").read())
+    top["companies"][company]["manifest_sha256"] = hashlib.sha256(data).hexdigest()
+    open(top_path, "w").write(json.dumps(top))
+
+
+def test_an_intact_tree_verifies_at_both_depths_with_the_same_counts_and_digests(tree):
+    content = verify(tree)
+    structure = verify(tree, depth="structure")
+    assert content["verified"] and structure["verified"], structure["problems"]
+    assert structure["depth"] == "structure" and content["depth"] == "content"
+    assert structure["digests"] == content["digests"] and set(structure["digests"]) == {"c1", "c2", "c3"}
+    for field in ("companies", "files", "bytes", "keys"):
+        assert structure["counts"][field] == content["counts"][field], field
+
+
+def test_a_file_changed_in_place_is_only_caught_by_the_content_depth(tree):
+    path = company_file(tree, "c1", "pre-key-1.json")
+    data = open(path, "rb").read()
+    assert b"CQk=" in data
+    open(path, "wb").write(data.replace(b"CQk=", b"AAA="))
+    assert verify(tree, depth="structure")["verified"], "structure does not read the files"
+    content = verify(tree)
+    assert not content["verified"] and content["counts"]["mismatched_files"] == 1
+    assert any("c1" in p and "pre-key-1.json" in p for p in content["problems"])
+
+
+def _missing(tree):
+    os.unlink(company_file(tree, "c1", "creds.json"))
+    return "company c1: creds.json is missing"
+
+
+def _extra(tree):
+    open(company_file(tree, "c2", "pre-key-99.json"), "w").write("{}")
+    return "company c2: pre-key-99.json is not in the manifest"
+
+
+def _renamed(tree):
+    os.rename(company_file(tree, "c1", "session-4917.0.json"), company_file(tree, "c1", "session-4917.1.json"))
+    return "company c1: session-4917.0.json is missing"
+
+
+def _symlink(tree):
+    target = company_file(tree, "c1", "pre-key-1.json")
+    os.unlink(target)
+    os.symlink(os.path.join(os.path.dirname(tree), "elsewhere.json"), target)
+    return "company c1: pre-key-1.json is a symbolic link: refused"
+
+
+def _directory(tree):
+    target = company_file(tree, "c2", "pre-key-1.json")
+    os.unlink(target)
+    os.mkdir(target)
+    return "company c2: pre-key-1.json is not a regular file"
+
+
+def _odd_name_missing(tree):
+    os.unlink(company_file(tree, "c3", 'session-quote"back\\slash.0.json'))
+    return "company c3: session-quote\"back\\slash.0.json is missing"
+
+
+def _garbled_manifest(tree):
+    path = os.path.join(tree, ".baileys-dr", "companies", "c2.json")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-5])
+    return "company c2: manifest unreadable"
+
+
+def _half_refreshed_manifest(tree):
+    path = os.path.join(tree, ".baileys-dr", "companies", "c2.json")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data.replace(b'"keys":1', b'"keys":2'))
+    return "company c2: its manifest's sha256 differs from the top manifest's"
+
+
+def _missing_manifest(tree):
+    os.unlink(os.path.join(tree, ".baileys-dr", "companies", "c1.json"))
+    return "company c1: its manifest is missing"
+
+
+def _broken_top_manifest(tree):
+    open(os.path.join(tree, ".baileys-dr", "manifest.json"), "wb").write(b'{"format": 1')
+    return ".baileys-dr/manifest.json"
+
+
+def _interrupted(tree):
+    open(os.path.join(tree, ".baileys-dr", sessions.IN_PROGRESS_NAME), "w").write("{}")
+    return "a refresh was interrupted"
+
+
+@pytest.mark.parametrize("damage", [_missing, _extra, _renamed, _symlink, _directory, _odd_name_missing, _garbled_manifest,
+                                    _half_refreshed_manifest, _missing_manifest, _broken_top_manifest, _interrupted])
+def test_structure_catches_what_changes_names_types_or_manifests_as_content_does(tree, damage):
+    expected = damage(tree)
+    structure = verify(tree, depth="structure")
+    content = verify(tree)
+    assert not structure["verified"] and any(expected in p for p in structure["problems"]), structure["problems"]
+    assert structure["problems"] == content["problems"] or damage in (_symlink, _directory), \
+        "the same problems, in the same words, at both depths"
+    assert structure["problem_count"] == content["problem_count"]
+
+
+def test_extra_files_are_allowed_on_request_at_the_structure_depth(tree):
+    _extra(tree)
+    result = verify(tree, depth="structure", allow_extra=True)
+    assert result["verified"] and result["extra_files"] == ["company_c2/pre-key-99.json"]
+
+
+def test_a_manifest_that_is_valid_json_in_another_layout_is_still_compared_name_by_name(tree):
+    path = os.path.join(tree, ".baileys-dr", "companies", "c1.json")
+    rewrite_company_manifest(tree, "c1", json.dumps(json.loads(open(path, "rb").read()), indent=2).encode())
+    assert verify(tree, depth="structure")["verified"]
+    _renamed(tree)
+    result = verify(tree, depth="structure")
+    assert not result["verified"] and "company c1: session-4917.0.json is missing" in result["problems"]
+
+
+def test_a_manifest_entry_forged_into_the_chain_is_checked_like_at_the_content_depth(tree):
+    """Consistent sha256 chain, but an entry that does not name the file of its key: the JSON validation speaks."""
+    path = os.path.join(tree, ".baileys-dr", "companies", "c2.json")
+    document = json.loads(open(path, "rb").read())
+    document["files"]["pre-key-1.json"]["id"] = "2"
+    rewrite_company_manifest(tree, "c2", json.dumps(document, indent=1).encode())
+    structure = verify(tree, depth="structure")
+    assert not structure["verified"] and structure["problems"] == verify(tree)["problems"]
+
+
+def test_recompute_digests_needs_the_content_depth(tree):
+    with pytest.raises(sessions.SessionsError, match="recompute_digests.*depth=content"):
+        verify(tree, depth="structure", recompute_digests=True)
+    ok, result = run_module(baileys_sessions_verify, dict(path=tree, depth="structure", recompute_digests=True))
+    assert not ok and "recompute_digests" in result["msg"] and "depth=content" in result["msg"]
+
+
+def test_the_verify_module_takes_depth_and_returns_it(tree):
+    ok, result = run_module(baileys_sessions_verify, dict(path=tree, depth="structure"))
+    assert ok and result["verified"] and result["depth"] == "structure" and result["changed"] is False
+    _missing(tree)
+    ok, result = run_module(baileys_sessions_verify, dict(path=tree, depth="structure"))
+    assert not ok and "creds.json is missing" in result["msg"] and result["depth"] == "structure"
+    ok, result = run_module(baileys_sessions_verify, dict(path=tree, depth="deep"))
+    assert not ok and "depth" in result["msg"]
+
+
+@pytest.mark.parametrize("body", [b"garbage", b'"pre-key-1.json"\n', b'"pre-key-1.json":{"size":84},\n"creds.json":{"size":1}\n'])
+def test_a_broken_manifest_with_a_consistent_chain_is_refused_at_both_depths(tree, body):
+    path = os.path.join(tree, ".baileys-dr", "companies", "c2.json")
+    header = open(path, "rb").read().split(b"\n", 1)[0]
+    rewrite_company_manifest(tree, "c2", header + b"\n" + body + b"}}\n")
+    structure = verify(tree, depth="structure")
+    assert not structure["verified"] and structure["problems"] == verify(tree)["problems"]
