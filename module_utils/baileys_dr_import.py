@@ -763,6 +763,56 @@ class SourceTree:
         return ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
 
 
+class _ReadThread(threading.Thread):
+    def __init__(self, tree, company_id, mode):
+        super().__init__(name="baileys-dr-read-%s" % company_id, daemon=True)
+        self.tree, self.company_id, self.mode = tree, company_id, mode
+        self.files = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.files = self.tree.read_company(self.company_id, self.mode)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+            self.error = exc
+
+    def result(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.files
+
+
+class CompanyReader:
+    """SourceTree.read_company of companies asked for in order, the next one read by a thread while the caller works on
+    the current one (file reads release the GIL, and so does psycopg2 while the server works): at most two companies'
+    files in memory. close() waits for a read still running (before the tree's fds are closed)."""
+
+    def __init__(self, tree, company_ids, mode):
+        self.tree, self.mode = tree, mode
+        self.ids = list(company_ids)
+        self.position = {company_id: n for n, company_id in enumerate(self.ids)}
+        self.ahead = None
+
+    def read(self, company_id):
+        ahead, self.ahead = self.ahead, None
+        if ahead is None or ahead.company_id != company_id:
+            if ahead is not None:
+                ahead.join()
+            ahead = _ReadThread(self.tree, company_id, self.mode)
+        try:
+            return ahead.result()
+        finally:
+            following = self.position[company_id] + 1
+            if following < len(self.ids) and not os.environ.get("H2_NO_PREFETCH"):
+                self.ahead = _ReadThread(self.tree, self.ids[following], self.mode)
+
+    def close(self):
+        if self.ahead is not None:
+            self.ahead.join()
+            self.ahead = None
+
+
 # -- the database ---------------------------------------------------------------------------------
 
 
@@ -1125,32 +1175,43 @@ class Failback:
         for company_id, reason in bad.items():
             outcomes[company_id].update(status="refused", error=reason)
         # Pass 1, read-only: every company checked and planned before the first write.
-        for index, company_id in enumerate(companies, 1):
-            if company_id not in bad:
-                self._company(index, company_id, outcomes[company_id], write=False)
+        reader = CompanyReader(self.tree, [c for c in companies if c not in bad], params["ambiguous"])
+        try:
+            for index, company_id in enumerate(companies, 1):
+                if company_id not in bad:
+                    self._company(index, company_id, outcomes[company_id], reader, write=False)
+        finally:
+            reader.close()
         refused = [c for c in companies if outcomes[c]["status"] == "refused"]
         if not self.check_mode and not (refused and not params["continue_on_error"]):
             # Pass 2: the writes, one transaction per company.
-            for index, company_id in enumerate(companies, 1):
-                outcome = outcomes[company_id]
-                if outcome["status"] == "refused":
-                    continue
-                try:
-                    self._company(index, company_id, outcome, write=True)
-                except (psycopg2.Error, DatabaseError) as exc:
-                    text = exc.pgerror if isinstance(exc, psycopg2.Error) and exc.pgerror else str(exc)
-                    outcome.update(status="failed", error="company %s: the database failed before its writes: %s; nothing of it "
-                                                          "was committed" % (company_id, " ".join(str(text).split())))
-                if outcome["status"] in ("failed", "refused") and not params["continue_on_error"]:
-                    for later in companies[index:]:
-                        if outcomes[later]["status"] not in ("refused",):
-                            outcomes[later].update(status="not_attempted")
-                    break
+            reader = CompanyReader(self.tree, [c for c in companies if outcomes[c]["status"] != "refused"], params["ambiguous"])
+            try:
+                self._writes(companies, outcomes, reader)
+            finally:
+                reader.close()
         elif not self.check_mode:
             for company_id in companies:
                 if outcomes[company_id]["status"] != "refused":
                     outcomes[company_id]["status"] = "not_attempted"
         return self._result(src, companies, outcomes, since_from)
+
+    def _writes(self, companies, outcomes, reader):
+        for index, company_id in enumerate(companies, 1):
+            outcome = outcomes[company_id]
+            if outcome["status"] == "refused":
+                continue
+            try:
+                self._company(index, company_id, outcome, reader, write=True)
+            except (psycopg2.Error, DatabaseError) as exc:
+                text = exc.pgerror if isinstance(exc, psycopg2.Error) and exc.pgerror else str(exc)
+                outcome.update(status="failed", error="company %s: the database failed before its writes: %s; nothing of it "
+                                                      "was committed" % (company_id, " ".join(str(text).split())))
+            if outcome["status"] in ("failed", "refused") and not self.params["continue_on_error"]:
+                for later in companies[index:]:
+                    if outcomes[later]["status"] not in ("refused",):
+                        outcomes[later].update(status="not_attempted")
+                break
 
     def _result(self, src, companies, outcomes, since_from):
         cap = self.params["max_report"]
@@ -1208,10 +1269,10 @@ class Failback:
         return result
 
     # -- one company, either pass --
-    def _company(self, index, company_id, outcome, write):
+    def _company(self, index, company_id, outcome, reader, write):
         mode = self.params["ambiguous"]
         try:
-            files = self.tree.read_company(company_id, mode)
+            files = reader.read(company_id)
         except CompanyRefused as exc:
             outcome.update(status="refused", error="company %s: %s" % (company_id, exc))
             return
