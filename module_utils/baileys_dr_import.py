@@ -21,8 +21,9 @@ manifest (format 1)"); undo files: docs/failback-undo.md.
 A run reads every company twice: a first pass, read-only, validates the
 files and plans every company before anything is written (so a bad file in
 the last company refuses the run before the first write), a second pass
-does the writes company by company. One company's files are held in memory
-at a time.
+does the writes company by company. In each pass a thread reads the next
+company's directory while the current one is worked on: at most two
+companies' files are held in memory.
 
 Reused: the codec (fixFileName, Buffer forms, canonical JSON through the
 digest lines), the sessions tree readers and validators, the export's test
@@ -788,24 +789,43 @@ class CompanyReader:
     the current one (file reads release the GIL, and so does psycopg2 while the server works): at most two companies'
     files in memory. close() waits for a read still running (before the tree's fds are closed)."""
 
-    def __init__(self, tree, company_ids, mode):
+    def __init__(self, tree, company_ids, mode, reuse=None):
         self.tree, self.mode = tree, mode
         self.ids = list(company_ids)
         self.position = {company_id: n for n, company_id in enumerate(self.ids)}
         self.ahead = None
+        self.last = None  # the CompanyFiles read last
+        # The files the previous pass read last, used again when that company comes first and its directory is unchanged
+        # since (the check before the COMMIT compares with the same stats): a run of one company reads it once.
+        self.reuse = reuse if reuse is not None and self.ids and self.ids[0] == reuse.company_id else None
 
     def read(self, company_id):
+        reuse, self.reuse = self.reuse, None
+        if reuse is not None and reuse.company_id == company_id and not reuse.problems and self._unchanged(reuse):
+            self._next(company_id)
+            self.last = reuse
+            return reuse
         ahead, self.ahead = self.ahead, None
         if ahead is None or ahead.company_id != company_id:
             if ahead is not None:
                 ahead.join()
             ahead = _ReadThread(self.tree, company_id, self.mode)
         try:
-            return ahead.result()
+            self.last = ahead.result()
+            return self.last
         finally:
-            following = self.position[company_id] + 1
-            if following < len(self.ids) and not os.environ.get("H2_NO_PREFETCH"):
-                self.ahead = _ReadThread(self.tree, self.ids[following], self.mode)
+            self._next(company_id)
+
+    def _unchanged(self, files):
+        try:
+            return self.tree.unchanged_since_read(files) is None
+        except (OSError, SessionsError):
+            return False  # read again: the read reports what is wrong
+
+    def _next(self, company_id):
+        following = self.position[company_id] + 1
+        if following < len(self.ids):
+            self.ahead = _ReadThread(self.tree, self.ids[following], self.mode)
 
     def close(self):
         if self.ahead is not None:
@@ -1185,7 +1205,10 @@ class Failback:
         refused = [c for c in companies if outcomes[c]["status"] == "refused"]
         if not self.check_mode and not (refused and not params["continue_on_error"]):
             # Pass 2: the writes, one transaction per company.
-            reader = CompanyReader(self.tree, [c for c in companies if outcomes[c]["status"] != "refused"], params["ambiguous"])
+            last, reader.last = reader.last, None
+            reader = CompanyReader(self.tree, [c for c in companies if outcomes[c]["status"] != "refused"], params["ambiguous"],
+                                   reuse=last)
+            del last
             try:
                 self._writes(companies, outcomes, reader)
             finally:

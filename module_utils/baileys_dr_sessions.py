@@ -1564,10 +1564,6 @@ class SpaceBudget:
             left[1] -= files
 
 
-# Companies ahead of the one being prepared whose manifest files are asked of the disk (read_ahead).
-META_READ_AHEAD = 8
-
-
 class Refresher:
     """mode=standby: keeps a tree equal to the database, writing only what changed."""
 
@@ -1779,7 +1775,7 @@ class Refresher:
         """
         if not work:
             return
-        threads = 1
+        threads = PREFETCH_THREADS if snapshot.exported and len(work) > 1 else 1
         readers, connections, local = [], [], threading.local()
         lock = threading.Lock()
         if threads == 1:
@@ -1802,15 +1798,7 @@ class Refresher:
                 local.reader = reader
             return reader
 
-        def read_meta_ahead(position):
-            """The manifest, digest lines and row versions of a company a few places ahead, asked of the disk now."""
-            if position < len(work) and tree.lines_fd is not None and work[position][1] in top["companies"]:
-                company_id = work[position][1]
-                read_ahead(tree.companies_fd, [company_id + ".json"])
-                read_ahead(tree.lines_fd, [company_id + ".lines", company_id + ".rows"])
-
-        def prepare(item, position):
-            read_meta_ahead(position + META_READ_AHEAD)
+        def prepare(item):
             _index, company_id, _fingerprint = item
             entry = top["companies"].get(company_id)
             if entry is None:
@@ -1841,18 +1829,16 @@ class Refresher:
 
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="baileys-dr-prefetch")
         try:
-            for position in range(META_READ_AHEAD):
-                read_meta_ahead(position)
             pending = collections.deque()
-            items = enumerate(work)
-            for position, item in itertools.islice(items, 2 * threads):
-                pending.append((item, pool.submit(prepare, item, position)))
+            items = iter(work)
+            for item in itertools.islice(items, 2 * threads):
+                pending.append((item, pool.submit(prepare, item)))
             while pending:
                 item, future = pending.popleft()
                 prepared = future.result()
                 following = next(items, None)
                 if following is not None:
-                    pending.append((following[1], pool.submit(prepare, following[1], following[0])))
+                    pending.append((following, pool.submit(prepare, following)))
                 yield item, prepared
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -157,6 +157,7 @@ function createService(options = {}) {
   /** A load: phase 1 (ready: creds), then phase 2 (the verification: keys, digests). */
   async function runLoad(reason) {
     state.loading = true;
+    state.readyAt = null;
     state.digestsComplete = false;
     state.loads += 1;
     const loaded = await loadPhase(reason);
@@ -229,9 +230,12 @@ function createService(options = {}) {
         if (c.guessedCount) log.warn('ids_guessed', { company: c.id, count: c.guessedCount, ambiguous: c.ambiguousCount });
         if (state.verified.size % 100 === 0) log.info('verify_progress', { companies: state.verified.size });
       }
-      state.verifyErrors.push(...part.errors);
+      for (const e of part.errors) {
+        // the first 20 are logged as found; all are in /health and counted in verify_finished
+        if (state.verifyErrors.length < 20) log.error('verify_error', { error: e });
+        state.verifyErrors.push(e);
+      }
       state.verifyWarnings.push(...part.warnings);
-      for (const e of part.errors.slice(0, 5)) log.error('verify_error', { error: e });
     };
     let details = null;
     try {
