@@ -150,6 +150,8 @@ notes:
   - Stop the service (or keep it from writing the files) during the import; a company whose directory changes while it is
     imported is rolled back.
   - One import or undo at a time per database (a session advisory lock).
+  - The role needs the C(TEMPORARY) privilege on the database (PostgreSQL grants it to PUBLIC by default) for the staging
+    table; without it O(mode=import) is refused before any write (check mode does not need it).
   - "Test-only fault hooks, never to be set in production: C(BAILEYS_DR_TEST_PAUSE_AT=import_company:<n>) pauses
     C(BAILEYS_DR_TEST_PAUSE_SECONDS) (default 30) after the n-th company's writes, before its COMMIT;
     C(BAILEYS_DR_TEST_FAIL_AT=import_company:<n>) fails there. C(undo_company:<n>) is the same point of O(mode=undo)."

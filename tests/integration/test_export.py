@@ -337,3 +337,137 @@ def test_the_export_is_one_consistent_snapshot(db, db_params, export, app_root, 
     ok, result = outcome["result"]
     assert ok and result["digests"] == expected
     assert verify_tree(str(app_root / "baileys_sessions"), recompute_digests=True)["digests"] == expected
+
+
+# -- worker processes (a large full export is shared among them) ------------------------------------------------
+
+
+@pytest.fixture
+def parallel(monkeypatch):
+    """Any export with 2 companies uses 2 workers (the real threshold is 20,000 keys)."""
+    from ansible.module_utils import baileys_dr_sessions as sessions
+
+    monkeypatch.setattr(sessions, "PARALLEL_MIN_KEYS", 0)
+    monkeypatch.setattr(sessions, "export_workers", lambda: 2)
+    return sessions
+
+
+def tree_bytes(path):
+    """{relative path: bytes} of every file below path, the top manifest left out (it holds times)."""
+    found = {}
+    for directory, _dirs, files in os.walk(path):
+        for name in files:
+            full = os.path.join(directory, name)
+            if os.path.relpath(full, path) != os.path.join(".baileys-dr", "manifest.json"):
+                with open(full, "rb") as fh:
+                    found[os.path.relpath(full, path)] = fh.read()
+    return found
+
+
+def worker_processes():
+    """Children of this process that are forks of it (live or not yet reaped)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            try:
+                same = os.path.realpath("/proc/%s/exe" % entry) == os.path.realpath("/proc/self/exe")
+            except OSError:
+                same = False
+            if same or fields[0] == "Z":
+                found.append(int(entry))
+    return found
+
+
+def test_an_export_shared_among_workers_writes_the_tree_one_process_writes(db, export, app_root, tmp_path, parallel):
+    testdata.load(db, "workers", 5, 60)
+    insert_keys(db, ODD_KEYS)
+    ok, result = export()
+    assert ok, result.get("msg")
+    assert result["workers"] == 2 and result["keys"] == 300 + len(ODD_KEYS) and result["files"] == 305 + len(ODD_KEYS)
+    expected = database_digests(db)
+    assert result["digests"] == expected
+    checked = verify_tree(str(app_root / "baileys_sessions"), recompute_digests=True)
+    assert checked["verified"] and checked["digests"] == expected, checked["problems"][:5]
+    assert any("SET TRANSACTION SNAPSHOT" in q for q in result["queries"]) and any("key_id COLLATE" in q for q in result["queries"])
+
+    parallel.PARALLEL_MIN_KEYS = 10 ** 9
+    alone = tmp_path / "alone" / "baileys_sessions"
+    alone.parent.mkdir()
+    ok, single = export(dest=str(alone))
+    assert ok and single["workers"] == 0 and single["digests"] == expected
+    assert tree_bytes(alone) == tree_bytes(app_root / "baileys_sessions"), "same files, same manifests"
+    tops = [json.loads((root / ".baileys-dr" / "manifest.json").read_text()) for root in (alone, app_root / "baileys_sessions")]
+    assert list(tops[0]["companies"].items()) == list(tops[1]["companies"].items()) and tops[0]["counts"] == tops[1]["counts"]
+    assert worker_processes() == []
+
+
+def test_a_standby_build_is_shared_among_workers_too(db, export, app_root, parallel):
+    testdata.load(db, "workers", 3, 40)
+    ok, result = export(mode="standby")
+    assert ok and result["initial_build"] and result["workers"] == 2, result.get("msg")
+    checked = verify_tree(str(app_root / "baileys_sessions"), recompute_digests=True)
+    assert checked["verified"] and checked["digests"] == database_digests(db) == result["digests"]
+    with db.cursor() as cur:
+        cur.execute("UPDATE whatsapp_keys SET value = '{\"v\": 1}' WHERE company_id = 'company00002' AND key_type = 'session'")
+    db.commit()
+    ok, refreshed = export(mode="standby")
+    assert ok and not refreshed["initial_build"] and refreshed["digests"] == database_digests(db), refreshed.get("msg")
+
+
+def test_a_failing_worker_fails_the_export_leaving_the_live_tree_no_staging_and_no_worker(db, export, app_root, exported_once,
+                                                                                         parallel, monkeypatch):
+    with db.cursor() as cur:
+        cur.execute("UPDATE whatsapp_keys SET value = '{}' WHERE company_id = 'company00002'")
+    db.commit()
+    monkeypatch.setenv("BAILEYS_DR_TEST_FAIL_AT", "after_company:2")
+    refused(export, app_root, exported_once, "fault injected at after_company:2")
+    assert worker_processes() == []
+
+
+def test_a_killed_worker_fails_the_export_leaving_the_live_tree_and_no_staging(db, export, app_root, exported_once, parallel,
+                                                                              monkeypatch):
+    with db.cursor() as cur:
+        cur.execute("UPDATE whatsapp_keys SET value = '{}' WHERE company_id = 'company00001'")
+    db.commit()
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_AT", "after_company:1")
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_SECONDS", "30")
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=export()))
+    runner.start()
+    deadline = time.monotonic() + 20
+    while len(worker_processes()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    for pid in worker_processes():
+        os.kill(pid, 9)
+    runner.join(25)
+    assert not runner.is_alive() and time.monotonic() - started < 10, "the module noticed the dead worker"
+    ok, result = outcome["result"]
+    assert not ok and "export worker" in result["msg"] and "ended" in result["msg"], result["msg"]
+    assert listing(app_root) == exported_once, "the live tree is untouched, the staging directory removed"
+    assert worker_processes() == []
+
+
+def test_workers_without_a_connection_leave_the_export_to_the_module(db, export, app_root, parallel, monkeypatch):
+    """A server at max_connections: the workers cannot connect, the module exports alone."""
+    import psycopg2
+
+    testdata.load(db, "workers", 3, 20)
+    module_pid, real_connect = os.getpid(), baileys_auth_export.connect
+
+    def connect(params, **kwargs):
+        if os.getpid() != module_pid:
+            raise psycopg2.OperationalError("FATAL:  sorry, too many clients already")
+        return real_connect(params, **kwargs)
+
+    monkeypatch.setattr(baileys_auth_export, "connect", connect)
+    ok, result = export()
+    assert ok and result["workers"] == 0 and result["digests"] == database_digests(db), result.get("msg")
+    assert worker_processes() == []

@@ -36,9 +36,14 @@ const crashAfter = Number(process.env.CRASH_AFTER_MS || 0);
 if (crashAfter) setTimeout(() => process.exit(3), crashAfter);
 const digests = JSON.parse(fs.readFileSync(path.join(__dirname, 'digests.json'), 'utf8'));
 const store = process.env.USE_DATABASE_AUTH_STATE === 'true' ? 'postgres' : 'files';
+// Like the service: ready at once, its digests computed in the background for DIGESTS_AFTER_MS (then complete).
+const readyAt = new Date().toISOString();
+const digestsAfter = Number(process.env.DIGESTS_AFTER_MS || 0);
 http.createServer((req, res) => {
   if (req.url !== '/health') { res.writeHead(404); res.end(); return; }
-  const body = { ready: true, store, pid: process.pid, stale: 'STALE_FLAG' in process.env, digests, errors: [] };
+  const complete = process.uptime() * 1000 >= digestsAfter;
+  const body = { ready: true, store, pid: process.pid, stale: 'STALE_FLAG' in process.env, errors: [], readyAt,
+                 digests: complete ? digests : {}, digestsComplete: complete };
   res.writeHead(200, { 'content-type': 'application/json' });
   res.end(JSON.stringify(body));
 }).listen(Number(process.env.HEALTH_PORT), '127.0.0.1');
@@ -175,7 +180,8 @@ def test_fresh_env_restart_really_removes_a_stale_variable(make_app, monkeypatch
                                              health_expect={"store": "files", "stale": False}, expected_digests=DIGESTS))
     assert ok, result.get("msg")
     assert result["changed"] and result["stale_env"] == []
-    assert [argv[1] for argv in result["commands"]] == ["jlist", "delete", "start", "jlist"]
+    # Deleted without reading the list first (one Node process less while the service is down).
+    assert [argv[1] for argv in result["commands"]] == ["delete", "start", "jlist"]
     pid = result["process"]["pid"]
     environ = environ_of(pid)
     assert b"STALE_FLAG" not in environ and b"USE_DATABASE_AUTH_STATE" not in environ
@@ -242,3 +248,23 @@ def test_real_first_run_banner_is_parsed(pm2_bin):
     finally:
         kill_daemon(pm2_bin, home)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_ready_is_noted_when_seen_and_the_digests_are_compared_once_the_application_has_them_all(make_app):
+    app = make_app("it-lazy", DIGESTS_AFTER_MS="2500")
+    ok, result = app.module(**app.start_args(state="started", health_expect={"store": "files", "ready": True},
+                                             expected_digests=DIGESTS))
+    assert ok, result.get("msg")
+    readiness = result["readiness"]
+    # Ready (every check but the digests) well before the digests were complete, and both times recorded.
+    assert readiness["ready_at"] < readiness["digests_complete_at"]
+    assert readiness["digests_waited_seconds"] >= 0.5
+    assert readiness["app_ready_at"].endswith("Z")
+    assert {"name": "digests", "ok": True, "detail": "state digests of 2 companies match"} in readiness["checks"]
+
+    # The same application with other digests: ready, then the comparison fails the task.
+    (app.root / "digests.json").write_text(json.dumps(dict(DIGESTS, company2="0" * 64)))
+    ok, result = app.module(**app.start_args(state="restarted", health_expect={"store": "files", "ready": True},
+                                             expected_digests=DIGESTS))
+    assert not ok and "state digests differ for 1 companies: company2" in result["msg"]
+    assert result["readiness"]["ready_at"] and result["readiness"]["ready"] is False
