@@ -46,7 +46,6 @@ import gzip
 import hashlib
 import itertools
 import json
-import multiprocessing.connection
 import os
 import re
 import secrets
@@ -1086,7 +1085,9 @@ class ExportWorkers:
             self._stop()
 
     def _start(self):
-        parent_end, child_end = multiprocessing.connection.Pipe()
+        from multiprocessing.connection import Pipe  # here, not at the top: most runs never fork
+
+        parent_end, child_end = Pipe()
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the parent's stack
             code = 1
@@ -1147,6 +1148,8 @@ class ExportWorkers:
         return True
 
     def _dispatch(self):
+        from multiprocessing.connection import wait
+
         stats = self.export.stats
         queries = self.export.snapshot.queries
         results, pending, next_index = {}, {}, 0
@@ -1156,7 +1159,7 @@ class ExportWorkers:
                 pending[pipe] = next_index
                 next_index += 1
         while pending:
-            for pipe in multiprocessing.connection.wait(list(pending)):
+            for pipe in wait(list(pending)):
                 _, index, result, worker_queries = self._receive(pipe)
                 results[index] = result
                 queries.extend(q for q in worker_queries if q not in queries)
