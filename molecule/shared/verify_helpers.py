@@ -6,6 +6,7 @@ import json
 import re
 import os
 import subprocess
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DB_CONTAINER = "baileys-dr-db"
@@ -49,10 +50,19 @@ def database_digests():
         conn.close()
 
 
-def readiness(host, port=3011):
-    result = host.run("curl -s -w '\\n%%{http_code}' http://127.0.0.1:%d/health" % port)
-    body, _, status = result.stdout.rstrip().rpartition("\n")
-    return int(status or 0), (json.loads(body) if body else {})
+def readiness(host, port=3011, timeout=120):
+    """/health once the application has settled: its key verification finished (digestsComplete) or found an
+    error (ready false); the digests are partial before that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = host.run("curl -s -w '\\n%%{http_code}' http://127.0.0.1:%d/health" % port)
+        body, _, status = result.stdout.rstrip().rpartition("\n")
+        report = json.loads(body) if body else {}
+        settled = not report.get("loading") and not report.get("verifying") and (
+            report.get("digestsComplete") or not report.get("ready"))
+        if settled or time.monotonic() > deadline:
+            return int(status or 0), report
+        time.sleep(0.5)
 
 
 def pm2_process(host):
