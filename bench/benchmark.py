@@ -496,7 +496,8 @@ class SizeRun:
         try:
             log("%s: failover from the standby copy" % self.keys)
             run, text = self.playbook("failover", os.path.join(ROOT, "playbooks", "failover.yml"),
-                                      ["baileys_failover_source=standby", "baileys_failover_ready_timeout=1800"])
+                                      ["baileys_failover_source=standby", "baileys_failover_ready_timeout=1800",
+                                       "baileys_failover_digests_timeout=3600"])
             audit = [json.loads(line) for line in open(os.path.join(self.work, "dr", "audit.jsonl"), encoding="utf-8")]
             record = [r for r in audit if r.get("operation") == "failover"][-1]
             if record.get("outcome") != "ok":
