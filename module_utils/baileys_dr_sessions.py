@@ -1041,7 +1041,7 @@ def export_workers():
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_EXPORT_WORKERS, int(os.environ.get("H1_WORKERS", "99"))))  # H1-EXPERIMENT
+    return max(1, min(cpus, MAX_EXPORT_WORKERS))
 
 
 _prctl = None
