@@ -251,7 +251,9 @@ def test_interrupted_run_checks_in_error_as_it_exits(ingest, signum):
     spawned = []
     process = subprocess.Popen([ANSIBLE_PLAYBOOK, "-i", os.path.join(PLAYBOOKS, "inventory.yml"),
                                 os.path.join(PLAYBOOKS, "slow.yml")],
-                               cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               # Default dispositions, whatever this test inherited (under nohup SIGHUP is ignored).
+                               preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 30
         while not ingest.checkins() and time.monotonic() < deadline and process.poll() is None:
