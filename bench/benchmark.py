@@ -4,7 +4,7 @@
     bench/run [--sizes 1500,150000,1500000] [--only export,import,standby,failover,cleanup] [--out docs/benchmarks.md]
 
 Per size (keys; 1,500 keys per company) on a throwaway PostgreSQL cluster of its own (testbed/bin/pg-cluster) loaded
-with testbed/bin/seed, every step runs as a child process whose wall time and peak RSS (wait4 rusage) are recorded:
+with testbed/bin/seed, every step runs as a child process whose wall time and peak RSS (the larger of wait4 rusage and the summed RSS of its process tree sampled every 0.2 s) are recorded, after an os.sync() so that no step pays for the writeback of the one before:
 
 - baselines: `psql -c "COPY ... TO STDOUT"` to /dev/null; bench/baselines.py write-files (the same per-key files);
   bench/baselines.py read-copy-in (reading those files and COPY ... FROM of the same rows into fresh tables);
@@ -162,8 +162,32 @@ def cmd_change(args):
 # --------------------------------------------------------------------------------------------------------------------
 # Parent side.
 
+def tree_rss_bytes(root):
+    """Summed RSS of root and every process below it (shared pages counted in each: an upper bound)."""
+    parent_of, rss = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            parent_of[int(entry)] = int(fields[1])
+            rss[int(entry)] = int(fields[21]) * PAGE_SIZE
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(child for child, parent in parent_of.items() if parent == pid)
+    return total
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
 def measure(argv, env=None, cwd=None, stdout_file=None, timeout=None):
-    """Run argv as a child: wall seconds, peak RSS (MiB, from wait4), exit code, stdout, stderr tail."""
+    """Run argv as a child: wall seconds, peak RSS (MiB: wait4, or the process tree summed when larger), exit code, stdout, stderr tail."""
     tmp = os.path.join(os.environ.get("BENCH_TMP", "/tmp"), "bench-%s" % secrets.token_hex(4))
     out_path = stdout_file or tmp + ".out"
     with open(out_path, "wb") as out, open(tmp + ".err", "wb") as err:
@@ -171,12 +195,17 @@ def measure(argv, env=None, cwd=None, stdout_file=None, timeout=None):
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd)
         deadline = started + timeout if timeout else None
+        # wait4's peak is that of the largest single process; a module that forks workers is measured as the sum.
+        tree_peak, next_sample = 0, started
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if deadline and time.monotonic() > deadline:
                 proc.kill()
+            if time.monotonic() >= next_sample:
+                tree_peak = max(tree_peak, tree_rss_bytes(proc.pid))
+                next_sample = time.monotonic() + 0.2
             time.sleep(0.02)
         seconds = time.monotonic() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -185,7 +214,8 @@ def measure(argv, env=None, cwd=None, stdout_file=None, timeout=None):
     for path in (tmp + ".out", tmp + ".err"):
         if os.path.exists(path) and path != stdout_file:
             os.unlink(path)
-    return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "rc": proc.returncode,
+    peak_mib = max(usage.ru_maxrss / 1024, tree_peak / 1048576)
+    return {"seconds": round(seconds, 2), "peak_rss_mib": round(peak_mib, 1), "rc": proc.returncode,
             "stdout": stdout, "stderr": stderr[-4000:], "started_epoch": started_epoch}
 
 
@@ -270,6 +300,8 @@ class SizeRun:
 
     def step(self, label, argv, kind, keys=None, env=None, extra=None, timeout=None):
         log("%s: %s ..." % (self.keys, label))
+        # No step pays for the writeback of the one before it.
+        os.sync()
         run = measure(argv, env=env or self.env, timeout=timeout)
         output = last_json(run["stdout"])
         if run["rc"] != 0 or not output or not output.get("ok"):
