@@ -90,20 +90,13 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.baileys_dr_lockfile import (  # noqa: F401 (process_info, boot_id: used by the tests)
+    ARGUMENT_SPEC,
     Lock,
     LockError,
     boot_id,
     find_holder_process,
     holder_alive,
     process_info,
-)
-
-ARGUMENT_SPEC = dict(
-    name=dict(type="str", required=True),
-    state=dict(type="str", default="acquired", choices=["acquired", "released"]),
-    lock_dir=dict(type="path", default="~/.cache/baileys-dr/locks"),
-    operation=dict(type="str", default=""),
-    force=dict(type="bool", default=False),
 )
 
 

@@ -12,7 +12,6 @@ where the kernel has it (atomic), else with two renames.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
@@ -66,11 +65,16 @@ def sha256_file(path, chunk=1 << 20):
 _libc = None
 
 
-def _renameat2():
+def libc():
+    """The C library of this process, with errno kept (CDLL(None): no ldconfig run to find it, as find_library does)."""
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return getattr(_libc, "renameat2", None)
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _renameat2():
+    return getattr(libc(), "renameat2", None)
 
 
 def exchange_paths(a, b):

@@ -54,7 +54,7 @@ from ansible.module_utils.baileys_dr_codec import (
     to_base64_form,
 )
 from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
-from ansible.module_utils.baileys_dr_postgres import DatabaseError, psycopg2
+from ansible.module_utils.baileys_dr_postgres import CopyStream, DatabaseError, copy_text, psycopg2
 from ansible.module_utils.baileys_dr_sessions import (
     COMPANIES_DIR,
     COMPANY_PREFIX,
@@ -219,41 +219,6 @@ def dumps(value):
     return _ENCODER.encode(value)
 
 
-def copy_text(text):
-    """A field of COPY's text format."""
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
-
-class CopyStream:
-    """A file-like object feeding COPY FROM STDIN from an iterator of text lines, produced as PostgreSQL reads them.
-
-    An exception of the iterator ends the data early and is kept in .error (raised by the caller once COPY returned):
-    psycopg2 would otherwise turn it into an unrelated COPY error.
-    """
-
-    def __init__(self, lines):
-        self._lines = iter(lines)
-        self._rest = b""
-        self.error = None
-
-    def read(self, size=-1):
-        size = 1 << 16 if size is None or size < 0 else size
-        parts, length = [self._rest], len(self._rest)
-        if self.error is None:
-            try:
-                for line in self._lines:
-                    data = line.encode("utf-8")
-                    parts.append(data)
-                    length += len(data)
-                    if length >= size:
-                        break
-            except Exception as exc:  # noqa: BLE001 - re-raised by the caller
-                self.error = exc
-        chunk = b"".join(parts)
-        self._rest = chunk[size:]
-        return chunk[:size]
-
-    readline = read
 
 
 # -- file names: type by longest prefix, id by a type-aware reverse of fixFileName ------------

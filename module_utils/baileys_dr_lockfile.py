@@ -24,6 +24,15 @@ from ansible.module_utils.baileys_dr_fs import write_file_atomic
 NAME_RE = re.compile(r"\A[A-Za-z0-9._-]{1,100}\Z")
 RUNNERS = ("ansible-playbook", "ansible-runner", "ansible-navigator")
 
+# The options of the module and of its action plugin (DOCUMENTATION in library/baileys_dr_lock.py).
+ARGUMENT_SPEC = dict(
+    name=dict(type="str", required=True),
+    state=dict(type="str", default="acquired", choices=["acquired", "released"]),
+    lock_dir=dict(type="path", default="~/.cache/baileys-dr/locks"),
+    operation=dict(type="str", default=""),
+    force=dict(type="bool", default=False),
+)
+
 
 class LockError(Exception):
     def __init__(self, msg, **fields):

@@ -38,7 +38,6 @@ import bisect
 import collections
 import concurrent.futures
 import ctypes
-import ctypes.util
 import datetime
 import errno
 import fcntl
@@ -67,7 +66,7 @@ from ansible.module_utils.baileys_dr_codec import (
     sort_key,
     to_base64_form,
 )
-from ansible.module_utils.baileys_dr_fs import fsync_dir, fsync_tree, swap_in, write_file_atomic
+from ansible.module_utils.baileys_dr_fs import fsync_dir, fsync_tree, libc, swap_in, write_file_atomic
 from ansible.module_utils.baileys_dr_postgres import psycopg2
 
 FORMAT = 1
@@ -472,8 +471,7 @@ def sync_filesystem(dir_fd, path):
     """
     global _syncfs
     if _syncfs is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _syncfs = getattr(libc, "syncfs", False)
+        _syncfs = getattr(libc(), "syncfs", False)
     if _syncfs:
         if _syncfs(dir_fd) == 0:
             return
@@ -1052,7 +1050,7 @@ def _die_with_parent():
     global _prctl
     try:
         if _prctl is None:
-            _prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+            _prctl = libc().prctl
         _prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass

@@ -18,6 +18,7 @@ import json
 import random
 
 from ansible.module_utils.baileys_dr_codec import KEY_TYPES, expiry_days
+from ansible.module_utils.baileys_dr_postgres import CopyStream, copy_text
 
 DAY = datetime.timedelta(days=1)
 APP_STATE_COLLECTIONS = ("critical_block", "critical_unblock_low", "regular", "regular_high", "regular_low")
@@ -180,31 +181,6 @@ class CompanyGenerator:
                 yield key_type, key_id, value, created, updated, updated + DAY * expiry_days(key_type)
 
 
-def _copy_text(value):
-    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
-
-class CopyStream:
-    """File-like object feeding COPY FROM STDIN from a row iterator, in chunks."""
-
-    def __init__(self, lines):
-        self._lines = iter(lines)
-        self._buffer = b""
-
-    def read(self, size=65536):
-        parts = [self._buffer]
-        length = len(self._buffer)
-        for line in self._lines:
-            data = line.encode("utf-8")
-            parts.append(data)
-            length += len(data)
-            if length >= size:
-                break
-        chunk = b"".join(parts)
-        self._buffer = chunk[size:]
-        return chunk[:size]
-
-    readline = read
 
 
 def _dumps(value):
@@ -225,14 +201,14 @@ def load(conn, seed, companies, keys_per_company, prefix="company", first=1, now
     with conn.cursor() as cur:
         cur.execute("DELETE FROM whatsapp_keys WHERE company_id = ANY(%s)", (ids,))
         cur.execute("DELETE FROM whatsapp_auth WHERE company_id = ANY(%s)", (ids,))
-        cred_lines = ("%s\t%s\n" % (gen.company_id, _copy_text(_dumps(gen.creds()))) for gen in gens)
+        cred_lines = ("%s\t%s\n" % (gen.company_id, copy_text(_dumps(gen.creds()))) for gen in gens)
         cur.copy_expert("COPY whatsapp_auth (company_id, creds) FROM STDIN", CopyStream(cred_lines))
 
         def key_lines():
             for gen in gens:
                 for key_type, key_id, value, created, updated, expires in gen.key_rows():
                     yield "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" % (
-                        gen.company_id, key_type, _copy_text(key_id), _copy_text(_dumps(value)),
+                        gen.company_id, key_type, copy_text(key_id), copy_text(_dumps(value)),
                         created.isoformat(), updated.isoformat(), expires.isoformat())
 
         cur.copy_expert(

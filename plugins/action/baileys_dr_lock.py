@@ -20,15 +20,6 @@ from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 from ansible.plugins.loader import module_utils_loader
 
-ARGUMENT_SPEC = dict(
-    name=dict(type="str", required=True),
-    state=dict(type="str", default="acquired", choices=["acquired", "released"]),
-    lock_dir=dict(type="path", default="~/.cache/baileys-dr/locks"),
-    operation=dict(type="str", default=""),
-    force=dict(type="bool", default=False),
-)
-
-
 def _module_util(name):
     """The project's module_utils/<name>.py (found in the configured module_utils path), imported under the
     name modules see it by; the worker process ends with the task, so nothing outlives it."""
@@ -48,13 +39,13 @@ def _module_util(name):
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
     _requires_connection = False
-    _VALID_ARGS = frozenset(ARGUMENT_SPEC)
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
-        _, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
         _module_util("baileys_dr_fs")
         lockfile = _module_util("baileys_dr_lockfile")
+        # Unknown options are refused by the validation (no _VALID_ARGS: the spec lives in module_utils).
+        _, args = self.validate_argument_spec(argument_spec=lockfile.ARGUMENT_SPEC)
         check_mode = bool(self._task.check_mode) if self._task.check_mode is not None else self._play_context.check_mode
         try:
             # Walk up from this worker (a fork of ansible-playbook); an ad-hoc run is held by its ansible process.

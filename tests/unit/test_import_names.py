@@ -15,6 +15,7 @@ from conftest import ROOT
 
 from ansible.module_utils import baileys_dr_codec as codec
 from ansible.module_utils import baileys_dr_import as imp
+from ansible.module_utils import baileys_dr_postgres as pg
 from ansible.module_utils import baileys_dr_testdata as testdata
 
 
@@ -268,12 +269,12 @@ def test_an_escaped_backslash_or_a_paired_surrogate_is_not_refused(text):
 
 
 def test_copy_text_escapes_what_copy_text_format_reads_as_control():
-    assert imp.copy_text('a\\b\tc\nd\re"') == 'a\\\\b\\tc\\nd\\re"'
+    assert pg.copy_text('a\\b\tc\nd\re"') == 'a\\\\b\\tc\\nd\\re"'
 
 
 def test_the_copy_stream_yields_every_line_in_chunks_of_at_most_the_size_asked():
     lines = ["%d\t%s\n" % (i, "é" * (i % 50)) for i in range(2000)]
-    stream = imp.CopyStream(iter(lines))
+    stream = pg.CopyStream(iter(lines))
     chunks = []
     while True:
         chunk = stream.read(1000)
@@ -289,7 +290,7 @@ def test_an_error_while_producing_copy_lines_ends_the_stream_and_is_kept_for_the
         yield "1\n"
         raise imp.FileProblem("is not JSON")
 
-    stream = imp.CopyStream(lines())
+    stream = pg.CopyStream(lines())
     assert stream.read(100) == b"1\n" and stream.read(100) == b""
     assert isinstance(stream.error, imp.FileProblem)
 

@@ -80,16 +80,3 @@ def test_ages_spread_over_ninety_days_and_expiry_follows_the_application_policy(
 
 def test_company_ids_match_the_application_rule():
     assert codec.COMPANY_ID_RE.match(testdata.company_id("company", 1))
-
-
-def test_copy_stream_returns_every_byte_in_chunks():
-    lines = ["row %d\t\\x\n" % i for i in range(1000)]
-    stream = testdata.CopyStream(lines)
-    data = b""
-    while True:
-        chunk = stream.read(100)
-        if not chunk:
-            break
-        assert len(chunk) <= 100
-        data += chunk
-    assert data == "".join(lines).encode()
