@@ -2442,15 +2442,26 @@ class Verifier:
                 keys_total += self._company(root_fd, company_id, manifest, entry, result)
         self.counts["keys"] = keys_total
 
-    def _company(self, root_fd, company_id, manifest, entry, result):
+    def _open_company(self, root_fd, company_id):
+        """(directory name, fd) of a company directory with its mode checked, or (name, None) with the problem noted."""
         dir_name = COMPANY_PREFIX + company_id
         try:
             dir_fd = open_dir(dir_name, root_fd)
         except SessionsError as exc:
             self.problem("company %s: %s" % (company_id, exc))
-            return 0
+            return dir_name, None
         try:
             self._perm(dir_name, os.fstat(dir_fd), DIR_MODE)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return dir_name, dir_fd
+
+    def _company(self, root_fd, company_id, manifest, entry, result):
+        dir_name, dir_fd = self._open_company(root_fd, company_id)
+        if dir_fd is None:
+            return 0
+        try:
             files = manifest["files"]
             names = set(os.listdir(dir_fd))
             creds = None
@@ -2516,14 +2527,10 @@ class Verifier:
         stat on file systems that record it): a symbolic link or anything but
         a regular file under a listed name is a problem, as with depth=content.
         """
-        dir_name = COMPANY_PREFIX + company_id
-        try:
-            dir_fd = open_dir(dir_name, root_fd)
-        except SessionsError as exc:
-            self.problem("company %s: %s" % (company_id, exc))
+        dir_name, dir_fd = self._open_company(root_fd, company_id)
+        if dir_fd is None:
             return 0
         try:
-            self._perm(dir_name, os.fstat(dir_fd), DIR_MODE)
             with os.scandir(dir_fd) as listing:
                 entries = list(listing)
             names = {item.name for item in entries}
