@@ -190,7 +190,7 @@ def _fast_buffer_bytes(value):
 def _fast_dict(value, odd):
     raw = _fast_buffer_bytes(value)
     if raw is not None:
-        return {"type": "Buffer", "data": _b64_text(raw)}
+        return _base64_buffer(raw)
     out = None
     for name, item in value.items():
         kind = type(item)
@@ -245,20 +245,8 @@ def _plain_base64_form(value):
     return value, odd
 
 
-def _plain_type_rules(key_type, value):
-    """apply_type_rules on a plain base64 form: the Buffer it makes in that form too."""
-    if key_type != "app-state-sync-key" or type(value) is not dict:
-        return value
-    out = dict(value)
-    key_data = out.get("keyData")
-    if type(key_data) is str:
-        raw = decode_base64(key_data)
-        if raw is not None:
-            out["keyData"] = {"type": "Buffer", "data": _b64_text(raw)}
-    timestamp = out.get("timestamp")
-    if type(timestamp) is str and _DIGITS_RE.match(timestamp):
-        out["timestamp"] = int(timestamp)
-    return out
+def _base64_buffer(raw):
+    return {"type": "Buffer", "data": _b64_text(raw)}
 
 
 def _canonical_text(text):
@@ -273,7 +261,7 @@ def to_base64_form(value):
     plain, odd = _plain_base64_form(value)
     if plain is not None and all(kind is float for kind in odd):
         return plain
-    return _encode_tree(value, lambda raw: {"type": "Buffer", "data": base64.b64encode(raw).decode("ascii")})
+    return _encode_tree(value, _base64_buffer)
 
 
 def to_array_form(value):
@@ -281,8 +269,11 @@ def to_array_form(value):
     return _encode_tree(value, lambda raw: {"type": "Buffer", "data": list(raw)})
 
 
-def apply_type_rules(key_type, value):
-    """Protobuf JSON form of app-state-sync-key values, as Baileys revives them."""
+def apply_type_rules(key_type, value, buffer=None):
+    """Protobuf JSON form of app-state-sync-key values, as Baileys revives them.
+
+    buffer makes the keyData Buffer from its bytes: Bytes by default, _base64_buffer on a plain base64 form.
+    """
     if key_type != "app-state-sync-key" or not isinstance(value, dict):
         return value
     out = dict(value)
@@ -290,7 +281,7 @@ def apply_type_rules(key_type, value):
     if isinstance(key_data, str):
         raw = decode_base64(key_data)
         if raw is not None:
-            out["keyData"] = Bytes(raw)
+            out["keyData"] = (buffer or Bytes)(raw)
     timestamp = out.get("timestamp")
     if isinstance(timestamp, str) and _DIGITS_RE.match(timestamp):
         out["timestamp"] = int(timestamp)
@@ -376,7 +367,7 @@ def canonical_json(value, key_type=None):
     if plain is not None and not odd:
         # Buffers normalised, no float: sorted compact JSON is the canonical form (code point order
         # is UTF-8 byte order for every string without a lone surrogate, and those are sent back).
-        text = _canonical_text(_sorted_dumps(_plain_type_rules(key_type, plain)))
+        text = _canonical_text(_sorted_dumps(apply_type_rules(key_type, plain, _base64_buffer)))
         if text is not None:
             return text
     return _exact_canonical(apply_type_rules(key_type, value))
@@ -390,16 +381,20 @@ def key_forms(key_type, key_id, value):
     """
     plain, odd = _plain_base64_form(value)
     if plain is not None and not odd:
-        line = _canonical_text(_sorted_dumps([key_type, key_id, _plain_type_rules(key_type, plain)]))
+        line = _canonical_text(_sorted_dumps([key_type, key_id, apply_type_rules(key_type, plain, _base64_buffer)]))
         if line is not None:
             return _compact_dumps(plain), line
     return (_compact_dumps(to_base64_form(value)),
-            "[%s,%s,%s]" % (_escape(key_type), _escape(key_id), _exact_canonical(apply_type_rules(key_type, value))))
+            _key_line(key_type, key_id, _exact_canonical(apply_type_rules(key_type, value))))
+
+
+def _key_line(key_type, key_id, canonical_value):
+    return "[%s,%s,%s]" % (_escape(key_type), _escape(key_id), canonical_value)
 
 
 def key_line_text(key_type, key_id, value):
     """The canonical [type, id, value] line of a key, without its newline."""
-    return "[%s,%s,%s]" % (_escape(key_type), _escape(key_id), canonical_json(value, key_type))
+    return _key_line(key_type, key_id, canonical_json(value, key_type))
 
 
 def sort_key(key_type, key_id):
