@@ -114,3 +114,186 @@ class GitRunner:
         """Object id of name (a full ref name or an object expression), or None when it does not exist."""
         rc, out, _ = self.run(["rev-parse", "--verify", "--quiet", name], ok_codes=(0, 1), what=what)
         return out.strip() if rc == 0 and out.strip() else None
+
+
+# -- the emergency tag: verified, checked out, and the previous ref restored -------------------------
+
+MAX_DIRTY_SHOWN = 10
+
+
+class TagVerifier:
+    def __init__(self, module, runner):
+        self.module = module
+        self.params = module.params
+        self.git = runner
+        self.repo = self.params["repo"]
+        self.tag = self.params["tag"]
+        self.result = dict(changed=False)
+
+    # -- checks of the arguments (before any git command) ------------------------------------------
+
+    def validate(self):
+        params = self.params
+        if self.tag is not None:
+            check_ref_name(self.tag, "tag")
+        if params["restore_ref"] is not None and params["state"] != "restored":
+            raise GitError("restore_ref is only used with state: restored (state is %s)" % params["state"])
+        if params["restore_ref"] is not None:
+            ref = params["restore_ref"]
+            if ref.startswith("refs/heads/"):
+                ref = ref[len("refs/heads/"):]
+            self.restore_ref = check_ref_name(ref, "restore_ref")
+        expected = params["expected_commit"]
+        if expected is not None:
+            self.expected = expected.strip().lower()
+            if not HEX_OBJECT.match(self.expected):
+                raise GitError("expected_commit %r is not a commit id (7 to 64 hexadecimal digits)" % expected)
+        path = params["marker_path"]
+        if path is not None:
+            path = path[2:] if path.startswith("./") else path
+            parts = path.split("/")
+            if not path or path.startswith("/") or ".." in parts or any(c in path for c in "\x00\n"):
+                raise GitError("marker_path %r must be a relative path inside the repository" % params["marker_path"])
+            self.marker_path = path
+        if params["marker_regex"] is not None:
+            try:
+                self.marker_regex = re.compile(params["marker_regex"], re.MULTILINE)
+            except re.error as exc:
+                raise GitError("marker_regex %r is not a valid regular expression: %s" % (params["marker_regex"], exc))
+
+    # -- the checks --------------------------------------------------------------------------------
+
+    def where(self):
+        return "tag %s in %s" % (self.tag, self.repo)
+
+    def check_repository(self):
+        if not os.path.isdir(self.repo):
+            raise GitError("repo %s is not a directory" % self.repo)
+        _, out, _ = self.git.run(["rev-parse", "--show-toplevel"], what="opening the repository")
+        top = out.strip()
+        # Without this, a directory that is not a repository inside another work tree would make
+        # git act on the enclosing repository.
+        if os.path.realpath(top) != os.path.realpath(self.repo):
+            raise GitError("repo %s is not the top directory of a git work tree (git found %s)" % (self.repo, top))
+
+    def verify_tag(self):
+        oid = self.git.resolve("refs/tags/%s" % self.tag, what="looking up the tag")
+        if oid is None:
+            raise GitError("tag %s not found in %s" % (self.tag, self.repo))
+        _, out, _ = self.git.run(["cat-file", "-t", oid], what="reading the %s" % self.where())
+        kind = out.strip()
+        self.result["tag_type"] = kind
+        if kind == "commit" and self.params["annotated"]:
+            raise GitError("%s is a lightweight tag; an annotated tag is required (annotated: true)" % self.where())
+        commit = self.git.resolve("%s^{commit}" % oid, what="reading the %s" % self.where())
+        if commit is None:
+            raise GitError("%s does not point at a commit (it points at a %s)" % (self.where(), kind))
+        self.result["tag_commit"] = commit
+        self.result["tag_message"] = self.tag_message(oid) if kind == "tag" else None
+        if self.params["expected_commit"] is not None and not commit.startswith(self.expected):
+            raise GitError("%s points at %s, not at expected_commit %s (was the tag moved?)"
+                           % (self.where(), commit, self.params["expected_commit"]))
+        if self.params["marker_path"] is not None:
+            self.verify_marker(commit)
+        return commit
+
+    def tag_message(self, oid):
+        _, out, _ = self.git.run(["cat-file", "tag", oid], what="reading the %s" % self.where())
+        _, _, message = out.partition("\n\n")
+        for line in message.splitlines():
+            if line.strip():
+                return line.strip()
+        return ""
+
+    def verify_marker(self, commit):
+        rc, content, err = self.git.run(["cat-file", "blob", "%s:%s" % (commit, self.marker_path)],
+                                        ok_codes=(0, 128), what="reading the marker")
+        if rc != 0:
+            raise GitError("marker %s is absent at %s (commit %s): %s"
+                           % (self.marker_path, self.where(), commit, err.strip()))
+        if self.params["marker_regex"] is not None and not self.marker_regex.search(content):
+            raise GitError("marker %s at %s (commit %s) does not match %r"
+                           % (self.marker_path, self.where(), commit, self.params["marker_regex"]))
+
+    def check_clean(self):
+        _, out, _ = self.git.run(["status", "--porcelain", "--untracked-files=no"], what="reading the work tree status")
+        dirty = [line for line in out.splitlines() if line.strip()]
+        if not dirty:
+            return
+        self.result["dirty_paths"] = dirty[:MAX_DIRTY_SHOWN]
+        if self.params["allow_dirty"]:
+            return
+        more = len(dirty) - MAX_DIRTY_SHOWN
+        raise GitError("work tree of %s has %d modified tracked file(s): %s%s (commit or revert them, or set allow_dirty: true)"
+                       % (self.repo, len(dirty), ", ".join(line[3:] for line in dirty[:MAX_DIRTY_SHOWN]),
+                          " and %d more" % more if more > 0 else ""))
+
+    def restore_target(self):
+        """(branch or None, commit) that restore_ref names."""
+        ref = self.restore_ref
+        commit = self.git.resolve("refs/heads/%s" % ref, what="looking up restore_ref")
+        if commit is not None:
+            return ref, commit
+        if HEX_OBJECT.match(ref.lower()):
+            commit = self.git.resolve("%s^{commit}" % ref.lower(), what="looking up restore_ref")
+            if commit is not None:
+                return None, commit
+        raise GitError("restore_ref %s is neither a branch nor a commit of %s" % (self.params["restore_ref"], self.repo))
+
+    # -- the run -----------------------------------------------------------------------------------
+
+    def run(self):
+        self.validate()
+        self.check_repository()
+        state = self.params["state"]
+        tag_commit = self.verify_tag() if self.tag is not None else None
+        self.check_clean()
+        head = self.git.head()
+        self.result["head"] = head
+        self.result["head_after"] = head
+        if state == "checked_out":
+            target = (None, tag_commit)
+            checkout = ["checkout", "--quiet", "--detach", tag_commit]
+        elif state == "restored":
+            target = self.restore_target()
+            if target[0] is not None:
+                checkout = ["checkout", "--quiet", target[0], "--"]
+            else:
+                checkout = ["checkout", "--quiet", "--detach", target[1]]
+        else:
+            self.result["msg"] = "%s verified" % self.where()
+            return self.result
+        branch, commit = target
+        wanted = dict(ref=branch, commit=commit)
+        shown = "branch %s" % branch if branch else "commit %s (detached)" % commit
+        if head == wanted:
+            self.result["msg"] = "%s already checked out in %s" % (shown, self.repo)
+            return self.result
+        self.result["changed"] = True
+        if self.module.check_mode:
+            self.result["head_after"] = wanted
+            self.result["msg"] = "would check out %s in %s" % (shown, self.repo)
+            return self.result
+        self.git.run(checkout, what="checking out %s" % shown)
+        after = self.git.head()
+        self.result["head_after"] = after
+        if after != wanted:
+            raise GitError("after checking out %s in %s, HEAD is %s" % (shown, self.repo, after))
+        self.result["msg"] = "checked out %s in %s" % (shown, self.repo)
+        return self.result
+
+
+def git_tag_verify_argument_spec():
+    """The options of git_tag_verify (a new dict per call: AnsibleModule changes the one it gets)."""
+    return dict(
+        repo=dict(type="path", required=True),
+        tag=dict(type="str"),
+        state=dict(type="str", default="verified", choices=["verified", "checked_out", "restored"]),
+        annotated=dict(type="bool", default=True),
+        expected_commit=dict(type="str"),
+        marker_path=dict(type="str"),
+        marker_regex=dict(type="str"),
+        restore_ref=dict(type="str"),
+        allow_dirty=dict(type="bool", default=False),
+        safe_directory=dict(type="bool", default=False),
+    )

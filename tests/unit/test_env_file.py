@@ -15,6 +15,7 @@ import env_file
 from module_harness import run_module
 
 from ansible.module_utils import basic
+from ansible.module_utils import baileys_dr_dotenv as dotenv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 APP_NODE_MODULES = os.path.join(ROOT, "testbed", "app", "node_modules")
@@ -419,7 +420,7 @@ def test_a_write_failing_midway_leaves_the_file_intact_and_no_temp_file(envfile,
         os.write(fd, data[:len(data) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(env_file, "write_all", half_then_disk_full)
+    monkeypatch.setattr(dotenv, "write_all", half_then_disk_full)
     ok, result = run(dict(path=str(envfile), values={"USE_LEGACY_SUPABASE": "false", "BIG": "x" * 5000}))
     assert not ok and "unchanged" in result["msg"] and "No space left" in result["msg"]
     assert envfile.read_text() == SAMPLE
@@ -448,7 +449,7 @@ def test_a_run_killed_in_the_middle_of_the_write_leaves_the_old_file(envfile):
                 os.write(fd, data[:len(data) // 2])
                 os.kill(os.getpid(), signal.SIGKILL)
 
-            env_file.write_all = half_then_killed
+            dotenv.write_all = half_then_killed
             run(dict(path=str(envfile), values={"USE_LEGACY_SUPABASE": "false", "BIG": "y" * 100000}))
         finally:
             os._exit(3)

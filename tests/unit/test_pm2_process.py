@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pwd
 from pathlib import Path
 from unittest import mock
 
@@ -434,7 +435,7 @@ def test_unknown_process_names_the_user_and_pm2_home_of_the_daemon(pm2_env):
     fake = FakePm2([recorded("jlist-first-run.txt")])
     ok, result = run(pm2_env, fake, dict(state="stopped"))
     assert not ok
-    user = pm2_process.pwd.getpwuid(os.geteuid()).pw_name
+    user = pwd.getpwuid(os.geteuid()).pw_name
     assert result["msg"].startswith("no process %s in the PM2 daemon of user %s (PM2_HOME=%s): each user has its own daemon"
                                     % (APP, user, pm2_env["home"]))
     assert "runs no process at all" in result["msg"] and "become_user" in result["msg"]
