@@ -1,0 +1,676 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to baileys-dr
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The critical section of a store switch, in one module call (the engine of baileys_store_switch).
+
+The switch rule (docs/architecture.md, "The switch rule"): the bulk copy ran while the service served
+(an earlier task); here the service is stopped and fenced (no instance left that could write), the
+delta since the bulk pass is copied, the target is proven equal to the frozen source with the tool's own
+fingerprints and digests, .env and the git ref are switched, the service is started and checked for what
+stays true while it serves (online, stable, the expected store, every company's identity).
+
+Every step is written to the journal (the failover state file, "switch" member) before the next begins,
+so a run killed between the stop and the start can be finished by the next run. A failure after the stop
+puts the old store back and restarts there only when that store answers; otherwise the service is left
+on the new store (or stopped), and the message says so in one line.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import os
+import pwd
+import shutil
+import time
+
+from ansible.module_utils.baileys_dr_dotenv import DotenvDocument, EnvFile, EnvFileError, env_file_argument_spec
+from ansible.module_utils.baileys_dr_fs import swap_in, write_file_atomic
+from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, git_tag_verify_argument_spec
+from ansible.module_utils.baileys_dr_pm2 import HealthClient, Pm2Error, find_instances
+from ansible.module_utils.baileys_dr_pm2_process import Pm2Process, pm2_process_argument_spec
+from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, psycopg2, retry_on_disconnect
+from ansible.module_utils.baileys_dr_sessions import (
+    COMPANY_PREFIX,
+    CREDS_FILE,
+    ParentLock,
+    SessionsError,
+    Snapshot,
+    export_tree,
+    load_top_manifest,
+    open_dir,
+    tree_drift,
+    verify_tree,
+)
+
+JOURNAL_FORMAT = 1
+# Phases of the journal, in order; a re-run resumes after the last one written.
+PHASES = ("stopped", "copied", "swapped", "switched", "started", "done")
+
+
+class SwitchError(Exception):
+    """A step failed; step names it for the operator."""
+
+    def __init__(self, step, msg):
+        super().__init__(msg)
+        self.step = step
+
+
+class FenceError(SwitchError):
+    """The service could not be stopped completely: nothing was copied or changed."""
+
+
+def utc_iso(epoch=None):
+    moment = datetime.datetime.fromtimestamp(time.time() if epoch is None else epoch, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
+
+
+def engine_params(spec, **values):
+    """Params of another module's engine: its defaults, then values (already of the right types)."""
+    params = {}
+    for name, option in spec.items():
+        default = option.get("default")
+        params[name] = list(default) if isinstance(default, list) else (dict(default) if isinstance(default, dict) else default)
+    unknown = set(values) - set(params)
+    if unknown:
+        raise ValueError("not options of that engine: %s" % ", ".join(sorted(unknown)))
+    params.update(values)
+    return params
+
+
+class RunAs:
+    """Commands as the application's account: PM2 and git never run the application's programs as root."""
+
+    def __init__(self, user):
+        try:
+            self.pw = pwd.getpwnam(user) if not str(user).isdigit() else pwd.getpwuid(int(user))
+        except KeyError:
+            raise SwitchError("inputs", "app_user %s does not exist on this host" % user) from None
+        euid = os.geteuid()
+        self.switch = euid == 0 and self.pw.pw_uid != 0
+        if euid not in (0, self.pw.pw_uid):
+            raise SwitchError("inputs", "run as root or as %s (the module runs as uid %d): PM2 daemons are per user"
+                              % (self.pw.pw_name, euid))
+        self.setpriv = shutil.which("setpriv") if self.switch else None
+        if self.switch and not self.setpriv:
+            raise SwitchError("inputs", "setpriv (util-linux) is needed to run PM2 and git as %s" % self.pw.pw_name)
+
+    @property
+    def owner(self):
+        return self.pw.pw_uid, self.pw.pw_gid
+
+    @property
+    def home(self):
+        return self.pw.pw_dir
+
+    def wrap(self, argv, environ_update):
+        if not self.switch:
+            return argv, environ_update
+        env = dict(environ_update or {}, HOME=self.pw.pw_dir, USER=self.pw.pw_name, LOGNAME=self.pw.pw_name)
+        return [self.setpriv, "--reuid=%d" % self.pw.pw_uid, "--regid=%d" % self.pw.pw_gid, "--init-groups", "--"] + list(argv), env
+
+
+class SubModule:
+    """The calling AnsibleModule as another module's engine sees it: that engine's params, commands run as
+    the application's account when asked, no diff, never exiting."""
+
+    def __init__(self, module, params, run_as=None):
+        self._module = module
+        self._run_as = run_as
+        self.params = params
+        self.check_mode = module.check_mode
+        self._diff = False
+        self.no_log = True
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def run_command(self, args, **kwargs):
+        if self._run_as is not None:
+            args, kwargs["environ_update"] = self._run_as.wrap(args, kwargs.get("environ_update"))
+        return self._module.run_command(args, **kwargs)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+def processes_in(directory, exclude=()):
+    """[(pid, command line)] of the processes whose working directory is directory (or below it)."""
+    real = os.path.realpath(directory)
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude:
+            continue
+        try:
+            cwd = os.readlink("/proc/%s/cwd" % name)
+            with open("/proc/%s/cmdline" % name, "rb") as handle:
+                cmdline = handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            continue
+        if cmdline and (cwd == real or cwd.startswith(real + "/")):
+            found.append((int(name), cmdline[:200]))
+    return found
+
+
+def own_ancestry():
+    """This process and its ancestors (never counted as a stray instance of the service)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open("/proc/%d/stat" % pid) as handle:
+                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def read_identities(tree):
+    """{company: {registrationId, me}} from the creds.json of every company directory of a sessions tree."""
+    identities = {}
+    for entry in sorted(os.listdir(tree)):
+        if not entry.startswith(COMPANY_PREFIX):
+            continue
+        path = os.path.join(tree, entry, CREDS_FILE)
+        try:
+            with open(path, "rb") as handle:
+                creds = json.loads(handle.read().decode("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SwitchError("identities", "cannot read the credentials %s: %s" % (path, exc)) from None
+        identities[entry[len(COMPANY_PREFIX):]] = identity_of(creds)
+    return identities
+
+
+def identity_of(creds):
+    me = creds.get("me") if isinstance(creds, dict) else None
+    return {"registrationId": creds.get("registrationId") if isinstance(creds, dict) else None,
+            "me": me.get("id") if isinstance(me, dict) else None}
+
+
+def identity_differences(expected, doc):
+    """Companies whose identity the service reports differently from the frozen state (no secret values)."""
+    reported = doc.get("identities") if isinstance(doc.get("identities"), dict) else None
+    if reported is None:
+        # An application that reports registration ids only: compare those.
+        ids = doc.get("registrationIds") if isinstance(doc.get("registrationIds"), dict) else {}
+        reported = {company: {"registrationId": value} for company, value in ids.items()}
+    differ = []
+    for company, want in sorted(expected.items()):
+        got = reported.get(company)
+        if not isinstance(got, dict):
+            differ.append("%s: not reported by the service" % company)
+            continue
+        for field in ("registrationId", "me"):
+            if field in got and got.get(field) != want.get(field):
+                differ.append("%s: %s %s, expected %s" % (company, field, got.get(field), want.get(field)))
+    return differ
+
+
+class Journal:
+    """The switch's progress in the failover state file (0600, written atomically at every phase)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.document = None
+
+    def load(self):
+        try:
+            with open(self.path, "rb") as handle:
+                self.document = json.loads(handle.read().decode("utf-8"))
+        except FileNotFoundError:
+            self.document = None
+        except (OSError, ValueError) as exc:
+            raise SwitchError("journal", "cannot read the state file %s: %s" % (self.path, exc)) from None
+        return self.document
+
+    def switch(self):
+        return (self.document or {}).get("switch") or {}
+
+    def write(self, document):
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700)
+        write_file_atomic(self.path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8"), mode=0o600)
+        self.document = document
+
+    def phase(self, operation, phase, **details):
+        document = dict(self.document or {})
+        switch = dict(document.get("switch") or {})
+        if switch.get("operation") != operation:
+            switch = {"operation": operation, "started_at": utc_iso()}
+        switch.update(details, phase=phase, updated_at=utc_iso())
+        document["switch"] = switch
+        self.write(document)
+
+
+class StoreSwitch:
+    """Stop, fence, final copy, proof, switch, start, identity check; rollback onto an answering store."""
+
+    health_timeout = 2.0
+
+    def __init__(self, module, run_as=None, health_client=None):
+        self.module = module
+        self.params = module.params
+        self.run_as = run_as or RunAs(self.params["app_user"])
+        self.health_client = health_client or HealthClient()
+        self.journal = Journal(self.params["state_file"])
+        self.result = {"changed": False, "store": self.params["store"], "steps": []}
+        self.started = time.time()
+        self.stopped_at = None
+
+    # -- engines of the other modules, run in this process -------------------------------------
+
+    def _pm2(self, state, **values):
+        p = self.params
+        params = engine_params(pm2_process_argument_spec(), name=p["app_name"], state=state, pm2_bin=p["pm2_bin"],
+                               pm2_home=p["pm2_home"] or os.path.join(self.run_as.home, ".pm2"), **values)
+        engine = Pm2Process(SubModule(self.module, params, self.run_as))
+        engine.user = self.run_as.pw.pw_name
+        ok, result = engine.run()
+        return ok, result
+
+    def _start(self, store):
+        p = self.params
+        return self._pm2("restarted", cwd=p["app_root"], ecosystem=p["ecosystem"], fresh_env=True,
+                         env_file=os.path.join(p["app_root"], ".env"), wait=True, ready_window=p["ready_window"],
+                         ready_timeout=p["ready_timeout"], health_url=p["health_url"],
+                         health_expect={"store": store, "ready": True})
+
+    def _git(self, state, **values):
+        p = self.params
+        params = engine_params(git_tag_verify_argument_spec(), repo=p["app_root"], state=state, **values)
+        sub = SubModule(self.module, params, self.run_as)
+        return TagVerifier(sub, GitRunner(sub, p["app_root"])).run()
+
+    def _env(self, values, backup=True):
+        params = engine_params(env_file_argument_spec(), path=os.path.join(self.params["app_root"], ".env"),
+                               values=values, backup=backup)
+        return EnvFile(SubModule(self.module, params)).run()
+
+    def _env_values(self, names):
+        """{name: {present, value}} of .env now (what a failover records, what a rollback restores)."""
+        path = os.path.join(self.params["app_root"], ".env")
+        try:
+            with open(path, "rb") as handle:
+                values = DotenvDocument(handle.read().decode("utf-8", "surrogateescape")).values()
+        except FileNotFoundError:
+            values = {}
+        return {name: {"present": name in values, "value": values.get(name)} for name in names}
+
+    def _step(self, name, **details):
+        self.result["steps"].append(dict(details, step=name, at=round(time.time() - self.started, 3)))
+
+    # -- stop and fence ------------------------------------------------------------------------
+
+    def _health_answers(self):
+        status, body = self.health_client.get(self.params["health_url"], timeout=self.health_timeout)
+        if status is None:
+            return None
+        try:
+            return json.loads(body.decode("utf-8"))
+        except ValueError:
+            return {}
+
+    def stop_and_fence(self):
+        """Stop every instance gracefully, then prove none is left; FenceError (service restarted as it was)
+        when one is."""
+        ok, result = self._pm2("stopped")
+        self.stopped_at = time.time()
+        self.result.update(stopped_at=utc_iso(self.stopped_at), stopped_at_epoch=round(self.stopped_at, 3))
+        problems = [] if ok else [result.get("msg", "pm2 stop failed")]
+        instances = self._instances() if ok else []
+        alive = [str(proc["pid"]) for proc in instances if proc.get("pid") and pid_alive(proc["pid"])]
+        if alive:
+            problems.append("PM2 instance(s) still alive after `pm2 stop`: pid %s" % ", ".join(alive))
+        strays = processes_in(self.params["app_root"], exclude=own_ancestry())
+        if strays:
+            problems.append("process(es) outside PM2 run in %s: %s" % (
+                self.params["app_root"], "; ".join("pid %d (%s)" % stray for stray in strays[:5])))
+        doc = self._health_answers()
+        if doc is not None:
+            problems.append("%s still answers (pid %s)" % (self.params["health_url"], doc.get("pid", "?")))
+        self._step("stopped", instances=len(instances), seconds=round(self.stopped_at - self.started, 3))
+        if problems:
+            restarted, detail = self._pm2("started", wait=False)
+            raise FenceError("stop", "refusing to copy: the service is not completely stopped (%s); nothing was "
+                             "copied or changed%s" % ("; ".join(problems),
+                                                     ", and the PM2 process was started again" if restarted else
+                                                     ", and starting it again failed: %s" % detail.get("msg")))
+
+    def _instances(self):
+        p = self.params
+        params = engine_params(pm2_process_argument_spec(), name=p["app_name"], state="info", pm2_bin=p["pm2_bin"],
+                               pm2_home=p["pm2_home"] or os.path.join(self.run_as.home, ".pm2"))
+        engine = Pm2Process(SubModule(self.module, params, self.run_as))
+        return [dict(pid=proc.get("pid")) for proc in find_instances(engine.runner.jlist(), p["app_name"])]
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self):
+        if self.module.check_mode:
+            return dict(self.result, msg="check mode: would stop %s, copy the delta, switch to %s and start it"
+                        % (self.params["app_name"], self.params["store"]))
+        self.journal.load()
+        operation = "failover" if self.params["store"] == "files" else "failback"
+        engine = FailoverSwitch(self) if operation == "failover" else FailbackSwitch(self)
+        try:
+            engine.run()
+        except (SwitchError, SessionsError, DatabaseError, EnvFileError, GitError, Pm2Error, OSError) as exc:
+            step = getattr(exc, "step", engine.phase or "stop")
+            if isinstance(exc, FenceError):
+                self.result.update(failed=True, failed_step=step, msg=str(exc))
+                return self.result
+            outcome = engine.rollback(step, exc)
+            self.result.update(failed=True, failed_step=step, rollback=outcome["summary"],
+                               msg="%s failed at step '%s': %s. %s" % (operation, step, exc, outcome["line"]))
+            return self.result
+        self.result["changed"] = True
+        return self.result
+
+
+class FailoverSwitch:
+    """PostgreSQL -> files: final copy into the standby copy (live) or the standby as it is, then swap."""
+
+    def __init__(self, switch):
+        self.s = switch
+        self.p = switch.params
+        self.phase = None
+        self.record = {}
+
+    def _db_params(self):
+        return {name: self.p[name] for name in ("db_url", "login_host", "login_port", "login_user", "login_password",
+                                                   "login_db", "ssl_mode", "ca_cert", "connect_timeout",
+                                                   "statement_timeout")}
+
+    def run(self):
+        s, p = self.s, self.p
+        previous = s.journal.switch()
+        resume = previous.get("operation") == "failover" and previous.get("phase") not in (None, "done")
+        if resume:
+            self.record = dict(s.journal.document)
+            s.result["resumed_from"] = previous.get("phase")
+        else:
+            self.record = dict(p["record_data"] or {})
+            self.record.update(format=1, env=s._env_values(list(p["store_flags"])), git=GitRunnerHead(s).head(),
+                               store_before=self.record.get("store_before") or "postgres")
+        done = PHASES.index(previous["phase"]) if resume else -1
+        self.phase = "stop"
+        s.stop_and_fence()
+        if not resume:
+            # The record of what failback restores (.env values, git ref), durable before anything changes.
+            document = dict(self.record)
+            document["switch"] = {"operation": "failover", "phase": "stopped", "started_at": utc_iso(s.started),
+                                  "stopped_at": utc_iso(s.stopped_at), "updated_at": utc_iso()}
+            s.journal.write(document)
+        if done < PHASES.index("swapped"):
+            self.phase = "final copy"
+            self._final_copy()
+            self.phase = "swap"
+            self._swap()
+        self.phase = "switch"
+        if done < PHASES.index("switched"):
+            env = s._env({name: "false" for name in p["store_flags"]})
+            s.result["env_changed"] = env.get("changed_keys", [])
+            s._git("checked_out", tag=p["tag"], annotated=True, expected_commit=p["tag_commit"] or None,
+                   marker_path=p["marker_path"], marker_regex=p["marker_regex"], allow_dirty=p["allow_dirty"])
+            s.journal.phase("failover", "switched")
+        s._step("switched")
+        self.phase = "start"
+        ok, started = s._start("files")
+        s.result["readiness"] = started.get("readiness")
+        if not ok:
+            raise SwitchError("start", started.get("msg", "the service did not become ready on files"))
+        self.phase = "identities"
+        self._check_identities()
+        s.journal.phase("failover", "done", ready_at=(started.get("readiness") or {}).get("ready_at"))
+        s._step("ready")
+
+    def _final_copy(self):
+        s, p = self.s, self.p
+        if p["source"] == "live":
+            params = dict(self._db_params(), mode="standby", dest=p["standby_dir"], companies=None, unknown_types="fail",
+                          backup_dir=None, keep_backup=True, owner=None, group=None, space_margin=p["space_margin"],
+                          force=False, return_digests=True, lock_timeout=60, archive_dir=None, archive_keep=4,
+                          archive_every=3600)
+            refreshed = retry_on_disconnect(
+                lambda: export_tree(params, lambda: connect(params, application_name="baileys-dr-switch"),
+                                    describe(params), s.run_as.owner, False),
+                what="the final copy of PostgreSQL into %s" % p["standby_dir"], notes=s.result.setdefault("retries", []))
+            s.result["final_copy"] = {k: refreshed.get(k) for k in (
+                "files_written", "files_deleted", "companies_refreshed", "companies_rebuilt", "generation", "snapshot_at",
+                "duration_seconds") if k in refreshed}
+            self.record.update(data_at=refreshed.get("snapshot_at"), source="live",
+                               system_identifier=refreshed.get("system_identifier"))
+            self._prove_equal_to_database(params)
+        else:
+            verified = verify_tree(p["standby_dir"], depth="structure")
+            if not verified.get("verified"):
+                raise SwitchError("final copy", "the standby copy %s does not verify against its manifests: %s"
+                                  % (p["standby_dir"], "; ".join(map(str, verified.get("problems", [])[:3]))))
+            source = verified.get("source") or {}
+            self.record.update(data_at=source.get("snapshot_at"), source="standby",
+                               system_identifier=source.get("system_identifier"))
+        s.result["data_at"] = self.record["data_at"]
+        s.journal.write(dict(s.journal.document, **{k: self.record[k] for k in ("data_at", "source", "system_identifier")}))
+        s.journal.phase("failover", "copied")
+        s._step("copied")
+
+    def _prove_equal_to_database(self, params):
+        """Every company's row fingerprint in the frozen database equals the one the tree's manifest recorded,
+        and the tree on disk is exactly what its manifests list."""
+        conn = connect(params, application_name="baileys-dr-switch-proof")
+        try:
+            snapshot = Snapshot(conn)
+            snapshot.begin(describe(params))
+            database = {company: fingerprint for company, _keys, fingerprint, _creds in snapshot.company_stats()}
+        finally:
+            conn.close()
+        root_fd = open_dir(self.p["standby_dir"])
+        try:
+            _data, manifest = load_top_manifest(root_fd)
+        finally:
+            os.close(root_fd)
+        tree = {company: entry.get("fingerprint") for company, entry in manifest["companies"].items()}
+        differ = sorted(company for company in set(database) | set(tree) if database.get(company) != tree.get(company))
+        if differ:
+            raise SwitchError("proof", "the copy differs from the stopped database for %d companies (%s): a writer "
+                              "outside the stopped service?" % (len(differ), ", ".join(differ[:10])))
+        drift = tree_drift(self.p["standby_dir"])
+        if not drift.get("clean"):
+            raise SwitchError("proof", "the copy %s is not what its manifests list: %s" % (self.p["standby_dir"], drift.get("reason")))
+        self.s.result["proof"] = {"companies": len(tree), "digests": {c: e.get("digest") for c, e in manifest["companies"].items()}
+                                  if len(tree) <= 1000 else None}
+
+    def _swap(self):
+        s, p = self.s, self.p
+        backup = "%s.before-%s" % (p["sessions_dir"], datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ"))
+        drift = tree_drift(p["sessions_dir"]) if os.path.isdir(p["sessions_dir"]) else None
+        with ParentLock(os.path.dirname(os.path.abspath(p["sessions_dir"])), timeout=60):
+            kept = swap_in(p["standby_dir"], p["sessions_dir"], backup)
+        s.result["sessions_backup"] = kept
+        if drift is not None and not drift.get("clean") and drift.get("added", 0) + drift.get("changed", 0) + drift.get("deleted", 0):
+            s.result["replaced_drift"] = {k: drift.get(k) for k in ("added", "changed", "deleted", "reason")}
+            s.module.warn("the replaced tree held %d files the service added, %d it changed and %d it deleted that the "
+                          "database never received (kept in %s)" % (drift.get("added", 0), drift.get("changed", 0),
+                                                                    drift.get("deleted", 0), kept))
+        self.expected = read_identities(p["sessions_dir"])
+        s.journal.write(dict(s.journal.document, sessions_backup=kept or "", identities=self.expected))
+        s.journal.phase("failover", "swapped")
+        s._step("swapped", backup=kept)
+
+    def _check_identities(self):
+        s = self.s
+        expected = getattr(self, "expected", None) or s.journal.document.get("identities") or read_identities(self.p["sessions_dir"])
+        doc = s._health_answers() or {}
+        differ = identity_differences(expected, doc)
+        s.result["identities"] = {"companies": len(expected), "differ": differ[:20]}
+        if differ:
+            raise SwitchError("identities", "the service on files reports other identities than the copied state: %s"
+                              % "; ".join(differ[:10]))
+
+    def rollback(self, step, exc):
+        """Back to PostgreSQL with the state before the stop, when PostgreSQL answers; else leave the service
+        on files (or stopped) and say so."""
+        s, p = self.s, self.p
+        summary = []
+        try:
+            conn = connect(self._db_params(), application_name="baileys-dr-switch-ping")
+            conn.close()
+            answers = True
+        except DatabaseError as why:
+            answers, reason = False, str(why)
+        if not answers:
+            running = bool([i for i in s._instances() if i.get("pid") and pid_alive(i["pid"])])
+            return {"summary": ["postgres does not answer: not rolled back"],
+                    "line": "NOT ROLLED BACK: PostgreSQL does not answer (%s), so the service was left %s; fix the "
+                            "cause and re-run failover.yml" % (reason, "running on the file store" if running else "stopped")}
+        record = s.journal.document or {}
+        switch = (record.get("switch") or {}).get("phase")
+        failures = []
+        if switch in ("switched", "started", "done") or step in ("switch", "start", "identities"):
+            try:
+                s._env({k: v.get("value") if v.get("present") else None for k, v in (record.get("env") or {}).items()})
+                summary.append(".env restored")
+            except (EnvFileError, OSError) as why:
+                failures.append(".env: %s" % why)
+            git = record.get("git") or {}
+            try:
+                s._git("restored", tag=None, restore_ref=git.get("ref") or git.get("commit"), allow_dirty=True)
+                summary.append("git ref restored")
+            except GitError as why:
+                failures.append("git: %s" % why)
+        if record.get("sessions_backup") and os.path.isdir(record["sessions_backup"]):
+            try:
+                with ParentLock(os.path.dirname(os.path.abspath(p["sessions_dir"])), timeout=60):
+                    swap_in(record["sessions_backup"], p["sessions_dir"], "%s.failed-%s" % (
+                        p["sessions_dir"], datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")))
+                summary.append("sessions tree restored")
+            except OSError as why:
+                failures.append("sessions: %s" % why)
+        ok, started = s._start(record.get("store_before") or "postgres")
+        if not ok:
+            failures.append("restart on %s: %s" % (record.get("store_before") or "postgres", started.get("msg")))
+        else:
+            summary.append("service ready on %s" % (record.get("store_before") or "postgres"))
+        if not failures:
+            document = dict(record)
+            document.pop("switch", None)
+            try:
+                os.unlink(s.journal.path)
+            except FileNotFoundError:
+                pass
+            return {"summary": summary, "line": "Rolled back: sessions, git ref, .env and the service are as before the "
+                                                "stop (store %s), with every write made before the stop." % (record.get("store_before") or "postgres")}
+        return {"summary": summary + failures, "line": "ROLLBACK INCOMPLETE, fix by hand: %s" % "; ".join(failures)}
+
+
+class GitRunnerHead:
+    """HEAD of the application's repository, read as its owner."""
+
+    def __init__(self, switch):
+        self.s = switch
+
+    def head(self):
+        sub = SubModule(self.s.module, {}, self.s.run_as)
+        return GitRunner(sub, self.s.params["app_root"]).head()
+
+
+def describe(params):
+    from ansible.module_utils.baileys_dr_postgres import describe_target
+    return describe_target(params)
+
+
+class FailbackSwitch:
+    """Files -> PostgreSQL: delta import of what changed since the bulk pass, then the recorded .env and ref."""
+
+    def __init__(self, switch):
+        self.s = switch
+        self.p = switch.params
+        self.phase = None
+
+    def run(self):
+        s, p = self.s, self.p
+        record = s.journal.document
+        if not record:
+            raise SwitchError("inputs", "no failover state at %s: failback restores what failover recorded" % p["state_file"])
+        self.phase = "stop"
+        s.stop_and_fence()
+        s.journal.phase("failback", "stopped", stopped_at=utc_iso(s.stopped_at))
+        self.phase = "final copy"
+        self.expected = read_identities(p["sessions_dir"])
+        imported = self._delta_import()
+        s.journal.phase("failback", "copied")
+        s._step("copied")
+        self.phase = "switch"
+        git = record.get("git") or {}
+        s._git("restored", tag=None, restore_ref=git.get("ref") or git.get("commit"), allow_dirty=False)
+        s._env({k: v.get("value") if v.get("present") else None for k, v in (record.get("env") or {}).items()})
+        s.journal.phase("failback", "switched")
+        s._step("switched")
+        self.phase = "start"
+        ok, started = s._start(record.get("store_before") or "postgres")
+        s.result["readiness"] = started.get("readiness")
+        if not ok:
+            raise SwitchError("start", started.get("msg", "the service did not become ready on PostgreSQL"))
+        self.phase = "identities"
+        doc = s._health_answers() or {}
+        differ = identity_differences(self.expected, doc)
+        s.result["identities"] = {"companies": len(self.expected), "differ": differ[:20]}
+        if differ:
+            raise SwitchError("identities", "the service on PostgreSQL reports other identities than the files: %s"
+                              % "; ".join(differ[:10]))
+        s.journal.phase("failback", "done", ready_at=(started.get("readiness") or {}).get("ready_at"))
+        s._step("ready")
+        return imported
+
+    def _delta_import(self):
+        from ansible.module_utils.baileys_dr_import import auth_import_argument_spec, failback
+        s, p = self.s, self.p
+        params = engine_params(auth_import_argument_spec(), src=p["sessions_dir"], **dict(p["import_options"] or {}),
+                               **{k: p[k] for k in ("db_url", "login_host", "login_port", "login_user", "login_password",
+                                                    "login_db", "ssl_mode", "ca_cert", "connect_timeout",
+                                                    "statement_timeout")})
+        result = failback(params, lambda: connect(params, application_name="baileys-dr-switch-import"), describe(params), False)
+        s.result["final_copy"] = {k: result.get(k) for k in ("delta", "totals", "retries") if k in result}
+        s.result["undo_files"] = result.get("undo_files", [])
+        if result.get("failed"):
+            raise SwitchError("final copy", result.get("msg", "the delta import failed"))
+        return result
+
+    def rollback(self, step, exc):
+        """Back to the file store (it holds every write made before the stop): the recorded tag, file flags."""
+        s, p = self.s, self.p
+        failures, summary = [], []
+        if step in ("switch", "start", "identities"):
+            try:
+                s._env({name: "false" for name in p["store_flags"]})
+                summary.append(".env on files")
+            except (EnvFileError, OSError) as why:
+                failures.append(".env: %s" % why)
+            try:
+                s._git("checked_out", tag=p["tag"], annotated=True, allow_dirty=True)
+                summary.append("tag checked out")
+            except GitError as why:
+                failures.append("git: %s" % why)
+        if not os.path.isdir(p["sessions_dir"]):
+            failures.append("the sessions tree %s is missing: the service was left stopped" % p["sessions_dir"])
+        else:
+            ok, started = s._start("files")
+            if ok:
+                summary.append("service ready on files")
+            else:
+                failures.append("restart on files: %s" % started.get("msg"))
+        try:
+            s.journal.phase("failback", "rolled_back")
+        except OSError:
+            pass
+        if failures:
+            return {"summary": summary + failures, "line": "ROLLBACK INCOMPLETE, fix by hand: %s" % "; ".join(failures)}
+        return {"summary": summary, "line": "Rolled back: the service runs on file sessions as before the stop; undo the "
+                                            "import with the undo files to put the database back as it was."}
