@@ -173,6 +173,16 @@ function keyLine(type, id, value) {
   return `[${JSON.stringify(type)},${JSON.stringify(id)},${canonicalJson(value, type)}]`;
 }
 
+/** The creds line of a digest (without its newline); null/undefined creds give `["creds",null]`. */
+function credsLine(creds) {
+  return `["creds",${canonicalJson(creds === undefined ? null : creds)}]`;
+}
+
+/** Hex sha256 of a digest line's UTF-8 (what POST /simulate reports per written key and for creds). */
+function lineSha256(line) {
+  return crypto.createHash('sha256').update(line, 'utf8').digest('hex');
+}
+
 class DigestOrderError extends Error {}
 
 /**
@@ -186,7 +196,7 @@ class StateDigest {
     this._last = null;
     this.keys = 0;
     this._hash.update(DIGEST_HEADER + '\n', 'utf8');
-    this._hash.update(`["creds",${canonicalJson(creds === undefined ? null : creds)}]\n`, 'utf8');
+    this._hash.update(credsLine(creds) + '\n', 'utf8');
   }
 
   _checkOrder(type, id) {
@@ -317,10 +327,12 @@ module.exports = {
   bufferBytes,
   canonicalJson,
   compareUtf8,
+  credsLine,
   decodeBase64,
   fixFileName,
   keyFileName,
   keyLine,
+  lineSha256,
   parseKeyFileName,
   reverseFileName,
   sortKeys,

@@ -5,9 +5,11 @@
 // Like the real service, it is ready once every company's creds are loaded
 // (keys are read on demand); then a background pass (the verification) reads
 // every key and computes each company's state digest (docs/architecture.md).
-// It never connects to WhatsApp. With the file store, POST /simulate changes a
-// company's directory as the live service would during an outage
-// (src/simulate.js, README.md).
+// It never connects to WhatsApp. POST /simulate changes a company's state as
+// the live service would, on either store (src/simulate.js, README.md).
+// SIGINT/SIGTERM stop it gracefully: no new request is taken, the running
+// /simulate finishes (its answer is sent), then it exits 0 within PM2's
+// kill_timeout. It runs in PM2's fork and cluster modes alike.
 
 const http = require('node:http');
 const fs = require('node:fs');
@@ -20,6 +22,12 @@ const MAX_ERRORS_SHOWN = 200;
 const MAX_BODY_BYTES = 64 * 1024;
 const RETRY_MIN_MS = 1000;
 const RETRY_MAX_MS = 30000;
+// A stop waits this long for running requests and the load, then ends the
+// PostgreSQL pool (STOP_POOL_MS): well inside PM2's kill_timeout (10 s).
+const STOP_DRAIN_MS = 7000;
+const STOP_POOL_MS = 1000;
+// The stores POST /simulate writes to.
+const SIMULATED_STORES = new Set(['files', 'postgres']);
 
 function gitRevision(appRoot) {
   if (!fs.existsSync(path.join(appRoot, '.git'))) return null;
@@ -76,11 +84,19 @@ function createService(options = {}) {
     digestsComplete: false,
     loads: 0,
     stopping: false,
+    stopPromise: null,
+    requests: new Set(), // promises of the POST /simulate requests not answered yet
+    pool: null, // PostgreSQL pool of POST /simulate, made on first use
     retryTimer: null,
     retryMs: RETRY_MIN_MS,
     signalledReady: false,
     simulating: null, // promise of the running POST /simulate (loads wait for it)
   };
+
+  let announceStop;
+  const stopAnnounced = new Promise((resolve) => {
+    announceStop = resolve;
+  });
 
   function errors() {
     const list = [...config.errors];
@@ -104,10 +120,12 @@ function createService(options = {}) {
     // null-prototype maps: "__proto__" is a valid company id
     const digests = Object.create(null);
     const registrationIds = Object.create(null);
+    const identities = Object.create(null);
     const keys = Object.create(null);
     const guessedIds = Object.create(null);
     for (const c of companies) {
       registrationIds[c.id] = c.registrationId;
+      identities[c.id] = { registrationId: c.registrationId ?? null, me: c.me ?? null }; // as the store read the creds (src/identity.js)
       const v = state.verified.get(c.id);
       if (!v) continue; // not verified (yet): partial maps until digestsComplete
       digests[c.id] = v.digest;
@@ -121,6 +139,7 @@ function createService(options = {}) {
       companies: companies.length,
       digests,
       registrationIds,
+      identities,
       errors: capped(errors()),
       startedAt,
       pid: process.pid,
@@ -290,7 +309,9 @@ function createService(options = {}) {
 
   function send(res, status, body) {
     const text = JSON.stringify(body);
-    res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store', 'content-length': Buffer.byteLength(text) });
+    const headers = { 'content-type': 'application/json', 'cache-control': 'no-store', 'content-length': Buffer.byteLength(text) };
+    if (state.stopping) headers.connection = 'close'; // no further request on this connection
+    res.writeHead(status, headers);
     res.end(text);
   }
 
@@ -326,13 +347,53 @@ function createService(options = {}) {
     });
   }
 
+  /** The service's view of one company after a change it made: its identity, digest and key count. */
+  function takeCompany(company) {
+    const { id, digest, keys, registrationId, me } = company;
+    const loaded = state.result.companies.find((c) => c.id === id);
+    if (loaded) Object.assign(loaded, { registrationId, me });
+    else state.result.companies.push({ id, registrationId, me }); // made after the load: loaded now
+    state.verified.set(id, { id, digest, keys, registrationId, guessed: [] });
+  }
+
+  /** Files: re-reads one company (the verification of that company alone); the same digest a reload finds. */
+  async function reverifyCompany(companyId) {
+    const found = { companies: [], errors: [], warnings: [] };
+    await selected.module.verify(config, { companies: [{ id: companyId }] }, {
+      onResult: (part) => {
+        found.companies.push(...part.companies);
+        found.errors.push(...part.errors);
+      },
+    });
+    const company = found.companies.find((c) => c.id === companyId);
+    if (found.errors.length || !company) throw new Error(found.errors.join('; ') || `company ${companyId} was not read`);
+    state.verified.set(companyId, company);
+    return company;
+  }
+
+  /** The store in use is one /simulate writes (a stand-in store of the tests is not, unless it says how). */
+  function canSimulate() {
+    if (!SIMULATED_STORES.has(config.store) || selected.error || !selected.module || selected.module.name !== config.store) return false;
+    return config.store === 'files' || typeof selected.module.createPool === 'function';
+  }
+
+  function pgPool() {
+    if (!state.pool) state.pool = selected.module.createPool(config);
+    return state.pool;
+  }
+
+  const STOPPING = [503, { error: 'the service is stopping' }];
+
   /**
-   * POST /simulate: the file store only, when ready. Writes through Baileys
-   * (src/simulate.js), then reloads the store so /health shows the new digest.
-   * Returns [status, body].
+   * POST /simulate, when ready, on the file or the PostgreSQL store
+   * (src/simulate.js). Files: written through Baileys, then the store is
+   * reloaded so /health shows the new digest (while stopping, that company
+   * alone is re-read). PostgreSQL: one transaction that also reads back the
+   * digest; /health takes that company's new digest and identity. Returns
+   * [status, body].
    */
   async function handleSimulate(body) {
-    const { parseRequest, simulate, SimulateError } = require('./simulate');
+    const { parseRequest, simulateFiles, simulatePostgres, SimulateError } = require('./simulate');
     let request;
     try {
       request = parseRequest(body);
@@ -340,14 +401,15 @@ function createService(options = {}) {
       if (error instanceof SimulateError) return [error.status, { error: error.message }];
       throw error;
     }
-    if (config.store !== 'files' || selected.error || !selected.module || selected.module.name !== 'files') {
-      return [409, { error: `the store in use is "${config.store}"${selected.error ? ' (unavailable at this revision)' : ''}: /simulate needs the file store` }];
+    if (!canSimulate()) {
+      return [409, { error: `the store in use is "${config.store}"${selected.error ? ' (unavailable at this revision)' : ''}: /simulate needs the file or the PostgreSQL store` }];
     }
     // runs one at a time, and not during a load
-    while (state.simulating || state.loadPromise) {
-      await (state.simulating || state.loadPromise).catch(() => {});
+    while ((state.simulating || state.loadPromise) && !state.stopping) {
+      await Promise.race([(state.simulating || state.loadPromise).catch(() => {}), stopAnnounced]);
     }
-    if (state.stopping) return [409, { error: 'the service is stopping' }];
+    // a request that has not started when the stop begins is refused: nothing of it is applied
+    if (state.stopping) return STOPPING;
     if (!isReady()) return [409, { error: 'the service is not ready', errors: capped(errors()) }];
     let done;
     state.simulating = new Promise((resolve) => {
@@ -355,10 +417,16 @@ function createService(options = {}) {
     });
     let out;
     try {
-      out = await simulate(config.sessionsDir, request);
+      if (config.store === 'postgres') {
+        const result = await simulatePostgres(pgPool(), request);
+        takeCompany(result.company);
+        out = result.answer;
+      } else {
+        out = await simulateFiles(config.sessionsDir, request);
+      }
     } catch (error) {
       if (error instanceof SimulateError) return [error.status, { error: error.message }];
-      log.error('simulate_failed', { company: request.company, error: log.errorText(error) });
+      log.error('simulate_failed', { company: request.company, store: config.store, error: log.errorText(error) });
       return [500, { error: `simulate failed: ${log.errorText(error)}` }];
     } finally {
       state.simulating = null;
@@ -366,12 +434,21 @@ function createService(options = {}) {
     }
     log.info('simulated', {
       company: out.company,
+      store: config.store,
       written: out.written.length,
       deleted: out.deleted.length,
       credsChanged: out.creds_changed,
     });
-    await reload('simulate');
-    if (state.stopping) return [503, { ...out, digest: null, error: 'the service is stopping: not reloaded' }];
+    if (config.store === 'postgres') return [200, out];
+    if (!state.stopping) await reload('simulate');
+    if (state.stopping) {
+      // the write is done but a stop skips or cuts short the reload: the company's true digest alone
+      try {
+        return [200, { ...out, digest: (await reverifyCompany(out.company)).digest }];
+      } catch (error) {
+        return [500, { ...out, digest: null, error: `company ${out.company} did not verify after the change: ${log.errorText(error)}` }];
+      }
+    }
     const company = state.verified.get(out.company);
     if (!company || state.storeError) {
       return [500, { ...out, digest: null, error: `company ${out.company} did not load after the change`, errors: capped(errors()) }];
@@ -382,6 +459,15 @@ function createService(options = {}) {
   const server = http.createServer((req, res) => {
     const url = (req.url || '/').split('?')[0];
     if (url === '/simulate' && req.method === 'POST') {
+      // a stop waits for every request it has not answered
+      const answered = new Promise((resolve) => res.once('close', resolve));
+      state.requests.add(answered);
+      answered.then(() => state.requests.delete(answered));
+      if (state.stopping) {
+        req.resume();
+        send(res, ...STOPPING);
+        return;
+      }
       log.info('simulate_requested', { remote: req.socket.remoteAddress });
       readJsonBody(req)
         .then(handleSimulate, (error) => [error.status || 400, { error: error.message }])
@@ -424,17 +510,32 @@ function createService(options = {}) {
     });
   }
 
-  async function stop(signal) {
-    if (state.stopping) return;
+  /**
+   * Graceful stop (idempotent: every call gets the same promise). New
+   * connections are refused (in PM2 cluster mode the other instances take
+   * them) and a request arriving on an open one gets 503; the POST /simulate
+   * requests already taken are answered (a PostgreSQL transaction commits or
+   * rolls back as a whole), the load ends; then the pool is closed. Bounded by
+   * STOP_DRAIN_MS + STOP_POOL_MS.
+   */
+  function stop(signal) {
+    if (!state.stopPromise) state.stopPromise = stopNow(signal);
+    return state.stopPromise;
+  }
+
+  async function stopNow(signal) {
     state.stopping = true;
-    log.info('service_stopping', { signal });
+    announceStop();
+    log.info('service_stopping', { signal, requests: state.requests.size });
     if (state.retryTimer) clearTimeout(state.retryTimer);
     server.close();
-    server.closeAllConnections && server.closeAllConnections();
-    if (state.loadPromise) {
-      await Promise.race([state.loadPromise.catch(() => {}), new Promise((r) => setTimeout(r, 5000).unref())]);
-    }
-    log.info('service_stopped', { signal });
+    server.closeIdleConnections();
+    const timeout = (ms) => new Promise((resolve) => setTimeout(resolve, ms, false).unref());
+    const pending = [...state.requests, state.loadPromise].filter(Boolean).map((p) => p.catch(() => {}));
+    const drained = await Promise.race([Promise.all(pending).then(() => true), timeout(STOP_DRAIN_MS)]);
+    server.closeAllConnections();
+    if (state.pool) await Promise.race([state.pool.end().catch(() => {}), timeout(STOP_POOL_MS)]);
+    log[drained ? 'info' : 'warn']('service_stopped', { signal, drained, requests: state.requests.size });
   }
 
   return { start, stop, reload, health, config, server, state };
@@ -445,8 +546,13 @@ function main() {
   const onSignal = (signal) => {
     service.stop(signal).then(() => process.exit(0));
   };
-  process.once('SIGINT', () => onSignal('SIGINT'));
-  process.once('SIGTERM', () => onSignal('SIGTERM'));
+  // on, not once: a repeated signal must not kill the process in the middle of the stop
+  process.on('SIGINT', () => onSignal('SIGINT'));
+  process.on('SIGTERM', () => onSignal('SIGTERM'));
+  // PM2 (shutdown_with_message, e.g. on Windows or in some cluster set-ups) asks by message instead
+  process.on('message', (message) => {
+    if (message === 'shutdown') onSignal('shutdown');
+  });
   process.on('unhandledRejection', (reason) => log.error('unhandled_rejection', { error: log.errorText(reason) }));
   process.on('uncaughtException', (error) => {
     log.error('uncaught_exception', { error: log.errorText(error), stack: String(error.stack || '').split('\n').slice(0, 8) });

@@ -1,78 +1,29 @@
 'use strict';
-// POST /simulate: the service in file mode changes a company's directory the
-// way the live service does while PostgreSQL is down, through Baileys'
+// POST /simulate on the file store: the service changes a company's directory
+// the way the live service does while PostgreSQL is down, through Baileys'
 // useMultiFileAuthState (new keys outside the manifest, consumed pre-keys,
 // creds after a pre-key upload), then /health reports the digest of the new
 // state, computed over the reverse-mapped ids of the files not in the
-// manifest. Refused outside the file store. Needs node_modules.
+// manifest. Refused on other stores and when not ready. (The PostgreSQL store
+// and the equality of both answers: test/postgres.test.js.) Needs node_modules.
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
-const os = require('node:os');
 const path = require('node:path');
 
 const log = require('../src/log');
 const digestLib = require('../src/digest');
 
-let haveDeps = true;
-try {
-  require.resolve('baileys');
-  require.resolve('pg');
-  require.resolve('dotenv');
-} catch {
-  haveDeps = false;
-}
-const MISSING = 'node_modules missing: run testbed/bin/install-node-deps --link';
-if (!haveDeps && process.env.BAILEYS_DR_REQUIRE_DEPS === '1') {
-  test('node_modules are installed (BAILEYS_DR_REQUIRE_DEPS=1)', () => assert.fail(MISSING));
-}
-const needDeps = haveDeps ? {} : { skip: MISSING };
+const { FILES_ENV, depsOption, tmpdir, configFor, waitReady, post } = require('./lib/helpers');
+
+const needDeps = depsOption();
 
 for (const level of ['info', 'warn', 'error']) log[level] = () => {};
 
-const made = [];
-function tmpdir() {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdr-simulate-test-'));
-  made.push(dir);
-  return dir;
-}
-test.after(() => {
-  for (const dir of made) fs.rmSync(dir, { recursive: true, force: true });
-});
-
-function configFor(root, env, extra = {}) {
-  fs.writeFileSync(path.join(root, '.env'), env);
-  const config = require('../src/config').loadConfig({ appRoot: root, env: {} });
-  config.healthPort = 0;
-  return Object.assign(config, extra);
-}
-const FILES_ENV = 'USE_LEGACY_SUPABASE=false\nUSE_DATABASE_AUTH_STATE=false\n';
-
 /** Baileys' fixFileName, written out here so the test does not trust src/digest.js for it. */
 const baileysName = (type, id) => `${type}-${id.replace(/\//g, '__').replace(/:/g, '-')}.json`;
-
-async function waitReady(base) {
-  let res;
-  for (let i = 0; i < 200; i++) {
-    res = await fetch(`${base}/health`);
-    const h = await res.json();
-    // ready and verified (the digests are complete), or settled on an error
-    if ((res.status === 200 && h.digestsComplete) || (!h.loading && !h.verifying && h.loadedAt && h.errors.length)) return { status: res.status, health: h };
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error('the service never finished loading');
-}
-
-async function post(base, body, raw = false) {
-  const res = await fetch(`${base}/simulate`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: raw ? body : JSON.stringify(body),
-  });
-  return { status: res.status, body: await res.json() };
-}
 
 /** sha256 of every file of a directory (a change detector). */
 function snapshot(dir) {
@@ -160,7 +111,7 @@ test('simulate: new keys through Baileys, consumed pre-keys, creds after an uplo
 
     const { status, body } = await post(base, { company: 'f1', newKeys: 7, consumePreKeys: 2, touchCreds: true, seed: 'outage-1' });
     assert.equal(status, 200, JSON.stringify(body));
-    assert.deepEqual(Object.keys(body).sort(), ['company', 'creds_changed', 'deleted', 'digest', 'written']);
+    assert.deepEqual(Object.keys(body).sort(), ['company', 'creds_changed', 'creds_sha256', 'deleted', 'digest', 'written']);
     assert.equal(body.company, 'f1');
 
     // new keys: Baileys' names, base64 Buffers, the id shapes the failback must reverse
@@ -175,6 +126,7 @@ test('simulate: new keys through Baileys, consumed pre-keys, creds after an uplo
       assert.equal(w.file, baileysName(w.type, w.id));
       const text = fs.readFileSync(path.join(dir, w.file), 'utf8');
       assert.doesNotMatch(text, /"data":\[/, 'Buffers are base64');
+      assert.equal(w.line_sha256, digestLib.lineSha256(digestLib.keyLine(w.type, w.id, JSON.parse(text))), 'the hash of the line of the file as written');
       const value = JSON.parse(text, BufferJSON.reviver);
       if (w.type === 'pre-key') {
         assert.ok(Buffer.isBuffer(value.private) && value.private.length === 32);
@@ -195,6 +147,7 @@ test('simulate: new keys through Baileys, consumed pre-keys, creds after an uplo
     const credsText = fs.readFileSync(path.join(dir, 'creds.json'), 'utf8');
     const creds = JSON.parse(credsText, BufferJSON.reviver);
     assert.equal(creds.registrationId, credsBefore.registrationId);
+    assert.equal(body.creds_sha256, digestLib.lineSha256(digestLib.credsLine(JSON.parse(credsText))));
     assert.ok(Buffer.isBuffer(creds.noiseKey.private));
     assert.deepEqual(creds.noiseKey, credsBefore.noiseKey);
     const lastNew = Math.max(...byType('pre-key').map((w) => Number(w.id)));
@@ -317,7 +270,7 @@ test('simulate: bad requests are 400 and change nothing', { ...needDeps }, async
   }
 });
 
-test('simulate: refused (409) outside the file store, when not ready, and when creds.json is broken', { ...needDeps }, async () => {
+test('simulate: refused (409) on the supabase store, when not ready (database down, a corrupt creds.json), and when creds.json is broken', { ...needDeps }, async () => {
   const { createService } = require('../src/index');
   const { genFiles } = require('../tools/fixture');
   const root = tmpdir();
@@ -341,23 +294,8 @@ test('simulate: refused (409) outside the file store, when not ready, and when c
     assert.equal(status, 503);
     const res = await post(base, request);
     assert.equal(res.status, 409);
-    assert.match(res.body.error, /store in use is "postgres"/);
-  } finally {
-    await service.stop('test');
-  }
-
-  // postgres mode, ready (a stand-in PostgreSQL store): still refused
-  const fakePostgres = {
-    name: 'postgres',
-    load: async () => ({ companies: [{ id: 'p1', digest: '0'.repeat(64), registrationId: 1, keys: 0, guessed: [] }], errors: [], warnings: [] }),
-  };
-  service = createService({ config: configFor(root, pgEnv, { sessionsDir: sessions }), storeModule: fakePostgres });
-  base = `http://127.0.0.1:${await service.start()}`;
-  try {
-    assert.equal((await waitReady(base)).status, 200);
-    const res = await post(base, request);
-    assert.equal(res.status, 409);
-    assert.match(res.body.error, /needs the file store/);
+    assert.match(res.body.error, /not ready/);
+    assert.match(res.body.errors.join(), /postgres store: /);
   } finally {
     await service.stop('test');
   }
@@ -398,4 +336,27 @@ test('simulate: refused (409) outside the file store, when not ready, and when c
     await service.stop('test');
   }
   assert.deepEqual(snapshot(path.join(sessions, 'company_p1')), snap, 'no refused request changed the directory');
+});
+
+test('simulate: a stop during a request on files lets it finish, answered with the digest of the directory', { ...needDeps }, async () => {
+  const { service, base, sessions, health: before } = await filesService();
+  // stop at the moment Baileys has written the change, before the store is reloaded
+  const saved = log.info;
+  let stopping = null;
+  log.info = (event) => {
+    if (event === 'simulated' && !stopping) stopping = service.stop('test');
+  };
+  try {
+    const res = await post(base, { company: 'f1', newKeys: 4, consumePreKeys: 1, seed: 'stop' });
+    assert.ok(stopping, 'the stop began while the request was in flight');
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    assert.equal(res.body.written.length, 4);
+    assert.notEqual(res.body.digest, before.digests.f1);
+    assert.equal(res.body.digest, digestOfDirectory(sessions, 'f1').digest);
+    await stopping;
+    await assert.rejects(fetch(`${base}/health`), 'no request is taken after the stop');
+  } finally {
+    log.info = saved;
+    await service.stop('test');
+  }
 });

@@ -29,6 +29,7 @@ const { Worker, isMainThread, parentPort, workerData } = require('node:worker_th
 const digestLib = require('../digest');
 const { COMPANY_ID_RE } = require('../config');
 const { loadBaileys } = require('../baileys');
+const { credsIdentity } = require('../identity');
 
 const { StateDigest, keyLine, keyFileName, parseKeyFileName, reverseFileName, sortKeys } = digestLib;
 
@@ -274,7 +275,7 @@ async function loadCompanyCreds(baileys, sessionsDir, name) {
     const { state } = await baileys.useMultiFileAuthState(dir);
     const problem = credsProblem(state.creds);
     if (problem) return { error: `company ${companyId}: ${problem}` };
-    return { company: { id: companyId, registrationId: state.creds.registrationId } };
+    return { company: { id: companyId, ...credsIdentity(state.creds) } };
   } catch (error) {
     return { error: `company ${companyId}: ${error.message}` };
   }
@@ -283,7 +284,7 @@ async function loadCompanyCreds(baileys, sessionsDir, name) {
 /**
  * Phase 1 (ready): every company directory's creds through Baileys; no key
  * file is read. ctx: {isStopping(): bool, onCompany(id)}. Returns
- * {companies: [{id, registrationId}], errors, warnings} in company order;
+ * {companies: [{id, registrationId, me}], errors, warnings} in company order;
  * throws on store-level failures.
  */
 async function load(config, ctx = {}) {

@@ -9,9 +9,10 @@
 // pagination on key_type COLLATE "C", key_id COLLATE "C"), so memory holds
 // one page of one company at a time, whatever the size of the table.
 
-const { Client } = require('pg');
+const { Client, Pool } = require('pg');
 const { StateDigest } = require('../digest');
 const { COMPANY_ID_RE } = require('../config');
+const { credsIdentity } = require('../identity');
 
 const PAGE_SIZE = 2000;
 const COMPANY_PAGE_SIZE = 500;
@@ -56,6 +57,7 @@ async function* authRows(client) {
   }
 }
 
+/** {digest, keys} of one company, its keys read with client (in the caller's transaction). */
 async function digestCompany(client, companyId, creds) {
   const digest = new StateDigest(creds);
   let last = null;
@@ -77,15 +79,10 @@ function credsProblem(creds) {
   return null;
 }
 
-/**
- * Phase 1 (ready): the whatsapp_auth rows. ctx: {isStopping(): bool,
- * onCompany(id)}. Returns {companies: [{id, registrationId}], errors,
- * warnings, close()}: the transaction stays open for verify(); close() ends
- * it (always call it). Throws on store-level failures (connection, missing tables).
- */
-async function load(config, ctx = {}) {
+/** node-postgres options of the service's connections (the password is never logged). */
+function connectionOptions(config) {
   const pg = config.postgres;
-  const client = new Client({
+  return {
     host: pg.host,
     port: pg.port,
     database: pg.database,
@@ -93,8 +90,28 @@ async function load(config, ctx = {}) {
     password: pg.password,
     application_name: 'baileys-whatsapp-service',
     connectionTimeoutMillis: 10000,
-    statement_timeout: 120000,
-  });
+  };
+}
+
+/**
+ * The pool POST /simulate writes through (src/simulate.js): small, as one
+ * request runs at a time per process. The caller ends it (pool.end()).
+ */
+function createPool(config) {
+  const pool = new Pool({ ...connectionOptions(config), max: 2, statement_timeout: 60000 });
+  // An idle connection error must not crash the process: the next request fails instead.
+  pool.on('error', () => {});
+  return pool;
+}
+
+/**
+ * Phase 1 (ready): the whatsapp_auth rows. ctx: {isStopping(): bool,
+ * onCompany(id)}. Returns {companies: [{id, registrationId, me}], errors,
+ * warnings, close()}: the transaction stays open for verify(); close() ends
+ * it (always call it). Throws on store-level failures (connection, missing tables).
+ */
+async function load(config, ctx = {}) {
+  const client = new Client({ ...connectionOptions(config), statement_timeout: 120000 });
   // An idle connection error must not crash the process: the load fails instead.
   client.on('error', () => {});
   let closed = null;
@@ -118,7 +135,7 @@ async function load(config, ctx = {}) {
         result.errors.push(`company ${companyId}: ${problem}`);
         continue;
       }
-      result.companies.push({ id: companyId, registrationId: row.creds.registrationId });
+      result.companies.push({ id: companyId, ...credsIdentity(row.creds) });
       if (ctx.onCompany) ctx.onCompany(companyId);
     }
   } catch (error) {
@@ -165,4 +182,4 @@ async function verify(config, loaded, ctx = {}) {
   }
 }
 
-module.exports = { name: 'postgres', load, verify };
+module.exports = { name: 'postgres', load, verify, createPool, credsProblem, digestCompany };
