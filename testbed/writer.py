@@ -399,8 +399,8 @@ class PostgresStore:
             raise UsageError("--store postgres needs psycopg2 (run the writer with the project's .venv python)") from None
         try:
             # No DSN: libpq takes PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE... from the environment.
-            self.conn = psycopg2.connect(db_url or "", connect_timeout=int(os.environ.get("PGCONNECT_TIMEOUT") or 10),
-                                         application_name="baileys-dr-writer-check")
+            timeout = {} if os.environ.get("PGCONNECT_TIMEOUT") else {"connect_timeout": 10}
+            self.conn = psycopg2.connect(db_url or "", application_name="baileys-dr-writer-check", **timeout)
         except psycopg2.Error as exc:
             # libpq's message names host and port, never the password.
             raise UsageError("cannot connect to PostgreSQL: %s" % str(exc).strip().splitlines()[0]) from None
@@ -783,6 +783,9 @@ def first_request_seen(ledger, offset, run_id):
 
 def start(args):
     pid_file = os.path.abspath(args.pid_file)
+    for option, path in (("--pid-file", pid_file), ("--ledger", args.ledger), ("--log", args.log)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UsageError("%s %s: its directory does not exist" % (option, path))
     running = read_pid_file(pid_file)
     if running and writer_process(running) is not None:
         raise UsageError("a writer is already running with pid %d (--pid-file %s)" % (running, pid_file))
