@@ -21,9 +21,15 @@ description:
   - O(mode=live) writes a complete tree into a sibling staging directory C(.<name>.staging-<random>), syncs it, and swaps
     it in atomically (C(renameat2) C(RENAME_EXCHANGE)); the tree it replaces is kept as C(<name>.before-<UTC time>)
     (or in O(backup_dir)). Files of an earlier export disappear by construction. When the manifest of O(dest) proves the
-    database unchanged (same row versions, see O(mode)) nothing is written and C(changed) is false; when it cannot tell
-    (for example after a PostgreSQL restart) every digest is computed from the rows and compared with the manifest
-    before anything is written.
+    database unchanged (same row versions, see O(mode)) and the tree still holds what its manifests list, nothing is
+    written and C(changed) is false; when it cannot tell (for example after a PostgreSQL restart) every digest is computed
+    from the rows and compared with the manifest before anything is written.
+  - The tree is compared with its own manifests first (the rules of M(baileys_sessions_verify) O(depth=structure), one
+    listing per company, one C(lstat) per file, the sha256 of files modified after the manifest), because a service
+    running on the files creates, rewrites in place and deletes files the database never sees. A tree that differs is
+    written anew even when the database did not change; RV(rewrite_reason) says why and RV(replaced_drift) counts and
+    names what the service changed. A replaced tree that differs from its manifests (or has none) is kept whatever
+    O(keep_backup) says, and the module warns that it holds files the database never received.
   - O(mode=standby) keeps a standby copy up to date in place, writing only what changed since the last refresh, which
     makes failover possible while PostgreSQL is down. The first run (or a run on a tree without a usable manifest)
     builds the tree like O(mode=live). Later runs skip companies whose row versions did not move (one aggregate query
@@ -83,7 +89,9 @@ options:
       - Directory for the tree a live export replaces (same file system as O(dest)). Default the parent of O(dest).
     type: path
   keep_backup:
-    description: Keep the replaced tree (returned as RV(backup)); when false it is removed after the swap.
+    description:
+      - Keep the replaced tree (returned as RV(backup)); when false it is removed after the swap, but only when it held exactly
+        what its manifests list (a tree a service wrote into, or one without a manifest, is always kept).
     type: bool
     default: true
   owner:
@@ -252,6 +260,21 @@ differs:
   description: (live) Whether the database differs from the manifest of O(dest).
   returned: mode=live
   type: bool
+rewrite_reason:
+  description:
+    - "(live) Why the tree is (or, in check mode, would be) written anew, in one line, for example C(the service changed the tree
+      since its manifest: 1 file added (company_x/session-1.2.json), 1 changed (company_x/pre-key-7.json), 1 deleted
+      (company_x/pre-key-3.json))."
+  returned: mode=live, when a tree is or would be written
+  type: str
+replaced_drift:
+  description:
+    - (live) How the replaced tree (now at RV(backup)) differed from its own manifests; in check mode, the tree at O(dest). Null
+      when O(dest) did not exist.
+    - C(clean), C(manifest) (a top manifest was read), C(added), C(changed), C(deleted) (file counts), C(companies) (per drifted
+      company, the first file names of each kind), C(extra_companies), C(missing_companies), C(problems), C(reason).
+  returned: mode=live, when a tree is or would be written
+  type: dict
 would_write:
   description: (live, check mode) Companies, keys, files and estimated bytes a run would write.
   returned: check mode, when the tree differs
@@ -290,7 +313,7 @@ import pwd
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, describe_target, postgres_argument_spec, psycopg2, scrub
-from ansible.module_utils.baileys_dr_sessions import SessionsError, check_company_id, export_tree
+from ansible.module_utils.baileys_dr_sessions import SessionsError, check_company_id, drift_warning, export_tree
 
 
 def resolve_owner(module):
@@ -318,8 +341,12 @@ class AuthExport:
             check_company_id(company_id)
         owner = resolve_owner(self.module)
         target = describe_target(self.params)
-        return export_tree(self.params, lambda: connect(self.params, application_name="baileys-dr-export"), target, owner,
-                           self.module.check_mode)
+        result = export_tree(self.params, lambda: connect(self.params, application_name="baileys-dr-export"), target, owner,
+                             self.module.check_mode)
+        warning = None if self.module.check_mode else drift_warning(result.get("replaced_drift"), result.get("backup"))
+        if warning:
+            self.module.warn(warning)
+        return result
 
 
 def main():

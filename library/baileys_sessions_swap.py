@@ -15,7 +15,11 @@ description:
   - With O(state=restored), puts O(backup) back as O(dest); the tree it replaces is kept beside it
     (C(<dest>.failed-<timestamp>)) so that nothing is ever deleted. Without O(backup) (there was no
     tree before), O(dest) is only moved aside.
-  - The cost is independent of the number of keys: the trees are renamed, not copied.
+  - The cost of the swap is independent of the number of keys: the trees are renamed, not copied.
+  - The replaced tree is then compared with its own manifests (the rules of M(baileys_sessions_verify) O(depth=structure),
+    one directory listing per company, one C(lstat) per file, the sha256 of files modified after the manifest). When a
+    service running on the files added, rewrote or deleted files in it, RV(replaced_drift) counts them and the module
+    warns that the tree holds files the database never received, naming where it is kept. Every replaced tree is kept.
 version_added: "0.1.0"
 author: baileys-dr contributors
 options:
@@ -70,14 +74,23 @@ dest:
   description: The live tree.
   returned: always
   type: str
+replaced_drift:
+  description:
+    - How the replaced tree (now at RV(backup)) differs from its own manifests, null when there was no tree. In check mode, the
+      tree that would be replaced.
+    - C(clean) (bool), C(manifest) (a top manifest was read), C(added), C(changed), C(deleted) (files), C(companies) (per drifted
+      company, the first file names of each kind), C(extra_companies), C(missing_companies), C(problems) (manifest problems),
+      C(reason) (one line). A tree without a manifest is not clean.
+  returned: always
+  type: dict
+  sample: {"clean": false, "manifest": true, "added": 1, "changed": 1, "deleted": 1, "reason": "3 files ..."}
 """
 
 import datetime
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_fs import swap_in
-from ansible.module_utils.baileys_dr_sessions import ParentLock, SessionsError
+from ansible.module_utils.baileys_dr_sessions import ParentLock, SessionsError, drift_warning, swap_in_tree, tree_drift
 
 
 def _stamp():
@@ -101,12 +114,25 @@ class SessionsSwap:
 
     def _move_aside(self):
         if not os.path.lexists(self.dest):
-            return dict(changed=False, dest=self.dest, backup=None)
+            return dict(changed=False, dest=self.dest, backup=None, replaced_drift=None)
         aside = "%s.failed-%s" % (self.dest, _stamp())
-        if not self.module.check_mode:
-            with ParentLock(os.path.dirname(self.dest), timeout=self.module.params["lock_timeout"]):
-                os.rename(self.dest, aside)
-        return dict(changed=True, dest=self.dest, backup=aside)
+        if self.module.check_mode:
+            return dict(changed=True, dest=self.dest, backup=aside, replaced_drift=self._drift_of_dest())
+        with ParentLock(os.path.dirname(self.dest), timeout=self.module.params["lock_timeout"]):
+            os.rename(self.dest, aside)
+            drift = tree_drift(aside)
+        self._warn(drift, aside)
+        return dict(changed=True, dest=self.dest, backup=aside, replaced_drift=drift)
+
+    def _drift_of_dest(self):
+        if not os.path.isdir(self.dest) or os.path.islink(self.dest):
+            return None
+        return tree_drift(self.dest, lock_timeout=self.module.params["lock_timeout"])
+
+    def _warn(self, drift, kept):
+        warning = drift_warning(drift, kept)
+        if warning:
+            self.module.warn(warning)
 
     def run(self):
         state = self.module.params["state"]
@@ -125,11 +151,12 @@ class SessionsSwap:
         if os.path.lexists(backup):
             self.module.fail_json(msg="%s already exists: refusing to overwrite a kept tree" % backup)
         if self.module.check_mode:
-            return dict(changed=True, dest=self.dest, backup=backup if os.path.exists(self.dest) else None)
+            return dict(changed=True, dest=self.dest, backup=backup if os.path.exists(self.dest) else None,
+                        replaced_drift=self._drift_of_dest())
         # The lock the export, refresh and verification take: no swap under a running refresh.
-        with ParentLock(os.path.dirname(self.dest), timeout=self.module.params["lock_timeout"]):
-            kept = swap_in(incoming, self.dest, backup)
-        return dict(changed=True, dest=self.dest, backup=kept)
+        swapped = swap_in_tree(incoming, self.dest, backup, lock_timeout=self.module.params["lock_timeout"])
+        self._warn(swapped["replaced_drift"], swapped["backup"])
+        return dict(changed=True, dest=self.dest, backup=swapped["backup"], replaced_drift=swapped["replaced_drift"])
 
 
 def main():

@@ -18,12 +18,15 @@ description:
     companies of the manifest in RV(extra_companies); both are problems unless O(allow_extra).
   - Symbolic links are never followed; one anywhere in the tree is a problem.
   - Permissions other than 0600 for files and 0700 for directories are reported in RV(permissions) (not a problem).
-  - With O(depth=structure), no session file is opened. The top manifest and every company manifest are checked as
-    above (sha256 chain, format, digests), and each company directory must hold exactly the files its manifest lists,
-    each a regular file (names and types from the directory listing); missing, extra, renamed files, symbolic links and
-    broken manifests are problems as with O(depth=content), but a file whose content was changed in place is not seen.
+  - With O(depth=structure), the top manifest and every company manifest are checked as above (sha256 chain, format,
+    digests), and each company directory must hold exactly the files its manifest lists, each a regular file of the size
+    listed (one directory listing per company, one C(lstat) per file). Only the files modified at or after the moment the
+    top manifest was written (its own mtime) are read and hashed, because a service running on the files (Baileys writes in
+    place with a plain C(writeFile)) gives each file it rewrites a new mtime; so a file changed in place after the manifest is a
+    problem, in the words of O(depth=content). Missing, extra, renamed files, symbolic links and broken manifests are
+    problems as with O(depth=content); a file changed in place whose mtime was set back before the manifest's is not seen.
     Seconds for a tree of a million files (the failover from the standby copy uses it); file permissions are not read
-    (directories' are).
+    (directories' are). The same rules give M(baileys_auth_export) and M(baileys_sessions_swap) their C(replaced_drift).
   - With O(recompute_digests), every file is parsed and each company's state digest is recomputed from the files (either
     Buffer encoding gives the same digest) and compared with the manifest.
   - Read-only. Waits for a running export or refresh of the same parent directory (shared C(flock)).
@@ -38,8 +41,8 @@ options:
   depth:
     description:
       - V(content) reads every file and compares its size and sha256 with the manifest.
-      - V(structure) compares the company directories' listings with the manifests without reading the files (see
-        above); it cannot be combined with O(recompute_digests).
+      - V(structure) compares the company directories' listings and file sizes with the manifests, reading only the files
+        modified since the top manifest was written (see above); it cannot be combined with O(recompute_digests).
     type: str
     choices: [content, structure]
     default: content
@@ -114,8 +117,8 @@ problem_count:
 counts:
   description:
     - companies, files, bytes, keys, missing_files, mismatched_files, extra_files, extra_companies, permission_issues.
-    - With O(depth=structure), bytes are the sizes the manifests list, mismatched_files stays 0 (contents are not read)
-      and permission_issues counts directories only.
+    - With O(depth=structure), bytes are the sizes the manifests list, mismatched_files counts files of another size or
+      modified after the manifest with another sha256, and permission_issues counts directories only.
   returned: always
   type: dict
 depth:

@@ -41,6 +41,7 @@ import ctypes
 import datetime
 import errno
 import fcntl
+import functools
 import gzip
 import hashlib
 import itertools
@@ -1287,9 +1288,14 @@ class Exporter:
                   "backup": None, "files": 0, "bytes": 0, "queries": snapshot.queries,
                   "generation": current["generation"] if current else None}
         differs = self._differs(current, stats, meta)
-        if differs is False and not params["force"]:
+        # The manifest speaks for the files only while nobody wrote into them: a service running on the files creates,
+        # rewrites in place and deletes files the database never sees. Checked before any "nothing to do" (a run that
+        # writes anyway compares the replaced tree after the swap, where it is kept).
+        drift = tree_drift(dest) if exists and (self.check_mode or (differs is not True and not params["force"])) else None
+        drifted = drift is not None and not drift["clean"]
+        if differs is False and not params["force"] and not drifted:
             result.update(changed=False, differs=False, digests={c: e["digest"] for c, e in current["companies"].items()},
-                          reason="the database holds what the manifest of dest lists (row versions unchanged)")
+                          reason="the database holds what the manifest of dest lists (row versions unchanged) and so does the tree")
             return result
         files = sum(s[1] + (1 if s[3] else 0) for s in stats)
         estimated = estimate_tree_bytes(snapshot.estimate_bytes(filter_ids), files, free_space(parent)["block"])
@@ -1299,19 +1305,36 @@ class Exporter:
             # Digests from the rows, compared with the manifest before anything is written.
             report = self._compare(snapshot, stats, current)
             result.update(report)
+            differs = report["differs"]
             if self.check_mode:
-                result["changed"] = report["differs"] or bool(params["force"])
+                result["changed"] = report["differs"] or bool(params["force"]) or drifted
                 if result["changed"]:
                     result["would_write"] = {"companies": len(stats), "keys": result["keys"] - report["skipped_keys"],
                                              "files": files - report["skipped_keys"], "estimated_bytes": estimated}
-                result["reason"] = why or report["reason"]
+                    result["rewrite_reason"] = self._rewrite_reason(why, differs, drift)
+                result["replaced_drift"] = drift
+                result["reason"] = why or (report["reason"] if differs or not drifted else result["rewrite_reason"])
                 return result
-            if not report["differs"]:
+            if not report["differs"] and not drifted:
                 result["changed"] = False
                 return result
         result.update(self._write(conn, snapshot, stats, meta, current, dest, exists, parent, backup_dir))
-        result["reason"] = why or "the database differs from the manifest of dest"
+        drift = result["replaced_drift"] or drift
+        result["differs"] = differs is not False
+        result["rewrite_reason"] = self._rewrite_reason(why, differs, drift)
+        result["reason"] = why or ("the database differs from the manifest of dest" if differs is not False else result["rewrite_reason"])
         return result
+
+    def _rewrite_reason(self, why, differs, drift):
+        """Why dest is (or would be) written anew: one line naming the database's change, the tree's, or both."""
+        parts = [why] if why else []
+        if differs and not why:
+            parts.append("the database differs from the manifest of dest")
+        if drift is not None and drift["manifest"] and not drift["clean"]:
+            parts.append("the service changed the tree since its manifest: %s" % drift["reason"])
+        if not parts:
+            parts.append("force" if self.params["force"] else "the database differs from the manifest of dest")
+        return "; ".join(parts)
 
     def _write(self, conn, snapshot, stats, meta, current, dest, exists, parent, backup_dir):
         params = self.params
@@ -1338,15 +1361,14 @@ class Exporter:
             finally:
                 os.close(root_fd)
             test_hook("before_swap")
-            backup = swap_in(staging, dest, backup_path(dest, backup_dir, utc_now()) if exists else None)
+            # The replaced tree is kept whatever keep_backup says when the service wrote into it (swap_in_tree).
+            swapped = swap_in_tree(staging, dest, backup_dir=backup_dir, keep_backup=params["keep_backup"])
             staging = None
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
-        if backup and not params["keep_backup"]:
-            shutil.rmtree(backup)
-            backup = None
-        return {"changed": True, "differs": True, "backup": backup, "files": export.totals["files"],
+        return {"changed": True, "backup": swapped["backup"], "replaced_drift": swapped["replaced_drift"],
+                "files": export.totals["files"],
                 "bytes": export.totals["bytes"], "keys": export.totals["keys"], "skipped_keys": export.totals["skipped_keys"],
                 "skipped_types": sorted(export.skipped_types), "generation": generation, "digests": export.digests,
                 "companies_without_creds": export.without_creds[:MAX_SHOWN], "workers": export.workers_used}
@@ -2226,9 +2248,21 @@ class _HashingWriter:
 
 
 VERIFY_DEPTHS = ("content", "structure")
-# The end of each file's line in a company manifest (from its name's closing quote), and each file's size.
+# The end of each file's line in a company manifest (from its name's closing quote), each file's size and sha256.
 MANIFEST_ENTRY_TAIL_RE = re.compile(rb'":\{"type":"[^\n]*')
 MANIFEST_SIZE_RE = re.compile(rb'"size":(\d+)')
+MANIFEST_SHA256_RE = re.compile(rb'"sha256":"([^"\n]*)"')
+# File names shown per company and kind (added, changed, deleted) in a drift report.
+DRIFT_SHOWN = 5
+
+
+def shown_name(name):
+    """A name from a directory listing as it can be shown: itself when printable, else its repr.
+
+    Listings are hostile input: a newline, an escape sequence or an undecodable byte (a lone surrogate
+    after os.fsdecode) would break a one-line reason or the module's JSON.
+    """
+    return name if name.isprintable() else repr(name)
 
 
 def parse_json(data, name):
@@ -2239,7 +2273,7 @@ def parse_json(data, name):
 
 
 def manifest_listing(data, company_id):
-    """{"digest", "keys", "sizes": {file name: size}} of a company manifest read from its layout alone, or None
+    """{"digest", "keys", "sizes": {file name: size}, "names", "body"} of a company manifest read from its layout alone, or None
     when it is not in the one-file-per-line layout or a name needs JSON unescaping (the caller parses it as JSON).
 
     What a manifest says is proven by the sha256 the top manifest lists for it; this only has to find the names
@@ -2276,7 +2310,98 @@ def manifest_listing(data, company_id):
     sizes = dict(zip(names, map(int, sizes)))
     if len(sizes) != count or sizes.keys() & {"", ".", ".."}:
         return None
-    return {"company_id": company_id, "digest": document["digest"], "keys": document["keys"], "sizes": sizes}
+    return {"company_id": company_id, "digest": document["digest"], "keys": document["keys"], "sizes": sizes,
+            "names": names, "body": body}
+
+
+def manifest_hashes(files):
+    """{file name: sha256} of a company manifest's files (parsed as JSON)."""
+    return {name: spec["sha256"] for name, spec in files.items()}
+
+
+def listing_hashes(listing):
+    """{file name: sha256} of a manifest_listing, built only when a file has to be hashed."""
+    return dict(zip(listing["names"], (h.decode("ascii", "replace") for h in MANIFEST_SHA256_RE.findall(listing["body"]))))
+
+
+class DriftReport:
+    """What a tree holds that its manifests do not say: files added, changed and deleted, by company.
+
+    Counts cover everything; names are kept for the first DRIFT_SHOWN files of the first MAX_SHOWN companies
+    only, so a tree of a million drifted files costs no more memory than a clean one.
+    """
+
+    KINDS = ("added", "changed", "deleted")
+
+    def __init__(self):
+        self.counts = dict.fromkeys(self.KINDS, 0)
+        self.companies = {}
+        self.drifted_companies = 0
+        self.extra_companies = []
+        self.missing_companies = []
+        self.other = []  # problems that are not files: manifests, markers, unreadable directories
+        self.manifest = False
+
+    def files(self, company_id, added=(), changed=(), deleted=()):
+        """One company's drift: lists of shown file names, each sorted."""
+        if not (added or changed or deleted):
+            return
+        self.drifted_companies += 1
+        found = dict(zip(self.KINDS, (added, changed, deleted)))
+        for kind, names in found.items():
+            self.counts[kind] += len(names)
+        if len(self.companies) < MAX_SHOWN:
+            entry = {kind: list(names[:DRIFT_SHOWN]) for kind, names in found.items()}
+            entry["counts"] = {kind: len(names) for kind, names in found.items()}
+            self.companies[company_id] = entry
+
+    def extra_company(self, name, files):
+        """An entry of the tree that is no company of the manifest, holding files (counted as added)."""
+        self.counts["added"] += files
+        if len(self.extra_companies) < MAX_SHOWN:
+            self.extra_companies.append(name)
+
+    def missing_company(self, company_id, files):
+        """A company of the manifest without its directory: its files count as deleted."""
+        self.counts["deleted"] += files
+        if len(self.missing_companies) < MAX_SHOWN:
+            self.missing_companies.append(company_id)
+
+    def examples(self, kind, limit=3):
+        found = []
+        for company_id, entry in self.companies.items():
+            found.extend("%s%s/%s" % (COMPANY_PREFIX, company_id, name) for name in entry[kind][:limit - len(found)])
+            if len(found) >= limit:
+                break
+        return found
+
+    def reason(self, clean):
+        if clean:
+            return "the tree holds what its manifests list"
+        parts, files = [], []
+        for kind in self.KINDS:
+            count = self.counts[kind]
+            if count:
+                noun = "" if files else (" file" if count == 1 else " files")
+                examples = self.examples(kind)
+                more = ", ..." if count > len(examples) and examples else ""
+                files.append("%d%s %s%s" % (count, noun, kind, " (%s%s)" % (", ".join(examples), more) if examples else ""))
+        if files:
+            parts.append(", ".join(files))
+        if self.extra_companies:
+            parts.append("not companies of the manifest: %s" % ", ".join(self.extra_companies[:3]))
+        if self.missing_companies:
+            parts.append("companies of the manifest without a directory: %s" % ", ".join(self.missing_companies[:3]))
+        parts.extend(self.other[:2])
+        return "; ".join(parts)
+
+    def summary(self, problem_count):
+        """The dict tree_drift returns (see there)."""
+        clean = problem_count == 0
+        return {"clean": clean, "manifest": self.manifest, "added": self.counts["added"], "changed": self.counts["changed"],
+                "deleted": self.counts["deleted"], "drifted_companies": self.drifted_companies, "companies": self.companies,
+                "extra_companies": self.extra_companies, "missing_companies": self.missing_companies,
+                "problems": self.other[:DRIFT_SHOWN], "reason": self.reason(clean)}
 
 
 class Verifier:
@@ -2284,10 +2409,16 @@ class Verifier:
 
     depth "content" reads and hashes every file; depth "structure" checks the
     manifests (sha256 chain, format) and that each company directory holds
-    exactly the regular files its manifest lists, from the directory listing
-    alone (no file opened): seconds instead of minutes for a million files,
-    for a failover that must not wait. It does not see a file whose content
-    was changed in place.
+    exactly the regular files its manifest lists, each of the size listed,
+    from one directory listing and one lstat per file; it hashes only the
+    files modified since the top manifest was written (a service running on
+    the files rewrites them in place with a plain writeFile: same size
+    possible, new mtime). Seconds instead of minutes for a million files, for
+    a failover that must not wait. It does not see a file changed in place
+    whose mtime was set back before the manifest's.
+
+    Every difference of files is also recorded in self.drift (a DriftReport),
+    which tree_drift returns.
     """
 
     def __init__(self, path, recompute_digests=False, allow_extra=False, max_problems=100, depth="content"):
@@ -2307,11 +2438,19 @@ class Verifier:
         self.permissions = []
         self.counts = {"companies": 0, "files": 0, "bytes": 0, "keys": 0, "missing_files": 0, "mismatched_files": 0,
                        "extra_files": 0, "extra_companies": 0, "permission_issues": 0}
+        self.drift = DriftReport()
+        self.manifest_mtime_ns = None
 
     def problem(self, text):
         self.problem_count += 1
         if len(self.problems) < self.max_problems:
             self.problems.append(text)
+
+    def tree_problem(self, text):
+        """A problem that is not a file's (manifests, markers, the tree itself): also the drift report's."""
+        self.problem(text)
+        if len(self.drift.other) < DRIFT_SHOWN:
+            self.drift.other.append(text)
 
     def _perm(self, what, info, expected):
         mode = stat.S_IMODE(info.st_mode)
@@ -2326,13 +2465,13 @@ class Verifier:
         try:
             info = os.lstat(self.path)
         except FileNotFoundError:
-            self.problem("%s does not exist" % self.path)
+            self.tree_problem("%s does not exist" % self.path)
             return self._finish(result)
         if stat.S_ISLNK(info.st_mode):
-            self.problem("%s is a symbolic link: refused" % self.path)
+            self.tree_problem("%s is a symbolic link: refused" % self.path)
             return self._finish(result)
         if not stat.S_ISDIR(info.st_mode):
-            self.problem("%s is not a directory" % self.path)
+            self.tree_problem("%s is not a directory" % self.path)
             return self._finish(result)
         root_fd = open_dir(self.path)
         try:
@@ -2345,34 +2484,37 @@ class Verifier:
         try:
             meta_fd = open_dir(META_DIR, root_fd)
         except FileNotFoundError:
-            self.problem("no %s directory: the tree has no manifest" % META_DIR)
+            self.tree_problem("no %s directory: the tree has no manifest" % META_DIR)
             return
         except SessionsError as exc:
-            self.problem(str(exc))
+            self.tree_problem(str(exc))
             return
         try:
             try:
+                # Its mtime before its content: a manifest replaced in between can only make more files suspect.
+                self.manifest_mtime_ns = os.stat(MANIFEST_NAME, dir_fd=meta_fd, follow_symlinks=False).st_mtime_ns
                 data, top = read_json_at(meta_fd, MANIFEST_NAME)
                 validate_top_manifest(top)
             except FileNotFoundError:
-                self.problem("%s/%s is missing: the tree is incomplete or was never finished" % (META_DIR, MANIFEST_NAME))
+                self.tree_problem("%s/%s is missing: the tree is incomplete or was never finished" % (META_DIR, MANIFEST_NAME))
                 return
             except (ManifestError, SessionsError, OSError) as exc:
-                self.problem("%s/%s: %s" % (META_DIR, MANIFEST_NAME, exc))
+                self.tree_problem("%s/%s: %s" % (META_DIR, MANIFEST_NAME, exc))
                 return
+            self.drift.manifest = True
             result.update(generation=top.get("generation"), created_at=top.get("created_at"), source=top.get("source"),
                           last_good_refresh=top.get("last_good_refresh"), age_seconds=age_of(top), mode=top.get("mode"),
                           manifest_counts=top.get("counts"))
             try:
                 os.lstat(IN_PROGRESS_NAME, dir_fd=meta_fd)
-                self.problem("%s/%s exists: a refresh was interrupted (or is running); the tree is not a finished generation"
-                             % (META_DIR, IN_PROGRESS_NAME))
+                self.tree_problem("%s/%s exists: a refresh was interrupted (or is running); the tree is not a finished generation"
+                                  % (META_DIR, IN_PROGRESS_NAME))
             except FileNotFoundError:
                 pass
             try:
                 companies_fd = open_dir(COMPANIES_DIR, meta_fd)
             except (FileNotFoundError, SessionsError) as exc:
-                self.problem("%s/%s: %s" % (META_DIR, COMPANIES_DIR, exc if isinstance(exc, SessionsError) else "missing"))
+                self.tree_problem("%s/%s: %s" % (META_DIR, COMPANIES_DIR, exc if isinstance(exc, SessionsError) else "missing"))
                 return
             try:
                 self._companies(root_fd, companies_fd, top, result)
@@ -2384,12 +2526,14 @@ class Verifier:
     def _companies(self, root_fd, companies_fd, top, result):
         listed = top["companies"]
         on_disk = set()
+        extra = []  # as listed (the problem shows their repr)
         for name in os.listdir(root_fd):
             if name == META_DIR:
                 continue
             info = os.lstat(name, dir_fd=root_fd)
             if stat.S_ISLNK(info.st_mode):
-                self.problem("%s is a symbolic link: refused" % name)
+                self.problem("%s is a symbolic link: refused" % shown_name(name))
+                self.drift.extra_company(shown_name(name), 1)
                 continue
             if name.startswith(COMPANY_PREFIX) and stat.S_ISDIR(info.st_mode):
                 company_id = name[len(COMPANY_PREFIX):]
@@ -2398,16 +2542,19 @@ class Verifier:
                     continue
             self.counts["extra_companies"] += 1
             if len(self.extra_companies) < self.max_problems:
-                self.extra_companies.append(name)
-        if self.extra_companies and not self.allow_extra:
+                self.extra_companies.append(shown_name(name))
+                extra.append(name)
+            self.drift.extra_company(shown_name(name), self._entries(root_fd, name, info))
+        if extra and not self.allow_extra:
             self.problem("%d entries of the tree are not companies of the manifest: %s"
-                         % (self.counts["extra_companies"], ", ".join(repr(n) for n in self.extra_companies[:MAX_SHOWN])))
+                         % (self.counts["extra_companies"], ", ".join(repr(n) for n in extra[:MAX_SHOWN])))
         keys_total = 0
         for company_id in sorted(listed, key=lambda c: c.encode("utf-8")):
             entry = listed[company_id]
             self.counts["companies"] += 1
             if company_id not in on_disk:
                 self.problem("company %s: directory %s%s is missing" % (company_id, COMPANY_PREFIX, company_id))
+                self.drift.missing_company(company_id, entry["files"] if isinstance(entry.get("files"), int) else 0)
                 continue
             name = company_id + ".json"
             listing = None
@@ -2419,28 +2566,46 @@ class Verifier:
                 else:
                     data, manifest = read_json_at(companies_fd, name)
             except FileNotFoundError:
-                self.problem("company %s: its manifest is missing" % company_id)
+                self.tree_problem("company %s: its manifest is missing" % company_id)
                 continue
             except (ManifestError, SessionsError, OSError) as exc:
-                self.problem("company %s: manifest unreadable: %s" % (company_id, exc))
+                self.tree_problem("company %s: manifest unreadable: %s" % (company_id, exc))
                 continue
             if sha256_bytes(data) != entry["manifest_sha256"]:
-                self.problem("company %s: its manifest's sha256 differs from the top manifest's (half-refreshed company)" % company_id)
+                self.tree_problem("company %s: its manifest's sha256 differs from the top manifest's (half-refreshed company)" % company_id)
                 continue
             if listing is None:
                 try:
                     validate_company_manifest(manifest, company_id)
                 except ManifestError as exc:
-                    self.problem(str(exc))
+                    self.tree_problem(str(exc))
                     continue
             if manifest.get("digest") != entry["digest"]:
-                self.problem("company %s: the digests of the top and company manifests differ" % company_id)
+                self.tree_problem("company %s: the digests of the top and company manifests differ" % company_id)
             if self.depth == "structure":
-                sizes = listing["sizes"] if listing else {n: spec["size"] for n, spec in manifest["files"].items()}
-                keys_total += self._company_structure(root_fd, company_id, manifest["digest"], sizes, result)
+                if listing:
+                    sizes, hashes = listing["sizes"], functools.partial(listing_hashes, listing)
+                else:
+                    sizes = {n: spec["size"] for n, spec in manifest["files"].items()}
+                    hashes = functools.partial(manifest_hashes, manifest["files"])
+                keys_total += self._company_structure(root_fd, company_id, manifest["digest"], sizes, hashes, result)
             else:
                 keys_total += self._company(root_fd, company_id, manifest, entry, result)
         self.counts["keys"] = keys_total
+
+    @staticmethod
+    def _entries(root_fd, name, info):
+        """Files an extra entry of the tree brings: a directory's entries (not followed, not descended), else 1."""
+        if not stat.S_ISDIR(info.st_mode):
+            return 1
+        try:
+            fd = open_dir(name, root_fd)
+        except (OSError, SessionsError):
+            return 1
+        try:
+            return len(os.listdir(fd))
+        finally:
+            os.close(fd)
 
     def _open_company(self, root_fd, company_id):
         """(directory name, fd) of a company directory with its mode checked, or (name, None) with the problem noted."""
@@ -2448,7 +2613,7 @@ class Verifier:
         try:
             dir_fd = open_dir(dir_name, root_fd)
         except SessionsError as exc:
-            self.problem("company %s: %s" % (company_id, exc))
+            self.tree_problem("company %s: %s" % (company_id, exc))
             return dir_name, None
         try:
             self._perm(dir_name, os.fstat(dir_fd), DIR_MODE)
@@ -2456,6 +2621,14 @@ class Verifier:
             os.close(dir_fd)
             raise
         return dir_name, dir_fd
+
+    def _extra_files(self, company_id, dir_name, extra):
+        for name in extra:
+            self.counts["extra_files"] += 1
+            if len(self.extra_files) < self.max_problems:
+                self.extra_files.append("%s/%s" % (dir_name, name))
+            if not self.allow_extra:
+                self.problem("company %s: %s is not in the manifest" % (company_id, name))
 
     def _company(self, root_fd, company_id, manifest, entry, result):
         dir_name, dir_fd = self._open_company(root_fd, company_id)
@@ -2466,11 +2639,13 @@ class Verifier:
             names = set(os.listdir(dir_fd))
             creds = None
             values = []
+            missing, changed = [], []
             ok = True
             for name, spec in files.items():
                 if name not in names:
                     self.counts["missing_files"] += 1
-                    self.problem("company %s: %s is missing" % (company_id, name))
+                    self.problem("company %s: %s is missing" % (company_id, shown_name(name)))
+                    missing.append(shown_name(name))
                     ok = False
                     continue
                 try:
@@ -2478,34 +2653,34 @@ class Verifier:
                     info = os.lstat(name, dir_fd=dir_fd)
                 except (OSError, SessionsError) as exc:
                     reason = "a symbolic link: refused" if isinstance(exc, OSError) and exc.errno == errno.ELOOP else exc
-                    self.problem("company %s: %s is %s" % (company_id, name, reason))
+                    self.problem("company %s: %s is %s" % (company_id, shown_name(name), reason))
+                    changed.append(shown_name(name))
                     ok = False
                     continue
                 self.counts["files"] += 1
                 self.counts["bytes"] += len(data)
-                self._perm("%s/%s" % (dir_name, name), info, FILE_MODE)
+                self._perm("%s/%s" % (dir_name, shown_name(name)), info, FILE_MODE)
                 if len(data) != spec["size"] or sha256_bytes(data) != spec["sha256"]:
                     self.counts["mismatched_files"] += 1
-                    self.problem("company %s: %s differs from its manifest (size %d, expected %d)" % (company_id, name, len(data), spec["size"]))
+                    self.problem("company %s: %s differs from its manifest (size %d, expected %d)"
+                                 % (company_id, shown_name(name), len(data), spec["size"]))
+                    changed.append(shown_name(name))
                     ok = False
                     continue
                 if self.recompute:
                     try:
                         value = json.loads(data)
                     except ValueError as exc:
-                        self.problem("company %s: %s is not JSON (%s)" % (company_id, name, exc))
+                        self.problem("company %s: %s is not JSON (%s)" % (company_id, shown_name(name), exc))
                         ok = False
                         continue
                     if name == CREDS_FILE:
                         creds = value
                     else:
                         values.append((spec["type"], spec["id"], value))
-            for name in sorted(names - set(files)):
-                self.counts["extra_files"] += 1
-                if len(self.extra_files) < self.max_problems:
-                    self.extra_files.append("%s/%s" % (dir_name, name))
-                if not self.allow_extra:
-                    self.problem("company %s: %s is not in the manifest" % (company_id, name))
+            extra = sorted(shown_name(name) for name in names - set(files))
+            self._extra_files(company_id, dir_name, extra)
+            self.drift.files(company_id, extra, sorted(changed), sorted(missing))
             keys = sum(1 for n in files if n != CREDS_FILE)
             if self.recompute and ok:
                 digest = DigestLines(creds_line(creds))
@@ -2520,12 +2695,16 @@ class Verifier:
         finally:
             os.close(dir_fd)
 
-    def _company_structure(self, root_fd, company_id, digest, sizes, result):
-        """The company directory's entries against the manifest's file names: nothing opened, nothing hashed.
+    def _company_structure(self, root_fd, company_id, digest, sizes, hashes, result):
+        """The company directory against its manifest from one listing and one lstat per listed file.
 
-        os.scandir gives each entry's type from the directory itself (no
-        stat on file systems that record it): a symbolic link or anything but
-        a regular file under a listed name is a problem, as with depth=content.
+        os.scandir gives each entry's type from the directory itself: a symbolic
+        link or anything but a regular file under a listed name is a problem, as
+        with depth=content, and is never followed or opened. A listed regular
+        file of another size differs; one of the listed size modified at or
+        after the top manifest's mtime (same tick included: timestamps are
+        coarse) is read and hashed (hashes() gives the manifest's sha256s), so
+        a clean tree written before its manifest costs no read at all.
         """
         dir_name, dir_fd = self._open_company(root_fd, company_id)
         if dir_fd is None:
@@ -2535,23 +2714,58 @@ class Verifier:
                 entries = list(listing)
             names = {item.name for item in entries}
             # Set operations and comprehensions: a million entries in C loops, not Python statements.
-            odd = [item for item in entries if not item.is_file(follow_symlinks=False) and item.name in sizes]
-            for item in sorted(odd, key=lambda i: i.name):
-                kind = "a symbolic link: refused" if item.is_symlink() else "not a regular file"
-                self.problem("company %s: %s is %s" % (company_id, item.name, kind))
-            for name in sorted(sizes.keys() - names):
+            odd = {item.name: "a symbolic link: refused" if item.is_symlink() else "not a regular file"
+                   for item in entries if item.name in sizes and not item.is_file(follow_symlinks=False)}
+            del entries
+            missing = sizes.keys() - names
+            changed = {}  # name -> (size on disk or None, why)
+            suspect = []
+            since = self.manifest_mtime_ns
+            lstat_at = functools.partial(os.stat, dir_fd=dir_fd, follow_symlinks=False)
+            for name in (sizes.keys() & names) - odd.keys():
+                try:
+                    info = lstat_at(name)
+                except FileNotFoundError:  # deleted since the listing
+                    missing.add(name)
+                    continue
+                if not stat.S_ISREG(info.st_mode):
+                    odd[name] = "a symbolic link: refused" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+                elif info.st_size != sizes[name]:
+                    changed[name] = info.st_size
+                elif since is None or info.st_mtime_ns >= since:
+                    suspect.append(name)
+            if suspect:
+                expected = hashes()
+                for name in suspect:
+                    try:
+                        data = read_regular(dir_fd, name)
+                    except FileNotFoundError:
+                        missing.add(name)
+                        continue
+                    except (OSError, SessionsError) as exc:
+                        odd[name] = "a symbolic link: refused" if isinstance(exc, OSError) and exc.errno == errno.ELOOP else exc
+                        continue
+                    if sha256_bytes(data) != expected.get(name):
+                        changed[name] = len(data)
+            for name in sorted(odd.keys() | changed.keys()):
+                if name in odd:
+                    self.problem("company %s: %s is %s" % (company_id, shown_name(name), odd[name]))
+                else:
+                    self.counts["mismatched_files"] += 1
+                    self.problem("company %s: %s differs from its manifest (size %d, expected %d)"
+                                 % (company_id, shown_name(name), changed[name], sizes[name]))
+            missing = sorted(missing)
+            for name in missing:
                 self.counts["missing_files"] += 1
-                self.problem("company %s: %s is missing" % (company_id, name))
-            for name in sorted(names - sizes.keys()):
-                self.counts["extra_files"] += 1
-                if len(self.extra_files) < self.max_problems:
-                    self.extra_files.append("%s/%s" % (dir_name, name))
-                if not self.allow_extra:
-                    self.problem("company %s: %s is not in the manifest" % (company_id, name))
+                self.problem("company %s: %s is missing" % (company_id, shown_name(name)))
+            extra = sorted(shown_name(name) for name in names - sizes.keys())
+            self._extra_files(company_id, dir_name, extra)
+            self.drift.files(company_id, extra, sorted(shown_name(n) for n in odd.keys() | changed.keys()),
+                             [shown_name(n) for n in missing])
             present = sizes.keys() & names
-            odd_names = {item.name for item in odd}
-            self.counts["files"] += len(present) - len(odd_names)
-            self.counts["bytes"] += sum(sizes[name] for name in present) - sum(sizes[name] for name in odd_names)
+            gone = odd.keys() | (present & set(missing))
+            self.counts["files"] += len(present) - len(gone)
+            self.counts["bytes"] += sum(sizes[name] for name in present) - sum(sizes[name] for name in gone)
             result["digests"][company_id] = digest
             return len(sizes) - (1 if CREDS_FILE in sizes else 0)
         finally:
@@ -2562,6 +2776,87 @@ class Verifier:
                       extra_companies=self.extra_companies, permissions=self.permissions, counts=self.counts,
                       verified=self.problem_count == 0, recomputed=self.recompute, depth=self.depth)
         return result
+
+
+# -- drift: what a service running on the files did to a tree --------------------------------------
+
+
+def tree_drift(path, lock_timeout=None):
+    """How the sessions tree at path differs from its own manifests: what a service running on the files did to it.
+
+    The rules of baileys_sessions_verify depth=structure (one implementation, Verifier): a file on disk that no
+    manifest lists is added; a listed file that is absent is deleted; a listed file that is not a regular file, or
+    whose size differs, or that was modified at or after the top manifest's own mtime and whose sha256 differs
+    from the manifest's, is changed. Symbolic links, sub-directories and hostile names are reported, never
+    followed. One company's listing at a time: one scandir per company, one lstat per file, a read only of the
+    files modified since the manifest.
+
+    Read-only. Takes no lock unless lock_timeout is given (a shared ParentLock): a caller that writes the tree
+    holds the exclusive one already.
+
+    Returns {"clean": bool, "manifest": bool (a top manifest was read), "added": n, "changed": n, "deleted": n,
+    "drifted_companies": n, "companies": {id: {"added": [names], "changed": [...], "deleted": [...], "counts":
+    {...}}} (drifted companies only, at most MAX_SHOWN, DRIFT_SHOWN names each), "extra_companies": [entries of the
+    tree that are no company of the manifest, their files counted as added], "missing_companies": [ids, their files
+    counted as deleted], "problems": [the first problems that are not files: manifests, markers], "reason": one line}.
+    A tree without a manifest, or with manifests that do not chain, is not clean.
+    """
+    path = os.path.normpath(path)
+    verifier = Verifier(path, depth="structure", max_problems=MAX_SHOWN)
+    try:
+        if lock_timeout is None or not os.path.isdir(os.path.dirname(path)):
+            verifier.run()
+        else:
+            with ParentLock(os.path.dirname(path), exclusive=False, timeout=lock_timeout):
+                verifier.run()
+    except (OSError, SessionsError) as exc:
+        # After a swap the tree is only reported on: a tree that cannot be read is not clean, and says why.
+        verifier.tree_problem("%s cannot be read: %s" % (path, exc))
+    return verifier.drift.summary(verifier.problem_count)
+
+
+def drift_files(drift):
+    """Files a service added, changed or deleted in a tree (0 for None)."""
+    return drift["added"] + drift["changed"] + drift["deleted"] if drift else 0
+
+
+def drift_warning(drift, kept):
+    """The warning a module gives when the tree it replaced (now at kept) is not what its manifests say, else None."""
+    if drift is None or drift["clean"]:
+        return None
+    if drift_files(drift):
+        return ("the replaced tree held %d files the service wrote that the database never received (%d added, %d changed, "
+                "and %d deleted by it; kept in %s)" % (drift["added"] + drift["changed"], drift["added"], drift["changed"],
+                                                       drift["deleted"], kept))
+    return "the replaced tree does not match its manifests (%s): what a service wrote into it cannot be told (kept in %s)" % (
+        drift["reason"], kept)
+
+
+def swap_in_tree(src, dest, backup=None, backup_dir=None, keep_backup=True, lock_timeout=None):
+    """Make the tree src the tree at dest (one atomic exchange, baileys_dr_fs.swap_in) and say what the replaced tree held.
+
+    The replaced tree goes to backup (default <backup_dir or parent of dest>/<name>.before-<UTC time>) and is
+    compared with its manifests there (tree_drift). It is removed only when keep_backup is false and it held exactly
+    what its manifests list: a tree a service wrote into, or one without a usable manifest, may hold state the
+    database never received, and is never deleted. src, dest and backup must be on one file system.
+
+    The caller holds ParentLock(parent of dest) unless lock_timeout is given (then this takes it, exclusive).
+    Returns {"backup": path of the kept tree or None, "replaced_drift": tree_drift() of the replaced tree (None when
+    dest did not exist), "warning": drift_warning() or None}.
+    """
+    if lock_timeout is not None:
+        with ParentLock(os.path.dirname(os.path.abspath(dest)), exclusive=True, timeout=lock_timeout):
+            return swap_in_tree(src, dest, backup, backup_dir, keep_backup)
+    if backup is None and os.path.lexists(dest):
+        backup = backup_path(dest, backup_dir, utc_now())
+    kept = swap_in(src, dest, backup)
+    if kept is None:
+        return {"backup": None, "replaced_drift": None, "warning": None}
+    drift = tree_drift(kept)
+    if drift["clean"] and not keep_backup:
+        shutil.rmtree(kept)
+        return {"backup": None, "replaced_drift": drift, "warning": None}
+    return {"backup": kept, "replaced_drift": drift, "warning": drift_warning(drift, kept)}
 
 
 def export_tree(params, connect, target, owner, check_mode):

@@ -165,6 +165,89 @@ def test_files_of_an_earlier_export_disappear(db, export, app_root):
     assert verify_tree(str(sessions))["verified"]
 
 
+# -- a tree the service wrote into (it ran on the files) under an unchanged database -------------------------
+
+
+@pytest.fixture
+def warnings(monkeypatch):
+    from ansible.module_utils import basic
+
+    seen = []
+    monkeypatch.setattr(basic.AnsibleModule, "warn", lambda self, msg, **kwargs: seen.append(msg))
+    return seen
+
+
+def service_writes(company):
+    """What Baileys does while the service runs on the files: creates a key file, rewrites one in place (plain
+    writeFile: same inode, same size here, new content, new mtime), deletes one (a consumed pre-key)."""
+    keys = sorted(p.name for p in company.iterdir() if p.name.startswith("pre-key-"))
+    rewritten, deleted = keys[0], keys[1]
+    path = company / rewritten
+    data = path.read_bytes()
+    at = data.index(b'"data":"') + len(b'"data":"')
+    inode = path.stat().st_ino
+    with open(path, "r+b") as fh:
+        fh.write(data[:at] + (b"B" if data[at:at + 1] == b"A" else b"A") + data[at + 1:])
+    assert path.stat().st_ino == inode and path.stat().st_size == len(data)
+    (company / deleted).unlink()
+    (company / "session-1.2.json").write_text('{"_sessions":{},"version":"v1"}')
+    return {"added": ["session-1.2.json"], "changed": [rewritten], "deleted": [deleted]}
+
+
+def test_a_tree_the_service_changed_is_written_anew_under_an_unchanged_database_and_kept(db, export, app_root, warnings):
+    testdata.load(db, "export", 2, 30)
+    assert export()[0]
+    sessions = app_root / "baileys_sessions"
+    expected = service_writes(sessions / "company_company00001")
+    before = listing(app_root)
+    ok, checked = export(check_mode=True)
+    assert ok and checked["changed"] and checked["differs"] is False, "the database did not change: the tree did"
+    assert listing(app_root) == before and warnings == [], "check mode writes nothing"
+    ok, result = export(keep_backup=False)
+    assert ok and result["changed"] and result["differs"] is False and result["generation"] == 2
+    for run in (checked, result):
+        drift = run["replaced_drift"]
+        assert (drift["added"], drift["changed"], drift["deleted"]) == (1, 1, 1) and not drift["clean"]
+        assert {kind: drift["companies"]["company00001"][kind] for kind in expected} == expected
+        assert run["rewrite_reason"] == (
+            "the service changed the tree since its manifest: 1 file added (company_company00001/%s), "
+            "1 changed (company_company00001/%s), 1 deleted (company_company00001/%s)"
+            % (expected["added"][0], expected["changed"][0], expected["deleted"][0]))
+    kept = result["backup"]
+    assert kept and (app_root / kept / "company_company00001" / "session-1.2.json").is_file(), \
+        "a tree the service wrote into is kept, keep_backup=false or not"
+    assert warnings == ["the replaced tree held 2 files the service wrote that the database never received "
+                        "(1 added, 1 changed, and 1 deleted by it; kept in %s)" % kept]
+    assert not (sessions / "company_company00001" / "session-1.2.json").exists()
+    checked = verify_tree(str(sessions), recompute_digests=True)
+    assert checked["verified"] and checked["digests"] == database_digests(db) == result["digests"]
+    ok, again = export()
+    assert ok and again["changed"] is False, "the tree written anew is what its manifest lists"
+
+
+def test_a_database_change_and_a_tree_change_are_both_named(db, export, app_root, warnings):
+    testdata.load(db, "export", 2, 30)
+    assert export()[0]
+    service_writes(app_root / "baileys_sessions" / "company_company00002")
+    with db.cursor() as cur:
+        cur.execute("UPDATE whatsapp_keys SET value = '{\"changed\": true}' WHERE company_id = 'company00001' AND key_type = 'session'")
+    db.commit()
+    ok, result = export()
+    assert ok and result["changed"] and result["differs"] is True
+    assert result["rewrite_reason"].startswith("the database differs from the manifest of dest; the service changed the tree")
+    assert "company_company00002/session-1.2.json" in result["rewrite_reason"]
+    assert result["replaced_drift"]["added"] == 1 and len(warnings) == 1 and result["backup"] in warnings[0]
+
+
+def test_a_clean_replaced_tree_is_dropped_without_keep_backup_and_reported_clean(db, export, app_root, warnings):
+    testdata.load(db, "export", 1, 10)
+    assert export()[0]
+    ok, result = export(force=True, keep_backup=False)
+    assert ok and result["backup"] is None and result["replaced_drift"]["clean"] and warnings == []
+    assert result["rewrite_reason"] == "force"
+    assert sorted(p.name for p in app_root.iterdir()) == ["baileys_sessions"]
+
+
 def test_check_mode_reports_what_would_be_written_and_writes_nothing(db, export, app_root):
     testdata.load(db, "export", 2, 40)
     before = listing(app_root)

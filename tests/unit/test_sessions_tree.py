@@ -378,3 +378,116 @@ def test_the_verify_module_rejects_a_stale_tree(tree):
     ok, result = run_module(baileys_sessions_verify, dict(path=tree, max_age=900, fail_on_problems=False))
     assert ok and not result["verified"] and result["age_seconds"] > 900
     assert any("max_age" in p for p in result["problems"])
+
+
+# -- drift: what a service running on the files did to the tree -------------------------------------
+
+
+def service_writes(tree, company="c1"):
+    """What Baileys does to a company directory while the service runs on files: one key created, one rewritten in
+    place (plain writeFile: same inode, same size here, new content and mtime), one deleted (a consumed pre-key)."""
+    directory = os.path.join(tree, "company_" + company)
+    open(os.path.join(directory, "session-1.2.json"), "w").write('{"_sessions":{}}')
+    path = os.path.join(directory, "pre-key-1.json")
+    data = open(path, "rb").read()
+    with open(path, "r+b") as fh:
+        fh.write(data.replace(b"CQk=", b"AAA="))
+    assert os.path.getsize(path) == len(data)
+    os.unlink(os.path.join(directory, "session-4917.0.json"))
+    return {"added": ["session-1.2.json"], "changed": ["pre-key-1.json"], "deleted": ["session-4917.0.json"]}
+
+
+def test_a_tree_as_its_manifests_list_it_has_no_drift(tree):
+    drift = sessions.tree_drift(tree)
+    assert drift["clean"] and drift["manifest"] and (drift["added"], drift["changed"], drift["deleted"]) == (0, 0, 0)
+    assert drift["companies"] == {} and drift["extra_companies"] == [] and drift["missing_companies"] == []
+
+
+def test_files_added_rewritten_in_place_and_deleted_are_counted_and_named(tree):
+    expected = service_writes(tree)
+    drift = sessions.tree_drift(tree)
+    assert not drift["clean"] and (drift["added"], drift["changed"], drift["deleted"]) == (1, 1, 1)
+    assert list(drift["companies"]) == ["c1"]
+    assert {kind: drift["companies"]["c1"][kind] for kind in expected} == expected
+    assert drift["reason"] == ("1 file added (company_c1/session-1.2.json), 1 changed (company_c1/pre-key-1.json), "
+                               "1 deleted (company_c1/session-4917.0.json)")
+
+
+def test_a_tree_without_a_manifest_is_not_clean_and_says_so(tree):
+    os.unlink(os.path.join(tree, ".baileys-dr", "manifest.json"))
+    drift = sessions.tree_drift(tree)
+    assert not drift["clean"] and not drift["manifest"] and "manifest" in drift["reason"]
+    assert sessions.drift_warning(drift, "/kept") == (
+        "the replaced tree does not match its manifests (%s): what a service wrote into it cannot be told (kept in /kept)"
+        % drift["reason"])
+    missing = sessions.tree_drift(os.path.join(os.path.dirname(tree), "nothing-here"))
+    assert not missing["clean"] and "does not exist" in missing["reason"]
+
+
+def test_a_new_company_directory_counts_its_files_as_added_and_a_vanished_one_its_files_as_deleted(tree):
+    os.mkdir(os.path.join(tree, "company_c9"))
+    for name in ("creds.json", "pre-key-1.json"):
+        open(os.path.join(tree, "company_c9", name), "w").write("{}")
+    os.rename(os.path.join(tree, "company_c2"), os.path.join(os.path.dirname(tree), "c2-elsewhere"))
+    drift = sessions.tree_drift(tree)
+    assert not drift["clean"] and drift["added"] == 2 and drift["deleted"] == 1 and drift["changed"] == 0  # c2: one key, no creds
+    assert drift["extra_companies"] == ["company_c9"] and drift["missing_companies"] == ["c2"]
+    assert "company_c9" in drift["reason"] and "c2" in drift["reason"]
+
+
+def test_hostile_names_are_reported_escaped_and_never_followed(tree, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for n in range(3):
+        (outside / ("secret-%d.json" % n)).write_text("{}")
+    directory = os.path.join(tree, "company_c1")
+    open(os.path.join(directory, "evil\nname.json"), "w").write("{}")
+    open(os.path.join(os.fsencode(directory), b"bad-\xff.json"), "w").write("{}")
+    os.unlink(os.path.join(directory, "creds.json"))
+    os.symlink(outside / "secret-0.json", os.path.join(directory, "creds.json"))
+    os.mkdir(os.path.join(directory, "sub"))
+    os.symlink(outside, os.path.join(directory, "linked-dir"))
+    os.unlink(os.path.join(tree, "company_c2", "pre-key-1.json"))
+    os.mkdir(os.path.join(tree, "company_c2", "pre-key-1.json"))
+    os.symlink(outside, os.path.join(tree, "company_c7"))
+    drift = sessions.tree_drift(tree)
+    assert not drift["clean"]
+    c1 = drift["companies"]["c1"]
+    assert c1["changed"] == ["creds.json"] and c1["counts"]["added"] == 4
+    assert sorted(c1["added"]) == sorted(["'evil\\nname.json'", "'bad-\\udcff.json'", "linked-dir", "sub"])
+    assert drift["companies"]["c2"]["changed"] == ["pre-key-1.json"]
+    assert drift["extra_companies"] == ["company_c7"] and drift["added"] == 5, "a symbolic link counts once, unfollowed"
+    text = json.dumps(drift, ensure_ascii=False)
+    text.encode("utf-8")  # no lone surrogate: the module's JSON can carry it
+    assert "\n" not in drift["reason"] and "secret" not in text
+    assert sorted(os.listdir(outside)) == ["secret-0.json", "secret-1.json", "secret-2.json"]
+
+
+def test_drift_is_capped_per_company_and_in_companies_while_counting_everything(tmp_path):
+    tree = build_tree(str(tmp_path / "many"), {"c%02d" % n: (CREDS, KEYS[:1]) for n in range(sessions.MAX_SHOWN + 5)}, lines=False)
+    for n in range(sessions.MAX_SHOWN + 5):
+        for k in range(sessions.DRIFT_SHOWN + 3):
+            open(os.path.join(tree, "company_c%02d" % n, "session-%d.0.json" % k), "w").write("{}")
+    drift = sessions.tree_drift(tree)
+    assert drift["added"] == (sessions.MAX_SHOWN + 5) * (sessions.DRIFT_SHOWN + 3)
+    assert drift["drifted_companies"] == sessions.MAX_SHOWN + 5 and len(drift["companies"]) == sessions.MAX_SHOWN
+    assert all(len(entry["added"]) == sessions.DRIFT_SHOWN for entry in drift["companies"].values())
+    assert drift["reason"].startswith("%d files added (company_c00/session-0.0.json, company_c00/session-1.0.json, "
+                                      "company_c00/session-2.0.json, ...)" % drift["added"])
+
+
+def test_swapping_in_keeps_a_drifted_tree_even_without_keep_backup_and_drops_a_clean_one(tree, tmp_path):
+    parent = os.path.dirname(tree)
+    service_writes(tree)
+    first = build_tree(str(tmp_path / "first"), {"c1": (CREDS, KEYS)})
+    swapped = sessions.swap_in_tree(first, tree, keep_backup=False, lock_timeout=5)
+    kept = swapped["backup"]
+    assert kept and os.path.isfile(os.path.join(kept, "company_c1", "session-1.2.json")), "the service's files survive"
+    drift = swapped["replaced_drift"]
+    assert (drift["added"], drift["changed"], drift["deleted"]) == (1, 1, 1)
+    assert swapped["warning"] == ("the replaced tree held 2 files the service wrote that the database never received "
+                                  "(1 added, 1 changed, and 1 deleted by it; kept in %s)" % kept)
+    second = build_tree(str(tmp_path / "second"), {"c1": (CREDS, KEYS)})
+    swapped = sessions.swap_in_tree(second, tree, keep_backup=False, lock_timeout=5)
+    assert swapped["backup"] is None and swapped["replaced_drift"]["clean"] and swapped["warning"] is None
+    assert sorted(n for n in os.listdir(parent) if n.startswith("baileys_sessions")) == ["baileys_sessions", os.path.basename(kept)]

@@ -51,15 +51,73 @@ def test_an_intact_tree_verifies_at_both_depths_with_the_same_counts_and_digests
         assert structure["counts"][field] == content["counts"][field], field
 
 
-def test_a_file_changed_in_place_is_only_caught_by_the_content_depth(tree):
-    path = company_file(tree, "c1", "pre-key-1.json")
+def manifest_mtime_ns(tree):
+    return os.stat(os.path.join(tree, ".baileys-dr", "manifest.json")).st_mtime_ns
+
+
+def set_mtime(path, mtime_ns):
+    os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+
+
+def rewrite_in_place(path):
+    """What Baileys' plain writeFile does to a key it updates: same inode, same size here, new content and mtime."""
     data = open(path, "rb").read()
     assert b"CQk=" in data
-    open(path, "wb").write(data.replace(b"CQk=", b"AAA="))
-    assert verify(tree, depth="structure")["verified"], "structure does not read the files"
+    inode = os.stat(path).st_ino
+    with open(path, "r+b") as fh:
+        fh.write(data.replace(b"CQk=", b"AAA="))
+    assert os.stat(path).st_ino == inode and os.path.getsize(path) == len(data)
+
+
+def test_a_file_the_service_rewrote_in_place_after_the_manifest_is_caught_by_the_structure_depth(tree):
+    rewrite_in_place(company_file(tree, "c1", "pre-key-1.json"))
+    structure = verify(tree, depth="structure")
+    content = verify(tree)
+    assert not structure["verified"] and structure["counts"]["mismatched_files"] == 1
+    assert structure["problems"] == content["problems"] == \
+        ["company c1: pre-key-1.json differs from its manifest (size %d, expected %d)" % ((os.path.getsize(company_file(tree, "c1", "pre-key-1.json")),) * 2)]
+
+
+def test_only_files_modified_since_the_manifest_are_read_at_the_structure_depth(tree, monkeypatch):
+    before = manifest_mtime_ns(tree) - 10 ** 9
+    for company in ("c1", "c2", "c3"):
+        for name in os.listdir(os.path.join(tree, "company_" + company)):
+            set_mtime(company_file(tree, company, name), before)
+    manifests = {"manifest.json", "c1.json", "c2.json", "c3.json"}
+    reads = []
+    real = sessions.read_regular
+    monkeypatch.setattr(sessions, "read_regular", lambda dir_fd, name, *a: reads.append(name) or real(dir_fd, name, *a))
+    assert verify(tree, depth="structure")["verified"]
+    assert set(reads) == manifests, "no session file written before its manifest is read"
+    rewrite_in_place(company_file(tree, "c2", "pre-key-1.json"))
+    reads.clear()
+    assert not verify(tree, depth="structure")["verified"]
+    assert [name for name in reads if name not in manifests] == ["pre-key-1.json"], "only the file modified since"
+
+
+def test_a_file_changed_in_place_with_its_mtime_set_back_is_only_caught_by_the_content_depth(tree):
+    path = company_file(tree, "c1", "pre-key-1.json")
+    rewrite_in_place(path)
+    set_mtime(path, manifest_mtime_ns(tree) - 10 ** 9)
+    assert verify(tree, depth="structure")["verified"], "structure reads only files modified since the manifest"
     content = verify(tree)
     assert not content["verified"] and content["counts"]["mismatched_files"] == 1
     assert any("c1" in p and "pre-key-1.json" in p for p in content["problems"])
+
+
+def _changed_in_place(tree):
+    rewrite_in_place(company_file(tree, "c3", "pre-key-1.json"))
+    return "company c3: pre-key-1.json differs from its manifest"
+
+
+def _resized_with_an_old_mtime(tree):
+    """A size that differs is seen from the lstat alone, whatever the mtime says."""
+    path = company_file(tree, "c1", "creds.json")
+    mtime = os.stat(path).st_mtime_ns
+    with open(path, "ab") as fh:
+        fh.write(b" ")
+    set_mtime(path, mtime)
+    return "company c1: creds.json differs from its manifest (size"
 
 
 def _missing(tree):
@@ -125,7 +183,7 @@ def _interrupted(tree):
     return "a refresh was interrupted"
 
 
-@pytest.mark.parametrize("damage", [_missing, _extra, _renamed, _symlink, _directory, _odd_name_missing, _garbled_manifest,
+@pytest.mark.parametrize("damage", [_changed_in_place, _resized_with_an_old_mtime, _missing, _extra, _renamed, _symlink, _directory, _odd_name_missing, _garbled_manifest,
                                     _half_refreshed_manifest, _missing_manifest, _broken_top_manifest, _interrupted])
 def test_structure_catches_what_changes_names_types_or_manifests_as_content_does(tree, damage):
     expected = damage(tree)
