@@ -41,6 +41,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEDGER_VERSION = 1
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 MAX_EXAMPLES = 20
+# How long after the writer gave up on a request the service may still apply it (a transaction waiting
+# on a lock, a queued request): its changes can land after those of requests sent later.
+LINGER_SECONDS = 60.0
 BATCH = 1000
 KEY_TYPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
@@ -270,29 +273,34 @@ class Expectations:
 
     Positions are ledger line numbers: one request is in flight at a time, so the ledger's order is
     the order the service applied the acknowledged requests in. A request the service may have
-    applied without acknowledging it (unanswered) can still change a key after the last acknowledged
-    operation on it: a mismatch it could explain is ambiguous, never lost. What /simulate can do is
-    known: it writes keys with new ids only, deletes the oldest pre-keys, and rewrites the creds.
+    applied without acknowledging it can change a key after the last acknowledged operation on it:
+    an `applied` one if it comes later in the ledger, an `unanswered` one if it does or if it was
+    given up less than LINGER_SECONDS before that operation was sent. A mismatch it could explain is
+    ambiguous, never lost. What /simulate can do is known: it writes keys with new ids only, deletes
+    the oldest pre-keys, and rewrites the creds.
     """
 
     def __init__(self):
-        self.keys = {}  # (company, type, id) -> (True for written / False for deleted, line_sha256, position)
-        self.creds = {}  # company -> (creds_sha256, position)
-        self.touched = {}  # (company, type, id) or (company,) for creds -> last position an unacknowledged answer lists it
-        self.unanswered = {}  # company -> [last position that may delete pre-keys, may write keys, may touch creds]
+        # (company, type, id) -> (True for written / False for deleted, line_sha256, position, sent)
+        self.keys = {}
+        self.creds = {}  # company -> (creds_sha256, position, sent)
+        self.touched = {}  # (company, type, id) or (company,) for creds -> last position an `applied` answer lists it
+        # company -> the last unanswered request that may delete pre-keys, write keys, touch creds: (position, done)
+        self.unanswered = {}
         self.writes_acked = self.deletes_acked = 0
 
     def add(self, position, record):
         outcome = record["outcome"]
         company = record["company"]
+        sent = record["sent_at"]
         if outcome == ACK:
             for entry in record.get("written") or ():
-                self.keys[(company, entry["type"], entry["id"])] = (True, entry.get("line_sha256"), position)
+                self.keys[(company, entry["type"], entry["id"])] = (True, entry.get("line_sha256"), position, sent)
                 self.writes_acked += 1
             for entry in record.get("deleted") or ():
-                self.keys[(company, entry["type"], entry["id"])] = (False, None, position)
+                self.keys[(company, entry["type"], entry["id"])] = (False, None, position, sent)
                 self.deletes_acked += 1
-            self.creds[company] = (record.get("creds_sha256"), position)
+            self.creds[company] = (record.get("creds_sha256"), position, sent)
         elif outcome == APPLIED:
             for entry in (record.get("written") or []) + (record.get("deleted") or []):
                 self.touched[(company, entry["type"], entry["id"])] = position
@@ -300,28 +308,26 @@ class Expectations:
                 self.touched[(company,)] = position
         elif outcome == UNANSWERED:
             params = record.get("params") or {}
-            last = self.unanswered.setdefault(company, [0, 0, 0])
-            if params.get("consumePreKeys", 1):
-                last[0] = position
-            if params.get("newKeys", 1):
-                last[1] = position
-            if params.get("touchCreds", True):
-                last[2] = position
+            last = self.unanswered.setdefault(company, [None, None, None])
+            for index, (name, default) in enumerate((("consumePreKeys", 1), ("newKeys", 1), ("touchCreds", True))):
+                if params.get(name, default):
+                    last[index] = (position, record["done_at"])
 
-    def key_ambiguous(self, key, position, present):
-        """Whether a request not acknowledged after `position` can explain the key's state."""
+    def _unanswered_after(self, company, index, position, sent):
+        last = self.unanswered.get(company)
+        found = last and last[index]
+        return bool(found) and (found[0] > position or sent - found[1] < LINGER_SECONDS)
+
+    def key_ambiguous(self, key, position, sent, present):
+        """Whether a request not acknowledged can explain the state of a key last acknowledged at `position`."""
         if self.touched.get(key, 0) > position:
             return True
-        last = self.unanswered.get(key[0])
-        if last is None:
-            return False
         if present:  # a deleted key back: only a new write can do that
-            return last[1] > position
-        return key[1] == "pre-key" and last[0] > position
+            return self._unanswered_after(key[0], 1, position, sent)
+        return key[1] == "pre-key" and self._unanswered_after(key[0], 0, position, sent)
 
-    def creds_ambiguous(self, company, position):
-        last = self.unanswered.get(company)
-        return self.touched.get((company,), 0) > position or (last is not None and last[2] > position)
+    def creds_ambiguous(self, company, position, sent):
+        return self.touched.get((company,), 0) > position or self._unanswered_after(company, 2, position, sent)
 
 
 def key_line_sha256(key_type, key_id, value):
@@ -462,33 +468,34 @@ def check(ledger, store, min_acknowledged=1):
     unverified = 0
     for chunk in _chunks(expected.keys.items()):
         states = store.key_states([key for key, _ in chunk])
-        for key, (written, sha, position) in chunk:
+        for key, (written, sha, position, sent) in chunk:
             found, why = states[key]
             if why and not written:
-                verdicts.add(expected.key_ambiguous(key, position, True), *key,
+                verdicts.add(expected.key_ambiguous(key, position, sent, True), *key,
                              "present although deleted by line %d (its file %s)" % (position, why))
             elif why:
-                verdicts.add(expected.key_ambiguous(key, position, False), *key, "its file " + why)
+                verdicts.add(expected.key_ambiguous(key, position, sent, False), *key, "its file " + why)
             elif written and found is None:
-                verdicts.add(expected.key_ambiguous(key, position, False), *key, "missing (written by line %d)" % position)
+                verdicts.add(expected.key_ambiguous(key, position, sent, False), *key,
+                             "missing (written by line %d)" % position)
             elif written and sha is None:
                 unverified += 1  # the service did not report the line's hash: presence is all there is to check
             elif written and found != sha:
-                verdicts.add(expected.key_ambiguous(key, position, True), *key,
+                verdicts.add(expected.key_ambiguous(key, position, sent, True), *key,
                              "value differs from the one acknowledged by line %d" % position)
             elif not written and found is not None:
-                verdicts.add(expected.key_ambiguous(key, position, True), *key,
+                verdicts.add(expected.key_ambiguous(key, position, sent, True), *key,
                              "present although deleted by line %d" % position)
     creds = store.creds_states(sorted(expected.creds))
-    for company, (sha, position) in sorted(expected.creds.items()):
+    for company, (sha, position, sent) in sorted(expected.creds.items()):
         found, why = creds[company]
         if why or found is None:
-            verdicts.add(expected.creds_ambiguous(company, position), company, "creds", None,
+            verdicts.add(expected.creds_ambiguous(company, position, sent), company, "creds", None,
                          "creds " + (why or "missing"))
         elif sha is None:
             unverified += 1
         elif found != sha:
-            verdicts.add(expected.creds_ambiguous(company, position), company, "creds", None,
+            verdicts.add(expected.creds_ambiguous(company, position, sent), company, "creds", None,
                          "creds differ from the ones acknowledged by line %d" % position)
     whole = stats.result()
     problems = []
