@@ -53,6 +53,10 @@ description:
     exactly (value text, C(created_at), C(updated_at), C(expires_at)), rows the failback inserted are deleted. Idempotent.
     Rows changed after the failback that the undo would overwrite refuse the file unless O(force).
   - Keys of types that are not Baileys key types are never touched (nor counted in the digests).
+  - "Two passes (the switch rule, docs/failback-undo.md): a bulk pass while the service still runs on the files
+    (O(changed_during_read=defer), O(pass_record)), then, once the service is stopped and fenced, a delta pass
+    (O(delta_from)) that proves the companies unchanged since the bulk pass without reading their files and imports the
+    others fully. In a bulk or delta pass a dropped database connection is retried (RV(retries))."
 version_added: "0.1.0"
 author: baileys-dr contributors
 extends_documentation_fragment:
@@ -137,6 +141,40 @@ options:
     description: Seconds to wait for the C(flock) on the parent of O(src) that an export or refresh holds.
     type: int
     default: 300
+  changed_during_read:
+    description:
+      - What a company whose directory changes while it is read or imported gets.
+      - C(refuse) (a single-pass failback, the service stopped) fails the company, as the service must not write meanwhile.
+      - C(defer) (the bulk pass, the service still running on the files) leaves it out - its transaction rolled back, its
+        undo file removed - and lists it in RV(deferred); the run succeeds. A file that vanished or could not be parsed
+        in a directory that changed meanwhile defers the company too. The delta pass imports deferred companies.
+    type: str
+    choices: [refuse, defer]
+    default: refuse
+  pass_record:
+    description:
+      - Path of the pass record to write at the end of the run (not in check mode), atomically (temporary file, fsync,
+        rename), mode 0600; its directory must exist. Give it to the delta pass as O(delta_from).
+      - "Per company committed or found equal: the signature of its directory listed before the read (sha256 over the
+        sorted name, size, mtime_ns and inode of every entry, no content read), the fingerprint of its rows after the
+        COMMIT (Baileys keys, sum of C(hashint8(xmin)), creds C(xmin)), the xid of the transaction that wrote it (null when
+        nothing was written) and its digest; the deferred companies, the tree's path, the database's system identifier
+        and timeline."
+      - A company with a file written less than 100 ms (2 s on a file system of whole-second times) before the listing
+        gets no signature (a same-size rewrite within one clock tick keeps size and mtime), nor one whose rows changed in
+        PostgreSQL after its read or COMMIT (another writer); the delta pass imports them fully.
+    type: path
+  delta_from:
+    description:
+      - The pass record of the bulk pass; makes this run the delta pass. Each company directory is listed (stat only) and
+        one aggregate query gives every company's fingerprint; a company whose signature and fingerprint are the record's
+        is proven unchanged and skipped without reading a file (status C(unchanged_proven), RV(delta)). Every other
+        company (files or rows changed, deferred, new, not in the record) is imported fully, as without this option.
+      - The conflict guard does not count rows whose C(xmin) is the xid the record holds for their company (row versions
+        the bulk pass wrote; any later write gives a row another xmin, so another writer's change still counts).
+      - A record of another tree (its path) or another database (system identifier, whatever O(allow_other_database)) is
+        refused. On another timeline (a promoted standby, a point-in-time recovery) nothing is proven and nothing exempted.
+    type: path
 attributes:
   check_mode:
     support: full
@@ -152,8 +190,13 @@ notes:
   - One import or undo at a time per database (a session advisory lock).
   - The role needs the C(TEMPORARY) privilege on the database (PostgreSQL grants it to PUBLIC by default) for the staging
     table; without it O(mode=import) is refused before any write (check mode does not need it).
+  - "In a bulk or delta pass (O(changed_during_read=defer), O(pass_record) or O(delta_from)) a database connection that
+    drops (server restart, network cut; never a data or integrity error) is retried up to 3 times after 0.5, 1 and 2 s on
+    a new connection, redoing only the company whose transaction it interrupted (one whose COMMIT got no answer only when
+    C(txid_status) says it aborted); see RV(retries)."
   - "Test-only fault hooks, never to be set in production: C(BAILEYS_DR_TEST_PAUSE_AT=import_company:<n>) pauses
-    C(BAILEYS_DR_TEST_PAUSE_SECONDS) (default 30) after the n-th company's writes, before its COMMIT;
+    C(BAILEYS_DR_TEST_PAUSE_SECONDS) (default 30) after the n-th company's writes (n-th of the companies the run imports:
+    a delta pass does not count those proven unchanged), before its COMMIT;
     C(BAILEYS_DR_TEST_FAIL_AT=import_company:<n>) fails there. C(undo_company:<n>) is the same point of O(mode=undo)."
 requirements:
   - psycopg2
@@ -186,6 +229,33 @@ EXAMPLES = r"""
     mode: undo
     undo_file: "{{ failback.undo_files }}"
     db_url: "{{ vault_db_url }}"
+
+- name: Bulk pass, the service still running on the files
+  baileys_auth_import:
+    src: /srv/baileys-app/baileys_sessions
+    since: "{{ failover_state.data_at }}"
+    undo_dir: /var/lib/baileys-dr/undo
+    changed_during_read: defer
+    pass_record: /var/lib/baileys-dr/failback-bulk.json
+    db_url: "{{ vault_db_url }}"
+  register: bulk
+
+# ... the service stopped and fenced ...
+
+- name: Delta pass, the service stopped
+  baileys_auth_import:
+    src: /srv/baileys-app/baileys_sessions
+    since: "{{ failover_state.data_at }}"
+    undo_dir: /var/lib/baileys-dr/undo
+    delta_from: /var/lib/baileys-dr/failback-bulk.json
+    db_url: "{{ vault_db_url }}"
+  register: delta
+
+- name: Undo both passes (the delta's undo files are applied first, as undo is newest first)
+  baileys_auth_import:
+    mode: undo
+    undo_file: "{{ delta.undo_files + bulk.undo_files }}"
+    db_url: "{{ vault_db_url }}"
 """
 
 RETURN = r"""
@@ -199,7 +269,8 @@ mode:
   type: str
 companies:
   description:
-    - (import) By company id - status (C(imported), C(unchanged), C(would_change), C(refused), C(failed), C(not_attempted)),
+    - (import) By company id - status (C(imported), C(unchanged), C(would_change), C(refused), C(failed), C(not_attempted),
+      C(deferred) (O(changed_during_read=defer)), C(unchanged_proven) (O(delta_from))), reason (why deferred),
       inserted, updated, deleted, unchanged (rows kept as they were), creds_changed, creds (C(inserted), C(updated),
       C(unchanged), C(absent)), kept (rows of skipped ambiguous files), reverted (updates of rows changed in PostgreSQL
       after the export whose files Baileys did not touch - put back to the exported value, with a warning), conflicts,
@@ -277,6 +348,30 @@ duration_seconds:
   description: Wall time of the run.
   returned: always
   type: float
+deferred:
+  description: (import) Companies left to the delta pass because their files changed while they were read or imported (O(changed_during_read=defer)).
+  returned: mode=import
+  type: list
+  elements: str
+pass_record:
+  description: (import) The pass record written (O(pass_record)), null in check mode or without the option.
+  returned: mode=import
+  type: str
+delta:
+  description:
+    - (import, O(delta_from)) companies (in the run), unchanged_proven (skipped, no file read), imported (imported fully),
+      not_proven (count by reason - files changed, rows changed, deferred by the bulk pass, not in the pass record, ...),
+      from (the record), seconds (wall time of the run).
+  returned: mode=import, with O(delta_from)
+  type: dict
+  sample: {companies: 1000, unchanged_proven: 990, imported: 10, not_proven: {files changed: 10}, seconds: 3.2}
+retries:
+  description:
+    - (import) Each retry after a dropped connection (bulk or delta pass) - what (the company and step, or the fingerprint
+      query), attempt, waited (seconds), error. A run that completes after retries succeeds.
+  returned: mode=import
+  type: list
+  elements: dict
 queries:
   description: The SQL statements run (no parameters).
   returned: always
@@ -335,6 +430,9 @@ def main():
         max_report=dict(type="int", default=100),
         return_digests=dict(type="bool", default=False),
         lock_timeout=dict(type="int", default=300),
+        changed_during_read=dict(type="str", choices=["refuse", "defer"], default="refuse"),
+        pass_record=dict(type="path"),
+        delta_from=dict(type="path"),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
                            required_if=[("mode", "import", ["src", "undo_dir"]), ("mode", "undo", ["undo_file"])])

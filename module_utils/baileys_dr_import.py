@@ -54,7 +54,15 @@ from ansible.module_utils.baileys_dr_codec import (
     to_base64_form,
 )
 from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
-from ansible.module_utils.baileys_dr_postgres import CopyStream, DatabaseError, copy_text, psycopg2
+from ansible.module_utils.baileys_dr_postgres import (
+    RETRY_DELAYS,
+    CopyStream,
+    DatabaseError,
+    connection_lost,
+    copy_text,
+    psycopg2,
+    retry_on_disconnect,
+)
 from ansible.module_utils.baileys_dr_sessions import (
     COMPANIES_DIR,
     COMPANY_PREFIX,
@@ -94,6 +102,7 @@ MAX_FILE_BYTES = 64 << 20
 MAX_CANDIDATES = 8
 BATCH = 1000
 LOCK_NAME = "baileys-dr-import"
+SCAN_WORKERS = 8  # threads listing company directories in a delta pass
 # initAuthCreds() always sets these; a creds.json without them would make Baileys pair again.
 CREDS_REQUIRED = ("noiseKey", "signedIdentityKey", "registrationId")
 BOM = b"\xef\xbb\xbf"
@@ -118,16 +127,33 @@ META_SQL = ("SELECT (SELECT system_identifier FROM pg_control_system())::text, n
             "current_setting('default_transaction_read_only') = 'on', has_database_privilege(current_database(), 'TEMPORARY')")
 REFERENCED_SQL = "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND confrelid = %(table)s::regclass"
 READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
-TXN_SQL = "SELECT now()::text, txid_current()"
+# The transaction's xid also as the hashint8 of its 32-bit form (xmin::text::bigint of the rows it writes): the pass
+# record's fingerprint of the company after the COMMIT is computed from it without a query per company.
+TXN_SQL = "SELECT now()::text, txid_current(), hashint8(txid_current() % 4294967296)"
 TXID_STATUS_SQL = "SELECT txid_status(%(txid)s)"
+# "Changed after since" (the conflict guard) excludes row versions the bulk pass of this failback wrote: their xmin is
+# its transaction's (exempt, the 32-bit xid; NULL exempts nothing). The row's xmin and hashint8(xmin) feed the company's
+# fingerprint after the commit (FINGERPRINT_SQL's terms).
+CHANGED_AFTER = "coalesce(updated_at > %(since)s::timestamptz, false) AND xmin::text::bigint IS DISTINCT FROM %(exempt)s::bigint"
 CREDS_STATE_SQL = (
-    "SELECT md5(creds::text), updated_at::text, coalesce(updated_at > %(since)s::timestamptz, false) "
+    "SELECT md5(creds::text), updated_at::text, " + CHANGED_AFTER + ", xmin::text "
     "FROM whatsapp_auth WHERE company_id = %(company)s"
 )
 KEYS_STATE_SQL = (
-    "SELECT key_type, key_id, md5(value::text), updated_at::text, coalesce(updated_at > %(since)s::timestamptz, false) "
+    "SELECT key_type, key_id, md5(value::text), updated_at::text, " + CHANGED_AFTER + ", hashint8(xmin::text::bigint) "
     "FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = ANY(%(key_types)s)"
 )
+# The fingerprint of every company in one aggregate (the pass record's, and the delta pass's proof): Baileys keys
+# counted, the sum of hashint8 over their row versions, the creds row's version. Any write gives a row a new xmin.
+FINGERPRINT_SQL = (
+    "SELECT company_id, coalesce(k.keys, 0), coalesce(k.xmin_hash, 0)::text, a.xmin::text FROM "
+    "(SELECT company_id, count(*) AS keys, sum(hashint8(xmin::text::bigint)) AS xmin_hash FROM whatsapp_keys "
+    "WHERE key_type = ANY(%(key_types)s) GROUP BY company_id) k "
+    "FULL JOIN (SELECT company_id, xmin FROM whatsapp_auth) a USING (company_id)"
+)
+# Row versions (xmin) mean something only on the timeline that wrote them, and only while fewer than 2^31 transactions
+# passed (xid wraparound); txid_snapshot_xmax is the 64-bit next xid.
+XID_STATE_SQL = "SELECT (SELECT timeline_id FROM pg_control_checkpoint()), txid_snapshot_xmax(txid_current_snapshot())"
 SELECTED = "company_id = %(company)s AND (key_type, key_id) IN (SELECT * FROM unnest(%(types)s::text[], %(ids)s::text[]))"
 VALUES_SQL = "SELECT key_type, key_id, value::text FROM whatsapp_keys WHERE " + SELECTED
 CREDS_TEXT_SQL = "SELECT creds::text FROM whatsapp_auth WHERE company_id = %(company)s"
@@ -200,6 +226,10 @@ class FailbackError(SessionsError):
 
 class CompanyRefused(FailbackError):
     """A company that cannot be imported as its files are (refused before any write of it)."""
+
+
+class Deferred(FailbackError):
+    """A company whose files changed while it was read or imported (changed_during_read=defer): left to the delta pass."""
 
 
 class FileProblem(Exception):
@@ -442,6 +472,9 @@ class CompanyFiles:
         self.ambiguous = []  # report entries
         self.skipped = set()  # names of ambiguous files left out (ambiguous=skip)
         self.stats = {}  # name -> (inode, size, mtime_ns), to see changes before the commit
+        self.before = {}  # name -> stats of every entry, listed before the first file was read
+        self.observed_ns = None  # wall clock just before that listing (directory_signature)
+        self.changed = []  # names whose file changed or vanished between the listing and its read
         self.counts = {"files": 0, "same": 0, "changed": 0, "new": 0, "missing": 0}
 
     def problem(self, name, reason):
@@ -460,14 +493,57 @@ class CompanyFiles:
 
 
 def dir_stats(dir_fd):
+    """{name: (inode, size, mtime_ns, file type)} of every entry of a directory: stat only, no symbolic link followed."""
     stats = {}
-    for name in os.listdir(dir_fd):
-        try:
-            info = os.lstat(name, dir_fd=dir_fd)
-        except FileNotFoundError:
-            continue
-        stats[name] = (info.st_ino, info.st_size, info.st_mtime_ns, stat.S_IFMT(info.st_mode))
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            stats[entry.name] = (info.st_ino, info.st_size, info.st_mtime_ns, stat.S_IFMT(info.st_mode))
     return stats
+
+
+# A file written twice within one tick of the file system's clock keeps its size and mtime: a listing taken between
+# the two writes cannot tell (git's "racy clean" case). A signature is only recorded when every entry is older than
+# this window before the listing (the kernel stamps files with a clock that lags the wall clock by up to a tick, a few
+# ms); a directory whose every mtime is a whole second (a file system or copy of 1-2 s granularity) gets the wider one.
+RACY_NS = 100 * 1000 * 1000
+RACY_COARSE_NS = 2 * 1000 * 1000 * 1000
+
+
+def directory_signature(stats, observed_ns=None):
+    """sha256 (hex) over the sorted (name, size, mtime_ns, inode) of a directory's entries, as dir_stats lists them;
+    None when an entry's mtime is within the racy window before observed_ns (the wall clock just before the listing).
+
+    Without observed_ns (a listing compared with a recorded signature, never recorded itself) there is no window: a file
+    written since the recorded listing has another mtime than the recorded one, which was outside the window."""
+    limit = float("inf")
+    if observed_ns is not None:
+        coarse = not any(entry[2] % 1000000000 for entry in stats.values())
+        limit = observed_ns - (RACY_COARSE_NS if coarse else RACY_NS)
+    lines = []
+    for name, (inode, size, mtime_ns, _kind) in stats.items():
+        if mtime_ns >= limit:
+            return None
+        lines.append(b"%s\0%d\0%d\0%d\n" % (os.fsencode(name), size, mtime_ns, inode))
+    lines.sort()
+    return hashlib.sha256(b"".join(lines)).hexdigest()
+
+
+def scan_company(root_fd, company_id):
+    """(directory signature, None) of a company directory listed now, or (None, why not)."""
+    try:
+        dir_fd = open_dir(COMPANY_PREFIX + company_id, root_fd)
+    except FileNotFoundError:
+        return None, "absent"
+    except (OSError, SessionsError):
+        return None, "unreadable"
+    try:
+        return directory_signature(dir_stats(dir_fd)), None
+    finally:
+        os.close(dir_fd)
 
 
 def read_file_at(dir_fd, name):
@@ -644,8 +720,10 @@ class SourceTree:
             files.problem(None, str(exc))
             return files
         try:
+            files.observed_ns = time.time_ns()
+            files.before = dir_stats(dir_fd)
             present = set()
-            for name in sorted(os.listdir(dir_fd)):
+            for name in sorted(files.before):
                 present.add(name)
                 self._read_file(files, dir_fd, name, specs.get(name), ambiguous_mode)
             for name, spec in specs.items():
@@ -668,10 +746,14 @@ class SourceTree:
             files.problem(name, str(exc))
             return
         except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                files.changed.append(name)  # deleted since the listing (Baileys consumed a pre-key)
             reason = "is a symbolic link: refused" if exc.errno == errno.ELOOP else "is unreadable (%s)" % exc.strerror
             files.problem(name, reason)
             return
         files.stats[name] = (info.st_ino, info.st_size, info.st_mtime_ns, stat.S_IFMT(info.st_mode))
+        if files.stats[name] != files.before.get(name):
+            files.changed.append(name)
         reverse = None
         if name == CREDS_FILE:
             key_type, key_id = "creds", None
@@ -715,14 +797,15 @@ class SourceTree:
         else:
             files.keys[(key_type, key_id)] = entry
 
-    def unchanged_since_read(self, files):
-        """None when the company directory still holds what was read, else what changed."""
+    def unchanged_since_read(self, files, before=None):
+        """None when the company directory still holds what was read (or before: the listing before the read), else
+        what changed."""
         dir_fd = open_dir(COMPANY_PREFIX + files.company_id, self.root_fd)
         try:
             now = dir_stats(dir_fd)
         finally:
             os.close(dir_fd)
-        before = files.stats
+        before = files.stats if before is None else before
         if now == before:
             return None
         changed = sorted(set(now) ^ set(before)) + sorted(n for n in set(now) & set(before) if now[n] != before[n])
@@ -1053,6 +1136,55 @@ def read_undo_file(path):
     return header, records
 
 
+# -- the pass record (two-pass failback) --------------------------------------------------------------
+# The switch rule: a bulk pass while the service still writes the files (changed_during_read=defer), then, with the
+# service stopped, a delta pass of what changed since. The bulk pass records per company what it made equal: the
+# directory's signature (listed before the read) and the rows' fingerprint after the COMMIT. A company whose signature
+# and fingerprint are both still the recorded ones holds in PostgreSQL what its files hold: the delta pass skips it
+# without reading a file.
+
+PASS_FORMAT = 1
+PASS_KIND = "baileys-dr-failback-pass"
+MAX_PASS_RECORD_BYTES = 256 << 20
+HEX64_RE = re.compile(r"\A[0-9a-f]{64}\Z")
+XID_WRAP = 1 << 32
+
+
+def fingerprint_text(keys, xmin_hash, creds_xmin):
+    """A company's fingerprint: '<Baileys keys>:<sum of hashint8(xmin)>:<creds xmin or ->'."""
+    return "%d:%d:%s" % (int(keys), int(xmin_hash or 0), creds_xmin or "-")
+
+
+def _optional(value, kind):
+    return value is None or isinstance(value, kind)
+
+
+def load_pass_record(path):
+    """The pass record at path, its shape checked; FailbackError naming the path otherwise."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_PASS_RECORD_BYTES + 1)
+    except OSError as exc:
+        raise FailbackError("delta_from %s cannot be read (%s)" % (path, exc.strerror)) from None
+    try:
+        document = json.loads(data) if len(data) <= MAX_PASS_RECORD_BYTES else None
+    except ValueError:
+        document = None
+    ok = (isinstance(document, dict) and document.get("format") == PASS_FORMAT and document.get("kind") == PASS_KIND
+          and isinstance(document.get("tree"), str) and isinstance(document.get("system_identifier"), str)
+          and isinstance(document.get("companies"), dict) and isinstance(document.get("deferred"), list)
+          and _optional(document.get("timeline_id"), int))
+    if ok:
+        for company_id, entry in document["companies"].items():
+            ok = ok and COMPANY_ID_RE.match(company_id) and isinstance(entry, dict) and (
+                entry.get("signature") is None or HEX64_RE.match(str(entry["signature"]))) and _optional(
+                entry.get("fingerprint"), str) and _optional(entry.get("xid"), int) and _optional(entry.get("digest"), str)
+        ok = ok and all(isinstance(c, str) and COMPANY_ID_RE.match(c) for c in document["deferred"])
+    if not ok:
+        raise FailbackError("delta_from %s is not a format %d %s record (the pass_record of a bulk pass)" % (path, PASS_FORMAT, PASS_KIND))
+    return document
+
+
 # -- one company ------------------------------------------------------------------------------------
 
 
@@ -1071,6 +1203,19 @@ class CompanyPlan:
         self.conflicts = []
         self.lines = {}  # (type, id) -> the file's digest line, computed while comparing
         self.proven = True  # every row equals the manifest's: the digest is the manifest's
+        self.row_hashes = {}  # (type, id) -> hashint8(xmin) of every row read
+        self.creds_xmin = None
+
+    def fingerprint(self, xid=None, xid_hash=None):
+        """The company's fingerprint once the plan is committed by the transaction xid (whose hashint8 is xid_hash), or
+        as read when nothing is written; no query: the rows read carry their hashint8(xmin)."""
+        replaced = {(e.key_type, e.key_id) for e in self.updates}
+        replaced.update(self.deletes)
+        total = sum(h for key, h in self.row_hashes.items() if key not in replaced)
+        if self.writes:
+            total += (len(self.updates) + len(self.inserts)) * int(xid_hash)
+        creds_xmin = str(int(xid) % XID_WRAP) if self.creds else self.creds_xmin
+        return fingerprint_text(len(self.row_hashes) - len(self.deletes) + len(self.inserts), total, creds_xmin)
 
     @property
     def writes(self):
@@ -1085,7 +1230,8 @@ class CompanyPlan:
 
 def new_outcome():
     return {"status": None, "inserted": 0, "updated": 0, "deleted": 0, "unchanged": 0, "creds_changed": False, "creds": None,
-            "kept": 0, "reverted": 0, "conflicts": 0, "ambiguous": 0, "undo_file": None, "digest": None, "error": None}
+            "kept": 0, "reverted": 0, "conflicts": 0, "ambiguous": 0, "undo_file": None, "digest": None, "error": None,
+            "reason": None}
 
 
 class Failback:
@@ -1102,6 +1248,14 @@ class Failback:
         self.tree = None
         self.since = None
         self.warnings = []
+        self.defer = params.get("changed_during_read") == "defer"
+        self.retries = []  # retry_on_disconnect's log
+        # A bulk or delta pass retries a dropped connection; a single-pass import fails the company as it always did.
+        self.two_pass = self.defer or bool(params.get("pass_record") or params.get("delta_from"))
+        self.exempt = {}  # company -> 32-bit xid of the bulk pass's transaction (delta pass: its rows are no conflicts)
+        self.passed = {}  # company -> pass record entry: committed or found equal by this run, or proven unchanged
+        self.fingerprints = None  # {company: fingerprint} of the last aggregate
+        self.delta = None
 
     # -- the run --
     def run(self):
@@ -1121,7 +1275,14 @@ class Failback:
                 os.close(root_fd)
                 self.db.close()
         result["duration_seconds"] = round(time.monotonic() - started, 3)
+        if result["delta"] is not None:
+            result["delta"]["seconds"] = result["duration_seconds"]
         return result
+
+    def _retrying(self, what, action):
+        """action() again on a new connection when the connection dropped (bounded backoff, logged in retries)."""
+        return retry_on_disconnect(action, what, reconnect=lambda: self.db.ensure(lock=not self.check_mode),
+                                   conn=lambda: self.db.conn, delays=RETRY_DELAYS if self.two_pass else (), log=self.retries)
 
     def _since(self):
         since = self.params.get("since")
@@ -1159,49 +1320,178 @@ class Failback:
         outcomes = {c: new_outcome() for c in companies}
         for company_id, reason in bad.items():
             outcomes[company_id].update(status="refused", error=reason)
+        todo = self._prove_unchanged(src, companies, bad, outcomes) if params.get("delta_from") else companies
         # Pass 1, read-only: every company checked and planned before the first write.
-        reader = CompanyReader(self.tree, [c for c in companies if c not in bad], params["ambiguous"])
+        reader = CompanyReader(self.tree, [c for c in todo if c not in bad], params["ambiguous"])
         try:
-            for index, company_id in enumerate(companies, 1):
+            for index, company_id in enumerate(todo, 1):
                 if company_id not in bad:
                     self._company(index, company_id, outcomes[company_id], reader, write=False)
         finally:
             reader.close()
-        refused = [c for c in companies if outcomes[c]["status"] == "refused"]
+        refused = [c for c in todo if outcomes[c]["status"] == "refused"]
         if not self.check_mode and not (refused and not params["continue_on_error"]):
             # Pass 2: the writes, one transaction per company.
             last, reader.last = reader.last, None
-            reader = CompanyReader(self.tree, [c for c in companies if outcomes[c]["status"] != "refused"], params["ambiguous"],
-                                   reuse=last)
+            reader = CompanyReader(self.tree, [c for c in todo if outcomes[c]["status"] not in ("refused", "deferred")],
+                                   params["ambiguous"], reuse=last)
             del last
             try:
-                self._writes(companies, outcomes, reader)
+                self._writes(todo, outcomes, reader)
             finally:
                 reader.close()
         elif not self.check_mode:
-            for company_id in companies:
-                if outcomes[company_id]["status"] != "refused":
+            for company_id in todo:
+                if outcomes[company_id]["status"] not in ("refused", "deferred"):
                     outcomes[company_id]["status"] = "not_attempted"
-        return self._result(src, companies, outcomes, since_from)
+        record = None
+        if params.get("pass_record") and not self.check_mode:
+            record = self._write_pass_record(src, companies, outcomes)
+        return self._result(src, companies, outcomes, since_from, record)
 
     def _writes(self, companies, outcomes, reader):
         for index, company_id in enumerate(companies, 1):
             outcome = outcomes[company_id]
-            if outcome["status"] == "refused":
+            if outcome["status"] in ("refused", "deferred"):
                 continue
             try:
                 self._company(index, company_id, outcome, reader, write=True)
             except (psycopg2.Error, DatabaseError) as exc:
-                text = exc.pgerror if isinstance(exc, psycopg2.Error) and exc.pgerror else str(exc)
-                outcome.update(status="failed", error="company %s: the database failed before its writes: %s; nothing of it "
-                                                      "was committed" % (company_id, " ".join(str(text).split())))
+                if outcome["status"] != "failed":  # else _write_company said why (a dropped connection, retries spent)
+                    text = exc.pgerror if isinstance(exc, psycopg2.Error) and exc.pgerror else str(exc)
+                    outcome.update(status="failed", error="company %s: the database failed before its writes: %s; nothing of "
+                                                          "it was committed" % (company_id, " ".join(str(text).split())))
             if outcome["status"] in ("failed", "refused") and not self.params["continue_on_error"]:
                 for later in companies[index:]:
-                    if outcomes[later]["status"] not in ("refused",):
+                    if outcomes[later]["status"] not in ("refused", "deferred"):
                         outcomes[later].update(status="not_attempted")
                 break
 
-    def _result(self, src, companies, outcomes, since_from):
+    # -- two passes --
+    def _prove_unchanged(self, src, companies, bad, outcomes):
+        """Delta pass: the companies whose directory signature and rows' fingerprint are the pass record's are proven
+        unchanged (status unchanged_proven, no file read); the others are returned, to be imported fully."""
+        path = self.params["delta_from"]
+        record = load_pass_record(path)
+        if record["tree"] != src:
+            raise FailbackError("the pass record %s was written for the tree %s, not %s: refusing it (it proves the files of its "
+                                "own tree only)" % (path, record["tree"], src))
+        if record["system_identifier"] != self.meta["system_identifier"]:
+            raise FailbackError("the pass record %s was written for the database with system identifier %s, this one is %s: "
+                                "refusing it (row versions prove nothing in another database)"
+                                % (path, record["system_identifier"], self.meta["system_identifier"]))
+        fingerprints, timeline, next_xid = self._retrying("the fingerprint query", self._fingerprint_state)
+        # Row versions written on another timeline (a promoted standby, a point-in-time recovery) may reuse xids.
+        same_lifetime = record.get("timeline_id") == timeline
+        if not same_lifetime:
+            self.warnings.append("the pass record %s is of timeline %s, the database is on timeline %s: no company is proven "
+                                 "unchanged and the since guard exempts no row" % (path, record.get("timeline_id"), timeline))
+        entries = record["companies"]
+        for company_id, entry in entries.items():
+            if same_lifetime and entry.get("xid") is not None and 0 <= next_xid - entry["xid"] < (1 << 31):
+                self.exempt[company_id] = entry["xid"] % XID_WRAP
+        candidates = [c for c in companies if c not in bad and same_lifetime and (entries.get(c) or {}).get("signature")
+                      and entries[c].get("fingerprint")]
+        signatures = dict(zip(candidates, self._scan(candidates)))
+        deferred = set(record["deferred"])
+        reasons, todo = {}, []
+        for company_id in companies:
+            entry = entries.get(company_id) or {}
+            if company_id in bad:
+                reason = "refused"
+            elif company_id in deferred:
+                reason = "deferred by the bulk pass"
+            elif not entry:
+                reason = "not in the pass record"
+            elif not same_lifetime:
+                reason = "another timeline"
+            elif not entry.get("signature") or not entry.get("fingerprint"):
+                reason = "not provable from the bulk pass"
+            elif signatures[company_id][0] != entry["signature"]:
+                reason = "files changed" if signatures[company_id][1] is None else "files %s" % signatures[company_id][1]
+            elif fingerprints.get(company_id) != entry["fingerprint"]:
+                reason = "rows changed"
+            else:
+                outcomes[company_id].update(status="unchanged_proven", digest=entry.get("digest"))
+                self.passed[company_id] = {k: entry.get(k) for k in ("signature", "fingerprint", "xid", "digest")}
+                continue
+            reasons[reason] = reasons.get(reason, 0) + 1
+            todo.append(company_id)
+        self.delta = {"companies": len(companies), "unchanged_proven": len(companies) - len(todo), "imported": len(todo),
+                      "not_proven": reasons, "from": path}
+        return todo
+
+    def _scan(self, company_ids):
+        """scan_company of each company, several at once (stat waits release the GIL), in order."""
+        if len(company_ids) < 8:
+            return [scan_company(self.tree.root_fd, c) for c in company_ids]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=SCAN_WORKERS) as pool:
+            return list(pool.map(lambda c: scan_company(self.tree.root_fd, c), company_ids))
+
+    def _fingerprint_state(self):
+        """({company: fingerprint} of every company, timeline id, next 64-bit xid), one aggregate query."""
+        args = {"key_types": list(KEY_TYPES)}
+        fingerprints = {c: fingerprint_text(k, h, x) for c, k, h, x in self.db.all(FINGERPRINT_SQL, args)}
+        timeline, next_xid = self.db.one(XID_STATE_SQL)
+        self.db.rollback()
+        self.fingerprints = fingerprints
+        return fingerprints, timeline, int(next_xid)
+
+    def _write_pass_record(self, src, companies, outcomes):
+        """The pass record of this run, written atomically (0600, fsynced): what a delta pass may skip."""
+        path = self.params["pass_record"]
+        fingerprints, timeline, next_xid = self._retrying("the fingerprint query", self._fingerprint_state)
+        entries = {}
+        for company_id in companies:
+            entry = self.passed.get(company_id)
+            if entry is None:
+                continue
+            entry = dict(entry)
+            if entry["signature"] is None:
+                entry["unproven"] = "files written within %d ms of the listing (a same-size rewrite would keep the signature)" \
+                                    % (RACY_NS // 1000000)
+            if entry["fingerprint"] != fingerprints.get(company_id):
+                # Rows changed after the company's read or COMMIT by another writer: the delta pass imports it again (and
+                # its since guard sees the change).
+                entry["fingerprint"] = None
+                entry["unproven"] = "its rows changed in PostgreSQL after the import"
+            entries[company_id] = entry
+        record = {"format": PASS_FORMAT, "kind": PASS_KIND, "created_at": iso(utc_now()), "tree": src,
+                  "system_identifier": self.meta["system_identifier"], "timeline_id": timeline, "next_xid": next_xid,
+                  "since": self.since, "companies": entries,
+                  "deferred": [c for c in companies if outcomes[c]["status"] == "deferred"]}
+        try:
+            write_file_atomic(path, encode_json(record) + b"\n", mode=0o600)
+        except OSError as exc:
+            raise FailbackError("the pass record %s cannot be written (%s); the companies committed stay committed"
+                                % (path, exc.strerror or exc)) from None
+        return path
+
+    def _pass_entry(self, files, fingerprint, xid, digest):
+        if self.params.get("pass_record"):
+            self.passed[files.company_id] = {"signature": directory_signature(files.before, files.observed_ns),
+                                             "fingerprint": fingerprint, "xid": None if xid is None else int(xid),
+                                             "digest": digest}
+
+    def _deferral(self, files):
+        """Why a company is left to the delta pass (changed_during_read=defer), or None."""
+        if not self.defer:
+            return None
+        if files.changed:
+            return "its files changed while they were read (%s)" % ", ".join(files.changed[:5])
+        if files.problems and files.before:
+            # A vanished or torn file may be a write caught half-way: look again at the listing taken before the read.
+            try:
+                changed = self.tree.unchanged_since_read(files, before=files.before)
+            except (OSError, SessionsError):
+                return None
+            if changed:
+                return "its files changed while they were read (%s)" % changed
+        return None
+
+    def _result(self, src, companies, outcomes, since_from, record=None):
         cap = self.params["max_report"]
         ambiguous, conflicts, refusals = [], [], []
         totals = dict.fromkeys(("inserted", "updated", "deleted", "unchanged", "kept"), 0)
@@ -1243,15 +1533,26 @@ class Failback:
             "conflicts": conflicts[:cap],
             "conflict_count": len(conflicts),
             "digests": {c: outcomes[c]["digest"] for c in companies if outcomes[c]["digest"]},
+            "deferred": [c for c in companies if outcomes[c]["status"] == "deferred"],
+            "pass_record": record,
+            "delta": self.delta,
+            "retries": self.retries,
             "queries": self.queries,
             "warnings": self.warnings,
         }
+        if self.fingerprints is not None:
+            # The aggregate lists every company with creds or keys: no second scan of the tables.
+            result["untouched_companies"] = len(set(self.fingerprints).difference(companies))
+            return self._capped(result, companies)
         try:
             self.db.ensure(lock=False)
             result["untouched_companies"] = self.db.one(UNTOUCHED_SQL, {"ids": list(companies)})[0]
             self.db.rollback()
         except (psycopg2.Error, SessionsError, DatabaseError):
             result["untouched_companies"] = None
+        return self._capped(result, companies)
+
+    def _capped(self, result, companies):
         if len(companies) > 1000 and not self.params["return_digests"]:
             result.pop("digests")
         return result
@@ -1270,8 +1571,12 @@ class Failback:
         outcome["ambiguous"] = len(files.ambiguous)
         if not write:
             if files.ambiguous:
-                self._ambiguous_hints(company_id, files)
+                self._retrying("company %s (ambiguous files)" % company_id, lambda: self._ambiguous_hints(company_id, files))
             outcome["_ambiguous"] = files.ambiguous
+        deferred = self._deferral(files)
+        if deferred:
+            outcome.update(status="deferred", reason="company %s: %s" % (company_id, deferred))
+            return
         if files.problems:
             outcome.update(status="refused", error="company %s: refused before any write: %s" % (company_id, files.reasons()))
             return
@@ -1280,17 +1585,24 @@ class Failback:
             outcome.update(status="refused", error="company %s: %d file(s) whose original id cannot be told for certain: %s "
                                                    "(see ambiguous; ambiguous=skip leaves them out)" % (company_id, len(files.ambiguous), names))
             return
-        try:
-            self.db.ensure(lock=not self.check_mode)
-            if write:
-                self._write_company(index, company_id, files, outcome)
-            else:
-                self._check_company(company_id, files, outcome)
-        except CompanyRefused as exc:
-            self.db.rollback()
-            outcome.update(status="refused", error="company %s: %s" % (company_id, exc))
-        finally:
-            self.db.rollback()
+
+        def attempt():
+            # Done again on a new connection when the connection drops (the transaction never committed): the files read
+            # stay the same, the check before the COMMIT still compares the directory with them.
+            try:
+                self.db.ensure(lock=not self.check_mode)
+                if write:
+                    outcome.update(status=None, error=None, undo_file=None, digest=None)
+                    self._write_company(index, company_id, files, outcome)
+                else:
+                    self._check_company(company_id, files, outcome)
+            except CompanyRefused as exc:
+                self.db.rollback()
+                outcome.update(status="refused", error="company %s: %s" % (company_id, exc))
+            finally:
+                self.db.rollback()
+
+        self._retrying("company %s (%s)" % (company_id, "writes" if write else "plan"), attempt)
 
     def _ambiguous_hints(self, company_id, files):
         for entry in files.ambiguous[: self.params["max_report"]]:
@@ -1335,8 +1647,9 @@ class Failback:
             if not plan.writes:
                 outcome["digest"] = self._digests(company_id, files, plan, written=False)
                 outcome["status"] = "unchanged"
+                self._pass_entry(files, plan.fingerprint(), None, outcome["digest"])
                 return
-            txn_now, txid = self.db.one(TXN_STAGE_SQL)
+            txn_now, txid, xid_hash = self.db.one(TXN_STAGE_SQL)
             # The undo file is written and synced while the server does the writes; nothing commits before it is durable.
             saving = self._save(company_id, files, plan, txn_now, txid)
             try:
@@ -1346,6 +1659,8 @@ class Failback:
             outcome["digest"] = self._digests(company_id, files, plan, written=True)
             test_hook("import_company:%d" % index)
             changed = self.tree.unchanged_since_read(files)
+            if changed and self.defer:
+                raise Deferred("its files changed while it was imported (%s)" % changed)
             if changed:
                 raise FailbackError("its files changed while it was imported (%s): is the service still running on the files? "
                                     "Stop it and run again" % changed)
@@ -1353,9 +1668,16 @@ class Failback:
             self.db.conn.commit()
         except CompanyRefused:
             raise
-        except (psycopg2.Error, SessionsError, OSError, FileProblem) as exc:
+        except Deferred as exc:
             self.db.rollback()
-            state = self.db.txid_status(txid) if committing and txid is not None else "aborted"
+            if undo:
+                remove_undo_file(undo)
+            outcome.update(status="deferred", reason="company %s: %s" % (company_id, exc), undo_file=None, digest=None)
+            return
+        except (psycopg2.Error, SessionsError, OSError, FileProblem) as exc:
+            lost = connection_lost(exc, self.db.conn)
+            self.db.rollback()
+            state = self._commit_state(txid) if committing and txid is not None else "aborted"
             if state != "committed":
                 fate = "nothing of it was committed" if state == "aborted" else \
                     "whether the COMMIT took effect is unknown (txid %s: %s); the undo file %s is kept" % (txid, state, undo)
@@ -1366,17 +1688,34 @@ class Failback:
                 kind = "the database" if isinstance(exc, psycopg2.Error) else "the import"
                 outcome.update(status="failed", undo_file=undo, digest=None,
                                error="company %s: %s failed: %s; %s" % (company_id, kind, " ".join(str(text).split()), fate))
+                if lost and state == "aborted" and self.two_pass:
+                    raise  # retried on a new connection (_retrying): nothing of the company was committed
                 return
             self.warnings.append("company %s: the COMMIT reported an error (%s) but the transaction committed" % (company_id, exc))
         outcome.update(status="imported", undo_file=undo)
+        self._pass_entry(files, plan.fingerprint(txid, xid_hash), txid, outcome["digest"])
+
+    def _commit_state(self, txid):
+        """txid_status of a transaction whose COMMIT got no answer, asked again (bounded) while the server cannot tell."""
+        state = None
+        for delay in (0,) + RETRY_DELAYS:
+            time.sleep(delay)
+            state = self.db.txid_status(txid)
+            if state not in (None, "in progress"):
+                break
+        return state
 
     # -- planning --
     def _plan(self, company_id, files):
         db = self.db
         plan = CompanyPlan()
-        args = {"company": company_id, "since": self.since, "key_types": list(KEY_TYPES)}
+        args = {"company": company_id, "since": self.since, "key_types": list(KEY_TYPES), "exempt": self.exempt.get(company_id)}
         creds_row = db.one(CREDS_STATE_SQL, args)
-        rows = {(t, i): (md5, updated, after) for t, i, md5, updated, after in db.all(KEYS_STATE_SQL, args)}
+        plan.creds_xmin = creds_row[3] if creds_row is not None else None
+        rows = {}
+        for key_type, key_id, md5, updated, after, xmin_hash in db.all(KEYS_STATE_SQL, args):
+            rows[(key_type, key_id)] = (md5, updated, after)
+            plan.row_hashes[(key_type, key_id)] = xmin_hash
         compare = []
         for key, entry in files.keys.items():
             row = rows.pop(key, None)

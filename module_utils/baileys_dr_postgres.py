@@ -282,3 +282,58 @@ class CopyStream:
         return chunk[:size]
 
     readline = read
+
+
+# -- retry after a dropped connection ----------------------------------------------------------------------------
+# A server restart or a network cut kills the connection, and with it the transaction in progress: PostgreSQL rolled
+# it back, so the unit of work can be done again on a new connection. Anything else (a data, integrity or permission
+# error, a query cancelled by statement_timeout, a serialization failure) says something about the work itself and is
+# never retried here.
+
+RETRY_DELAYS = (0.5, 1.0, 2.0)
+# SQLSTATEs of a connection that is gone: class 08 (connection exception), admin/crash shutdown, cannot connect now.
+_LOST_SQLSTATES = ("57P01", "57P02", "57P03")
+
+
+def connection_lost(exc, conn=None):
+    """Whether exc reports a dropped connection (never a data or integrity error).
+
+    With conn, psycopg2's own verdict decides: it marks a connection closed (conn.closed != 0) when the server or the
+    network dropped it. Without conn, the SQLSTATE does (none: libpq lost the server).
+    """
+    if psycopg2 is None or not isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        return False
+    if conn is not None:
+        return bool(conn.closed)
+    code = getattr(exc, "pgcode", None)
+    return code is None or code.startswith("08") or code in _LOST_SQLSTATES
+
+
+def retry_on_disconnect(action, what, reconnect=None, conn=None, delays=RETRY_DELAYS, log=None, sleep=time.sleep):
+    """action() again after a dropped connection, at most len(delays) times, waiting delays[n] before the n-th retry.
+
+    conn: a callable giving the connection action uses (for connection_lost), or None. reconnect: called before each
+    retry (a DatabaseError or dropped connection there counts as one more failed attempt). log: a list that gets one
+    {"what", "attempt", "waited", "error"} per retry. The last error is raised once the retries are spent; any other
+    error at once.
+    """
+    attempt = 0
+    while True:
+        reconnecting = attempt > 0 and reconnect is not None
+        try:
+            if reconnecting:
+                reconnect()
+                reconnecting = False
+            return action()
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a dropped connection
+            if reconnecting:  # the server is not back yet (connect() raises DatabaseError)
+                lost = isinstance(exc, DatabaseError) or connection_lost(exc)
+            else:
+                lost = connection_lost(exc, conn() if conn is not None else None)
+            if not lost or attempt >= len(delays):
+                raise
+            if log is not None:
+                log.append({"what": what, "attempt": attempt + 1, "waited": delays[attempt],
+                            "error": " ".join(str(exc).split())[:300]})
+            sleep(delays[attempt])
+            attempt += 1
