@@ -263,13 +263,16 @@ class StoreSwitch:
         self.result = {"changed": False, "store": self.params["store"], "steps": []}
         self.started = time.time()
         self.stopped_at = None
+        # The daemon of app_user: PM2_HOME of this process only when it is that user (as pm2 itself reads it).
+        self.pm2_home = self.params["pm2_home"] or (None if self.run_as.switch else os.environ.get("PM2_HOME")) or \
+            os.path.join(self.run_as.home, ".pm2")
 
     # -- engines of the other modules, run in this process -------------------------------------
 
     def _pm2(self, state, **values):
         p = self.params
         params = engine_params(pm2_process_argument_spec(), name=p["app_name"], state=state, pm2_bin=p["pm2_bin"],
-                               pm2_home=p["pm2_home"] or os.path.join(self.run_as.home, ".pm2"), **values)
+                               pm2_home=self.pm2_home, **values)
         engine = Pm2Process(SubModule(self.module, params, self.run_as))
         engine.user = self.run_as.pw.pw_name
         ok, result = engine.run()
@@ -346,7 +349,7 @@ class StoreSwitch:
     def _instances(self):
         p = self.params
         params = engine_params(pm2_process_argument_spec(), name=p["app_name"], state="info", pm2_bin=p["pm2_bin"],
-                               pm2_home=p["pm2_home"] or os.path.join(self.run_as.home, ".pm2"))
+                               pm2_home=self.pm2_home)
         engine = Pm2Process(SubModule(self.module, params, self.run_as))
         return [dict(pid=proc.get("pid")) for proc in find_instances(engine.runner.jlist(), p["app_name"])]
 
@@ -441,7 +444,7 @@ class FailoverSwitch:
             refreshed = retry_on_disconnect(
                 lambda: export_tree(params, lambda: connect(params, application_name="baileys-dr-switch"),
                                     describe(params), s.run_as.owner, False),
-                what="the final copy of PostgreSQL into %s" % p["standby_dir"], notes=s.result.setdefault("retries", []))
+                what="the final copy of PostgreSQL into %s" % p["standby_dir"], log=s.result.setdefault("retries", []))
             s.result["final_copy"] = {k: refreshed.get(k) for k in (
                 "files_written", "files_deleted", "companies_refreshed", "companies_rebuilt", "generation", "snapshot_at",
                 "duration_seconds") if k in refreshed}
