@@ -23,9 +23,11 @@ const MAX_BODY_BYTES = 64 * 1024;
 const RETRY_MIN_MS = 1000;
 const RETRY_MAX_MS = 30000;
 // A stop waits this long for running requests and the load, then ends the
-// PostgreSQL pool (STOP_POOL_MS): well inside PM2's kill_timeout (10 s).
+// PostgreSQL pool (STOP_POOL_MS) and flushes the log (STOP_FLUSH_MS): well
+// inside PM2's kill_timeout (10 s).
 const STOP_DRAIN_MS = 7000;
 const STOP_POOL_MS = 1000;
+const STOP_FLUSH_MS = 500;
 // The stores POST /simulate writes to.
 const SIMULATED_STORES = new Set(['files', 'postgres']);
 
@@ -541,10 +543,19 @@ function createService(options = {}) {
   return { start, stop, reload, health, config, server, state };
 }
 
+/**
+ * Exits once stdout has taken the last log lines: under PM2's cluster mode
+ * stdout is PM2's asynchronous file stream, which a bare exit() cuts short.
+ */
+function exitFlushed(code) {
+  setTimeout(() => process.exit(code), STOP_FLUSH_MS);
+  process.stdout.write('', () => process.exit(code));
+}
+
 function main() {
   const service = createService();
   const onSignal = (signal) => {
-    service.stop(signal).then(() => process.exit(0));
+    service.stop(signal).then(() => exitFlushed(0));
   };
   // on, not once: a repeated signal must not kill the process in the middle of the stop
   process.on('SIGINT', () => onSignal('SIGINT'));
