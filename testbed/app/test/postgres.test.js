@@ -129,15 +129,29 @@ test('postgres and files answer /simulate alike for the same state: ids, line ha
   }
 });
 
-test('postgres: /simulate writes as the application does and /health follows without a reload', { ...needDeps }, async (t) => {
-  const db = await database(t, 'form');
+/**
+ * Runs body({base, client, before}) against the service in this process on a
+ * new database of `companies` seeded companies (prefix), once ready; before
+ * is its /health then, client a connection of the test's own.
+ */
+async function withPostgresService(t, label, companies, prefix, body) {
+  const db = await database(t, label);
   if (!db) return;
-  await fixture(db, ['seed-pg', '--companies', '2', '--keys', '30', '--prefix', 'w']);
+  await fixture(db, ['seed-pg', '--companies', String(companies), '--keys', '30', '--prefix', prefix]);
   const { service, base } = await startService(configFor(tmpdir(), postgresEnv(db)));
   const client = await connect(db);
   try {
     const { status, health: before } = await waitReady(base);
     assert.equal(status, 200, JSON.stringify(before.errors));
+    await body({ base, client, before });
+  } finally {
+    await client.end();
+    await service.stop('test');
+  }
+}
+
+test('postgres: /simulate writes as the application does and /health follows without a reload', { ...needDeps }, async (t) => {
+  await withPostgresService(t, 'form', 2, 'w', async ({ base, client, before }) => {
     const was = await dbState(client, 'w1');
     const other = await dbState(client, 'w2');
     assert.equal(before.digests.w1, was.digest);
@@ -192,21 +206,11 @@ test('postgres: /simulate writes as the application does and /health follows wit
     assert.equal(tooMany.status, 400);
     assert.match(tooMany.body.error, /cannot consume 999/);
     assert.equal((await dbState(client, 'w1')).snapshot, now.snapshot);
-  } finally {
-    await client.end();
-    await service.stop('test');
-  }
+  });
 });
 
 test('postgres: a request that fails in the middle leaves nothing (one transaction)', { ...needDeps }, async (t) => {
-  const db = await database(t, 'atomic');
-  if (!db) return;
-  await fixture(db, ['seed-pg', '--companies', '1', '--keys', '30', '--prefix', 'r']);
-  const { service, base } = await startService(configFor(tmpdir(), postgresEnv(db)));
-  const client = await connect(db);
-  try {
-    const { status, health: before } = await waitReady(base);
-    assert.equal(status, 200);
+  await withPostgresService(t, 'atomic', 1, 'r', async ({ base, client, before }) => {
     const was = await dbState(client, 'r1');
     // A real failure between the key upserts and the creds update: PostgreSQL refuses the DELETE of a consumed pre-key.
     await client.query(`CREATE FUNCTION test_refuse_delete() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -226,10 +230,7 @@ test('postgres: a request that fails in the middle leaves nothing (one transacti
     assert.equal(retried.status, 200, JSON.stringify(retried.body));
     assertAnswerHeld(await dbState(client, 'r1'), retried.body);
     assert.equal(retried.body.written.length, 6);
-  } finally {
-    await client.end();
-    await service.stop('test');
-  }
+  });
 });
 
 test('/health shows each company\'s identity (registrationId and creds.me) on postgres and on files', { ...needDeps }, async (t) => {
@@ -312,28 +313,45 @@ async function waitingOnLock(client) {
   return rows[0].n;
 }
 
-/** Locks the lowest pre-key of a company in an open transaction of locker: the next /simulate on it waits mid-transaction. */
-async function lockLowestPreKey(locker, company) {
-  const { rows } = await locker.query(
-    "SELECT key_id FROM whatsapp_keys WHERE company_id = $1 AND key_type = 'pre-key' ORDER BY key_id::bigint LIMIT 1", [company]);
-  await locker.query('BEGIN');
-  await locker.query("SELECT 1 FROM whatsapp_keys WHERE company_id = $1 AND key_type = 'pre-key' AND key_id = $2 FOR UPDATE", [company, rows[0].key_id]);
-}
-
-test('stop (SIGTERM): the request in flight commits and is answered, a queued one gets 503, the process exits 0', { ...needDeps }, async (t) => {
-  const db = await database(t, 'stop');
+/**
+ * Runs body({app, watcher, blockRequest}) against the service as its own
+ * process on a new database of `companies` seeded companies (prefix), ready.
+ * blockRequest(request) posts it once the lowest pre-key of its company is
+ * locked by another transaction, and resolves when the request waits on that
+ * lock: mid-transaction, its new keys written. The lock is held until
+ * release() (or the end).
+ */
+async function withStoppableService(t, label, companies, prefix, body) {
+  const db = await database(t, label);
   if (!db) return;
-  await fixture(db, ['seed-pg', '--companies', '2', '--keys', '20', '--prefix', 'g']);
+  await fixture(db, ['seed-pg', '--companies', String(companies), '--keys', '20', '--prefix', prefix]);
   const app = await spawnService(db);
   const locker = await connect(db);
   const watcher = await connect(db);
+  const blockRequest = async (request) => {
+    const { rows } = await locker.query(
+      "SELECT key_id FROM whatsapp_keys WHERE company_id = $1 AND key_type = 'pre-key' ORDER BY key_id::bigint LIMIT 1", [request.company]);
+    await locker.query('BEGIN');
+    await locker.query("SELECT 1 FROM whatsapp_keys WHERE company_id = $1 AND key_type = 'pre-key' AND key_id = $2 FOR UPDATE", [request.company, rows[0].key_id]);
+    const answer = post(app.base, request);
+    answer.catch(() => {}); // awaited by the test, if at all
+    await until('the request to wait on the locked pre-key', async () => (await waitingOnLock(watcher)) === 1);
+    return { answer, release: () => locker.query('ROLLBACK') };
+  };
   try {
     assert.equal((await waitReady(app.base)).status, 200);
+    await body({ app, watcher, blockRequest });
+  } finally {
+    app.child.kill('SIGKILL');
+    await locker.end().catch(() => {});
+    await watcher.end();
+  }
+}
+
+test('stop (SIGTERM): the request in flight commits and is answered, a queued one gets 503, the process exits 0', { ...needDeps }, async (t) => {
+  await withStoppableService(t, 'stop', 2, 'g', async ({ app, watcher, blockRequest }) => {
     const g2 = await dbState(watcher, 'g2');
-    await lockLowestPreKey(locker, 'g1');
-    // in flight: its new keys are written, it waits to delete the locked pre-key
-    const inFlight = post(app.base, { company: 'g1', newKeys: 5, consumePreKeys: 1, seed: 'in-flight' });
-    await until('the request to wait on the locked pre-key', async () => (await waitingOnLock(watcher)) === 1);
+    const inFlight = await blockRequest({ company: 'g1', newKeys: 5, consumePreKeys: 1, seed: 'in-flight' });
     const queued = post(app.base, { company: 'g2', seed: 'queued' });
     await until('the second request to be taken', async () => app.events.filter((e) => e.event === 'simulate_requested').length === 2);
 
@@ -345,8 +363,8 @@ test('stop (SIGTERM): the request in flight commits and is answered, a queued on
     const late = await post(app.base, { company: 'g2', seed: 'late' }).then((r) => r.status, () => 'connection refused');
     assert.ok(late === 503 || late === 'connection refused', `a request after the stop is not taken (${late})`);
 
-    await locker.query('ROLLBACK');
-    const answered = await inFlight;
+    await inFlight.release();
+    const answered = await inFlight.answer;
     assert.equal(answered.status, 200, JSON.stringify(answered.body));
     const { code, signal, stderr } = await app.exited;
     assert.equal(code, 0, `exit code (signal ${signal}, stderr ${stderr})`);
@@ -355,33 +373,20 @@ test('stop (SIGTERM): the request in flight commits and is answered, a queued on
     assert.equal((await dbState(watcher, 'g2')).snapshot, g2.snapshot, 'nothing of the refused requests');
     const stopped = app.events.find((e) => e.event === 'service_stopped');
     assert.ok(stopped && stopped.drained === true, JSON.stringify(stopped));
-  } finally {
-    app.child.kill('SIGKILL');
-    await locker.end().catch(() => {});
-    await watcher.end();
-  }
+  });
 });
 
 test('stop (SIGTERM): a request still blocked past the drain time is not answered and leaves nothing', { ...needDeps }, async (t) => {
-  const db = await database(t, 'drain');
-  if (!db) return;
-  await fixture(db, ['seed-pg', '--companies', '1', '--keys', '20', '--prefix', 'h']);
-  const app = await spawnService(db);
-  const locker = await connect(db);
-  const watcher = await connect(db);
-  try {
-    assert.equal((await waitReady(app.base)).status, 200);
+  await withStoppableService(t, 'drain', 1, 'h', async ({ app, watcher, blockRequest }) => {
     const was = await dbState(watcher, 'h1');
-    await lockLowestPreKey(locker, 'h1');
-    const inFlight = post(app.base, { company: 'h1', newKeys: 5, consumePreKeys: 1, seed: 'cut' }).then((r) => r.status, () => 'no answer');
-    await until('the request to wait on the locked pre-key', async () => (await waitingOnLock(watcher)) === 1);
+    const inFlight = await blockRequest({ company: 'h1', newKeys: 5, consumePreKeys: 1, seed: 'cut' });
     const stoppedAt = Date.now();
     app.child.kill('SIGTERM');
     const { code } = await app.exited;
     assert.equal(code, 0);
     assert.ok(Date.now() - stoppedAt < 9500, 'the stop is bounded, inside PM2\'s kill_timeout');
-    assert.notEqual(await inFlight, 200, 'not acknowledged');
-    await locker.query('ROLLBACK');
+    assert.notEqual(await inFlight.answer.then((r) => r.status, () => 'no answer'), 200, 'not acknowledged');
+    await inFlight.release();
     // the server ends the orphaned transaction once it runs again: rolled back as a whole
     await until('the service\'s connections to end', async () => {
       const { rows } = await watcher.query("SELECT count(*)::int AS n FROM pg_stat_activity WHERE application_name = 'baileys-whatsapp-service'");
@@ -389,9 +394,5 @@ test('stop (SIGTERM): a request still blocked past the drain time is not answere
     });
     assert.equal((await dbState(watcher, 'h1')).snapshot, was.snapshot, 'none of its new keys, its pre-key still there');
     assert.equal(app.events.find((e) => e.event === 'service_stopped').drained, false);
-  } finally {
-    app.child.kill('SIGKILL');
-    await locker.end().catch(() => {});
-    await watcher.end();
-  }
+  });
 });
