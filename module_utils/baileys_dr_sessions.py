@@ -1318,7 +1318,7 @@ class Exporter:
             if not report["differs"] and not drifted:
                 result["changed"] = False
                 return result
-        result.update(self._write(conn, snapshot, stats, meta, current, dest, exists, parent, backup_dir))
+        result.update(self._write(conn, snapshot, stats, meta, current, dest, parent, backup_dir))
         drift = result["replaced_drift"] or drift
         result["differs"] = differs is not False
         result["rewrite_reason"] = self._rewrite_reason(why, differs, drift)
@@ -1336,7 +1336,7 @@ class Exporter:
             parts.append("force" if self.params["force"] else "the database differs from the manifest of dest")
         return "; ".join(parts)
 
-    def _write(self, conn, snapshot, stats, meta, current, dest, exists, parent, backup_dir):
+    def _write(self, conn, snapshot, stats, meta, current, dest, parent, backup_dir):
         params = self.params
         staging = os.path.join(parent, staging_name(dest))
         os.mkdir(staging, DIR_MODE)
