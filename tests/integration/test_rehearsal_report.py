@@ -105,9 +105,9 @@ def test_table_shows_each_phase_with_its_figures_and_the_verdict(tmp_path):
     ok, result = write(tmp_path, phases(p1={"ready": T0 + 8.0, "ended": T0 + 8.5}))
     table = result["table"]
     assert table[0].split() == ["#", "Phase", "Result", "Time", "s", "RTO", "s", "RPO", "s", "Source", "Data", "as", "of",
-                                "Zero", "loss"]
-    assert table[3].split()[-8:] == ["passed", "6.5", "6.0", "0.0", "live", "2026-11-28", "10:00:02", "-"]
-    assert table[5].split()[-8:] == ["passed", "5.0", "4.0", "120.0", "standby", "2026-11-28", "09:59:00", "-"]
+                                "Writes", "Down", "s", "Lost", "Zero", "loss"]
+    assert table[3].split()[-11:] == ["passed", "6.5", "6.0", "0.0", "live", "2026-11-28", "10:00:02", "-", "-", "-", "-"]
+    assert table[5].split()[-11:] == ["passed", "5.0", "4.0", "120.0", "standby", "2026-11-28", "09:59:00", "-", "-", "-", "-"]
     assert table[2].split()[-2:] == ["-", "yes"]
     assert "failover RTO target 5.0 s: worst 6.0 s, MISSED" in table
     assert table[-1] == "rehearsal rehearsal-test: PASSED, zero loss proven by digests"
@@ -142,3 +142,21 @@ def test_module_documents_itself_as_ansible_doc_reads_it():
     assert documentation["module"] == "baileys_rehearsal_report"
     assert set(documentation["options"]) == {"dest", "name", "host", "environment", "baseline_digests", "phases", "rto_targets"}
     assert {"check_mode", "diff_mode"} <= set(documentation["attributes"])
+
+
+def test_the_writers_figures_show_per_phase_and_a_lost_write_fails_zero_loss(tmp_path):
+    # With the writer, digests change during the rehearsal: the ledger's check is the proof, not the baseline.
+    listed = phases(p1={"writes_acked": 41, "downtime_seconds": 2.25}, p2={"writes_lost": 0, "writes_checked": 55, "digests": {}})
+    ok, result = write(tmp_path, listed, baseline={})
+    assert ok and result["report"]["zero_loss"]
+    failover = result["report"]["phases"][1]
+    assert failover["writes_acked"] == 41 and failover["downtime_seconds"] == 2.25
+    row = [line for line in result["table"] if failover["name"] in line][0]
+    assert "41" in row.split() and "2.2" in row.split()
+    assert result["report"]["writes"] == {"acknowledged": 41, "checked": 55, "lost": 0}
+    assert "acknowledged writes lost: 0 (of 55 checked" in "\n".join(result["table"])
+
+    ok, result = write(tmp_path, phases(p2={"writes_lost": 3, "writes_checked": 55, "digests": {}}), baseline={})
+    assert ok and not result["report"]["zero_loss"]
+    row = [line for line in result["table"] if result["report"]["phases"][2]["name"] in line][0]
+    assert row.split()[-2:] == ["3", "NO"]

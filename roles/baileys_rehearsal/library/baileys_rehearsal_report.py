@@ -47,7 +47,10 @@ options:
       - "The phases in order, each a dict: C(name) (required), C(kind) (snapshot, failover, failback, verify, database),
         C(status) (passed, failed, skipped), C(started) and C(ended) (epoch seconds), C(ready) (epoch seconds the
         service was ready; default C(ended)), C(message), C(source) (live or standby), C(data_at) (ISO 8601 time of the
-        data a failover used), C(digests) (by company id), C(details) (dict kept as is)."
+        data a failover used), C(digests) (by company id), C(writes_acked) (writes the load generator had acknowledged in
+        the phase), C(downtime_seconds) (its longest gap between two acknowledged writes in the phase), C(writes_lost) and
+        C(writes_checked) (verify phases: acknowledged writes missing from the store, and checked), C(details) (dict kept
+        as is)."
     type: list
     elements: dict
     required: true
@@ -189,6 +192,15 @@ def build_phase(phase, index, baseline):
             out["zero_loss"] = not differ
             if differ:
                 out["digests_differ"] = differ[:20]
+    # The load generator's figures (docs/rehearsal.md, "Load generator"): writes acknowledged in the phase, the longest
+    # gap between two acknowledged writes in it, and (verify phases) acknowledged writes missing from the store.
+    for key, kind in (("writes_acked", int), ("writes_lost", int), ("writes_checked", int), ("downtime_seconds", float)):
+        value = phase.get(key)
+        if value not in (None, ""):
+            try:
+                out[key] = kind(value)
+            except (TypeError, ValueError):
+                raise ReportError("phases[%d] (%s): %s %r is not a number" % (index, phase["name"], key, value)) from None
     if isinstance(phase.get("details"), dict):
         out["details"] = phase["details"]
     return out
@@ -205,6 +217,9 @@ def build_report(params, now):
         if measured:
             targets[kind] = {"target_seconds": float(target), "worst_seconds": max(measured), "met": max(measured) <= float(target)}
     checked = [p["zero_loss"] for p in phases if "zero_loss" in p]
+    # With the writer, zero loss is what its ledger proves: every acknowledged write found in the store.
+    checked += [p["writes_lost"] == 0 for p in phases if "writes_lost" in p]
+    ledger = [p for p in phases if "writes_lost" in p]
     return {
         "format": 1,
         "name": params["name"],
@@ -217,6 +232,9 @@ def build_report(params, now):
         "seconds": round(sum(p.get("seconds", 0.0) for p in ran), 3),
         "baseline": {"companies": len(baseline)},
         "rto_targets": targets,
+        "writes": {"acknowledged": sum(p.get("writes_acked", 0) for p in phases),
+                   "checked": ledger[-1]["writes_checked"] if ledger and "writes_checked" in ledger[-1] else None,
+                   "lost": ledger[-1]["writes_lost"] if ledger else None} if ledger else None,
         "phases": phases,
     }
 
@@ -248,7 +266,8 @@ def junit_xml(report):
             failure.text = _clean(phase["message"] or "phase failed")
         elif phase["status"] == "skipped":
             ET.SubElement(case, "skipped", message=_clean(phase["message"] or "not run: an earlier phase failed"))
-        figures = ["%s=%s" % (k, phase[k]) for k in ("rto_seconds", "rpo_seconds", "source", "data_at", "zero_loss") if k in phase]
+        figures = ["%s=%s" % (k, phase[k]) for k in ("rto_seconds", "rpo_seconds", "source", "data_at", "zero_loss", "writes_acked",
+                                                      "writes_lost", "downtime_seconds") if k in phase]
         if figures:
             ET.SubElement(case, "system-out").text = _clean(", ".join(figures))
     ET.indent(suites)
@@ -256,21 +275,31 @@ def junit_xml(report):
 
 
 def table(report):
-    header = ("#", "Phase", "Result", "Time s", "RTO s", "RPO s", "Source", "Data as of", "Zero loss")
+    header = ("#", "Phase", "Result", "Time s", "RTO s", "RPO s", "Source", "Data as of", "Writes", "Down s", "Lost", "Zero loss")
     rows = []
     for index, p in enumerate(report["phases"], 1):
         zero = {True: "yes", False: "NO"}.get(p.get("zero_loss"), "-")
+        if "writes_lost" in p:
+            zero = "yes" if p["writes_lost"] == 0 and p.get("zero_loss", True) else "NO"
         rows.append((str(index), p["name"], p["status"].upper() if p["status"] == "failed" else p["status"],
                      _fmt(p.get("seconds")), _fmt(p.get("rto_seconds")), _fmt(p.get("rpo_seconds")),
-                     p.get("source") or "-", (p.get("data_at") or "-")[:19].replace("T", " "), zero))
+                     p.get("source") or "-", (p.get("data_at") or "-")[:19].replace("T", " "),
+                     str(p["writes_acked"]) if "writes_acked" in p else "-", _fmt(p.get("downtime_seconds")),
+                     str(p["writes_lost"]) if "writes_lost" in p else "-", zero))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     for kind, t in sorted(report["rto_targets"].items()):
         out.append("%s RTO target %s s: worst %s s, %s" % (kind, _fmt(t["target_seconds"]), _fmt(t["worst_seconds"]),
                                                           "met" if t["met"] else "MISSED"))
+    writes = report.get("writes")
+    if writes:
+        out.append("writes acknowledged during the rehearsal: %d; acknowledged writes lost: %s%s" % (
+            writes["acknowledged"], "-" if writes["lost"] is None else writes["lost"],
+            "" if writes["checked"] is None else " (of %d checked against the store at the last verify)" % writes["checked"]))
     out.append("rehearsal %s: %s%s" % (report["name"], "PASSED" if report["passed"] else "FAILED (%s)" % ", ".join(report["failed_phases"]),
-                                       ", zero loss proven by digests" if report["zero_loss"] else ""))
+                                       (", zero loss proven by the writer's ledger" if writes else ", zero loss proven by digests")
+                                       if report["zero_loss"] else ""))
     return out
 
 
