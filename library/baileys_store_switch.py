@@ -27,10 +27,10 @@ description:
     record) makes PostgreSQL equal to the files of every company that changed since the bulk pass (each company in
     one transaction with its own proof; the others are proven unchanged by their directory signature and row
     fingerprint), then the git ref and .env values recorded at failover are restored."
-  - Then the service is started with a fresh environment (PM2 delete + start from O(ecosystem): a stale variable
+  - "Then the service is started with a fresh environment (PM2 delete + start from O(ecosystem), so a stale variable
     cannot beat .env) and must be online, stable for O(ready_window) seconds and ready on the expected store, with
     every company's identity (creds C(registrationId) and C(me.id)) equal to the frozen state's. Digests of the
-    serving application are not compared: they change as soon as it serves.
+    serving application are not compared: they change as soon as it serves."
   - Every step is journaled in O(state_file) (C(switch.phase)) before the next begins, so a run killed between the
     stop and the start is finished by the next run.
   - A failure after the stop rolls back onto the old store only when it answers (PostgreSQL is connected to first;

@@ -37,6 +37,7 @@ from ansible.module_utils.baileys_dr_sessions import (
     ParentLock,
     SessionsError,
     Snapshot,
+    drift_warning,
     export_tree,
     load_top_manifest,
     open_dir,
@@ -433,6 +434,7 @@ class FailoverSwitch:
         self._check_identities()
         s.journal.phase("failover", "done", ready_at=(started.get("readiness") or {}).get("ready_at"))
         s._step("ready")
+        self.report_replaced()
 
     def _final_copy(self):
         s, p = self.s, self.p
@@ -493,19 +495,27 @@ class FailoverSwitch:
     def _swap(self):
         s, p = self.s, self.p
         backup = "%s.before-%s" % (p["sessions_dir"], datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ"))
-        drift = tree_drift(p["sessions_dir"]) if os.path.isdir(p["sessions_dir"]) else None
+        # A rename only, while the service is down: what the replaced tree held is reported after the start.
         with ParentLock(os.path.dirname(os.path.abspath(p["sessions_dir"])), timeout=60):
             kept = swap_in(p["standby_dir"], p["sessions_dir"], backup)
         s.result["sessions_backup"] = kept
-        if drift is not None and not drift.get("clean") and drift.get("added", 0) + drift.get("changed", 0) + drift.get("deleted", 0):
-            s.result["replaced_drift"] = {k: drift.get(k) for k in ("added", "changed", "deleted", "reason")}
-            s.module.warn("the replaced tree held %d files the service added, %d it changed and %d it deleted that the "
-                          "database never received (kept in %s)" % (drift.get("added", 0), drift.get("changed", 0),
-                                                                    drift.get("deleted", 0), kept))
         self.expected = read_identities(p["sessions_dir"])
         s.journal.write(dict(s.journal.document, sessions_backup=kept or "", identities=self.expected))
         s.journal.phase("failover", "swapped")
         s._step("swapped", backup=kept)
+
+    def report_replaced(self):
+        """After the start: the files the service had written into the tree it no longer uses (writes the database
+        never received), kept in the backup and named in a warning."""
+        kept = self.s.result.get("sessions_backup")
+        if not kept or not os.path.isdir(kept):
+            return
+        drift = tree_drift(kept)
+        if not drift.get("clean"):
+            self.s.result["replaced_drift"] = {k: drift.get(k) for k in ("added", "changed", "deleted", "reason")}
+            warning = drift_warning(drift, kept)
+            if warning:
+                self.s.module.warn(warning)
 
     def _check_identities(self):
         s = self.s
