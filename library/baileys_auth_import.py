@@ -159,7 +159,8 @@ options:
         sorted name, size, mtime_ns and inode of every entry, no content read), the fingerprint of its rows after the
         COMMIT (Baileys keys, sum of C(hashint8(xmin)), creds C(xmin)), the xid of the transaction that wrote it (null when
         nothing was written) and its digest; the deferred companies, the tree's path, the database's system identifier
-        and timeline."
+        and timeline; per company the xids of every transaction of this failback's passes that wrote it (those of the
+        record it replaces, when of the same tree and database, kept)."
       - A company with a file written less than 100 ms (2 s on a file system of whole-second times) before the listing
         gets no signature (a same-size rewrite within one clock tick keeps size and mtime), nor one whose rows changed in
         PostgreSQL after its read or COMMIT (another writer); the delta pass imports them fully.
@@ -170,8 +171,9 @@ options:
         one aggregate query gives every company's fingerprint; a company whose signature and fingerprint are the record's
         is proven unchanged and skipped without reading a file (status C(unchanged_proven), RV(delta)). Every other
         company (files or rows changed, deferred, new, not in the record) is imported fully, as without this option.
-      - The conflict guard does not count rows whose C(xmin) is the xid the record holds for their company (row versions
-        the bulk pass wrote; any later write gives a row another xmin, so another writer's change still counts).
+      - The conflict guard does not count rows whose C(xmin) is one of the xids the record holds for their company (row
+        versions the bulk pass wrote, or an earlier run of it whose record it replaced; any later write gives a row another
+        xmin, so another writer's change still counts).
       - A record of another tree (its path) or another database (system identifier, whatever O(allow_other_database)) is
         refused. On another timeline (a promoted standby, a point-in-time recovery) nothing is proven and nothing exempted.
     type: path
@@ -361,7 +363,7 @@ delta:
   description:
     - (import, O(delta_from)) companies (in the run), unchanged_proven (skipped, no file read), imported (imported fully),
       not_proven (count by reason - files changed, rows changed, deferred by the bulk pass, not in the pass record, ...),
-      from (the record), seconds (wall time of the run).
+      from (the record), proof_seconds (listing the directories and the aggregate query), seconds (wall time of the run).
   returned: mode=import, with O(delta_from)
   type: dict
   sample: {companies: 1000, unchanged_proven: 990, imported: 10, not_proven: {files changed: 10}, seconds: 3.2}

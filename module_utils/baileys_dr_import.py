@@ -82,6 +82,7 @@ from ansible.module_utils.baileys_dr_sessions import (
     compact_stamp,
     creds_line,
     encode_json,
+    export_workers,
     iso,
     key_line,
     load_company_manifest,
@@ -92,6 +93,7 @@ from ansible.module_utils.baileys_dr_sessions import (
     test_hook,
     utc_now,
     validate_top_manifest,
+    write_all,
 )
 
 UNDO_FORMAT = 1
@@ -102,7 +104,7 @@ MAX_FILE_BYTES = 64 << 20
 MAX_CANDIDATES = 8
 BATCH = 1000
 LOCK_NAME = "baileys-dr-import"
-SCAN_WORKERS = 8  # threads listing company directories in a delta pass
+SCAN_MIN_FORK = 50  # companies from which a delta pass lists directories in forked workers
 # initAuthCreds() always sets these; a creds.json without them would make Baileys pair again.
 CREDS_REQUIRED = ("noiseKey", "signedIdentityKey", "registrationId")
 BOM = b"\xef\xbb\xbf"
@@ -131,10 +133,10 @@ READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
 # record's fingerprint of the company after the COMMIT is computed from it without a query per company.
 TXN_SQL = "SELECT now()::text, txid_current(), hashint8(txid_current() % 4294967296)"
 TXID_STATUS_SQL = "SELECT txid_status(%(txid)s)"
-# "Changed after since" (the conflict guard) excludes row versions the bulk pass of this failback wrote: their xmin is
-# its transaction's (exempt, the 32-bit xid; NULL exempts nothing). The row's xmin and hashint8(xmin) feed the company's
-# fingerprint after the commit (FINGERPRINT_SQL's terms).
-CHANGED_AFTER = "coalesce(updated_at > %(since)s::timestamptz, false) AND xmin::text::bigint IS DISTINCT FROM %(exempt)s::bigint"
+# "Changed after since" (the conflict guard) excludes row versions the earlier passes of this failback wrote: their
+# xmin is one of those transactions' (exempt: 32-bit xids, often none). The row's xmin and hashint8(xmin) feed the
+# company's fingerprint after the commit (FINGERPRINT_SQL's terms).
+CHANGED_AFTER = "coalesce(updated_at > %(since)s::timestamptz, false) AND xmin::text::bigint <> ALL(%(exempt)s::bigint[])"
 CREDS_STATE_SQL = (
     "SELECT md5(creds::text), updated_at::text, " + CHANGED_AFTER + ", xmin::text "
     "FROM whatsapp_auth WHERE company_id = %(company)s"
@@ -513,23 +515,27 @@ RACY_NS = 100 * 1000 * 1000
 RACY_COARSE_NS = 2 * 1000 * 1000 * 1000
 
 
+# One line per entry; the names as os.scandir gives them (undecodable bytes as surrogate escapes, encoded back below).
+SIGNATURE_LINE = "%s\0%d\0%d\0%d\n"
+
+
+def _signature(lines):
+    lines.sort()
+    return hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def directory_signature(stats, observed_ns=None):
     """sha256 (hex) over the sorted (name, size, mtime_ns, inode) of a directory's entries, as dir_stats lists them;
     None when an entry's mtime is within the racy window before observed_ns (the wall clock just before the listing).
 
     Without observed_ns (a listing compared with a recorded signature, never recorded itself) there is no window: a file
     written since the recorded listing has another mtime than the recorded one, which was outside the window."""
-    limit = float("inf")
     if observed_ns is not None:
         coarse = not any(entry[2] % 1000000000 for entry in stats.values())
         limit = observed_ns - (RACY_COARSE_NS if coarse else RACY_NS)
-    lines = []
-    for name, (inode, size, mtime_ns, _kind) in stats.items():
-        if mtime_ns >= limit:
+        if any(entry[2] >= limit for entry in stats.values()):
             return None
-        lines.append(b"%s\0%d\0%d\0%d\n" % (os.fsencode(name), size, mtime_ns, inode))
-    lines.sort()
-    return hashlib.sha256(b"".join(lines)).hexdigest()
+    return _signature([SIGNATURE_LINE % (name, size, mtime_ns, inode) for name, (inode, size, mtime_ns, _kind) in stats.items()])
 
 
 def scan_company(root_fd, company_id):
@@ -540,10 +546,73 @@ def scan_company(root_fd, company_id):
         return None, "absent"
     except (OSError, SessionsError):
         return None, "unreadable"
+    # directory_signature(dir_stats(dir_fd)) without the mapping in between: the stat calls are most of a delta pass.
+    lines = []
+    add = lines.append
     try:
-        return directory_signature(dir_stats(dir_fd)), None
+        with os.scandir(dir_fd) as entries:
+            for entry in entries:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                add(SIGNATURE_LINE % (entry.name, info.st_size, info.st_mtime_ns, info.st_ino))
     finally:
         os.close(dir_fd)
+    return _signature(lines), None
+
+
+class ScanWorkers:
+    """scan_company of many companies in forked processes, one per usable CPU (a listing is a stat per file: CPU bound
+    in Python, and threads would contend for the GIL), while the parent does other work (the aggregate query).
+    start() forks; results() collects {company: (signature, why)}."""
+
+    def __init__(self, root_fd, company_ids):
+        self.root_fd = root_fd
+        self.ids = list(company_ids)
+        self.children = []  # (pid, read fd, company ids)
+        self.local = None
+
+    def start(self):
+        count = export_workers() if len(self.ids) >= SCAN_MIN_FORK else 1
+        if count == 1:
+            self.local = self.ids
+            return self
+        for part in (self.ids[n::count] for n in range(count)):
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns into the parent's stack
+                code = 1
+                try:
+                    os.close(read_fd)
+                    write_all(write_fd, encode_json([scan_company(self.root_fd, c) for c in part]))
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(write_fd)
+            self.children.append((pid, read_fd, part))
+        return self
+
+    def results(self):
+        found = {} if self.local is None else {c: scan_company(self.root_fd, c) for c in self.local}
+        failed = False
+        for pid, read_fd, part in self.children:
+            with os.fdopen(read_fd, "rb") as pipe:
+                data = pipe.read()
+            failed = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0 or failed
+            if not failed:
+                found.update((c, tuple(r)) for c, r in zip(part, json.loads(data)))
+        self.children = []
+        if failed:
+            raise FailbackError("a worker listing the company directories failed: the delta pass proves nothing, run it again")
+        return found
+
+    def reap(self):
+        """Wait for the workers, their results unused."""
+        for pid, read_fd, _part in self.children:
+            os.close(read_fd)
+            os.waitpid(pid, 0)
+        self.children = []
 
 
 def read_file_at(dir_fd, name):
@@ -1148,6 +1217,7 @@ PASS_KIND = "baileys-dr-failback-pass"
 MAX_PASS_RECORD_BYTES = 256 << 20
 HEX64_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 XID_WRAP = 1 << 32
+MAX_RECORD_XIDS = 16  # transactions kept per company in a record's xids (a pass run again adds one)
 
 
 def fingerprint_text(keys, xmin_hash, creds_xmin):
@@ -1180,9 +1250,21 @@ def load_pass_record(path):
                 entry.get("signature") is None or HEX64_RE.match(str(entry["signature"]))) and _optional(
                 entry.get("fingerprint"), str) and _optional(entry.get("xid"), int) and _optional(entry.get("digest"), str)
         ok = ok and all(isinstance(c, str) and COMPANY_ID_RE.match(c) for c in document["deferred"])
+        xids = document.get("xids", {})
+        ok = ok and isinstance(xids, dict) and all(
+            COMPANY_ID_RE.match(c) and isinstance(v, list) and all(isinstance(x, int) for x in v) for c, v in xids.items())
     if not ok:
         raise FailbackError("delta_from %s is not a format %d %s record (the pass_record of a bulk pass)" % (path, PASS_FORMAT, PASS_KIND))
     return document
+
+
+def record_xids(record):
+    """{company: {64-bit xid}} of the transactions of a failback's passes that wrote each company (a pass record's)."""
+    found = {c: set(v) for c, v in (record.get("xids") or {}).items()}
+    for company_id, entry in record["companies"].items():
+        if entry.get("xid") is not None:
+            found.setdefault(company_id, set()).add(entry["xid"])
+    return found
 
 
 # -- one company ------------------------------------------------------------------------------------
@@ -1252,7 +1334,7 @@ class Failback:
         self.retries = []  # retry_on_disconnect's log
         # A bulk or delta pass retries a dropped connection; a single-pass import fails the company as it always did.
         self.two_pass = self.defer or bool(params.get("pass_record") or params.get("delta_from"))
-        self.exempt = {}  # company -> 32-bit xid of the bulk pass's transaction (delta pass: its rows are no conflicts)
+        self.exempt = {}  # company -> 32-bit xids of the earlier passes' transactions (delta pass: no conflicts)
         self.passed = {}  # company -> pass record entry: committed or found equal by this run, or proven unchanged
         self.fingerprints = None  # {company: fingerprint} of the last aggregate
         self.delta = None
@@ -1371,6 +1453,7 @@ class Failback:
     def _prove_unchanged(self, src, companies, bad, outcomes):
         """Delta pass: the companies whose directory signature and rows' fingerprint are the pass record's are proven
         unchanged (status unchanged_proven, no file read); the others are returned, to be imported fully."""
+        started = time.monotonic()
         path = self.params["delta_from"]
         record = load_pass_record(path)
         if record["tree"] != src:
@@ -1380,19 +1463,27 @@ class Failback:
             raise FailbackError("the pass record %s was written for the database with system identifier %s, this one is %s: "
                                 "refusing it (row versions prove nothing in another database)"
                                 % (path, record["system_identifier"], self.meta["system_identifier"]))
-        fingerprints, timeline, next_xid = self._retrying("the fingerprint query", self._fingerprint_state)
+        candidates = [c for c in companies if c not in bad and (record["companies"].get(c) or {}).get("signature")
+                      and record["companies"][c].get("fingerprint")]
+        # The listings (forked workers) and the aggregate query (the server) run at the same time.
+        scan = ScanWorkers(self.tree.root_fd, candidates).start()
+        try:
+            fingerprints, timeline, next_xid = self._retrying("the fingerprint query", self._fingerprint_state)
+        except BaseException:
+            scan.reap()
+            raise
+        signatures = scan.results()
         # Row versions written on another timeline (a promoted standby, a point-in-time recovery) may reuse xids.
         same_lifetime = record.get("timeline_id") == timeline
         if not same_lifetime:
             self.warnings.append("the pass record %s is of timeline %s, the database is on timeline %s: no company is proven "
                                  "unchanged and the since guard exempts no row" % (path, record.get("timeline_id"), timeline))
         entries = record["companies"]
-        for company_id, entry in entries.items():
-            if same_lifetime and entry.get("xid") is not None and 0 <= next_xid - entry["xid"] < (1 << 31):
-                self.exempt[company_id] = entry["xid"] % XID_WRAP
-        candidates = [c for c in companies if c not in bad and same_lifetime and (entries.get(c) or {}).get("signature")
-                      and entries[c].get("fingerprint")]
-        signatures = dict(zip(candidates, self._scan(candidates)))
+        for company_id, xids in record_xids(record).items():
+            # Within 2^31 transactions (xid wraparound) of this server's history only.
+            xids = sorted(x % XID_WRAP for x in xids if same_lifetime and 0 <= next_xid - x < (1 << 31))
+            if xids:
+                self.exempt[company_id] = xids
         deferred = set(record["deferred"])
         reasons, todo = {}, []
         for company_id in companies:
@@ -1418,17 +1509,8 @@ class Failback:
             reasons[reason] = reasons.get(reason, 0) + 1
             todo.append(company_id)
         self.delta = {"companies": len(companies), "unchanged_proven": len(companies) - len(todo), "imported": len(todo),
-                      "not_proven": reasons, "from": path}
+                      "not_proven": reasons, "from": path, "proof_seconds": round(time.monotonic() - started, 3)}
         return todo
-
-    def _scan(self, company_ids):
-        """scan_company of each company, several at once (stat waits release the GIL), in order."""
-        if len(company_ids) < 8:
-            return [scan_company(self.tree.root_fd, c) for c in company_ids]
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=SCAN_WORKERS) as pool:
-            return list(pool.map(lambda c: scan_company(self.tree.root_fd, c), company_ids))
 
     def _fingerprint_state(self):
         """({company: fingerprint} of every company, timeline id, next 64-bit xid), one aggregate query."""
@@ -1458,16 +1540,40 @@ class Failback:
                 entry["fingerprint"] = None
                 entry["unproven"] = "its rows changed in PostgreSQL after the import"
             entries[company_id] = entry
+        xids = self._earlier_xids(src, timeline)
+        for company_id, entry in entries.items():
+            if entry["xid"] is not None:
+                xids.setdefault(company_id, set()).add(entry["xid"])
         record = {"format": PASS_FORMAT, "kind": PASS_KIND, "created_at": iso(utc_now()), "tree": src,
                   "system_identifier": self.meta["system_identifier"], "timeline_id": timeline, "next_xid": next_xid,
                   "since": self.since, "companies": entries,
-                  "deferred": [c for c in companies if outcomes[c]["status"] == "deferred"]}
+                  "deferred": [c for c in companies if outcomes[c]["status"] == "deferred"],
+                  "xids": {c: sorted(v, reverse=True)[:MAX_RECORD_XIDS] for c, v in sorted(xids.items())}}
         try:
             write_file_atomic(path, encode_json(record) + b"\n", mode=0o600)
         except OSError as exc:
             raise FailbackError("the pass record %s cannot be written (%s); the companies committed stay committed"
                                 % (path, exc.strerror or exc)) from None
         return path
+
+    def _earlier_xids(self, src, timeline):
+        """record_xids of the records of this failback's earlier passes: the one this run replaces at pass_record (a bulk
+        pass run again) and the delta pass's delta_from, when of this tree, database and timeline. A pass run again
+        finds the rows an earlier run wrote equal (no xid of its own): their row versions stay exempt."""
+        xids = {}
+        for path in dict.fromkeys(p for p in (self.params.get("delta_from"), self.params.get("pass_record")) if p):
+            if not os.path.exists(path):
+                continue
+            try:
+                record = load_pass_record(path)
+            except FailbackError:
+                continue  # replaced: an unusable record exempts nothing
+            if (record["tree"], record["system_identifier"], record.get("timeline_id")) != (
+                    src, self.meta["system_identifier"], timeline):
+                continue
+            for company_id, found in record_xids(record).items():
+                xids.setdefault(company_id, set()).update(found)
+        return xids
 
     def _pass_entry(self, files, fingerprint, xid, digest):
         if self.params.get("pass_record"):
@@ -1709,7 +1815,7 @@ class Failback:
     def _plan(self, company_id, files):
         db = self.db
         plan = CompanyPlan()
-        args = {"company": company_id, "since": self.since, "key_types": list(KEY_TYPES), "exempt": self.exempt.get(company_id)}
+        args = {"company": company_id, "since": self.since, "key_types": list(KEY_TYPES), "exempt": self.exempt.get(company_id, [])}
         creds_row = db.one(CREDS_STATE_SQL, args)
         plan.creds_xmin = creds_row[3] if creds_row is not None else None
         rows = {}

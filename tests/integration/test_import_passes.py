@@ -165,7 +165,8 @@ def test_a_company_written_during_the_bulk_pass_is_deferred_and_only_it_is_read_
 
 
 def test_a_file_created_one_rewritten_in_place_and_one_deleted_after_the_bulk_pass_are_in_postgresql_after_the_delta(
-        db, exported, failback, sessions, record):
+        db, exported, failback, sessions, record, monkeypatch):
+    monkeypatch.setattr(imp, "SCAN_MIN_FORK", 1)  # the directories listed by forked workers, as in a large tree
     age(sessions)
     ok, bulk = failback(changed_during_read="defer", pass_record=str(record))
     assert ok and bulk["committed"] == [] and bulk["deferred"] == [], bulk.get("msg")
@@ -221,6 +222,32 @@ def test_a_file_written_just_before_its_listing_is_not_trusted_to_its_size_and_m
     assert delta["companies"]["company00001"]["updated"] == 1
     key_id = manifest_of(sessions, "company00001")["files"][name]["id"]
     assert json.loads(row(db, "company00001", "pre-key", key_id)[0])["private"]["data"] == list(base64.b64decode(value["private"]["data"]))
+
+
+def test_the_delta_pass_listing_gives_the_bulk_pass_signature_whatever_the_names(tmp_path):
+    """The delta pass lists with its own loop (the stat calls are most of its time): same signature as the bulk pass's,
+    for hostile names too; any stat change changes it."""
+    root = tmp_path / "tree"
+    directory = root / "company_acme"
+    directory.mkdir(parents=True)
+    for name in (b"creds.json", b"pre-key-1.json", b"a\nnewline.json", b"\xff\xfe-not-utf8.json", "ünï.json".encode()):
+        with open(os.path.join(os.fsencode(directory), name), "wb") as fh:
+            fh.write(b"{}")
+    os.symlink("/etc/passwd", directory / "link.json")
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        dir_fd = os.open("company_acme", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd)
+        stats = imp.dir_stats(dir_fd)
+        os.close(dir_fd)
+        signature = imp.directory_signature(stats)
+        assert imp.scan_company(root_fd, "acme") == (signature, None)
+        assert imp.directory_signature(stats, time.time_ns()) is None, "files written just now: no signature recorded"
+        assert imp.directory_signature(stats, time.time_ns() + 10**9) == signature, "listed a second after the writes"
+        os.utime(directory / "pre-key-1.json", ns=(1, 1))
+        assert imp.scan_company(root_fd, "acme")[0] != signature
+        assert imp.scan_company(root_fd, "gone") == (None, "absent")
+    finally:
+        os.close(root_fd)
 
 
 # -- (c) a dropped connection is retried, a data error is not -------------------------------------------------------
@@ -350,6 +377,26 @@ def test_the_since_guard_exempts_rows_the_bulk_pass_wrote_but_not_a_row_someone_
     assert delta["companies"]["company00002"]["status"] == "refused"
     assert [(c["company"], c["type"], c["id"]) for c in delta["conflicts"]] == [("company00002", "pre-key", "100001")]
     assert json.loads(row(db, "company00002", "pre-key", "100001")[0]) == {"someone": "else"}
+
+
+def test_a_bulk_pass_run_again_keeps_the_first_runs_rows_exempt(db, exported, failback, sessions, record):
+    """The second run finds the rows the first one wrote equal (it writes nothing): the record it replaces passes its
+    xids on, so the delta pass still does not take them for someone else's."""
+    since = exported["snapshot_at"]
+    new_ids, _consumed, _rewritten = baileys_changes(sessions, "company00001", manifest_of(sessions, "company00001"))
+    age(sessions)
+    ok, first = failback(changed_during_read="defer", pass_record=str(record), since=since)
+    assert ok and first["committed"] == ["company00001"], first.get("msg")
+    xid = load_record(record)["companies"]["company00001"]["xid"]
+    ok, again = failback(changed_during_read="defer", pass_record=str(record), since=since)
+    assert ok and again["committed"] == [], again.get("msg")
+    document = load_record(record)
+    assert document["companies"]["company00001"]["xid"] is None and document["xids"] == {"company00001": [xid]}
+    session_file, session_id = next((n, i) for n, (t, i) in new_ids.items() if t == "session")
+    (sessions / "company_company00001" / session_file).write_bytes(file_content({"_sessions": {}, "version": "later"}))
+    ok, delta = failback(delta_from=str(record), since=since)
+    assert ok and delta["committed"] == ["company00001"] and delta["conflict_count"] == 0, delta.get("msg")
+    assert json.loads(row(db, "company00001", "session", session_id)[0]) == {"_sessions": {}, "version": "later"}
 
 
 # -- (e) undo of both passes --------------------------------------------------------------------------------------------
