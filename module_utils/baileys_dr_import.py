@@ -494,17 +494,19 @@ class CompanyFiles:
         return "; ".join(shown) + more
 
 
-def dir_stats(dir_fd):
-    """{name: (inode, size, mtime_ns, file type)} of every entry of a directory: stat only, no symbolic link followed."""
-    stats = {}
+def listing(dir_fd):
+    """(name, stat) of every entry of a directory: stat only, no symbolic link followed (an entry gone meanwhile left out)."""
     with os.scandir(dir_fd) as entries:
         for entry in entries:
             try:
-                info = entry.stat(follow_symlinks=False)
+                yield entry.name, entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            stats[entry.name] = (info.st_ino, info.st_size, info.st_mtime_ns, stat.S_IFMT(info.st_mode))
-    return stats
+
+
+def dir_stats(dir_fd):
+    """{name: (inode, size, mtime_ns, file type)} of every entry of a directory."""
+    return {name: (info.st_ino, info.st_size, info.st_mtime_ns, stat.S_IFMT(info.st_mode)) for name, info in listing(dir_fd)}
 
 
 # A file written twice within one tick of the file system's clock keeps its size and mtime: a listing taken between
@@ -547,19 +549,10 @@ def scan_company(root_fd, company_id):
     except (OSError, SessionsError):
         return None, "unreadable"
     # directory_signature(dir_stats(dir_fd)) without the mapping in between: the stat calls are most of a delta pass.
-    lines = []
-    add = lines.append
     try:
-        with os.scandir(dir_fd) as entries:
-            for entry in entries:
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                add(SIGNATURE_LINE % (entry.name, info.st_size, info.st_mtime_ns, info.st_ino))
+        return _signature([SIGNATURE_LINE % (name, i.st_size, i.st_mtime_ns, i.st_ino) for name, i in listing(dir_fd)]), None
     finally:
         os.close(dir_fd)
-    return _signature(lines), None
 
 
 class ScanWorkers:
@@ -578,20 +571,27 @@ class ScanWorkers:
         if count == 1:
             self.local = self.ids
             return self
-        for part in (self.ids[n::count] for n in range(count)):
-            read_fd, write_fd = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the worker: never returns into the parent's stack
-                code = 1
-                try:
-                    os.close(read_fd)
-                    write_all(write_fd, encode_json([scan_company(self.root_fd, c) for c in part]))
-                    code = 0
-                finally:
-                    os._exit(code)
-            os.close(write_fd)
-            self.children.append((pid, read_fd, part))
+        try:
+            for part in (self.ids[n::count] for n in range(count)):
+                self._fork(part)
+        except BaseException:
+            self.reap()
+            raise
         return self
+
+    def _fork(self, part):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the parent's stack
+            code = 1
+            try:
+                os.close(read_fd)
+                write_all(write_fd, encode_json([scan_company(self.root_fd, c) for c in part]))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        self.children.append((pid, read_fd, part))
 
     def results(self):
         found = {} if self.local is None else {c: scan_company(self.root_fd, c) for c in self.local}
