@@ -312,8 +312,8 @@ import os
 import pwd
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, describe_target, postgres_argument_spec, psycopg2, scrub
-from ansible.module_utils.baileys_dr_sessions import SessionsError, check_company_id, drift_warning, export_tree
+from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, describe_target, psycopg2, scrub
+from ansible.module_utils.baileys_dr_sessions import SessionsError, auth_export_argument_spec, check_company_id, drift_warning, export_tree
 
 
 def resolve_owner(module):
@@ -350,24 +350,7 @@ class AuthExport:
 
 
 def main():
-    argument_spec = postgres_argument_spec()
-    argument_spec.update(
-        mode=dict(type="str", choices=["live", "standby"], default="live"),
-        dest=dict(type="path", required=True),
-        companies=dict(type="list", elements="str"),
-        unknown_types=dict(type="str", choices=["fail", "skip"], default="fail"),
-        backup_dir=dict(type="path"),
-        keep_backup=dict(type="bool", default=True),
-        owner=dict(type="str"),
-        group=dict(type="str"),
-        space_margin=dict(type="float", default=1.5),
-        force=dict(type="bool", default=False),
-        return_digests=dict(type="bool", default=False),
-        lock_timeout=dict(type="int", default=300),
-        archive_dir=dict(type="path"),
-        archive_keep=dict(type="int", default=4),
-        archive_every=dict(type="int", default=3600),
-    )
+    argument_spec = auth_export_argument_spec()
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     try:
         module.exit_json(**AuthExport(module).run())

@@ -382,8 +382,8 @@ queries:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_import import FailbackError, failback
-from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, describe_target, postgres_argument_spec, psycopg2, scrub
+from ansible.module_utils.baileys_dr_import import FailbackError, auth_import_argument_spec, failback, import_failure
+from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, describe_target, psycopg2, scrub
 from ansible.module_utils.baileys_dr_sessions import SessionsError, check_company_id
 
 
@@ -400,42 +400,10 @@ class AuthImport:
 
     def summary(self, result):
         """Why the module fails, or None."""
-        if result["mode"] == "undo":
-            failed = [result["undo_files"][p]["error"] for p in result["failed_files"]]
-            return "undo failed: %s" % "; ".join(failed[:5]) if failed else None
-        if not result["failed_companies"]:
-            return None
-        errors = "; ".join(e["error"] for e in result["errors"][:5])
-        if not result["committed"]:
-            head = "failback refused, nothing was written" if not self.module.check_mode else "failback would be refused"
-        else:
-            head = "failback stopped: %d companies committed (%s)" % (len(result["committed"]), ", ".join(result["committed"][:20]))
-        tail = " (%d companies not attempted)" % len(result["not_attempted"]) if result["not_attempted"] else ""
-        return "%s: %s%s" % (head, errors, tail)
-
+        return import_failure(result, self.module.check_mode)
 
 def main():
-    argument_spec = postgres_argument_spec()
-    argument_spec.update(
-        mode=dict(type="str", choices=["import", "undo"], default="import"),
-        src=dict(type="path", aliases=["path"]),
-        companies=dict(type="list", elements="str"),
-        undo_dir=dict(type="path"),
-        undo_file=dict(type="list", elements="path", aliases=["undo_files"]),
-        since=dict(type="str"),
-        force=dict(type="bool", default=False),
-        ambiguous=dict(type="str", choices=["fail", "skip"], default="fail"),
-        buffer_format=dict(type="str", choices=["array", "base64"], default="array"),
-        continue_on_error=dict(type="bool", default=False),
-        allow_other_database=dict(type="bool", default=False),
-        require_manifest=dict(type="bool", default=True),
-        max_report=dict(type="int", default=100),
-        return_digests=dict(type="bool", default=False),
-        lock_timeout=dict(type="int", default=300),
-        changed_during_read=dict(type="str", choices=["refuse", "defer"], default="refuse"),
-        pass_record=dict(type="path"),
-        delta_from=dict(type="path"),
-    )
+    argument_spec = auth_import_argument_spec()
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
                            required_if=[("mode", "import", ["src", "undo_dir"]), ("mode", "undo", ["undo_file"])])
     runner = AuthImport(module)

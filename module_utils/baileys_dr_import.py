@@ -60,6 +60,7 @@ from ansible.module_utils.baileys_dr_postgres import (
     DatabaseError,
     connection_lost,
     copy_text,
+    postgres_argument_spec,
     psycopg2,
     retry_on_disconnect,
 )
@@ -2204,3 +2205,45 @@ def failback(params, connect, target, check_mode):
         return Failback(params, connect, target, check_mode).run()
     finally:
         os.umask(previous)
+
+
+def auth_import_argument_spec():
+    """The options of baileys_auth_import, connection options included (a new dict per call)."""
+    argument_spec = postgres_argument_spec()
+    argument_spec.update(
+        mode=dict(type="str", choices=["import", "undo"], default="import"),
+        src=dict(type="path", aliases=["path"]),
+        companies=dict(type="list", elements="str"),
+        undo_dir=dict(type="path"),
+        undo_file=dict(type="list", elements="path", aliases=["undo_files"]),
+        since=dict(type="str"),
+        force=dict(type="bool", default=False),
+        ambiguous=dict(type="str", choices=["fail", "skip"], default="fail"),
+        buffer_format=dict(type="str", choices=["array", "base64"], default="array"),
+        continue_on_error=dict(type="bool", default=False),
+        allow_other_database=dict(type="bool", default=False),
+        require_manifest=dict(type="bool", default=True),
+        max_report=dict(type="int", default=100),
+        return_digests=dict(type="bool", default=False),
+        lock_timeout=dict(type="int", default=300),
+        changed_during_read=dict(type="str", choices=["refuse", "defer"], default="refuse"),
+        pass_record=dict(type="path"),
+        delta_from=dict(type="path"),
+    )
+    return argument_spec
+
+
+def import_failure(result, check_mode=False):
+    """Why an import or undo run counts as failed (the module fails with it), or None."""
+    if result["mode"] == "undo":
+        failed = [result["undo_files"][p]["error"] for p in result["failed_files"]]
+        return "undo failed: %s" % "; ".join(failed[:5]) if failed else None
+    if not result["failed_companies"]:
+        return None
+    errors = "; ".join(e["error"] for e in result["errors"][:5])
+    if not result["committed"]:
+        head = "failback refused, nothing was written" if not check_mode else "failback would be refused"
+    else:
+        head = "failback stopped: %d companies committed (%s)" % (len(result["committed"]), ", ".join(result["committed"][:20]))
+    tail = " (%d companies not attempted)" % len(result["not_attempted"]) if result["not_attempted"] else ""
+    return "%s: %s%s" % (head, errors, tail)

@@ -68,7 +68,7 @@ from ansible.module_utils.baileys_dr_codec import (
     to_base64_form,
 )
 from ansible.module_utils.baileys_dr_fs import fsync_dir, fsync_tree, libc, swap_in, write_file_atomic
-from ansible.module_utils.baileys_dr_postgres import psycopg2
+from ansible.module_utils.baileys_dr_postgres import postgres_argument_spec, psycopg2
 
 FORMAT = 1
 KIND = "baileys-dr-sessions"
@@ -2880,3 +2880,26 @@ def verify_tree(path, recompute_digests=False, allow_extra=False, max_problems=1
         return verifier._finish({"path": path, "verified": False, "digests": {}})
     with ParentLock(parent, exclusive=False, timeout=lock_timeout):
         return verifier.run()
+
+
+def auth_export_argument_spec():
+    """The options of baileys_auth_export, connection options included (a new dict per call)."""
+    argument_spec = postgres_argument_spec()
+    argument_spec.update(
+        mode=dict(type="str", choices=["live", "standby"], default="live"),
+        dest=dict(type="path", required=True),
+        companies=dict(type="list", elements="str"),
+        unknown_types=dict(type="str", choices=["fail", "skip"], default="fail"),
+        backup_dir=dict(type="path"),
+        keep_backup=dict(type="bool", default=True),
+        owner=dict(type="str"),
+        group=dict(type="str"),
+        space_margin=dict(type="float", default=1.5),
+        force=dict(type="bool", default=False),
+        return_digests=dict(type="bool", default=False),
+        lock_timeout=dict(type="int", default=300),
+        archive_dir=dict(type="path"),
+        archive_keep=dict(type="int", default=4),
+        archive_every=dict(type="int", default=3600),
+    )
+    return argument_spec

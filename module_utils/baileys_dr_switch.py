@@ -27,16 +27,18 @@ import time
 
 from ansible.module_utils.baileys_dr_dotenv import DotenvDocument, EnvFile, EnvFileError, env_file_argument_spec
 from ansible.module_utils.baileys_dr_fs import swap_in, write_file_atomic
+from ansible.module_utils.baileys_dr_import import auth_import_argument_spec, failback, import_failure
 from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, git_tag_verify_argument_spec
 from ansible.module_utils.baileys_dr_pm2 import HealthClient, Pm2Error, find_instances
 from ansible.module_utils.baileys_dr_pm2_process import Pm2Process, pm2_process_argument_spec
-from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, psycopg2, retry_on_disconnect
+from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, describe_target, postgres_argument_spec, retry_on_disconnect
 from ansible.module_utils.baileys_dr_sessions import (
     COMPANY_PREFIX,
     CREDS_FILE,
     ParentLock,
     SessionsError,
     Snapshot,
+    auth_export_argument_spec,
     drift_warning,
     export_tree,
     load_top_manifest,
@@ -45,6 +47,8 @@ from ansible.module_utils.baileys_dr_sessions import (
     verify_tree,
 )
 
+# The connection options (baileys_dr_postgres) every engine of the switch is given.
+DB_OPTIONS = tuple(postgres_argument_spec())
 JOURNAL_FORMAT = 1
 # Phases of the journal, in order; a re-run resumes after the last one written.
 PHASES = ("stopped", "copied", "swapped", "switched", "started", "done")
@@ -388,9 +392,7 @@ class FailoverSwitch:
         self.record = {}
 
     def _db_params(self):
-        return {name: self.p[name] for name in ("db_url", "login_host", "login_port", "login_user", "login_password",
-                                                   "login_db", "ssl_mode", "ca_cert", "connect_timeout",
-                                                   "statement_timeout")}
+        return {name: self.p[name] for name in DB_OPTIONS}
 
     def run(self):
         s, p = self.s, self.p
@@ -439,10 +441,8 @@ class FailoverSwitch:
     def _final_copy(self):
         s, p = self.s, self.p
         if p["source"] == "live":
-            params = dict(self._db_params(), mode="standby", dest=p["standby_dir"], companies=None, unknown_types="fail",
-                          backup_dir=None, keep_backup=True, owner=None, group=None, space_margin=p["space_margin"],
-                          force=False, return_digests=True, lock_timeout=60, archive_dir=None, archive_keep=4,
-                          archive_every=3600)
+            params = engine_params(auth_export_argument_spec(), mode="standby", dest=p["standby_dir"],
+                                   space_margin=p["space_margin"], return_digests=True, lock_timeout=60, **self._db_params())
             refreshed = retry_on_disconnect(
                 lambda: export_tree(params, lambda: connect(params, application_name="baileys-dr-switch"),
                                     describe(params), s.run_as.owner, False),
@@ -594,9 +594,7 @@ class GitRunnerHead:
         return GitRunner(sub, self.s.params["app_root"]).head()
 
 
-def describe(params):
-    from ansible.module_utils.baileys_dr_postgres import describe_target
-    return describe_target(params)
+describe = describe_target
 
 
 class FailbackSwitch:
@@ -643,17 +641,18 @@ class FailbackSwitch:
         return imported
 
     def _delta_import(self):
-        from ansible.module_utils.baileys_dr_import import auth_import_argument_spec, failback
         s, p = self.s, self.p
-        params = engine_params(auth_import_argument_spec(), src=p["sessions_dir"], **dict(p["import_options"] or {}),
-                               **{k: p[k] for k in ("db_url", "login_host", "login_port", "login_user", "login_password",
-                                                    "login_db", "ssl_mode", "ca_cert", "connect_timeout",
-                                                    "statement_timeout")})
+        values = dict(p["import_options"] or {})
+        values.update({k: p[k] for k in DB_OPTIONS})
+        params = engine_params(auth_import_argument_spec(), src=p["sessions_dir"], **values)
         result = failback(params, lambda: connect(params, application_name="baileys-dr-switch-import"), describe(params), False)
         s.result["final_copy"] = {k: result.get(k) for k in ("delta", "totals", "retries") if k in result}
         s.result["undo_files"] = result.get("undo_files", [])
-        if result.get("failed"):
-            raise SwitchError("final copy", result.get("msg", "the delta import failed"))
+        for warning in result.get("warnings") or ():
+            s.module.warn(warning)
+        failure = import_failure(result)
+        if failure:
+            raise SwitchError("final copy", failure)
         return result
 
     def rollback(self, step, exc):
