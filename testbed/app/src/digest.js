@@ -104,6 +104,19 @@ function formatNumber(value) {
   return String(value);
 }
 
+// A surrogate: UTF-16 code unit order differs from UTF-8 byte order only for names holding one.
+const SURROGATE_RE = /[\uD800-\uDFFF]/;
+const byCodeUnits = (a, b) => (a < b ? -1 : a > b ? 1 : 0);
+
+/** Object member names sorted by their UTF-8 bytes. */
+function sortedNames(names) {
+  if (!names.some((name) => SURROGATE_RE.test(name))) return names.sort(byCodeUnits); // the common case, without encoding
+  return names
+    .map((name) => [Buffer.from(name, 'utf8'), name])
+    .sort((a, b) => Buffer.compare(a[0], b[0]))
+    .map((pair) => pair[1]);
+}
+
 function writeCanonical(value, out) {
   if (value === null || value === undefined) {
     out.push('null');
@@ -147,14 +160,11 @@ function writeCanonical(value, out) {
     writeCanonical(value.toJSON(), out);
     return;
   }
-  const names = Object.keys(value)
-    .filter((name) => value[name] !== undefined && typeof value[name] !== 'function')
-    .map((name) => [Buffer.from(name, 'utf8'), name])
-    .sort((a, b) => Buffer.compare(a[0], b[0]));
+  const names = sortedNames(Object.keys(value).filter((name) => value[name] !== undefined && typeof value[name] !== 'function'));
   out.push('{');
   for (let i = 0; i < names.length; i++) {
     if (i) out.push(',');
-    const name = names[i][1];
+    const name = names[i];
     out.push(JSON.stringify(name), ':');
     writeCanonical(value[name], out);
   }

@@ -71,7 +71,8 @@ function createService(options = {}) {
   const selected = options.storeModule ? { module: options.storeModule } : resolveStore(config.store);
   const state = {
     loading: false,
-    loadPromise: null,
+    loadPromise: null, // the running load, both phases
+    loadingPromise: null, // its phase 1 (to ready), which /simulate waits for
     result: null, // phase 1 of the last load: {companies: [{id, registrationId}], errors, warnings}
     storeError: null, // store-level failure of the last load or verification (connection, ...)
     loadedAt: null,
@@ -79,6 +80,9 @@ function createService(options = {}) {
     readyAt: null, // when the last load became ready (ISO), null if it did not
     verifying: false,
     verified: new Map(), // company id -> {id, digest, keys, registrationId, guessed...}, as the pass finds them
+    touched: new Set(), // companies a /simulate changed since the last load began: the verification's view of them is older
+    changes: new Map(), // files: company id -> how many /simulate began writing it since the last load began
+    companyStates: null, // files: the state of the companies /simulate changed (src/stores/files.js CompanyStates)
     verifyErrors: [],
     verifyWarnings: [],
     verifiedAt: null,
@@ -181,7 +185,12 @@ function createService(options = {}) {
     state.readyAt = null;
     state.digestsComplete = false;
     state.loads += 1;
-    const loaded = await loadPhase(reason);
+    state.touched = new Set();
+    state.changes = new Map();
+    if (state.companyStates) state.companyStates.clear(); // a load reads the store afresh
+    state.loadingPromise = loadPhase(reason);
+    const loaded = await state.loadingPromise;
+    state.loadingPromise = null;
     try {
       if (loaded && !state.stopping) await verifyPhase(loaded);
     } finally {
@@ -196,6 +205,9 @@ function createService(options = {}) {
     log.info('load_started', { store: config.store, reason, load: state.loads });
     let done = 0;
     let loaded = null;
+    // Baileys, loaded alongside (the file store's load needs it anyway): like the real service,
+    // ready with its library loaded, so the first /simulate does not wait for the import
+    const library = canSimulate() ? require('./baileys').loadBaileys().catch(() => null) : null;
     try {
       loaded = await selected.module.load(config, {
         isStopping: () => state.stopping,
@@ -204,8 +216,10 @@ function createService(options = {}) {
           if (done % 100 === 0) log.info('load_progress', { companies: done });
         },
       });
+      await library;
       state.storeError = null;
-      state.result = { companies: loaded.companies, errors: loaded.errors, warnings: loaded.warnings };
+      // a copy: a company /simulate creates is listed here, not in the list the verification goes through
+      state.result = { companies: [...loaded.companies], errors: loaded.errors, warnings: loaded.warnings };
       state.verified = new Map();
       state.verifyErrors = [];
       state.verifyWarnings = [];
@@ -247,6 +261,7 @@ function createService(options = {}) {
     log.info('verify_started', { store: config.store, companies: loaded.companies.length });
     const take = (part) => {
       for (const c of part.companies) {
+        if (state.touched.has(c.id)) continue; // a /simulate changed it since: its state is newer
         state.verified.set(c.id, c);
         if (c.guessedCount) log.warn('ids_guessed', { company: c.id, count: c.guessedCount, ambiguous: c.ambiguousCount });
         if (state.verified.size % 100 === 0) log.info('verify_progress', { companies: state.verified.size });
@@ -261,7 +276,11 @@ function createService(options = {}) {
     let details = null;
     try {
       if (typeof selected.module.verify === 'function') {
-        details = await selected.module.verify(config, loaded, { isStopping: () => state.stopping, onResult: take });
+        details = await selected.module.verify(config, loaded, {
+          isStopping: () => state.stopping,
+          onResult: take,
+          readCompany: verifiedUnlessChanged,
+        });
       } else {
         take({ companies: loaded.companies, errors: [], warnings: [] });
       }
@@ -349,34 +368,105 @@ function createService(options = {}) {
     });
   }
 
+  /**
+   * Files: the verification's read of one company (read()), unless a
+   * /simulate changed it in this load (its state is newer), or began to while
+   * it was read (the worker may have read it half written): then null, and
+   * the /simulate's own read of the company stands (it always makes one).
+   * Nothing waits: neither the request for the verification, nor the reverse.
+   */
+  async function verifiedUnlessChanged(companyId, read) {
+    if (state.touched.has(companyId)) return null;
+    const before = state.changes.get(companyId) || 0;
+    const result = await read();
+    return (state.changes.get(companyId) || 0) === before ? result : null;
+  }
+
   /** The service's view of one company after a change it made: its identity, digest and key count. */
   function takeCompany(company) {
     const { id, digest, keys, registrationId, me } = company;
     const loaded = state.result.companies.find((c) => c.id === id);
     if (loaded) Object.assign(loaded, { registrationId, me });
     else state.result.companies.push({ id, registrationId, me }); // made after the load: loaded now
-    state.verified.set(id, { id, digest, keys, registrationId, guessed: [] });
+    state.verified.set(id, { ...company, guessed: company.guessed || [] });
+    state.touched.add(id);
   }
 
-  /** Files: re-reads one company (the verification of that company alone); the same digest a reload finds. */
-  async function reverifyCompany(companyId) {
-    const found = { companies: [], errors: [], warnings: [] };
-    await selected.module.verify(config, { companies: [{ id: companyId }] }, {
-      onResult: (part) => {
-        found.companies.push(...part.companies);
-        found.errors.push(...part.errors);
-      },
+  /** Warnings found after the verification (a change re-reading files), each listed once. */
+  function addWarnings(list) {
+    const known = new Set(warnings());
+    for (const w of list) {
+      if (!known.has(w)) state.verifyWarnings.push(w);
+      known.add(w);
+    }
+  }
+
+  function logSimulated(out) {
+    log.info('simulated', {
+      company: out.company,
+      store: config.store,
+      written: out.written.length,
+      deleted: out.deleted.length,
+      credsChanged: out.creds_changed,
     });
-    const company = found.companies.find((c) => c.id === companyId);
-    if (found.errors.length || !company) throw new Error(found.errors.join('; ') || `company ${companyId} was not read`);
-    state.verified.set(companyId, company);
-    return company;
+  }
+
+  /**
+   * Files: the company's state as its files are now (CompanyStates: the files
+   * changedFiles names or that are new, not the whole company, nor any other
+   * one), taken into /health; or its errors, which make it unverified and the
+   * service not ready, as a reload would. Returns {company} or {errors}.
+   */
+  async function readChangedCompany(companyId, changedFiles) {
+    if (!state.companyStates) state.companyStates = selected.module.createCompanyStates(config);
+    const found = await state.companyStates.update(companyId, changedFiles);
+    addWarnings(found.warnings);
+    const company = found.companies[0];
+    if (company && !found.errors.length) {
+      takeCompany(company);
+      return { company };
+    }
+    for (const e of found.errors) log.error('verify_error', { error: e });
+    state.verifyErrors.push(...found.errors);
+    state.verified.delete(companyId);
+    state.touched.add(companyId);
+    state.digestsComplete = false;
+    return { errors: found.errors.length ? found.errors : [`company ${companyId} was not read`] };
+  }
+
+  /** Files: the change through Baileys, then the company's new state (readChangedCompany). Returns [status, body]. */
+  async function simulateOnFiles(request) {
+    const { simulateFiles } = require('./simulate');
+    const id = request.company;
+    let began = false;
+    const beforeWrite = () => {
+      began = true;
+      state.changes.set(id, (state.changes.get(id) || 0) + 1);
+    };
+    let done;
+    try {
+      done = await simulateFiles(config.sessionsDir, request, { beforeWrite });
+    } catch (error) {
+      if (began) {
+        // cut short after Baileys began writing: /health follows the files as they are
+        if (state.companyStates) state.companyStates.forget(id);
+        await readChangedCompany(id, []).catch(() => {});
+      }
+      throw error;
+    }
+    const { answer, changedFiles } = done;
+    logSimulated(answer);
+    const { company, errors: found } = await readChangedCompany(id, changedFiles);
+    if (!company) {
+      return [500, { ...answer, digest: null, error: `company ${id} did not verify after the change: ${found[0]}`, errors: capped(errors()) }];
+    }
+    return [200, { ...answer, digest: company.digest }];
   }
 
   /** The store in use is one /simulate writes (a stand-in store of the tests is not, unless it says how). */
   function canSimulate() {
     if (!SIMULATED_STORES.has(config.store) || selected.error || !selected.module || selected.module.name !== config.store) return false;
-    return config.store === 'files' || typeof selected.module.createPool === 'function';
+    return typeof selected.module[config.store === 'files' ? 'createCompanyStates' : 'createPool'] === 'function';
   }
 
   function pgPool() {
@@ -388,14 +478,14 @@ function createService(options = {}) {
 
   /**
    * POST /simulate, when ready, on the file or the PostgreSQL store
-   * (src/simulate.js). Files: written through Baileys, then the store is
-   * reloaded so /health shows the new digest (while stopping, that company
-   * alone is re-read). PostgreSQL: one transaction that also reads back the
-   * digest; /health takes that company's new digest and identity. Returns
-   * [status, body].
+   * (src/simulate.js), during the verification too (it does not wait for it).
+   * Files: written through Baileys, then that company's new state is taken
+   * from the files it changed. PostgreSQL: one transaction that also reads
+   * back the digest. Either way /health takes that company's new digest and
+   * identity at once. Returns [status, body].
    */
   async function handleSimulate(body) {
-    const { parseRequest, simulateFiles, simulatePostgres, SimulateError } = require('./simulate');
+    const { parseRequest, simulatePostgres, SimulateError } = require('./simulate');
     let request;
     try {
       request = parseRequest(body);
@@ -406,9 +496,10 @@ function createService(options = {}) {
     if (!canSimulate()) {
       return [409, { error: `the store in use is "${config.store}"${selected.error ? ' (unavailable at this revision)' : ''}: /simulate needs the file or the PostgreSQL store` }];
     }
-    // runs one at a time, and not during a load
-    while ((state.simulating || state.loadPromise) && !state.stopping) {
-      await Promise.race([(state.simulating || state.loadPromise).catch(() => {}), stopAnnounced]);
+    // runs one at a time, and not before a load is ready (its verification may run meanwhile)
+    const running = () => state.simulating || (state.loading && state.loadingPromise);
+    while (running() && !state.stopping) {
+      await Promise.race([running().catch(() => {}), stopAnnounced]);
     }
     // a request that has not started when the stop begins is refused: nothing of it is applied
     if (state.stopping) return STOPPING;
@@ -417,15 +508,12 @@ function createService(options = {}) {
     state.simulating = new Promise((resolve) => {
       done = resolve;
     });
-    let out;
     try {
-      if (config.store === 'postgres') {
-        const result = await simulatePostgres(pgPool(), request);
-        takeCompany(result.company);
-        out = result.answer;
-      } else {
-        out = await simulateFiles(config.sessionsDir, request);
-      }
+      if (config.store === 'files') return await simulateOnFiles(request);
+      const result = await simulatePostgres(pgPool(), request);
+      logSimulated(result.answer);
+      takeCompany(result.company);
+      return [200, result.answer];
     } catch (error) {
       if (error instanceof SimulateError) return [error.status, { error: error.message }];
       log.error('simulate_failed', { company: request.company, store: config.store, error: log.errorText(error) });
@@ -434,28 +522,6 @@ function createService(options = {}) {
       state.simulating = null;
       done();
     }
-    log.info('simulated', {
-      company: out.company,
-      store: config.store,
-      written: out.written.length,
-      deleted: out.deleted.length,
-      credsChanged: out.creds_changed,
-    });
-    if (config.store === 'postgres') return [200, out];
-    if (!state.stopping) await reload('simulate');
-    if (state.stopping) {
-      // the write is done but a stop skips or cuts short the reload: the company's true digest alone
-      try {
-        return [200, { ...out, digest: (await reverifyCompany(out.company)).digest }];
-      } catch (error) {
-        return [500, { ...out, digest: null, error: `company ${out.company} did not verify after the change: ${log.errorText(error)}` }];
-      }
-    }
-    const company = state.verified.get(out.company);
-    if (!company || state.storeError) {
-      return [500, { ...out, digest: null, error: `company ${out.company} did not load after the change`, errors: capped(errors()) }];
-    }
-    return [200, { ...out, digest: company.digest }];
   }
 
   const server = http.createServer((req, res) => {

@@ -267,12 +267,15 @@ async function exists(file) {
 
 /**
  * Runs one simulation on <sessionsDir>/company_<company> through Baileys.
- * request: the output of parseRequest. Returns {company, written, deleted,
- * creds_changed, creds_sha256} (the caller adds the digest); throws
- * SimulateError (400 unknown company or too few pre-keys, 409 creds not
- * loadable) or other errors (500).
+ * request: the output of parseRequest; hooks.beforeWrite(), when given, is
+ * called once right before Baileys writes anything (never when the request is
+ * refused, nor when it changes nothing). Returns {answer: {company, written,
+ * deleted, creds_changed, creds_sha256} (the caller adds the digest),
+ * changedFiles: the key file names written or deleted}; throws SimulateError
+ * (400 unknown company or too few pre-keys, 409 creds not loadable) or other
+ * errors (500).
  */
-async function simulateFiles(sessionsDir, request) {
+async function simulateFiles(sessionsDir, request, hooks = {}) {
   const { company } = request;
   const dir = path.join(sessionsDir, `company_${company}`);
   const info = await fsp.stat(dir).catch(() => null);
@@ -289,6 +292,7 @@ async function simulateFiles(sessionsDir, request) {
   if (!Number.isInteger(state.creds.registrationId)) throw new SimulateError(409, `company ${company}: creds has no integer registrationId`);
   const change = plan(baileys, request, names, state.creds);
 
+  if (hooks.beforeWrite && (change.written.length || change.deleted.length || request.touchCreds)) hooks.beforeWrite();
   if (change.written.length) {
     const data = {};
     for (const w of change.written) (data[w.type] = data[w.type] || {})[w.id] = w.value;
@@ -316,13 +320,14 @@ async function simulateFiles(sessionsDir, request) {
   for (const d of change.deleted) {
     if (await exists(path.join(dir, d.file))) throw new Error(`Baileys did not delete ${d.file}`);
   }
-  return {
+  const answer = {
     company,
     written,
     deleted: change.deleted,
     creds_changed: !credsBefore.equals(credsAfter),
     creds_sha256: lineSha256(credsLine(JSON.parse(credsAfter.toString('utf8')))),
   };
+  return { answer, changedFiles: [...change.written, ...change.deleted].map((k) => k.file) };
 }
 
 // The application's batch upsert (../shared/DOMAIN.md section 1), one row per array element.

@@ -16,7 +16,7 @@ const path = require('node:path');
 const log = require('../src/log');
 const digestLib = require('../src/digest');
 
-const { FILES_ENV, depsOption, tmpdir, configFor, waitReady, post } = require('./lib/helpers');
+const { FILES_ENV, depsOption, tmpdir, configFor, until, waitReady, post } = require('./lib/helpers');
 
 const needDeps = depsOption();
 
@@ -357,6 +357,111 @@ test('simulate: a stop during a request on files lets it finish, answered with t
     await assert.rejects(fetch(`${base}/health`), 'no request is taken after the stop');
   } finally {
     log.info = saved;
+    await service.stop('test');
+  }
+});
+
+/** /health's view of the companies that a full re-read must give again. */
+const stateOf = (h) => ({ digests: h.digests, keys: h.keys, guessedIds: h.guessedIds, identities: h.identities, warnings: h.warnings });
+
+test('simulate: the state kept per company after many changes equals a full re-read (consumed pre-keys, creds, files changed behind its back)', { ...needDeps }, async () => {
+  const files = require('../src/stores/files');
+  const { service, base, sessions } = await filesService();
+  const budget = files.options.digestInputBytes;
+  try {
+    const keyFiles = (company) => fs.readdirSync(path.join(sessions, `company_${company}`)).filter((n) => n !== 'creds.json').length;
+    const check = async (label, company, res) => {
+      assert.equal(res.status, 200, `${label}: ${JSON.stringify(res.body)}`);
+      assert.equal(res.body.digest, digestOfDirectory(sessions, company).digest, `${label}: the answer is the digest of the directory`);
+      const h = await (await fetch(`${base}/health`)).json();
+      assert.equal(h.digests[company], res.body.digest, `${label}: /health took it`);
+      assert.equal(h.keys[company], keyFiles(company), `${label}: key count`);
+    };
+    const requests = [
+      { newKeys: 7, consumePreKeys: 2, touchCreds: true },
+      { newKeys: 0, consumePreKeys: 3, touchCreds: false },
+      { newKeys: 4, consumePreKeys: 1, touchCreds: true },
+      { newKeys: 1, consumePreKeys: 0, touchCreds: true },
+      { newKeys: 9, consumePreKeys: 0, touchCreds: false },
+      { newKeys: 0, consumePreKeys: 0, touchCreds: true },
+      { newKeys: 5, consumePreKeys: 4, touchCreds: true },
+    ];
+    let n = 0;
+    for (let round = 0; round < 3; round++) {
+      for (const request of requests) {
+        const company = ['f1', 'f2', 'f3'][n % 3];
+        await check(`change ${n}`, company, await post(base, { company, ...request, seed: `many-${n}` }));
+        n += 1;
+      }
+    }
+
+    // changed behind the service's back (another instance, a person): a key file added, one removed
+    const f1 = path.join(sessions, 'company_f1');
+    const f2 = path.join(sessions, 'company_f2');
+    const stranger = fs.readdirSync(f2).find((name) => name.startsWith('session-') && !fs.existsSync(path.join(f1, name)));
+    fs.copyFileSync(path.join(f2, stranger), path.join(f1, stranger));
+    fs.rmSync(path.join(f1, fs.readdirSync(f1).find((name) => name.startsWith('device-list-'))));
+    await check('after outside changes', 'f1', await post(base, { company: 'f1', seed: 'outside' }));
+
+    // a budget that holds one company: the others are read in full again, with the same result
+    const sizes = [...service.state.companyStates.held.values()].map((held) => held.bytes);
+    assert.equal(sizes.length, 3);
+    files.options.digestInputBytes = 1.3 * Math.max(...sizes);
+    assert.ok(2 * Math.min(...sizes) > files.options.digestInputBytes, 'two companies do not fit');
+    for (const company of ['f2', 'f1', 'f3', 'f2']) await check(`small budget, ${company}`, company, await post(base, { company, seed: `budget-${n++}` }));
+    assert.equal(service.state.companyStates.held.size, 1, 'one company held');
+
+    // a reload reads the store in full: the same digests, key counts, guessed ids, identities and warnings
+    const kept = await (await fetch(`${base}/health`)).json();
+    assert.equal(kept.digestsComplete, true);
+    const reloaded = await (await fetch(`${base}/reload`, { method: 'POST' })).json();
+    assert.equal(reloaded.digestsComplete, true);
+    assert.deepEqual(stateOf(kept), stateOf(reloaded));
+    assert.ok(kept.guessedIds.f1.count > 20, 'many guessed ids, 20 listed');
+  } finally {
+    files.options.digestInputBytes = budget;
+    await service.stop('test');
+  }
+});
+
+test('simulate: answered during the verification of the keys, without waiting for it; digests complete afterwards', { ...needDeps }, async () => {
+  const files = require('../src/stores/files');
+  const { createService } = require('../src/index');
+  const { genFiles } = require('../tools/fixture');
+  const root = tmpdir();
+  const sessions = path.join(root, 'baileys_sessions');
+  await genFiles({ dest: sessions, companies: 6, keys: 16, prefix: 'v', manifest: true });
+  // a slow verification: a new worker (which loads Baileys, about a second) for each company
+  const recycle = files.options.recycleFiles;
+  files.options.recycleFiles = 1;
+  const service = createService({ config: configFor(root, FILES_ENV, { sessionsDir: sessions }) });
+  const base = `http://127.0.0.1:${await service.start()}`;
+  try {
+    const ready = await until('ready', async () => {
+      const res = await fetch(`${base}/health`);
+      return res.status === 200 ? res.json() : null;
+    });
+    assert.equal(ready.digestsComplete, false, 'ready before the keys are verified');
+    // v1: the company the verification reads first; v6: the one it reaches last
+    for (const company of ['v1', 'v6', 'v1']) {
+      const started = Date.now();
+      const res = await post(base, { company, seed: `during-${company}-${started}` });
+      const took = Date.now() - started;
+      const h = await (await fetch(`${base}/health`)).json();
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      assert.ok(took < 2000, `answered in ${took} ms`);
+      assert.equal(h.verifying, true, 'the verification was still running');
+      assert.equal(h.digestsComplete, false);
+      assert.equal(res.body.digest, digestOfDirectory(sessions, company).digest);
+      assert.equal(h.digests[company], res.body.digest);
+    }
+    const { status, health } = await waitReady(base, 120000);
+    assert.equal(status, 200, JSON.stringify(health.errors));
+    assert.equal(health.digestsComplete, true);
+    for (let i = 1; i <= 6; i++) assert.equal(health.digests[`v${i}`], digestOfDirectory(sessions, `v${i}`).digest, `v${i}`);
+    assert.deepEqual(health.errors, []);
+  } finally {
+    files.options.recycleFiles = recycle;
     await service.stop('test');
   }
 });

@@ -21,8 +21,17 @@
 // module-level Map that is never emptied (about 300 bytes a file), so one
 // process reading 1.5M files would keep ~0.5 GB for nothing. One company
 // (and one company manifest) is held in memory at a time.
+//
+// CompanyStates serves POST /simulate: after a change it gives the changed
+// company's new state (digest, key count, identity) without a reload. It
+// keeps, per company, the digest line of every key file (the digest's input,
+// computed as the verification computes it), reads only the files the change
+// named or that the directory listing shows as new, drops the ones gone, and
+// hashes the company again: one company's sort and hash instead of a re-read
+// of the store. Bounded (least recently changed companies dropped first).
 
 const crypto = require('node:crypto');
+const fs = require('node:fs');
 const fsp = require('node:fs/promises');
 const path = require('node:path');
 const { Worker, isMainThread, parentPort, workerData } = require('node:worker_threads');
@@ -36,8 +45,10 @@ const { StateDigest, keyLine, keyFileName, parseKeyFileName, reverseFileName, so
 const READ_BATCH = 64; // ids per state.keys.get call, read concurrently by Baileys
 const GUESSED_LISTED = 20; // guessed ids listed per company in /health (all are counted)
 const LOAD_CONCURRENCY = 8; // companies whose creds are read at once before ready
-// Key files a verification worker reads before it is replaced (tests lower it).
-const options = { recycleFiles: 100000 };
+// Key files a verification worker reads before it is replaced (tests lower
+// it); bytes of digest lines CompanyStates keeps (about 0.5 MB a company of
+// 1,500 keys).
+const options = { recycleFiles: 100000, digestInputBytes: 64 * 1024 * 1024 };
 const WORKER_ROLE = 'baileys-dr-files-verify';
 
 function shown(text) {
@@ -174,6 +185,41 @@ function keyEntries(names, manifestFiles, result, companyId) {
   return entries;
 }
 
+/** {line} of a key whose value Baileys' keys.get returned (null: it could not read it), or {error}. */
+function keyLineOf(baileys, companyId, entry, value) {
+  if (value === null || value === undefined) {
+    return { error: `company ${companyId}: key file ${shown(entry.file)} unreadable by Baileys (empty or not JSON)` };
+  }
+  if (entry.type === 'app-state-sync-key') {
+    value = baileys.proto.Message.AppStateSyncKeyData.toObject(value, { longs: Number });
+  } else if (hasUnrevivedBuffer(value)) {
+    return { error: `company ${companyId}: key file ${shown(entry.file)} holds byte-array Buffers, which this Baileys does not revive` };
+  }
+  return { line: keyLine(entry.type, entry.id, value) };
+}
+
+/**
+ * A verified company from its creds and its key entries ({file, type, id,
+ * guessed, ambiguous, line}, in directory order); warns about ambiguous names.
+ */
+function companyResult(companyId, creds, entries, result) {
+  const digest = new StateDigest(creds);
+  for (const e of sortKeys(entries)) digest.addLine(e.type, e.id, e.line);
+  const guessed = entries.filter((e) => e.guessed);
+  for (const g of guessed.filter((e) => e.ambiguous).slice(0, GUESSED_LISTED)) {
+    result.warnings.push(`company ${companyId}: ambiguous file name ${shown(g.file)}, read as ${g.type} id ${shown(g.id)}`);
+  }
+  return {
+    id: companyId,
+    digest: digest.hexdigest(),
+    registrationId: creds.registrationId,
+    keys: digest.keys,
+    guessedCount: guessed.length,
+    ambiguousCount: guessed.filter((e) => e.ambiguous).length,
+    guessed: guessed.slice(0, GUESSED_LISTED).map((e) => ({ file: e.file, type: e.type, id: e.id, ambiguous: e.ambiguous })),
+  };
+}
+
 /** Verifies one company (every key through Baileys, the digest). Returns how many key files it read. */
 async function readCompany(baileys, companyId, dir, manifestFiles, result) {
   const credsError = await checkCreds(dir);
@@ -193,8 +239,6 @@ async function readCompany(baileys, companyId, dir, manifestFiles, result) {
     result.errors.push(`company ${companyId}: ${badCreds}`);
     return 0;
   }
-  const AppStateSyncKeyData = baileys.proto.Message.AppStateSyncKeyData;
-  const lines = [];
   const companyErrors = [];
   const byType = new Map();
   for (const e of entries) {
@@ -206,17 +250,9 @@ async function readCompany(baileys, companyId, dir, manifestFiles, result) {
       const batch = list.slice(i, i + READ_BATCH);
       const values = await state.keys.get(type, batch.map((e) => e.id));
       for (const e of batch) {
-        let value = values[e.id];
-        if (value === null || value === undefined) {
-          companyErrors.push(`company ${companyId}: key file ${shown(e.file)} unreadable by Baileys (empty or not JSON)`);
-          continue;
-        }
-        if (type === 'app-state-sync-key') {
-          value = AppStateSyncKeyData.toObject(value, { longs: Number });
-        } else if (hasUnrevivedBuffer(value)) {
-          companyErrors.push(`company ${companyId}: key file ${shown(e.file)} holds byte-array Buffers, which this Baileys does not revive`);
-        }
-        lines.push({ type, id: e.id, line: keyLine(type, e.id, value) });
+        const read = keyLineOf(baileys, companyId, e, values[e.id]);
+        if (read.error) companyErrors.push(read.error);
+        else e.line = read.line;
       }
     }
   }
@@ -224,21 +260,7 @@ async function readCompany(baileys, companyId, dir, manifestFiles, result) {
     result.errors.push(...companyErrors);
     return entries.length;
   }
-  const digest = new StateDigest(creds);
-  for (const l of sortKeys(lines)) digest.addLine(l.type, l.id, l.line);
-  const guessed = entries.filter((e) => e.guessed);
-  for (const g of guessed.filter((e) => e.ambiguous).slice(0, GUESSED_LISTED)) {
-    result.warnings.push(`company ${companyId}: ambiguous file name ${shown(g.file)}, read as ${g.type} id ${shown(g.id)}`);
-  }
-  result.companies.push({
-    id: companyId,
-    digest: digest.hexdigest(),
-    registrationId: creds.registrationId,
-    keys: digest.keys,
-    guessedCount: guessed.length,
-    ambiguousCount: guessed.filter((e) => e.ambiguous).length,
-    guessed: guessed.slice(0, GUESSED_LISTED).map((e) => ({ file: e.file, type: e.type, id: e.id, ambiguous: e.ambiguous })),
-  });
+  result.companies.push(companyResult(companyId, creds, entries, result));
   return entries.length;
 }
 
@@ -365,16 +387,37 @@ class KeyReader {
   }
 }
 
+const hasOwn = (object, name) => object !== null && typeof object === 'object' && Object.prototype.hasOwnProperty.call(object, name);
+
+/**
+ * The manifest files of one company: its own manifest (.baileys-dr/companies,
+ * checked against the top manifest's entry), else its entry of the older
+ * manifest.json (oldManifest(): the companies map of that file), else null.
+ */
+async function companyManifestFiles(sessionsDir, companyId, treeManifest, oldManifest, warnings) {
+  const listed = hasOwn(treeManifest, companyId) ? treeManifest[companyId] : null;
+  const own = await readCompanyManifest(sessionsDir, companyId, listed, warnings);
+  if (own) return own;
+  const manifest = await oldManifest();
+  const old = hasOwn(manifest, companyId) ? manifest[companyId] : null;
+  return old && typeof old.files === 'object' ? old.files : null;
+}
+
 /**
  * Phase 2 (after ready): every key of every loaded company through Baileys,
  * and its digest. ctx: {isStopping(): bool, onResult({companies, errors,
- * warnings})}, called once per company (and once for the manifests' warnings)
- * as soon as it is known. Returns {workers: how many worker threads read the
- * keys}. Throws on store-level failures.
+ * warnings}), readCompany(companyId, read)}, onResult called once per company
+ * (and once for the manifests' warnings) as soon as it is known. The service
+ * changes companies meanwhile (POST /simulate): readCompany (optional) runs
+ * read(), the worker's reading of one company, and returns its result, or
+ * null when a change of that company makes it moot (the service's own state
+ * of the company is newer; a read during a change may be torn). Returns
+ * {workers: how many worker threads read the keys}. Throws on store-level failures.
  */
 async function verify(config, loaded, ctx = {}) {
   const sessionsDir = config.sessionsDir;
   const report = (part) => ctx.onResult && ctx.onResult(part);
+  const readCompanyOf = ctx.readCompany || ((companyId, read) => read());
   const warnings = [];
   const treeManifest = await readTreeManifest(sessionsDir, warnings);
   const manifest = await readManifest(sessionsDir, warnings);
@@ -384,12 +427,11 @@ async function verify(config, loaded, ctx = {}) {
     for (const { id: companyId } of loaded.companies) {
       if (ctx.isStopping && ctx.isStopping()) throw new Error('stopping');
       const own = [];
-      const listed = treeManifest && Object.prototype.hasOwnProperty.call(treeManifest, companyId) ? treeManifest[companyId] : null;
-      const manifestCompany = Object.prototype.hasOwnProperty.call(manifest, companyId) ? manifest[companyId] : null;
-      const manifestFiles = (await readCompanyManifest(sessionsDir, companyId, listed, own)) ||
-        (manifestCompany && typeof manifestCompany.files === 'object' ? manifestCompany.files : null);
-      if (manifestCompany) delete manifest[companyId]; // a large manifest is freed as it is used
-      const { result } = await reader.read({ companyId, dir: path.join(sessionsDir, `company_${companyId}`), manifestFiles });
+      const manifestFiles = await companyManifestFiles(sessionsDir, companyId, treeManifest, async () => manifest, own);
+      if (hasOwn(manifest, companyId)) delete manifest[companyId]; // a large manifest is freed as it is used
+      const job = { companyId, dir: path.join(sessionsDir, `company_${companyId}`), manifestFiles };
+      const result = await readCompanyOf(companyId, async () => (await reader.read(job)).result);
+      if (!result) continue;
       result.warnings.unshift(...own);
       report(result);
     }
@@ -397,6 +439,172 @@ async function verify(config, loaded, ctx = {}) {
     await reader.close();
   }
   return { workers: reader.used };
+}
+
+const turn = () => new Promise((resolve) => setImmediate(resolve));
+
+/**
+ * A key file's value as Baileys' keys.get returns it (its readData: the file
+ * through BufferJSON.reviver, null when it cannot be read or parsed; an
+ * app-state-sync-key through AppStateSyncKeyData.fromObject), read directly:
+ * useMultiFileAuthState would add a lock for the path to its never emptied Map.
+ */
+function readKeyValue(baileys, file, type) {
+  let value;
+  try {
+    value = JSON.parse(fs.readFileSync(file, 'utf8'), baileys.BufferJSON.reviver);
+  } catch {
+    value = null;
+  }
+  if (type === 'app-state-sync-key' && value) value = baileys.proto.Message.AppStateSyncKeyData.fromObject(value);
+  return value;
+}
+
+/** The manifest entry of a file as the company's read entry holds it (see CompanyStates), or undefined. */
+function manifestEntryOf(held, name) {
+  const rec = held.recs.get(name);
+  if (!rec) return held.absent.get(name);
+  return rec.guessed ? rec.mapping : { type: rec.type, id: rec.id };
+}
+
+/**
+ * The state of the companies POST /simulate changes, for the service's
+ * /health and the request's answer (see the top of this file). Per company
+ * it holds the key entries read so far ({file, type, id, guessed, ambiguous,
+ * line}), the names that are no key file, and the manifest entries of files
+ * not in the directory (a file the manifest maps may come back). Call
+ * update() with one company at a time, while nothing else writes it.
+ */
+class CompanyStates {
+  constructor(sessionsDir) {
+    this.sessionsDir = sessionsDir;
+    this.held = new Map(); // company id -> {recs, ignored, absent, bytes}, least recently used first
+    this.bytes = 0;
+  }
+
+  clear() {
+    this.held.clear();
+    this.bytes = 0;
+  }
+
+  /** The next update() of the company reads it in full. */
+  forget(companyId) {
+    this._take(companyId);
+  }
+
+  _take(companyId) {
+    const held = this.held.get(companyId);
+    if (held) {
+      this.held.delete(companyId);
+      this.bytes -= held.bytes;
+    }
+    return held;
+  }
+
+  _keep(companyId, held) {
+    held.bytes = 0;
+    for (const rec of held.recs.values()) held.bytes += rec.line.length + 2 * rec.file.length + 100;
+    if (held.bytes > options.digestInputBytes) return; // read in full at each change
+    this.held.set(companyId, held);
+    this.bytes += held.bytes;
+    for (const [id, other] of this.held) {
+      if (this.bytes <= options.digestInputBytes) break;
+      this.held.delete(id);
+      this.bytes -= other.bytes;
+    }
+  }
+
+  /** What is known of a company not held: its manifest (every file it maps is "absent" until read). */
+  async _start(companyId, result) {
+    const absent = new Map();
+    const manifestFiles = await companyManifestFiles(this.sessionsDir, companyId,
+      await readTreeManifest(this.sessionsDir, result.warnings), () => readManifest(this.sessionsDir, result.warnings), result.warnings);
+    if (manifestFiles !== null && typeof manifestFiles === 'object') {
+      for (const name of Object.keys(manifestFiles)) absent.set(name, manifestFiles[name]);
+    }
+    return { recs: new Map(), ignored: new Set(), absent, bytes: 0 };
+  }
+
+  /** The company's creds as Baileys loads them, or null (an error is pushed). */
+  async _creds(baileys, dir, companyId, result) {
+    const credsError = await checkCreds(dir);
+    if (credsError) {
+      result.errors.push(`company ${companyId}: ${credsError}`);
+      return null;
+    }
+    const creds = readKeyValue(baileys, path.join(dir, 'creds.json'), 'creds');
+    const problem = creds === null ? 'creds.json unreadable by Baileys' : credsProblem(creds);
+    if (problem) {
+      result.errors.push(`company ${companyId}: ${problem}`);
+      return null;
+    }
+    return creds;
+  }
+
+  /**
+   * The company's state after a change of the files named in changed (key
+   * file names, those deleted included): {companies: [{id, digest, keys,
+   * registrationId, me, guessedCount, ambiguousCount, guessed}], errors,
+   * warnings}, as the verification would find it. Files the directory shows
+   * that were never read (all of them for a company not held) are read; a
+   * file changed in place without being named is not seen.
+   */
+  async update(companyId, changed = []) {
+    const result = { companies: [], errors: [], warnings: [] };
+    const dir = path.join(this.sessionsDir, `company_${companyId}`);
+    const baileys = await loadBaileys();
+    const held = this._take(companyId) || (await this._start(companyId, result));
+    const creds = await this._creds(baileys, dir, companyId, result);
+    if (!creds) return result;
+    const names = (await fsp.readdir(dir, { withFileTypes: true })).filter((d) => d.isFile() && d.name !== 'creds.json').map((d) => d.name);
+    const present = new Set(names);
+    const named = new Set(changed);
+    for (const name of [...held.recs.keys()]) {
+      if (present.has(name)) continue;
+      const entry = manifestEntryOf(held, name);
+      if (entry !== undefined) held.absent.set(name, entry);
+      held.recs.delete(name);
+    }
+    for (const name of [...held.ignored]) if (!present.has(name) || named.has(name)) held.ignored.delete(name);
+    const toRead = names.filter((name) => named.has(name) || !(held.recs.has(name) || held.ignored.has(name)));
+    for (let i = 0; i < toRead.length; i += READ_BATCH) {
+      if (i) await turn(); // a company of many keys must not hold up the requests
+      for (const name of toRead.slice(i, i + READ_BATCH)) {
+        const entry = manifestEntryOf(held, name);
+        const mapped = Object.create(null);
+        if (entry !== undefined) mapped[name] = entry;
+        const [e] = keyEntries([name], mapped, result, companyId);
+        if (!e) {
+          held.ignored.add(name);
+          continue;
+        }
+        let read;
+        try {
+          read = keyLineOf(baileys, companyId, e, readKeyValue(baileys, path.join(dir, name), e.type));
+        } catch (error) {
+          read = { error: `company ${companyId}: ${error.message}` };
+        }
+        if (read.error) {
+          result.errors.push(read.error);
+          continue;
+        }
+        e.line = read.line;
+        if (e.guessed && entry !== undefined) e.mapping = entry; // an entry that does not name the file: kept for when it goes
+        held.recs.set(name, e);
+        held.absent.delete(name);
+      }
+    }
+    if (result.errors.length) return result; // not held: the next change reads the company in full
+    const entries = names.map((name) => held.recs.get(name)).filter(Boolean);
+    result.companies.push({ ...companyResult(companyId, creds, entries, result), ...credsIdentity(creds) });
+    this._keep(companyId, held);
+    return result;
+  }
+}
+
+/** The CompanyStates of a sessions directory (POST /simulate on files). */
+function createCompanyStates(config) {
+  return new CompanyStates(config.sessionsDir);
 }
 
 /** The worker thread's side of KeyReader. */
@@ -416,4 +624,15 @@ function runWorker() {
 
 if (!isMainThread && workerData && workerData.role === WORKER_ROLE) runWorker();
 
-module.exports = { name: 'files', load, verify, options, loadBaileys, checkCreds, readManifest, readTreeManifest, readCompanyManifest };
+module.exports = {
+  name: 'files',
+  load,
+  verify,
+  createCompanyStates,
+  options,
+  loadBaileys,
+  checkCreds,
+  readManifest,
+  readTreeManifest,
+  readCompanyManifest,
+};

@@ -16,6 +16,9 @@ const { credsIdentity } = require('../identity');
 
 const PAGE_SIZE = 2000;
 const COMPANY_PAGE_SIZE = 500;
+// Rows digested between two turns of the event loop: the verification runs
+// in the service's thread, and requests are answered meanwhile.
+const ROWS_PER_TURN = 250;
 
 const FIRST_KEYS = `
   SELECT key_type, key_id, value FROM whatsapp_keys
@@ -65,7 +68,10 @@ async function digestCompany(client, companyId, creds) {
     const { rows } = last === null
       ? await client.query(FIRST_KEYS, [companyId, PAGE_SIZE])
       : await client.query(NEXT_KEYS, [companyId, last.key_type, last.key_id, PAGE_SIZE]);
-    for (const row of rows) digest.add(row.key_type, row.key_id, row.value);
+    for (let i = 0; i < rows.length; i++) {
+      if (i > 0 && i % ROWS_PER_TURN === 0) await new Promise((resolve) => setImmediate(resolve));
+      digest.add(rows[i].key_type, rows[i].key_id, rows[i].value);
+    }
     if (rows.length < PAGE_SIZE) break;
     last = rows[rows.length - 1];
   }
