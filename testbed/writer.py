@@ -207,6 +207,7 @@ class Stats:
         self.last_ack = None
         self.not_acked_since = 0
         self.gap = None  # (seconds, from, to, requests not acknowledged in between)
+        self.head = None  # (first acknowledgment, requests not acknowledged before it) when the window began down
 
     def add(self, record):
         done = record["done_at"]
@@ -225,6 +226,8 @@ class Stats:
         if record["outcome"] != ACK:
             self.not_acked_since += 1
             return
+        if self.last_ack is None and self.not_acked_since and self.head is None and self.gap is None:
+            self.head = (done, self.not_acked_since)
         if self.last_ack is not None:
             seconds = done - self.last_ack
             if self.gap is None or seconds > self.gap[0]:
@@ -240,6 +243,12 @@ class Stats:
             seconds, begin, finish, between = self.gap
             downtime = {"seconds": round(seconds, 3), "from": iso(begin), "to": iso(finish),
                         "not_acknowledged_between": between}
+        # An interruption the window began in (the service was already down: a stopped database) has no "last
+        # acknowledgment before": measured from the window's start (or the first request) to the first acknowledgment.
+        downtime["head_seconds"] = 0
+        if self.head is not None:
+            began = self.start if self.start is not None else self.first_sent
+            downtime["head_seconds"] = round(self.head[0] - began, 3)
         # An interruption the window (or the last run) ends in has no "first acknowledgment after".
         downtime["unacknowledged_tail_seconds"] = (
             round(self.last_done - self.last_ack, 3) if self.last_ack is not None and self.not_acked_since else 0)

@@ -154,7 +154,7 @@ def test_the_writers_figures_show_per_phase_and_a_lost_write_fails_zero_loss(tmp
     row = [line for line in result["table"] if failover["name"] in line][0]
     assert "41" in row.split() and "2.2" in row.split()
     assert result["report"]["writes"] == {"acknowledged": 41, "checked": 55, "lost": 0}
-    assert "acknowledged writes lost: 0 (of 55 checked" in "\n".join(result["table"])
+    assert "acknowledged writes lost: 0 of 55 (the writer's ledger" in "\n".join(result["table"])
 
     ok, result = write(tmp_path, phases(p2={"writes_lost": 3, "writes_checked": 55, "digests": {}}), baseline={})
     assert ok and not result["report"]["zero_loss"]

@@ -265,3 +265,16 @@ def test_check_exit_status_and_json_report(ledger, sessions, capsys):
     assert "OK: no acknowledged write lost" in capsys.readouterr().out
     assert writer.main(["check", "--ledger", path, "--store", "files"]) == 2
     assert "--sessions" in capsys.readouterr().err
+
+
+def test_a_window_that_begins_with_the_service_down_counts_its_downtime_from_the_window_start(ledger):
+    # A database stopped before the window: requests fail from its start until the failover brings the service back.
+    for second in (0, 1, 2, 3):
+        ledger.request(outcome="failed", at=T0 + second)
+    ledger.request(at=T0 + 5)
+    ledger.request(at=T0 + 5.5)
+    stats = writer.ledger_stats(ledger.write(), start=T0 - 0.5)
+    assert stats["downtime"]["head_seconds"] == pytest.approx(5.6)
+    assert stats["downtime"]["seconds"] == pytest.approx(0.5)
+    # A window that begins with an acknowledged request has no such head.
+    assert writer.ledger_stats(ledger.path, start=T0 + 4.5)["downtime"]["head_seconds"] == 0

@@ -294,9 +294,8 @@ def table(report):
                                                           "met" if t["met"] else "MISSED"))
     writes = report.get("writes")
     if writes:
-        out.append("writes acknowledged during the rehearsal: %d; acknowledged writes lost: %s%s" % (
-            writes["acknowledged"], "-" if writes["lost"] is None else writes["lost"],
-            "" if writes["checked"] is None else " (of %d checked against the store at the last verify)" % writes["checked"]))
+        out.append("acknowledged writes lost: %s of %s (the writer's ledger checked against the store at the last verify)" % (
+            "-" if writes["lost"] is None else writes["lost"], "-" if writes["checked"] is None else writes["checked"]))
     out.append("rehearsal %s: %s%s" % (report["name"], "PASSED" if report["passed"] else "FAILED (%s)" % ", ".join(report["failed_phases"]),
                                        (", zero loss proven by the writer's ledger" if writes else ", zero loss proven by digests")
                                        if report["zero_loss"] else ""))
