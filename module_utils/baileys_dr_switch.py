@@ -50,6 +50,8 @@ from ansible.module_utils.baileys_dr_sessions import (
 # The connection options (baileys_dr_postgres) every engine of the switch is given.
 DB_OPTIONS = tuple(postgres_argument_spec())
 JOURNAL_FORMAT = 1
+# Executables of a stray instance when PM2 ran none to compare with (an operator's shell in the directory is no instance).
+RUNTIMES = ("node", "nodejs", "bun", "deno")
 # Phases of the journal, in order; a re-run resumes after the last one written.
 PHASES = ("stopped", "copied", "swapped", "switched", "started", "done")
 
@@ -145,8 +147,15 @@ def pid_alive(pid):
     return True
 
 
+def executable_of(pid):
+    try:
+        return os.readlink("/proc/%d/exe" % pid)
+    except OSError:
+        return None
+
+
 def processes_in(directory, exclude=()):
-    """[(pid, command line)] of the processes whose working directory is directory (or below it)."""
+    """[(pid, command line, executable)] of the processes whose working directory is directory (or below it)."""
     real = os.path.realpath(directory)
     found = []
     for name in os.listdir("/proc"):
@@ -159,7 +168,7 @@ def processes_in(directory, exclude=()):
         except OSError:
             continue
         if cmdline and (cwd == real or cwd.startswith(real + "/")):
-            found.append((int(name), cmdline[:200]))
+            found.append((int(name), cmdline[:200], executable_of(int(name))))
     return found
 
 
@@ -328,28 +337,44 @@ class StoreSwitch:
     def stop_and_fence(self):
         """Stop every instance gracefully, then prove none is left; FenceError (service restarted as it was)
         when one is."""
+        # Read while the service still serves: the instances to see gone, and what they run (a stray instance started
+        # by hand runs the same executable in the same directory).
+        before = [proc for proc in self._instances() if proc.get("pid")]
+        executables = {exe for exe in (executable_of(proc["pid"]) for proc in before) if exe}
+        self.stop_began = time.time()
         ok, result = self._pm2("stopped")
         self.stopped_at = time.time()
-        self.result.update(stopped_at=utc_iso(self.stopped_at), stopped_at_epoch=round(self.stopped_at, 3))
+        self.result.update(stop_began_at_epoch=round(self.stop_began, 3), stopped_at=utc_iso(self.stopped_at),
+                           stopped_at_epoch=round(self.stopped_at, 3))
         problems = [] if ok else [result.get("msg", "pm2 stop failed")]
-        instances = self._instances() if ok else []
-        alive = [str(proc["pid"]) for proc in instances if proc.get("pid") and pid_alive(proc["pid"])]
+        alive = [str(proc["pid"]) for proc in before if pid_alive(proc["pid"])]
         if alive:
             problems.append("PM2 instance(s) still alive after `pm2 stop`: pid %s" % ", ".join(alive))
-        strays = processes_in(self.params["app_root"], exclude=own_ancestry())
+        exclude = own_ancestry() | {self._daemon_pid()}
+        strays = [(pid, cmdline) for pid, cmdline, exe in processes_in(self.params["app_root"], exclude=exclude)
+                  if (exe in executables if executables else os.path.basename(exe or "") in RUNTIMES)]
         if strays:
-            problems.append("process(es) outside PM2 run in %s: %s" % (
+            problems.append("instance(s) outside PM2 run in %s: %s" % (
                 self.params["app_root"], "; ".join("pid %d (%s)" % stray for stray in strays[:5])))
         doc = self._health_answers()
         if doc is not None:
             problems.append("%s still answers (pid %s)" % (self.params["health_url"], doc.get("pid", "?")))
-        self._step("stopped", instances=len(instances), seconds=round(self.stopped_at - self.started, 3))
+        self._step("stopped", instances=len(before), seconds=round(self.stopped_at - self.stop_began, 3))
         if problems:
             restarted, detail = self._pm2("started", wait=False)
             raise FenceError("stop", "refusing to copy: the service is not completely stopped (%s); nothing was "
                              "copied or changed%s" % ("; ".join(problems),
                                                      ", and the PM2 process was started again" if restarted else
                                                      ", and starting it again failed: %s" % detail.get("msg")))
+
+    def _daemon_pid(self):
+        """The PM2 daemon's pid (it runs node too, maybe started in the application's directory)."""
+        try:
+            with open(os.path.join(self.pm2_home, "pm2.pid")) as handle:
+                text = handle.read().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
 
     def _instances(self):
         p = self.params
