@@ -426,8 +426,10 @@ function createService(options = {}) {
       takeCompany(company);
       return { company };
     }
-    for (const e of found.errors) log.error('verify_error', { error: e });
-    state.verifyErrors.push(...found.errors);
+    for (const e of found.errors) {
+      if (state.verifyErrors.length < 20) log.error('verify_error', { error: e }); // as the verification logs them
+      state.verifyErrors.push(e);
+    }
     state.verified.delete(companyId);
     state.touched.add(companyId);
     state.digestsComplete = false;

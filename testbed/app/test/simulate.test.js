@@ -465,3 +465,34 @@ test('simulate: answered during the verification of the keys, without waiting fo
     await service.stop('test');
   }
 });
+
+test('simulate: a company whose files no longer verify after a change is a 500 and makes the service not ready, as a reload would', { ...needDeps }, async () => {
+  const { service, base, sessions } = await filesService();
+  try {
+    // broken after the verification, before any change of f2: its first change reads it in full
+    const dir = path.join(sessions, 'company_f2');
+    const broken = fs.readdirSync(dir).find((name) => name.startsWith('session-'));
+    const good = fs.readFileSync(path.join(dir, broken));
+    fs.writeFileSync(path.join(dir, broken), good.subarray(0, 20));
+    const res = await post(base, { company: 'f2', seed: 'broken' });
+    assert.equal(res.status, 500, JSON.stringify(res.body));
+    assert.equal(res.body.digest, null);
+    assert.equal(res.body.written.length, 3, 'what was written is still listed');
+    assert.ok(res.body.error.startsWith('company f2 did not verify after the change: '), res.body.error);
+    assert.ok(res.body.error.includes(`${broken}" unreadable by Baileys`), res.body.error);
+    const h = await fetch(`${base}/health`);
+    assert.equal(h.status, 503);
+    const health = await h.json();
+    assert.equal(health.digestsComplete, false);
+    assert.equal(health.digests.f2, undefined);
+    assert.ok(health.errors.some((e) => e.includes(broken)));
+    assert.equal((await post(base, { company: 'f1' })).status, 409, 'not ready: refused');
+
+    fs.writeFileSync(path.join(dir, broken), good);
+    const reloaded = await fetch(`${base}/reload`, { method: 'POST' });
+    assert.equal(reloaded.status, 200);
+    assert.equal((await reloaded.json()).digests.f2, digestOfDirectory(sessions, 'f2').digest);
+  } finally {
+    await service.stop('test');
+  }
+});

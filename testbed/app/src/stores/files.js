@@ -444,12 +444,12 @@ async function verify(config, loaded, ctx = {}) {
 const turn = () => new Promise((resolve) => setImmediate(resolve));
 
 /**
- * A key file's value as Baileys' keys.get returns it (its readData: the file
+ * A file's value as Baileys' keys.get returns it (its readData: the file
  * through BufferJSON.reviver, null when it cannot be read or parsed; an
  * app-state-sync-key through AppStateSyncKeyData.fromObject), read directly:
  * useMultiFileAuthState would add a lock for the path to its never emptied Map.
  */
-function readKeyValue(baileys, file, type) {
+function readAsBaileys(baileys, file, type) {
   let value;
   try {
     value = JSON.parse(fs.readFileSync(file, 'utf8'), baileys.BufferJSON.reviver);
@@ -532,7 +532,7 @@ class CompanyStates {
       result.errors.push(`company ${companyId}: ${credsError}`);
       return null;
     }
-    const creds = readKeyValue(baileys, path.join(dir, 'creds.json'), 'creds');
+    const creds = readAsBaileys(baileys, path.join(dir, 'creds.json'), 'creds');
     const problem = creds === null ? 'creds.json unreadable by Baileys' : credsProblem(creds);
     if (problem) {
       result.errors.push(`company ${companyId}: ${problem}`);
@@ -580,7 +580,7 @@ class CompanyStates {
         }
         let read;
         try {
-          read = keyLineOf(baileys, companyId, e, readKeyValue(baileys, path.join(dir, name), e.type));
+          read = keyLineOf(baileys, companyId, e, readAsBaileys(baileys, path.join(dir, name), e.type));
         } catch (error) {
           read = { error: `company ${companyId}: ${error.message}` };
         }
