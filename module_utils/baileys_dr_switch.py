@@ -43,6 +43,7 @@ from ansible.module_utils.baileys_dr_sessions import (
     export_tree,
     load_top_manifest,
     open_dir,
+    test_hook,
     tree_drift,
     verify_tree,
 )
@@ -261,6 +262,8 @@ class Journal:
         switch.update(details, phase=phase, updated_at=utc_iso())
         document["switch"] = switch
         self.write(document)
+        # Test-only: pause or fail right after a phase is durable (switch_copied, switch_switched...).
+        test_hook("switch_" + phase)
 
 
 class StoreSwitch:
@@ -341,6 +344,7 @@ class StoreSwitch:
         # by hand runs the same executable in the same directory).
         before = [proc for proc in self._instances() if proc.get("pid")]
         executables = {exe for exe in (executable_of(proc["pid"]) for proc in before) if exe}
+        test_hook("switch_before_stop")
         self.stop_began = time.time()
         ok, result = self._pm2("stopped")
         self.stopped_at = time.time()
@@ -439,6 +443,7 @@ class FailoverSwitch:
             document["switch"] = {"operation": "failover", "phase": "stopped", "started_at": utc_iso(s.started),
                                   "stopped_at": utc_iso(s.stopped_at), "updated_at": utc_iso()}
             s.journal.write(document)
+            test_hook("switch_stopped")
         if done < PHASES.index("swapped"):
             self.phase = "final copy"
             self._final_copy()
