@@ -17,8 +17,15 @@ description:
     tag, or when the work tree has modified tracked files.
   - V(checked_out) then checks the tag out (detached HEAD); V(restored) checks O(restore_ref) out
     again, a branch (HEAD attached to it) or a commit (detached), for the failback.
-  - Git runs as the module's user (use C(become_user) with the account owning the repository).
-    O(safe_directory) lets a root-run task work in a repository owned by another account.
+  - Git runs as the module's user (use C(become_user) with the account owning the repository). Run as
+    root in a repository another account owns, git runs as that owner (C(setpriv)), so files checked
+    out belong to it and nothing the repository configures runs as root; without C(setpriv), or when
+    several accounts own the repository (work tree, C(.git), its config), the module refuses.
+  - No git command runs a program the repository configures. Hooks (C(core.hooksPath=/dev/null)),
+    C(core.fsmonitor), transports (a partial clone's lazy fetch) and submodules are off for every
+    command. A filter driver (C(filter.<name>.smudge), C(clean), C(process)) defined in the
+    repository's own configuration is refused when git would run it as another account than the
+    repository's owner.
   - Untracked and ignored files (C(.env), C(node_modules), C(baileys_sessions)) are never touched
     nor counted as dirty.
 version_added: "0.1.0"
@@ -79,9 +86,9 @@ options:
     default: false
   safe_directory:
     description:
-      - Run every git command with C(-c safe.directory=<repo>), for a task run as root in a
-        repository owned by another account (git otherwise refuses it, reporting "dubious ownership").
-      - Files checked out are then owned by root; prefer C(become_user) with the repository's owner.
+      - Run every git command with C(-c safe.directory=<repo>), for a task run as another account
+        than the repository's owner (git otherwise refuses it, reporting "dubious ownership").
+      - Run as root, it is not needed: git runs as the repository's owner.
     type: bool
     default: false
 attributes:
@@ -91,7 +98,8 @@ attributes:
   diff_mode:
     support: none
 requirements:
-  - git >= 2.23
+  - git >= 2.26
+  - setpriv (util-linux), when run as root in a repository another account owns
 """
 
 EXAMPLES = r"""

@@ -7,16 +7,45 @@ Every command goes through GitRunner.run, so unit tests replace _execute and
 assert the exact argv. Names that reach argv are checked first with the rules
 of git-check-ref-format, plus no leading "-", so that nothing a caller passes
 can be read by git as an option.
+
+A repository configures programs git runs (hooks, core.fsmonitor, filter drivers, ...). Whoever owns
+the repository chooses them, so git must never run them with more privilege than that owner: see
+GitRunner.guard.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import re
 
 # Environment of every git command: messages in English (they are reported), never a prompt,
 # and no optional lock or index refresh written by read-only commands (check mode changes nothing).
 GIT_ENV = {"LC_ALL": "C", "LANGUAGE": "C", "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0"}
+
+# -c settings of every git command: the configuration keys that name a program which the commands
+# these modules run (rev-parse, symbolic-ref, cat-file, status, checkout, config) could start.
+# Command-line settings beat every configuration file, the repository's included.
+#   core.hooksPath   no hook at all (post-checkout, reference-transaction, post-index-change, ...)
+#   core.fsmonitor   no file-system monitor command (status and checkout start it)
+#   protocol.allow   no transport: a partial clone fetches missing objects on checkout or cat-file,
+#                    which would start core.sshCommand, core.gitProxy, a remote helper, credential.helper
+#   submodule.recurse  checkout never enters a submodule (a repository with its own configuration)
+# Filter drivers (filter.<name>.clean/smudge/process) have names git cannot disable as a class: guard()
+# refuses a repository whose own configuration defines one when git would run it as another account.
+# Keys not listed start programs only in commands these modules never run: core.editor,
+# sequence.editor, core.pager and pager.* (no terminal; --no-pager too), diff.external and
+# diff.<driver>.command/textconv (diff, log -p, cat-file --textconv), merge.<driver>.driver
+# (merge, checkout -m), gpg.program (verify-tag), core.alternateRefsCommand and
+# uploadpack.packObjectsHook (serving fetches), alias.* (builtins win over aliases).
+# The system configuration (/etc/gitconfig) is root's, not the repository's: it stays read
+# (GIT_CONFIG_NOSYSTEM would also drop an administrator's safe.directory entries).
+PROGRAMS_OFF = (
+    ("core.hooksPath", "/dev/null"),
+    ("core.fsmonitor", "false"),
+    ("protocol.allow", "never"),
+    ("submodule.recurse", "false"),
+)
 
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 HEX_OBJECT = re.compile(r"[0-9a-f]{7,64}\Z")
@@ -64,11 +93,53 @@ def check_ref_name(name, what):
     return name
 
 
+def repository_owners(repo):
+    """{uid: first path owned by it} over the work tree's top, its .git, the git directory a .git file
+    names, the common directory of a linked work tree, and their config files: each owner chooses
+    programs git runs there. Empty when repo is not a directory."""
+    if not os.path.isdir(repo):
+        return {}
+    paths = [repo]
+    gitdir = os.path.join(repo, ".git")
+    if os.path.isfile(gitdir):
+        paths.append(gitdir)
+        gitdir = os.path.join(repo, _pointer(gitdir, "gitdir: "))
+    for directory in (gitdir, os.path.join(gitdir, _pointer(os.path.join(gitdir, "commondir"), ""))):
+        paths += [directory, os.path.join(directory, "config")]
+    owners = {}
+    for path in paths:
+        try:
+            owners.setdefault(os.stat(path).st_uid, path)
+        except OSError:
+            pass
+    return owners
+
+
+def _pointer(path, prefix):
+    """The path a .git or commondir file holds ("." when it does not exist or is not one)."""
+    try:
+        with open(path, "rb") as handle:
+            line = handle.read(4096).decode("utf-8", "replace").strip()
+    except OSError:
+        return "."
+    return line[len(prefix):] if line.startswith(prefix) and len(line) > len(prefix) else "."
+
+
+def account(uid):
+    try:
+        return "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
+    except KeyError:
+        return "uid %d" % uid
+
+
 class GitRunner:
     """Runs git in one repository through module.run_command.
 
-    With safe_directory, every command gets -c safe.directory=<repo>, for a root-run task in a
-    repository owned by the application's account (git refuses it otherwise, "dubious ownership").
+    Every command runs with PROGRAMS_OFF and --no-pager. Before the first, guard() makes sure git runs
+    the repository's programs with no more privilege than the repository's owner.
+
+    With safe_directory, every command gets -c safe.directory=<repo>, for a task run by another
+    account than the repository's owner (git refuses it otherwise, "dubious ownership").
     """
 
     def __init__(self, module, repo, safe_directory=False, git_path=None):
@@ -76,18 +147,96 @@ class GitRunner:
         self.repo = repo
         self.safe_directory = safe_directory
         self.git = git_path or module.get_bin_path("git", required=True)
+        self.owner = None  # passwd entry of the owner when the runner lowers root to it (setpriv)
+        self.setpriv = None
+        self.guarded = False
 
     def command(self, args):
-        argv = [self.git]
+        argv = [self.git, "--no-pager"]
+        for key, value in PROGRAMS_OFF:
+            argv += ["-c", "%s=%s" % (key, value)]
         if self.safe_directory:
             argv += ["-c", "safe.directory=%s" % os.path.realpath(self.repo)]
-        return argv + ["-C", self.repo] + list(args)
+        argv += ["-C", self.repo] + list(args)
+        if self.owner is not None:
+            argv = [self.setpriv, "--reuid=%d" % self.owner.pw_uid, "--regid=%d" % self.owner.pw_gid,
+                    "--init-groups", "--"] + argv
+        return argv
 
     def _execute(self, argv):
-        return self.module.run_command(argv, environ_update=dict(GIT_ENV), expand_user_and_vars=False)
+        env = dict(GIT_ENV)
+        if self.owner is not None:
+            # The owner's own git configuration, never root's (which it may not even be allowed to read).
+            home = self.owner.pw_dir
+            env.update(HOME=home, XDG_CONFIG_HOME=os.path.join(home, ".config"), USER=self.owner.pw_name,
+                       LOGNAME=self.owner.pw_name)
+        return self.module.run_command(argv, environ_update=env, expand_user_and_vars=False)
+
+    # -- who runs git ------------------------------------------------------------------------------
+
+    def guard(self):
+        """Before the first command: as root in a repository another account owns, git runs as that
+        owner (unless the module's run_command already runs commands as another account); refused when
+        it cannot, or when several accounts own the repository. Then, when git still runs as another
+        account than a (non-root) owner, a filter driver the repository's own configuration defines is refused."""
+        if self.guarded:
+            return
+        self.guarded = True
+        owners = repository_owners(self.repo)
+        runs_as = self._lower_root(owners)
+        # Root's own configuration is no escalation for anyone: only other owners' filters count.
+        others = sorted(uid for uid in owners if uid not in (runs_as, 0))
+        if others:
+            self._refuse_filters(runs_as, others[0])
+
+    def _lower_root(self, owners):
+        """The uid git commands will run as."""
+        euid = os.geteuid()
+        accounts = sorted(set(owners) - {0})
+        if euid != 0 or not accounts:
+            return euid
+        if len(accounts) > 1:
+            raise GitError("repo %s is owned by several accounts (%s): refusing to run git there as root, since "
+                           "each could make git run a program" % (self.repo, ", ".join(
+                               "%s owns %s" % (account(uid), owners[uid]) for uid in accounts)))
+        owner = accounts[0]
+        runs_as = self._commands_uid()
+        if runs_as != 0:
+            return runs_as
+        try:
+            entry = pwd.getpwuid(owner)
+        except KeyError:
+            entry = None
+        setpriv = self.module.get_bin_path("setpriv")
+        if entry is None or not setpriv:
+            raise GitError("repo %s belongs to %s and the module runs as root, which cannot run git as that account "
+                           "(%s): refusing, since git would run the programs the repository configures as root; "
+                           "run the task as the repository's owner (become_user)"
+                           % (self.repo, account(owner), "no such account on this host" if entry is None
+                              else "setpriv, from util-linux, is not installed"))
+        self.owner, self.setpriv = entry, setpriv
+        return owner
+
+    def _commands_uid(self):
+        """The uid the module's commands run as: a module may already lower them (the switch runs git
+        as the application's account). 0 when it cannot be told."""
+        rc, out, _ = self.module.run_command(["id", "-u"], environ_update=dict(GIT_ENV), expand_user_and_vars=False)
+        return int(out.strip()) if rc == 0 and out.strip().isdigit() else 0
+
+    def _refuse_filters(self, runs_as, owner):
+        _, out, _ = self.run(["config", "--show-scope", "--name-only", "--get-regexp",
+                              r"^filter\..*\.(clean|smudge|process)$"], ok_codes=(0, 1), what="reading the filters")
+        for line in out.splitlines():
+            scope, _, key = line.partition("\t")
+            if scope in ("local", "worktree"):
+                raise GitError("repo %s defines the filter driver %s (%s configuration): refusing, since git would "
+                               "run its program as %s, not as the repository's owner %s; run the task as the owner "
+                               "(become_user)" % (self.repo, key.rsplit(".", 1)[0], scope, account(runs_as),
+                                                  account(owner)))
 
     def run(self, args, ok_codes=(0,), what=None):
         """(rc, stdout, stderr); raises GitError when rc is not in ok_codes."""
+        self.guard()
         argv = self.command(args)
         rc, out, err = self._execute(argv)
         if rc not in ok_codes:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import pathlib
+import pwd
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
 import git_tag_verify
 from module_harness import run_module
+
+from ansible.module_utils.baileys_dr_git import git_tag_verify_argument_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAKE_APP_REPO = os.path.join(ROOT, "testbed", "bin", "make-app-repo")
@@ -30,8 +34,12 @@ class Repo(type(pathlib.Path())):
     """A repository's path, with the commits it was made with as attributes."""
 
 
+# The tests' own git: in any repository, never running one of its programs.
+TEST_GIT = ["git", "-c", "safe.directory=*", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]
+
+
 def git(repo, *args):
-    return subprocess.run(["git", "-C", str(repo), "-c", "tag.gpgSign=false", "-c", "commit.gpgSign=false", *args],
+    return subprocess.run([*TEST_GIT, "-C", str(repo), "-c", "tag.gpgSign=false", "-c", "commit.gpgSign=false", *args],
                           check=True, capture_output=True, text=True, env=GIT_ENV).stdout.strip()
 
 
@@ -48,7 +56,11 @@ def commit_file(repo, path, content, message):
 @pytest.fixture
 def repo(tmp_path):
     """main with two commits; the annotated tag on the first, which has the file store."""
-    path = Repo(tmp_path / "app")
+    return make_repo(tmp_path / "app")
+
+
+def make_repo(where):
+    path = Repo(where)
     subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True, env=GIT_ENV)
     first = commit_file(path, "src/stores/files.js", "const { useMultiFileAuthState } = require('baileys')\n", "files")
     git(path, "tag", "-a", TAG, "-m", "%s: file-auth emergency version\n\nbody" % TAG)
@@ -76,7 +88,7 @@ def verify(repo, check_mode=False, **extra):
 
 
 def head_of(repo):
-    branch = subprocess.run(["git", "-C", str(repo), "symbolic-ref", "--quiet", "--short", "HEAD"],
+    branch = subprocess.run([*TEST_GIT, "-C", str(repo), "symbolic-ref", "--quiet", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip() or None
     return branch, git(repo, "rev-parse", "HEAD")
 
@@ -189,16 +201,156 @@ def test_a_subdirectory_of_a_work_tree_is_not_taken_for_the_repository(repo):
     assert not ok and "not the top directory" in result["msg"]
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give the repository away")
-def test_root_needs_safe_directory_in_a_repository_owned_by_the_application_user(repo):
-    for directory, _, files in os.walk(repo):
-        os.chown(directory, 65534, 65534)
-        for name in files:
-            os.chown(os.path.join(directory, name), 65534, 65534)
-    ok, result = verify(repo)
-    assert not ok and "dubious ownership" in result["msg"] and "safe_directory: true" in result["msg"]
-    ok, result = verify(repo, safe_directory=True, **MARKER)
+# -- a repository another account owns: its programs never run as root ------------------------
+
+as_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                             reason="needs root to give the repository away")
+NOBODY = 65534
+
+
+@pytest.fixture
+def shared():
+    """A directory other accounts can enter (pytest's tmp_path has 0700 parents), with a markers/
+    directory anyone can write: a program the repository configures leaves its uid there when it runs."""
+    base = pathlib.Path(tempfile.mkdtemp(prefix="baileys-dr-git-"))
+    os.chmod(base, 0o755)
+    (base / "markers").mkdir()
+    os.chmod(base / "markers", 0o1777)
+    yield base
+    shutil.rmtree(base)
+
+
+def give_away(path, uid):
+    gid = pwd.getpwuid(uid).pw_gid
+    os.chown(path, uid, gid)
+    for directory, subdirs, files in os.walk(path):
+        for name in subdirs + files:
+            os.lchown(os.path.join(directory, name), uid, gid)
+
+
+def booby_trap(repo, markers):
+    """A post-checkout and a reference-transaction hook and a core.fsmonitor command, each writing
+    `id -u` into markers/<its name>."""
+    for hook in ("post-checkout", "reference-transaction"):
+        path = repo / ".git" / "hooks" / hook
+        path.write_text("#!/bin/sh\nid -u > %s/%s\n" % (markers, hook))
+        path.chmod(0o755)
+    git(repo, "config", "core.fsmonitor", "id -u > %s/fsmonitor; false" % markers)
+
+
+def ran(markers):
+    """{program: uid it ran as} of the programs that ran."""
+    return {path.name: path.read_text().strip() for path in markers.iterdir()}
+
+
+@pytest.fixture
+def foreign(shared):
+    """The repository with the hooks and fsmonitor, owned by nobody."""
+    path = make_repo(shared / "app")
+    booby_trap(path, shared / "markers")
+    give_away(path, NOBODY)
+    path.markers = shared / "markers"
+    return path
+
+
+@as_root
+def test_as_root_git_runs_neither_hooks_nor_fsmonitor_of_a_repository_another_account_owns(foreign):
+    ok, result = verify(foreign, safe_directory=True, state="checked_out", **MARKER)
     assert ok, result
+    assert result["head_after"] == {"ref": None, "commit": foreign.first}
+    ok, result = run_module(git_tag_verify, dict(repo=str(foreign), state="restored", restore_ref="main",
+                                                 safe_directory=True))
+    assert ok and result["changed"], result
+    assert ran(foreign.markers) == {}
+    # The checkout was made as the owner: no root-owned file left in the application's tree.
+    ok, result = verify(foreign, state="checked_out", **MARKER)
+    assert ok, result
+    assert os.stat(foreign / "src/stores/files.js").st_uid == NOBODY
+    assert ran(foreign.markers) == {}
+
+
+@as_root
+def test_as_root_a_filter_the_repository_configures_runs_as_its_owner_never_as_root(shared):
+    path = make_repo(shared / "app")
+    git(path, "checkout", "-q", "--detach")
+    commit_file(path, ".gitattributes", "*.js filter=trap\n", "attributes")
+    commit_file(path, "src/app.js", "start()\n", "app")
+    git(path, "tag", "-a", "with-filter", "-m", "with filter")
+    git(path, "config", "filter.trap.smudge", "id -u > %s/smudge; cat" % (shared / "markers"))
+    git(path, "checkout", "-q", "main")
+    give_away(path, NOBODY)
+    ok, result = verify(path, tag="with-filter", state="checked_out", safe_directory=True)
+    assert ok, result
+    assert ran(shared / "markers") == {"smudge": str(NOBODY)}
+
+
+@as_root
+def test_as_root_without_setpriv_a_repository_of_another_account_is_refused(foreign, shared, monkeypatch):
+    # Only git and id on PATH: root has no way to run git as the owner.
+    bin_dir = shared / "bin"
+    bin_dir.mkdir()
+    for tool in ("git", "id"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    ok, result = verify(foreign, safe_directory=True, state="checked_out", **MARKER)
+    assert not ok
+    assert result["msg"] == (
+        "repo %s belongs to nobody (uid %d) and the module runs as root, which cannot run git as that account "
+        "(setpriv, from util-linux, is not installed): refusing, since git would run the programs the "
+        "repository configures as root; run the task as the repository's owner (become_user)" % (foreign, NOBODY))
+    assert ran(foreign.markers) == {}
+    assert head_of(foreign) == ("main", foreign.main)
+
+
+@as_root
+def test_as_root_a_repository_two_accounts_own_is_refused_naming_both(foreign):
+    postgres = pwd.getpwnam("postgres")
+    os.chown(foreign / ".git" / "config", postgres.pw_uid, postgres.pw_gid)
+    ok, result = verify(foreign, safe_directory=True)
+    assert not ok
+    assert "owned by several accounts" in result["msg"]
+    assert "postgres (uid %d) owns %s/.git/config" % (postgres.pw_uid, foreign) in result["msg"]
+    assert "nobody (uid %d) owns %s" % (NOBODY, foreign) in result["msg"]
+    assert ran(foreign.markers) == {}
+
+
+def lowered_module(account, **params):
+    """The calling module as the switch hands it to the git engine: commands run as account (setpriv)."""
+    from module_harness import set_module_args
+    from ansible.module_utils.basic import AnsibleModule
+    from ansible.module_utils import baileys_dr_switch as switch
+
+    with set_module_args({}):
+        module = AnsibleModule(argument_spec={})
+    return switch.SubModule(module, switch.engine_params(git_tag_verify_argument_spec(), **params),
+                            switch.RunAs(account))
+
+
+@as_root
+def test_the_switch_runs_git_as_the_application_account_without_the_repository_s_programs(foreign):
+    from ansible.module_utils.baileys_dr_git import GitRunner, TagVerifier
+
+    sub = lowered_module("nobody", repo=str(foreign), tag=TAG, state="checked_out", **MARKER)
+    result = TagVerifier(sub, GitRunner(sub, str(foreign))).run()
+    assert result["changed"] and result["head_after"] == {"ref": None, "commit": foreign.first}
+    assert os.stat(foreign / "src/stores/files.js").st_uid == NOBODY
+    assert ran(foreign.markers) == {}
+
+
+@as_root
+def test_a_third_account_never_runs_a_filter_the_repository_configures(foreign):
+    from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier
+
+    git(foreign, "config", "filter.trap.smudge", "id -u > %s/smudge; cat" % foreign.markers)
+    sub = lowered_module("postgres", repo=str(foreign), tag=TAG, state="checked_out", safe_directory=True)
+    with pytest.raises(GitError) as refused:
+        TagVerifier(sub, GitRunner(sub, str(foreign), safe_directory=True)).run()
+    assert str(refused.value) == (
+        "repo %s defines the filter driver filter.trap (local configuration): refusing, since git would run its "
+        "program as postgres (uid %d), not as the repository's owner nobody (uid %d); run the task as the owner "
+        "(become_user)" % (foreign, pwd.getpwnam("postgres").pw_uid, NOBODY))
+    assert ran(foreign.markers) == {}
+    assert head_of(foreign) == ("main", foreign.main)
 
 
 # -- the test application: switch and switch back -----------------------------------------------

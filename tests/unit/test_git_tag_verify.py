@@ -14,7 +14,11 @@ from ansible.module_utils.baileys_dr_git import GitRunner, ref_name_problem
 # Any existing directory will do (the module checks that repo is one): git itself is scripted,
 # and a command the script does not know fails the test instead of running.
 REPO = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
-GIT = ["/usr/bin/git", "-C", REPO]
+# Every command: no pager, and none of the programs a repository can configure (hooks, fsmonitor,
+# transports, submodules).
+SAFE = ["/usr/bin/git", "--no-pager", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
+        "-c", "protocol.allow=never", "-c", "submodule.recurse=false"]
+GIT = SAFE + ["-C", REPO]
 TAG = "emergency-file-fallback-v1"
 TAG_OBJECT = "1" * 40
 TAG_COMMIT = "c3f42ce0796ff26579453d99a1197e944b7772ec"
@@ -351,10 +355,11 @@ def test_a_repository_of_another_user_suggests_safe_directory(git):
 def test_safe_directory_passes_the_repository_to_every_git_command(git):
     ok, result = run_module(git_tag_verify, args(safe_directory=True))
     assert ok, result
-    assert git.calls and all(call[:5] == ["/usr/bin/git", "-c", "safe.directory=" + REPO, "-C", REPO] for call in git.calls)
+    assert git.calls and all(call[:len(SAFE) + 4] == SAFE + ["-c", "safe.directory=" + REPO, "-C", REPO]
+                             for call in git.calls)
 
 
-def test_the_runner_runs_git_without_prompts_locks_or_translations():
+def test_the_runner_runs_git_without_prompts_locks_translations_or_the_repository_s_programs():
     class Module:
         def __init__(self):
             self.seen = []
@@ -367,5 +372,5 @@ def test_the_runner_runs_git_without_prompts_locks_or_translations():
     runner = GitRunner(module, "/srv/app", git_path="/usr/bin/git")
     assert runner.run(["status"]) == (0, "ok\n", "")
     argv, kwargs = module.seen[0]
-    assert argv == ["/usr/bin/git", "-C", "/srv/app", "status"]
+    assert argv == SAFE + ["-C", "/srv/app", "status"]
     assert kwargs["environ_update"] == {"LC_ALL": "C", "LANGUAGE": "C", "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0"}
