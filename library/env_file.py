@@ -14,6 +14,9 @@ description:
     (v16, v17) reads it, keeping comments, blank lines, line endings, the order of the lines and
     the layout of the lines it rewrites (C(export) prefix, spacing, trailing comment, quote style
     when the new value can be written in it).
+  - A file without a final line break keeps having none (a new key goes on a line of its own, the
+    last), so setting keys and setting them back (from RV(previous)) gives the original bytes, with
+    LF or CRLF line endings.
   - Values are read with C(dotenv)'s own rules, so a key whose value is already the wanted one is
     left alone, however it is quoted; a second identical run reports no change.
   - The file is rewritten atomically, like M(community.general.ini_file) does it. A temporary file in

@@ -42,6 +42,7 @@ _DOTENV_LINE = re.compile(
 _KEY_LEAD = re.compile(r"{s}*(?:export{s}+)?\Z".format(s=_S))
 _OUTER_QUOTES = re.compile(r"\A(['\"`])([\s\S]*)\1(?=[%s]|\Z)" % _EOL)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_LAST_BREAK = re.compile(r"(?:\r\n|\r|\n)\Z")
 
 
 class EnvFileError(Exception):
@@ -227,7 +228,7 @@ class DotenvDocument:
                 text = replace[index]
                 if mask is not None and mask.search(assignment.key):
                     text = assignment.render(MASK)
-                out.append(text + (eol or self.default_eol()))
+                out.append(text + eol)
             elif mask is not None and mask.search(assignment.key):
                 out.append(assignment.render(MASK) + eol)
             else:
@@ -239,7 +240,12 @@ class DotenvDocument:
                 if mask is not None and mask.search(key):
                     text = "%s=%s" % (key, MASK)
                 out.append(text + self.default_eol())
-        return "".join(out)
+        text = "".join(out)
+        if self.lines and not self.lines[-1].eol:
+            # A file without a final line break keeps it that way whatever was appended or removed at
+            # its end, so that setting keys and setting them back gives the same bytes.
+            text = _LAST_BREAK.sub("", text)
+        return text
 
     @staticmethod
     def _masked_other(text, mask):

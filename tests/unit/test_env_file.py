@@ -169,12 +169,46 @@ def test_crlf_line_endings_are_kept(tmp_path):
     assert path.read_bytes() == b"A=10\r\nB=2\r\nC=3\r\n"
 
 
-def test_a_key_added_to_a_file_without_final_newline_gets_its_own_line(tmp_path):
+def test_a_key_added_to_a_file_without_final_newline_gets_its_own_line_and_no_final_newline(tmp_path):
     path = tmp_path / ".env"
     path.write_text("A=1")
     ok, _ = run(dict(path=str(path), values={"B": "2"}))
     assert ok
-    assert path.read_text() == "A=1\nB=2\n"
+    assert path.read_text() == "A=1\nB=2"
+    assert env_file.DotenvDocument(path.read_text()).values() == {"A": "1", "B": "2"}
+
+
+def previous_values(result):
+    """The values argument that puts back what a return_previous run found."""
+    return {key: old["value"] if old["present"] else None for key, old in result["previous"].items()}
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+def test_set_then_restored_from_previous_gives_back_a_file_without_final_newline_byte_for_byte(tmp_path, eol):
+    path = tmp_path / ".env"
+    original = b"A=1" + eol + b"USE_DATABASE_AUTH_STATE=true"
+    path.write_bytes(original)
+    ok, switched = run(dict(path=str(path), return_previous=True, _ansible_no_log=True,
+                            values={"USE_DATABASE_AUTH_STATE": "false"}))
+    assert ok and switched["changed"]
+    assert path.read_bytes() == b"A=1" + eol + b"USE_DATABASE_AUTH_STATE=false"
+    ok, restored = run(dict(path=str(path), values=previous_values(switched)))
+    assert ok and restored["changed"]
+    assert path.read_bytes() == original
+
+
+@pytest.mark.parametrize("original", [b"A=1", b"A=1\r\nB=2", b"A=1\n# last line, a comment", b"A=1\n", b"A=1\r\n"],
+                         ids=["LF", "CRLF", "comment-last", "final-LF", "final-CRLF"])
+def test_a_key_appended_then_removed_gives_back_the_original_bytes(tmp_path, original):
+    path = tmp_path / ".env"
+    path.write_bytes(original)
+    ok, added = run(dict(path=str(path), return_previous=True, _ansible_no_log=True,
+                         values={"USE_REPOSITORY_PATTERN": "false"}))
+    assert ok and added["changed"]
+    assert env_file.DotenvDocument(path.read_bytes().decode()).values()["USE_REPOSITORY_PATTERN"] == "false"
+    ok, removed = run(dict(path=str(path), values=previous_values(added)))
+    assert ok and removed["changed"]
+    assert path.read_bytes() == original
 
 
 def test_boolean_and_integer_values_are_written_as_the_application_compares_them(envfile):
@@ -385,8 +419,7 @@ def test_previous_values_restore_the_file_exactly(envfile):
                             values={"USE_LEGACY_SUPABASE": "false", "USE_DATABASE_AUTH_STATE": "false",
                                     "USE_REPOSITORY_PATTERN": "false"}))
     assert ok and switched["changed"]
-    restore = {key: old["value"] if old["present"] else None for key, old in switched["previous"].items()}
-    ok, restored = run(dict(path=str(envfile), values=restore))
+    ok, restored = run(dict(path=str(envfile), values=previous_values(switched)))
     assert ok and restored["changed"]
     assert envfile.read_text() == SAMPLE
 
