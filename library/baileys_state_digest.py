@@ -15,6 +15,8 @@ description:
   - Both Buffer encodings give the same digest, so a database, a file export and the running
     application can be compared; equal digests mean no key was lost or altered.
   - Read-only; reads one company at a time, so memory does not grow with the table.
+  - A value that cannot be read (for example nested deeper than Python reads, which PostgreSQL accepts)
+    fails the module naming its company, key type and id.
 version_added: "0.1.0"
 author: baileys-dr contributors
 extends_documentation_fragment:
@@ -74,7 +76,7 @@ mismatches:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, postgres_argument_spec, psycopg2, scrub
-from ansible.module_utils.baileys_dr_store import company_digest, list_companies
+from ansible.module_utils.baileys_dr_store import StoreValueError, company_digest, list_companies
 
 
 class StateDigests:
@@ -114,7 +116,7 @@ def main():
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     try:
         module.exit_json(**StateDigests(module).run())
-    except DatabaseError as exc:
+    except (DatabaseError, StoreValueError) as exc:
         module.fail_json(msg=str(exc))
     except psycopg2.Error as exc:
         module.fail_json(msg="reading the auth-state store failed: %s" % scrub(exc, module.params).strip())

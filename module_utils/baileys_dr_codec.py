@@ -17,6 +17,7 @@ import json
 import json.encoder
 import math
 import re
+import sys
 
 COMPANY_ID_RE = re.compile(r"\A[A-Za-z0-9_-]{1,50}\Z")
 
@@ -53,6 +54,62 @@ _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r
 _ESCAPE_RE = re.compile('["\\\\\x00-\x1f\ud800-\udfff]')
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _INDEX_KEYS = {}
+
+
+# What decoding or digesting one stored value can raise: JSON nested deeper than Python's recursion limit
+# (PostgreSQL's JSONB and Node's JSON.parse accept far deeper), text that is not JSON or not UTF-8, a value too
+# large for memory. Caught where a row's value is handled and reported naming the row, never as a traceback.
+VALUE_ERRORS = (RecursionError, ValueError, UnicodeError, MemoryError)
+
+
+def value_problem(exc):
+    """Why a value could not be read, from one of VALUE_ERRORS, to follow "the value" or a file name: words for an
+    operator, nothing of the value."""
+    if isinstance(exc, RecursionError):
+        return ("is nested too deeply to be read (arrays or objects inside each other, more levels than Python's "
+                "limit of %d; no Baileys value comes near)" % sys.getrecursionlimit())
+    if isinstance(exc, MemoryError):
+        return "is too large to be held in memory"
+    return "cannot be read (%s: %s)" % (type(exc).__name__, str(exc)[:200])
+
+
+def key_name(key_type=None, key_id=None):
+    """A key as messages name it (key_type None: the creds); the id quoted with its escapes: it may be hostile."""
+    return "creds" if key_type is None else "%s key id %r" % (key_type, key_id)
+
+
+def row_name(company_id, key_type=None, key_id=None):
+    """A row as messages name it: company, then the key (key_name)."""
+    company = company_id if isinstance(company_id, str) and COMPANY_ID_RE.match(company_id) else repr(company_id)
+    return "company %s, %s" % (company, key_name(key_type, key_id))
+
+
+# Deepest nesting of arrays and objects read from a file. Baileys' values are a few levels deep. Python's
+# parser and the canonical form recurse once per level, against one recursion limit (1000) shared with the
+# calls that lead there: a fixed limit well under it gives the same answer wherever a value is handled.
+MAX_NESTING = 512
+_NESTING_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|([\[\]{}])')
+
+
+def nesting_problem(text):
+    """None, or why JSON text nests arrays and objects deeper than MAX_NESTING (found without parsing it), to
+    follow "the value" or a file name."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return None
+    depth = deepest = 0
+    for match in _NESTING_TOKEN.finditer(text):
+        bracket = match.group(1)
+        if bracket is None:
+            continue  # a string: brackets inside it do not count
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    if deepest <= MAX_NESTING:
+        return None
+    return ("nests arrays or objects %d levels deep; baileys-dr reads up to %d (no Baileys value comes near)"
+            % (deepest, MAX_NESTING))
 
 
 class Bytes(bytes):

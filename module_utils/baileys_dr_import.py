@@ -46,12 +46,16 @@ import time
 from ansible.module_utils.baileys_dr_codec import (
     COMPANY_ID_RE,
     KEY_TYPES,
+    VALUE_ERRORS,
     decode_base64,
     expiry_days,
     key_file_name,
+    key_name,
+    nesting_problem,
     sort_key,
     to_array_form,
     to_base64_form,
+    value_problem,
 )
 from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
 from ansible.module_utils.baileys_dr_postgres import (
@@ -399,8 +403,15 @@ def parse_file(data):
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FileProblem("is not UTF-8 (byte %d)" % exc.start) from None
+    # Checked before parsing, with a fixed limit: a value nested deeper than Python's recursion limit would end the
+    # module with a traceback here or wherever it is handled later (canonical form, stored text).
+    problem = nesting_problem(text)
+    if problem:
+        raise FileProblem(problem)
     try:
         value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError as exc:
+        raise FileProblem(value_problem(exc)) from None
     except ValueError as exc:
         raise FileProblem("is not JSON (%s; %d bytes: truncated?)" % (str(exc).split(":")[0], len(data))) from None
     # \u0000 and lone surrogates can only come from a \u escape: strict JSON holds no raw control character, and
@@ -408,6 +419,32 @@ def parse_file(data):
     if "\\u" in text:
         _check_strings(value)
     return value
+
+
+def check_src(src):
+    """(normalised src, whether it exists): the sessions tree's path checks (check_dest), with messages that name src."""
+    if isinstance(src, str) and os.path.isabs(src) and os.path.islink(os.path.normpath(src)):
+        raise FailbackError("src %s is a symbolic link: refusing to read through it (give the directory it points to)"
+                            % os.path.normpath(src))
+    try:
+        return check_dest(src)
+    except SessionsError as exc:
+        # check_dest words its refusals for the export's dest.
+        raise FailbackError(_DEST_WORD.sub("src", str(exc))) from None
+
+
+_DEST_WORD = re.compile(r"\Adest\b|(?<=\bof )dest\b")
+
+
+def database_line(key_type, key_id, text):
+    """The digest line of a row's JSON text (key_type None: the creds; text None: no creds row). PostgreSQL holds
+    values nested deeper than Python reads: CompanyRefused names such a row instead of a traceback."""
+    try:
+        value = None if text is None else json.loads(text)
+        return creds_line(value) if key_type is None else key_line(key_type, key_id, value)
+    except VALUE_ERRORS as exc:
+        raise CompanyRefused("the database's value of %s %s: the company is refused, nothing of it is written"
+                             % (key_name(key_type, key_id), value_problem(exc))) from None
 
 
 def check_creds(value):
@@ -1343,7 +1380,7 @@ class Failback:
     # -- the run --
     def run(self):
         started = time.monotonic()
-        src, exists = check_dest(self.params["src"])
+        src, exists = check_src(self.params["src"])
         if not exists:
             raise FailbackError("src %s does not exist" % src)
         with ParentLock(os.path.dirname(src), exclusive=False, timeout=self.params["lock_timeout"]):
@@ -1774,6 +1811,10 @@ class Failback:
             committing = True
             self.db.conn.commit()
         except CompanyRefused:
+            # Refused after the undo file was written (a row that cannot be read while proving): nothing commits.
+            self.db.rollback()
+            if undo:
+                remove_undo_file(undo)
             raise
         except Deferred as exc:
             self.db.rollback()
@@ -1841,7 +1882,7 @@ class Failback:
                     file_line = entry.line()
                 except FileProblem as exc:
                     raise CompanyRefused("%s %s" % (entry.name, exc)) from None
-                if key_line(key[0], key[1], json.loads(texts[key])) == file_line:
+                if database_line(key[0], key[1], texts[key]) == file_line:
                     plan.unchanged += 1
                 else:
                     plan.updates.append(entry)
@@ -1878,7 +1919,7 @@ class Failback:
         plan.proven = False
         (text,) = self.db.one(CREDS_TEXT_SQL, {"company": company_id})
         try:
-            differs = creds_line(json.loads(text)) != entry.line()
+            differs = database_line(None, None, text) != entry.line()
         except FileProblem as exc:
             raise CompanyRefused("creds.json %s" % exc) from None
         if differs:
@@ -1984,7 +2025,7 @@ class Failback:
                 return exported
             kept = {}
             if plan.kept:
-                kept = {(t, i): key_line(t, i, json.loads(text)) for t, i, text in self.db.selected(VALUES_SQL, company_id, plan.kept)}
+                kept = {(t, i): database_line(t, i, text) for t, i, text in self.db.selected(VALUES_SQL, company_id, plan.kept)}
             expected = DigestLines(file_creds)
             for key in sorted(list(files.keys) + plan.kept, key=lambda k: sort_key(*k)):
                 expected.add(key[0], key[1], kept[key] if key in kept else self._file_line(files, plan, key))
@@ -2012,7 +2053,7 @@ class Failback:
             key_type, key_id = min(found["differs"], key=lambda k: sort_key(*k))
             raise FailbackError("after the writes %s %r does not read back as its file: rolled back" % (key_type, key_id))
         row = self.db.one(CREDS_TEXT_SQL, {"company": company_id})
-        if creds_line(None if row is None else json.loads(row[0])) != file_creds:
+        if database_line(None, None, None if row is None else row[0]) != file_creds:
             raise FailbackError("after the writes the creds do not read back as creds.json: rolled back")
 
     @staticmethod

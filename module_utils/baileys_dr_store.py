@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from ansible.module_utils.baileys_dr_codec import StateDigest
+from ansible.module_utils.baileys_dr_codec import VALUE_ERRORS, StateDigest, row_name, value_problem
 
 # Byte order of ids, the order of the state digest (docs/architecture.md).
 KEYS_OF_COMPANY = (
@@ -19,6 +19,14 @@ KEYS_OF_COMPANY = (
     'ORDER BY key_type COLLATE "C", key_id COLLATE "C"'
 )
 FETCH_SIZE = 2000
+
+
+class StoreValueError(Exception):
+    """A stored value that cannot be read or digested; the message names its row (company, type, id)."""
+
+    def __init__(self, company_id, key_type, key_id, exc):
+        super().__init__("%s: the value %s; the state digest cannot be computed"
+                         % (row_name(company_id, key_type, key_id), value_problem(exc)))
 
 
 def list_companies(conn, companies=None):
@@ -35,28 +43,38 @@ def list_companies(conn, companies=None):
         return [row[0] for row in cur.fetchall()]
 
 
-def company_creds(conn, company_id):
+def company_creds_text(conn, company_id):
     with conn.cursor() as cur:
         cur.execute("SELECT creds::text FROM whatsapp_auth WHERE company_id = %s", (company_id,))
         row = cur.fetchone()
-    return None if row is None else json.loads(row[0])
+    return None if row is None else row[0]
 
 
 def iter_company_keys(conn, company_id):
-    """(type, id, value) of one company's keys in digest order, fetched in pages."""
+    """(type, id, value as JSON text) of one company's keys in digest order, fetched in pages."""
     with conn.cursor() as cur:
         cur.execute(KEYS_OF_COMPANY, (company_id,))
         while True:
             rows = cur.fetchmany(FETCH_SIZE)
             if not rows:
                 return
-            for key_type, key_id, text in rows:
-                yield key_type, key_id, json.loads(text)
+            yield from rows
 
 
 def company_digest(conn, company_id):
-    """(digest, key count) of one company as the database holds it."""
-    digest = StateDigest(company_creds(conn, company_id))
-    for key_type, key_id, value in iter_company_keys(conn, company_id):
-        digest.add(key_type, key_id, value)
+    """(digest, key count) of one company as the database holds it.
+
+    StoreValueError names a row whose value cannot be read (PostgreSQL accepts values nested far deeper
+    than Python reads).
+    """
+    text = company_creds_text(conn, company_id)
+    try:
+        digest = StateDigest(None if text is None else json.loads(text))
+    except VALUE_ERRORS as exc:
+        raise StoreValueError(company_id, None, None, exc) from None
+    for key_type, key_id, text in iter_company_keys(conn, company_id):
+        try:
+            digest.add(key_type, key_id, json.loads(text))
+        except VALUE_ERRORS as exc:
+            raise StoreValueError(company_id, key_type, key_id, exc) from None
     return digest.hexdigest(), digest.keys

@@ -270,3 +270,98 @@ def test_a_read_only_standby_as_failback_target_is_refused_with_a_clear_error(sc
     ok, result = failback(params, tree, tmp_path / "undo")
     assert ok and result["committed"] == ["company00001", "company00002"], result.get("msg")
     assert result["digests"] == database_digests(conn)
+
+
+# -- issue 15: values nested deeper than Python reads, the option a link names ------------------------------------
+
+# 3,000 arrays inside each other: PostgreSQL's JSONB and Node's JSON.parse accept it, Python's parser stops at 1,000.
+DEEP = "[" * 3000 + "]" * 3000
+DEEP_ID = "4915550009.1"
+
+
+def put_deep_key(conn, company, key_type="session", key_id=DEEP_ID):
+    execute(conn, ("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES (%s, %s, %s, %s::jsonb) "
+                   "ON CONFLICT (company_id, key_type, key_id) DO UPDATE SET value = excluded.value",
+                   (company, key_type, key_id, DEEP)))
+
+
+def test_a_value_nested_3000_deep_fails_the_state_digest_naming_company_type_and_id(db, db_params):
+    import baileys_state_digest
+
+    testdata.load(db, "deep", 2, 5)
+    put_deep_key(db, "company00002")
+    ok, result = run_module(baileys_state_digest, dict(db_params))
+    assert not ok
+    assert result["msg"].startswith("company company00002, session key id '%s': the value is nested too deeply to be "
+                                    "read" % DEEP_ID), result["msg"]
+    assert result["msg"].endswith("the state digest cannot be computed")
+    execute(db, ("DELETE FROM whatsapp_keys WHERE key_id = %s", (DEEP_ID,)),
+            ("UPDATE whatsapp_auth SET creds = %s::jsonb WHERE company_id = 'company00001'", ('{"me": %s}' % DEEP,)))
+    ok, result = run_module(baileys_state_digest, dict(db_params, companies=["company00001"]))
+    assert not ok and result["msg"].startswith("company company00001, creds: the value is nested too deeply"), result["msg"]
+
+
+def _deep_changed_key_file(directory):
+    name = sorted(n for n in os.listdir(directory) if n.startswith("session-"))[0]
+    return name
+
+
+def _deep_new_key_file(directory):
+    return "pre-key-777777.json"
+
+
+def _deep_creds(directory):
+    return "creds.json"
+
+
+@pytest.mark.parametrize("which", [_deep_changed_key_file, _deep_new_key_file, _deep_creds])
+def test_a_session_file_nested_3000_deep_refuses_the_failback_naming_company_and_file(db, db_params, tree, tmp_path, which):
+    changed_on_files(db, db_params, tree, "deepfile")
+    directory = tree / "company_company00002"
+    name = which(directory)
+    good = (directory / name).read_bytes() if (directory / name).exists() else None
+    (directory / name).write_text('{"me": %s}' % DEEP if name == "creds.json" else DEEP)
+    before, digests = full_rows(db), database_digests(db)
+
+    ok, result = failback(db_params, tree, tmp_path / "undo")
+    assert not ok and "nothing was written" in result["msg"], result["msg"]
+    depth = 3001 if name == "creds.json" else 3000  # creds.json: the arrays inside an object
+    assert ("company company00002: refused before any write: %s nests arrays or objects %d levels deep; baileys-dr "
+            "reads up to 512" % (name, depth)) in result["msg"], result["msg"]
+    assert full_rows(db) == before and database_digests(db) == digests
+
+    if good is None:
+        os.unlink(directory / name)
+    else:
+        (directory / name).write_bytes(good)
+    ok, result = failback(db_params, tree, tmp_path / "undo")
+    assert ok and result["committed"] == ["company00001", "company00002"], result.get("msg")
+
+
+def test_a_database_value_nested_3000_deep_refuses_its_company_naming_type_and_id(db, db_params, tree, tmp_path):
+    changed_on_files(db, db_params, tree, "deeprow")
+    manifest = manifest_of(tree, "company00002")
+    name, entry = next((n, e) for n, e in sorted(manifest["files"].items())
+                       if e["type"] == "pre-key" and (tree / "company_company00002" / n).exists())
+    put_deep_key(db, "company00002", "pre-key", entry["id"])
+    before = full_rows(db)
+
+    ok, result = failback(db_params, tree, tmp_path / "undo", force=True)
+    assert not ok
+    assert ("company company00002: the database's value of pre-key key id %r is nested too deeply to be read"
+            % entry["id"]) in result["msg"], result["msg"]
+    assert "nothing of it is written" in result["msg"]
+    assert full_rows(db) == before
+    assert not (tmp_path / "undo").exists() or not os.listdir(tmp_path / "undo")
+
+
+def test_a_symbolic_link_as_src_is_refused_naming_src(db, db_params, tree, tmp_path):
+    changed_on_files(db, db_params, tree, "srclink")
+    link = tmp_path / "sessions-link"
+    os.symlink(tree, link)
+    ok, result = failback(db_params, link, tmp_path / "undo")
+    assert not ok
+    assert result["msg"] == ("src %s is a symbolic link: refusing to read through it (give the directory it points to)"
+                             % link)
+    ok, result = failback(db_params, tmp_path / "missing" / "sessions", tmp_path / "undo")
+    assert not ok and result["msg"] == "the parent directory %s of src does not exist" % (tmp_path / "missing")
