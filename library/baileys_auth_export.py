@@ -53,6 +53,18 @@ description:
     characters, key ids C(.) or C(..), file names over 255 bytes, and two ids of one company that become the same file
     through Baileys' C(fixFileName) (for example C(a:b) and C(a-b)).
   - With O(companies), the tree holds only those companies (it is still replaced or refreshed as a whole).
+  - An existing, non-empty O(dest) without the project's top manifest (C(.baileys-dr/manifest.json)) is refused before
+    anything is read, written, moved or deleted, naming O(dest) and its first entries (an application directory given by
+    mistake, a tree another tool made), unless O(replace_foreign=true).
+  - "Deletion guard (O(mode=standby)): before a refresh writes anything it compares the key counts of the database with
+    those of the copy's manifest. It refuses, changing nothing, when the database has no company at all or no key at all
+    while the copy has some, when it would delete more than O(max_delete_share) of the copy's keys, or every key of a
+    company holding more than O(max_company_keys_removed) keys. The copy, its generation and O(archive_dir) stay as they
+    are (no archive is written or removed); the refusal is recorded in C(.baileys-dr/refresh-refused.json) (what would
+    have been removed, when, the limits), which M(baileys_db_health) reports as critical and the next good refresh
+    removes; the module fails naming the counts and the first companies. O(force=true) overrides it for one run (the
+    result's RV(deletion_guard) and a warning say so). The same guard holds for the bulk and final passes of a failover,
+    which use this mode."
 version_added: "0.1.0"
 author: baileys-dr contributors
 extends_documentation_fragment:
@@ -107,7 +119,29 @@ options:
     type: float
     default: 1.5
   force:
-    description: Write a new tree (live) even when the manifest of O(dest) proves the database unchanged.
+    description:
+      - O(mode=live) writes a new tree even when the manifest of O(dest) proves the database unchanged.
+      - "O(mode=standby) refreshes even when the deletion guard (O(max_delete_share), O(max_company_keys_removed), an empty
+        database) would refuse: the deletion is copied into the standby. For the one run that is meant to do it."
+    type: bool
+    default: false
+  max_delete_share:
+    description:
+      - O(mode=standby). A refresh that would delete more than this share (0 to 1) of the keys the copy holds is refused and
+        changes nothing (see the deletion guard above). C(1) turns this rule off.
+    type: float
+    default: 0.1
+  max_company_keys_removed:
+    description:
+      - O(mode=standby). A refresh that would delete every key of a company holding more than this many keys (the company
+        gone from the database, or left without a key) is refused and changes nothing.
+    type: int
+    default: 10
+  replace_foreign:
+    description:
+      - Replace an existing, non-empty O(dest) that has no C(.baileys-dr/manifest.json) (a directory this project did not
+        write). The replaced directory is moved beside O(dest) as C(<name>.before-<UTC time>) (or into O(backup_dir)) and
+        kept whatever O(keep_backup) says. Without it such a O(dest) is refused.
     type: bool
     default: false
   return_digests:
@@ -140,7 +174,8 @@ attributes:
     details:
       - Connects, counts, estimates the bytes it would write, checks the free space and reports whether the tree differs
         from the database (live, comparing every company's digest with the manifest; standby, the files it would write and
-        delete, comparing row versions and md5s); writes nothing.
+        delete, comparing row versions and md5s); writes nothing. A refresh the deletion guard refuses, or a foreign
+        O(dest), fails in check mode too (nothing is recorded).
   diff_mode:
     support: none
 notes:
@@ -177,6 +212,13 @@ EXAMPLES = r"""
     dest: /srv/baileys-app/baileys_sessions.standby
     archive_dir: /var/backups/baileys-sessions
     archive_keep: 4
+    db_url: "{{ vault_db_url }}"
+
+- name: Accept a deletion the guard refused (one run, after checking it was intended)
+  baileys_auth_export:
+    mode: standby
+    dest: /srv/baileys-app/baileys_sessions.standby
+    force: true
     db_url: "{{ vault_db_url }}"
 
 - name: What would an export change?
@@ -296,6 +338,16 @@ files_written:
     companies_rebuilt, companies_skipped, companies_added, companies_removed.
   returned: mode=standby, after the first build
   type: int
+deletion_guard:
+  description:
+    - (standby refresh) What the refresh removes, counted before anything is written, and the guard's decision
+      (a refused refresh fails instead, with these counts in its message).
+    - C(keys_in_copy), C(keys_in_database), C(keys_removed), C(share), C(companies_in_copy), C(companies_in_database),
+      C(companies_losing_all_keys), C(companies) (the largest such companies, at most 5, each C(company_id), C(keys),
+      C(gone)), C(limits), C(reasons) (empty when within the limits), C(refused), C(overridden) (true when O(force) let
+      a refresh the guard would have refused go through).
+  returned: mode=standby, after the first build
+  type: dict
 archive:
   description: (standby) The archive written by this run, or null.
   returned: when O(archive_dir) is set
@@ -346,6 +398,9 @@ class AuthExport:
         warning = None if self.module.check_mode else drift_warning(result.get("replaced_drift"), result.get("backup"))
         if warning:
             self.module.warn(warning)
+        guard = result.get("deletion_guard") or {}
+        if guard.get("overridden"):
+            self.module.warn("force=true overrode the deletion guard: %s" % "; ".join(guard["reasons"]))
         return result
 
 

@@ -26,6 +26,8 @@ description:
   - Every wait on the server has a client-side deadline of O(statement_timeout) plus O(connect_timeout), so a frozen server
     (which enforces no C(statement_timeout)) gives a critical result instead of a hung play.
   - RV(metrics) holds the figures as Prometheus samples for M(baileys_metrics) (prefix C(baileys_dr_), base units).
+  - With O(standby_dir), the check C(standby_refresh) is critical while the last refresh of the standby copy was refused
+    by the deletion guard of M(baileys_auth_export) (its C(.baileys-dr/refresh-refused.json)); it only reads files.
 version_added: "0.1.0"
 author: baileys-dr contributors
 extends_documentation_fragment:
@@ -71,6 +73,14 @@ options:
     description: A table with fewer dead tuples counts as clean whatever its ratio (small tables reach any ratio).
     type: int
     default: 1000
+  standby_dir:
+    description:
+      - The standby copy kept by M(baileys_auth_export) O(mode=standby) on this host. Adds the check C(standby_refresh)
+        (value 1 when refused) -- critical while its last refresh was refused by the deletion guard (the copy keeps the
+        state before a mass deletion; the message gives the reasons and the generation it keeps), warning when the copy
+        cannot be read, healthy otherwise (also when there is no copy, for example while the service runs on it after a
+        failover). Read-only, no lock taken.
+    type: path
 attributes:
   check_mode:
     support: full
@@ -127,7 +137,14 @@ checks:
   description:
     - Per check C(status), C(value), C(warning), C(critical) and a readable C(message). Checks C(reachability), C(role),
       C(schema) (only when a table is missing) and those of O(thresholds). A check whose query failed is critical.
+      C(standby_refresh) with O(standby_dir).
   returned: always
+  type: dict
+standby:
+  description:
+    - The standby copy as read for C(standby_refresh) -- C(path), C(exists), C(generation), C(last_good_refresh),
+      C(snapshot_at), C(refused) (the refusal record, or null), C(error).
+  returned: when O(standby_dir) is set
   type: dict
 errors:
   description: Query errors by section (server, latency, connections, locks, keys, companies, tables).
@@ -235,6 +252,7 @@ def main():
         expected_role=dict(type="str", choices=["primary", "standby", "any"], default="primary"),
         sample_size=dict(type="int", default=10),
         dead_tuples_floor=dict(type="int", default=1000),
+        standby_dir=dict(type="path"),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if not HAS_PSYCOPG2:

@@ -20,6 +20,7 @@ import time
 
 from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES, PROTECTED_KEY_TYPES
 from ansible.module_utils.baileys_dr_postgres import connection_kwargs, describe_target, psycopg2, scrub
+from ansible.module_utils.baileys_dr_sessions import standby_refusal
 
 STATUSES = ("healthy", "warning", "critical")
 STATUS_VALUE = {name: index for index, name in enumerate(STATUSES)}
@@ -307,6 +308,8 @@ class DbHealth:
                     self.db.close()
         else:
             self._check("reachability", 0, result["error"], levels={}, status="critical")
+        if self.params.get("standby_dir"):
+            self._standby(self.params["standby_dir"])
         for name, message in self.errors.items():
             # A figure that could not be read is not a healthy figure.
             self.checks.setdefault(name, {"value": None, "warning": None, "critical": None})
@@ -488,6 +491,29 @@ class DbHealth:
         self._check("dead_tuple_ratio", value, "%s: %d dead of %d tuples (tables under %d dead tuples count as clean)" % (
             worst_table, tables[worst_table]["dead_tuples"], tables[worst_table]["dead_tuples"] + tables[worst_table]["live_tuples"],
             floor) if worst_table else "no tables")
+
+    def _standby(self, path):
+        """standby_refresh: critical while the last refresh of the standby copy was refused by its deletion guard (the copy
+        then keeps an older generation on purpose, and the database probably lost rows). Files only, read-only."""
+        state = standby_refusal(path)
+        self.result["standby"] = dict(state, path=path)
+        kept = "generation %s (database time %s)" % (state["generation"], state["snapshot_at"]) if state["generation"] else "no manifest"
+        if state["refused"] is not None:
+            refused = state["refused"]
+            self._check("standby_refresh", 1, "the last refresh of the standby copy %s was refused%s: %s; it keeps %s. Restore the "
+                        "deleted rows from it (docs/runbook.md, scenario 3) or, if the deletion was intended, run snapshot.yml "
+                        "with -e baileys_snapshot_force=true" % (
+                            path, " at %s" % refused["refused_at"] if refused.get("refused_at") else "",
+                            "; ".join(map(str, refused.get("reasons") or ["no reason recorded"])), kept),
+                        levels={}, status="critical")
+        elif state["error"]:
+            self._check("standby_refresh", None, "the standby copy %s cannot be read: %s" % (path, state["error"]), levels={},
+                        status="warning")
+        elif not state["exists"]:
+            self._check("standby_refresh", None, "no standby copy at %s" % path, levels={}, status="healthy")
+        else:
+            self._check("standby_refresh", 0, "no refused refresh; the standby copy %s holds %s, last good refresh %s" % (
+                path, kept, state["last_good_refresh"]), levels={}, status="healthy")
 
     # -- Prometheus samples (module baileys_metrics) ---------------------------------------------
 

@@ -78,6 +78,8 @@ MANIFEST_NAME = "manifest.json"
 COMPANIES_DIR = "companies"
 LINES_DIR = "digest-lines"
 IN_PROGRESS_NAME = "refresh-in-progress"
+# Written (in the metadata directory of a standby) by a refresh the deletion guard refused; removed by the next good one.
+REFUSED_NAME = "refresh-refused.json"
 COMPANY_PREFIX = "company_"
 CREDS_FILE = "creds.json"
 NAME_MAX = 255
@@ -116,6 +118,20 @@ class UnknownKeyTypeError(HostileInputError):
 
 class ManifestError(SessionsError):
     pass
+
+
+class ForeignTreeError(SessionsError):
+    """dest holds something that is not a baileys-dr tree: never deleted or replaced unless asked."""
+
+
+class RefreshRefused(SessionsError):
+    """A standby refresh would delete too much (the deletion guard): nothing was changed."""
+
+
+# What parsing or encoding one row's value can raise: JSON nested deeper than the parser's recursion limit,
+# text that is not JSON or not UTF-8, a value too large for memory. Caught where a row's value is handled, and
+# reported naming the row (a traceback names nothing an operator can act on).
+VALUE_ERRORS = (RecursionError, ValueError, UnicodeError, MemoryError)
 
 
 # -- time and test hooks ---------------------------------------------------------------
@@ -189,6 +205,18 @@ def checked_key_file_name(company_id, key_type, key_id):
     return name
 
 
+def value_error(company_id, key_type, key_id, exc):
+    """HostileInputError naming the row whose value could not be parsed or encoded (key_type None: the creds)."""
+    if isinstance(exc, RecursionError):
+        why = "it is nested too deeply to be read (%s)" % exc
+    elif isinstance(exc, MemoryError):
+        why = "it is too large to be held in memory"
+    else:
+        why = "%s: %s" % (type(exc).__name__, str(exc)[:200])
+    row = "creds" if key_type is None else "%s key id %r" % (key_type, key_id)
+    return HostileInputError("company %s: the value of %s cannot be exported: %s" % (company_id, row, why))
+
+
 def collision_error(company_id, name, first, second):
     return HostileInputError(
         "company %s: %s key id %r and %s key id %r both become the file %r (Baileys' fixFileName is not "
@@ -235,6 +263,15 @@ def key_file_and_line(key_type, key_id, value):
     """(file_content(value), key_line(...)) from one walk of the value."""
     text, line = key_forms(key_type, key_id, value)
     return text.encode("utf-8"), (line + "\n").encode("utf-8")
+
+
+def encode_row(company_id, key_type, key_id, text):
+    """(file bytes, digest line) of a row's value text (key_type None: the creds), or HostileInputError naming the row."""
+    try:
+        value = json.loads(text)
+        return (file_content(value), creds_line(value)) if key_type is None else key_file_and_line(key_type, key_id, value)
+    except VALUE_ERRORS as exc:
+        raise value_error(company_id, key_type, key_id, exc) from None
 
 
 class DigestLines:
@@ -868,13 +905,12 @@ class CompanyWriter:
             self.digest = DigestLines(creds_line(None), self.keep_lines)
             return
         xmin, text, md5 = row
-        creds = json.loads(text)
-        data = file_content(creds)
+        data, line = encode_row(self.company_id, None, None, text)
         self._write(CREDS_FILE, data)
         self.names[CREDS_FILE] = ("creds", None)
         self.entry_lines.append(entry_line(CREDS_FILE, {"type": "creds", "sha256": sha256_bytes(data), "size": len(data),
                                                         "xmin": int(xmin), "row_md5": md5}))
-        self.digest = DigestLines(creds_line(creds), self.keep_lines)
+        self.digest = DigestLines(line, self.keep_lines)
 
     def name_of(self, key_type, key_id):
         """The key's file name, None when skipped; raises on hostile input or a collision."""
@@ -896,11 +932,14 @@ class CompanyWriter:
         name = self.name_of(key_type, key_id)
         if name is None:
             return
-        value = json.loads(text)
         if self.dir_fd is None:
-            self.digest.add(key_type, key_id, key_line(key_type, key_id, value))
+            try:
+                line = key_line(key_type, key_id, json.loads(text))
+            except VALUE_ERRORS as exc:
+                raise value_error(self.company_id, key_type, key_id, exc) from None
+            self.digest.add(key_type, key_id, line)
             return
-        data, line = key_file_and_line(key_type, key_id, value)
+        data, line = encode_row(self.company_id, key_type, key_id, text)
         self.digest.add(key_type, key_id, line)
         self._write(name, data)
         self.entry_lines.append(key_entry_line(name, key_type, key_id, sha256_bytes(data), len(data), xmin, md5))
@@ -1233,6 +1272,50 @@ def read_current_manifest(dest, exists):
         os.close(root_fd)
 
 
+FOREIGN_SHOWN = 5
+
+
+def refuse_foreign(dest, exists, replace_foreign):
+    """Raise ForeignTreeError when dest is a non-empty directory without a baileys-dr top manifest (unless replace_foreign).
+
+    Only a tree this project wrote (its .baileys-dr/manifest.json, even an unusable one) may be replaced by an
+    export: anything else (an application directory given as dest by mistake, a tree another tool made) is
+    refused before a connection is opened, naming dest and its first entries.
+    """
+    if not exists or replace_foreign:
+        return
+    root_fd = open_dir(dest)
+    try:
+        if has_top_manifest(root_fd):
+            return
+        with os.scandir(root_fd) as listing:
+            entries = sorted(shown_name(entry.name) for entry in itertools.islice(listing, FOREIGN_SHOWN + 1))
+    finally:
+        os.close(root_fd)
+    if not entries:
+        return
+    more = ", ..." if len(entries) > FOREIGN_SHOWN else ""
+    raise ForeignTreeError(
+        "dest %s is not a baileys-dr sessions tree (it has no %s/%s) and is not empty (%s%s): refusing to replace it. "
+        "Give another dest, move it away, or set replace_foreign=true to replace it (it is then kept beside dest as "
+        "%s.before-<UTC time>, never deleted)" % (dest, META_DIR, MANIFEST_NAME, ", ".join(entries[:FOREIGN_SHOWN]), more,
+                                                    os.path.basename(dest)))
+
+
+def has_top_manifest(root_fd):
+    """True when the tree open at root_fd has a .baileys-dr/manifest.json regular file (no symbolic link followed)."""
+    try:
+        meta_fd = open_dir(META_DIR, root_fd)
+    except (FileNotFoundError, SessionsError):
+        return False
+    try:
+        return stat.S_ISREG(os.stat(MANIFEST_NAME, dir_fd=meta_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(meta_fd)
+
+
 class Exporter:
     """mode=live: the database's state as a complete new tree, swapped in atomically."""
 
@@ -1260,6 +1343,7 @@ class Exporter:
             return self._connected(dest, exists, parent, backup_dir, started)
 
     def _connected(self, dest, exists, parent, backup_dir, started):
+        refuse_foreign(dest, exists, self.params.get("replace_foreign"))
         conn = self.connect()
         try:
             result = self._run(conn, dest, exists, parent, backup_dir)
@@ -1587,6 +1671,96 @@ class SpaceBudget:
             left[1] -= files
 
 
+GUARD_SHOWN = 5
+
+
+class DeletionGuard:
+    """The mass-change guard of a standby refresh, decided before anything is written.
+
+    The standby copy exists for the day the database is wrong: a refresh that copied an emptied or mass-deleted
+    table into it (and archived that as a new generation) would destroy the copy DR relies on. Counted per company
+    from the copy's top manifest (keys it holds) and the database's statistics (keys it has, one aggregate query the
+    refresh runs anyway): a company with fewer keys loses at least the difference, a company gone or left without a
+    key loses all. Churn (consumed pre-keys replaced by new ones) is no mass deletion and is not counted.
+
+    Refused: a database without any company, or without any key, while the copy has some; more than
+    max_delete_share of the copy's keys removed; every key of a company holding more than
+    max_company_keys_removed keys removed. force overrides (the result says so).
+    """
+
+    def __init__(self, params):
+        self.max_share = params.get("max_delete_share")
+        self.max_company_keys = params.get("max_company_keys_removed")
+        self.force = bool(params.get("force"))
+        if self.max_share is None or not 0 <= self.max_share <= 1:
+            raise SessionsError("max_delete_share must be between 0 and 1 (1 turns the share rule off), got %r" % (self.max_share,))
+        if self.max_company_keys is None or self.max_company_keys < 0:
+            raise SessionsError("max_company_keys_removed must be 0 or more, got %r" % (self.max_company_keys,))
+
+    def check(self, top, stats):
+        """{"keys_in_copy", "keys_in_database", "keys_removed", "share", "companies_in_copy", "companies_in_database",
+        "companies_losing_all_keys", "companies": [{"company_id", "keys", "gone"}] (the largest first, at most GUARD_SHOWN),
+        "reasons": [...], "refused": bool, "overridden": bool}."""
+        database = {company_id: keys for company_id, keys, _fingerprint, _creds in stats}
+        before = removed = 0
+        emptied = []
+        for company_id, entry in top["companies"].items():
+            old = entry.get("keys") if isinstance(entry.get("keys"), int) else 0
+            new = database.get(company_id, 0)
+            before += old
+            removed += max(0, old - new)
+            if new == 0 and old > self.max_company_keys:
+                emptied.append((old, company_id))
+        emptied.sort(key=lambda item: (-item[0], item[1].encode("utf-8")))
+        after = sum(database.values())
+        share = removed / before if before else 0.0
+        report = {"keys_in_copy": before, "keys_in_database": after, "keys_removed": removed, "share": round(share, 6),
+                  "companies_in_copy": len(top["companies"]), "companies_in_database": len(database),
+                  "companies_losing_all_keys": len(emptied),
+                  "companies": [{"company_id": c, "keys": k, "gone": c not in database} for k, c in emptied[:GUARD_SHOWN]],
+                  "limits": {"max_delete_share": self.max_share, "max_company_keys_removed": self.max_company_keys}}
+        reasons = []
+        if top["companies"] and not database:
+            reasons.append("the database has no company at all while the copy holds %d companies and %d keys (an emptied or "
+                           "wrong database?)" % (len(top["companies"]), before))
+        elif before and not after:
+            reasons.append("the database has no key at all while the copy holds %d keys of %d companies (an emptied table?)"
+                           % (before, len(top["companies"])))
+        else:
+            if share > self.max_share:
+                reasons.append("it would delete %d of the copy's %d keys (%.1f%%, more than max_delete_share=%s)"
+                               % (removed, before, 100 * share, self.max_share))
+            if emptied:
+                shown = ", ".join("%s: %d keys%s" % (c, k, ", gone from the database" if c not in database else "")
+                                  for k, c in emptied[:GUARD_SHOWN])
+                reasons.append("it would delete every key of %d compan%s holding more than max_company_keys_removed=%d keys (%s%s)"
+                               % (len(emptied), "y" if len(emptied) == 1 else "ies", self.max_company_keys, shown,
+                                  ", ..." if len(emptied) > GUARD_SHOWN else ""))
+        report.update(reasons=reasons, refused=bool(reasons) and not self.force, overridden=bool(reasons) and self.force)
+        return report
+
+    @staticmethod
+    def refusal(dest, top, report, recorded):
+        """The message of a refused refresh (what it would have removed, that nothing changed, what to do)."""
+        where = ("the refusal is recorded in %s, which health reports as critical" % os.path.join(dest, META_DIR, REFUSED_NAME)
+                 if recorded else "check mode: nothing recorded")
+        return ("refusing to refresh the standby copy %s: %s. Nothing was changed: the copy keeps generation %s (database time %s) "
+                "and no archive was written or removed; %s. If the deletion is intended, run again with force=true "
+                "(snapshot.yml: -e baileys_snapshot_force=true); if not, restore the database from this copy (docs/runbook.md, "
+                "scenario 3: accidental deletion)" % (dest, "; ".join(report["reasons"]), top.get("generation"),
+                                                      (top.get("source") or {}).get("snapshot_at"), where))
+
+    @staticmethod
+    def record(top, meta, report):
+        """The document of .baileys-dr/refresh-refused.json (read by baileys_db_health)."""
+        return {"format": FORMAT, "kind": "baileys-dr-refresh-refused", "refused_at": iso(utc_now()),
+                "snapshot_at": meta.get("snapshot_at"), "generation": top.get("generation"),
+                "last_good_refresh": top.get("last_good_refresh"), "reasons": report["reasons"],
+                "counts": {k: report[k] for k in ("keys_in_copy", "keys_in_database", "keys_removed", "share", "companies_in_copy",
+                                                  "companies_in_database", "companies_losing_all_keys")},
+                "companies": report["companies"], "limits": report["limits"]}
+
+
 class Refresher:
     """mode=standby: keeps a tree equal to the database, writing only what changed."""
 
@@ -1610,6 +1784,7 @@ class Refresher:
                       "per_company": {}}
         self._marker = None
         self.dest = None
+        self.guard = DeletionGuard(params)
 
     def run(self):
         started = time.monotonic()
@@ -1679,11 +1854,14 @@ class Refresher:
             interrupted = self._interrupted(tree)
             listed = {s[0] for s in stats}
             removed = sorted(set(top["companies"]) - listed, key=lambda c: c.encode("utf-8"))
+            guard = self.guard.check(top, stats)
+            if guard["refused"]:
+                self._refuse(tree, top, meta, guard)
             todo = {s[0] for s in stats if interrupted or not fast or top["companies"].get(s[0], {}).get("fingerprint") != s[2]}
             result = {"dest": dest, "manifest": os.path.join(dest, META_DIR, MANIFEST_NAME), "backup": None,
                       "snapshot_at": meta["snapshot_at"], "system_identifier": meta["system_identifier"],
                       "companies": len(stats), "keys": sum(s[1] for s in stats), "queries": snapshot.queries,
-                      "row_versions_used": fast, "previous_refresh_interrupted": interrupted}
+                      "row_versions_used": fast, "previous_refresh_interrupted": interrupted, "deletion_guard": guard}
             self._marker = None if self.check_mode else (tree, meta)
             companies = {}
             work = [(index, company_id, fingerprint) for index, (company_id, _k, fingerprint, _c) in enumerate(stats, 1)
@@ -1728,7 +1906,8 @@ class Refresher:
             document = top_manifest_document(generation, meta, companies, now if changed else top.get("created_at"), now, "standby")
             write_file_atomic(os.path.join(dest, META_DIR, MANIFEST_NAME), encode_json(document), mode=FILE_MODE,
                               owner=self.owner[0] if self.owner else None, group=self.owner[1] if self.owner else None)
-            if unlink_quiet(tree.meta_fd, IN_PROGRESS_NAME):
+            # A good refresh (forced or not) ends what a refused one recorded.
+            if [name for name in (IN_PROGRESS_NAME, REFUSED_NAME) if unlink_quiet(tree.meta_fd, name)]:
                 os.fsync(tree.meta_fd)
             result.update(self.stats)
             result.update(changed=changed, generation=generation, last_good_refresh=now, age_seconds=0.0,
@@ -1742,6 +1921,12 @@ class Refresher:
                 other.close()
             tree.close()
             os.close(root_fd)
+
+    def _refuse(self, tree, top, meta, guard):
+        """Record the refusal beside the manifest (not in check mode) and fail: no file, manifest or archive is touched."""
+        if not self.check_mode:
+            replace_file(tree.meta_fd, REFUSED_NAME, encode_json(DeletionGuard.record(top, meta, guard)), self.owner, durable=True)
+        raise RefreshRefused(DeletionGuard.refusal(self.dest, top, guard, recorded=not self.check_mode))
 
     def _hostile_rows(self, snapshot, filter_ids):
         """The hostile-row pre-check, on a second connection on the same snapshot when the server allows it, so
@@ -1976,6 +2161,8 @@ class Refresher:
     def _update(self, tree, state, edit, company_id, fingerprint, index, strays):
         if edit.writes:
             self.space.take(estimate_tree_bytes(edit.bytes, len(edit.writes), 4096), len(edit.writes))
+        # Every changed value read and encoded before the first change: a value that cannot be leaves the company untouched.
+        encoded = [encode_row(company_id, key_type, key_id, text) for _name, key_type, key_id, _xmin, text, _md5, _n in edit.writes]
         self._ensure_marker()
         replaced = {}  # old index -> (entry line, digest line or None to keep)
         inserts = []  # (position, sort key, entry line, digest line)
@@ -1984,18 +2171,15 @@ class Refresher:
         written_names = {w[0] for w in edit.writes}
         dir_fd = open_dir(COMPANY_PREFIX + company_id, tree.root_fd)
         try:
-            for name, key_type, key_id, xmin, text, md5, n in edit.writes:
-                value = json.loads(text)
-                data = file_content(value)
+            for (name, key_type, key_id, xmin, _text, md5, n), (data, line) in zip(edit.writes, encoded):
                 put_file(dir_fd, name, data, self.owner)
                 written += 1
                 written_bytes += len(data)
                 if key_type is None:
                     entry = {"type": "creds", "sha256": sha256_bytes(data), "size": len(data), "xmin": xmin, "row_md5": md5}
-                    creds_entry, creds_line_new = entry_line(CREDS_FILE, entry), creds_line(value)
+                    creds_entry, creds_line_new = entry_line(CREDS_FILE, entry), line
                     continue
                 entry = {"type": key_type, "id": key_id, "sha256": sha256_bytes(data), "size": len(data), "xmin": xmin, "row_md5": md5}
-                line = key_line(key_type, key_id, value)
                 if n is None:
                     inserts.append((state.position_of(key_type, key_id), sort_key(key_type, key_id), entry_line(name, entry), line))
                 else:
@@ -2670,8 +2854,8 @@ class Verifier:
                 if self.recompute:
                     try:
                         value = json.loads(data)
-                    except ValueError as exc:
-                        self.problem("company %s: %s is not JSON (%s)" % (company_id, shown_name(name), exc))
+                    except VALUE_ERRORS as exc:
+                        self.problem("company %s: %s cannot be read as JSON (%s)" % (company_id, shown_name(name), str(exc)[:200]))
                         ok = False
                         continue
                     if name == CREDS_FILE:
@@ -2870,6 +3054,52 @@ def export_tree(params, connect, target, owner, check_mode):
         os.umask(previous)
 
 
+def standby_refusal(path):
+    """Read-only view of a standby copy for health: {"exists", "generation", "last_good_refresh", "snapshot_at",
+    "refused": the refresh-refused.json document or None, "error": why it could not be read, or None}.
+
+    No lock is taken (health must not wait behind a refresh) and no symbolic link is followed.
+    """
+    state = {"exists": False, "generation": None, "last_good_refresh": None, "snapshot_at": None, "refused": None, "error": None}
+    try:
+        root_fd = open_dir(os.path.normpath(path))
+    except FileNotFoundError:
+        return state
+    except (OSError, SessionsError) as exc:
+        state.update(exists=True, error=str(exc))
+        return state
+    state["exists"] = True
+    try:
+        try:
+            _data, top = load_top_manifest(root_fd)
+            state.update(generation=top.get("generation"), last_good_refresh=top.get("last_good_refresh"),
+                         snapshot_at=(top.get("source") or {}).get("snapshot_at"))
+        except FileNotFoundError:
+            pass
+        except (OSError, SessionsError) as exc:
+            state["error"] = "its manifest cannot be read: %s" % exc
+        meta_fd = open_dir(META_DIR, root_fd)
+    except FileNotFoundError:
+        return state
+    except (OSError, SessionsError) as exc:
+        state["error"] = "%s cannot be read: %s" % (META_DIR, exc)
+        return state
+    finally:
+        os.close(root_fd)
+    try:
+        _data, state["refused"] = read_json_at(meta_fd, REFUSED_NAME, limit=1 << 20)
+    except FileNotFoundError:
+        pass
+    except (OSError, SessionsError) as exc:
+        # A record that exists but cannot be read still says a refresh was refused.
+        state["refused"] = {"reasons": ["%s exists but cannot be read: %s" % (REFUSED_NAME, exc)]}
+    finally:
+        os.close(meta_fd)
+    if not isinstance(state["refused"], (dict, type(None))):
+        state["refused"] = {"reasons": ["%s is not a JSON object" % REFUSED_NAME]}
+    return state
+
+
 def verify_tree(path, recompute_digests=False, allow_extra=False, max_problems=100, lock_timeout=300, depth="content"):
     """Entry point of baileys_sessions_verify."""
     path = os.path.normpath(path)
@@ -2901,5 +3131,8 @@ def auth_export_argument_spec():
         archive_dir=dict(type="path"),
         archive_keep=dict(type="int", default=4),
         archive_every=dict(type="int", default=3600),
+        max_delete_share=dict(type="float", default=0.1),
+        max_company_keys_removed=dict(type="int", default=10),
+        replace_foreign=dict(type="bool", default=False),
     )
     return argument_spec

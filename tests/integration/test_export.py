@@ -376,7 +376,7 @@ def test_symbolic_links_inside_the_old_tree_are_never_followed(db, export, app_r
     sessions = app_root / "baileys_sessions"
     sessions.mkdir()
     os.symlink(outside, sessions / "company_company00001")
-    ok, result = export(keep_backup=False)
+    ok, result = export(keep_backup=False, replace_foreign=True)  # a tree without a manifest: only replaced when asked
     assert ok, result.get("msg")
     assert (outside / "creds.json").read_text() == "precious" and sorted(os.listdir(outside)) == ["creds.json"]
     assert not (sessions / "company_company00001").is_symlink()
@@ -554,3 +554,109 @@ def test_workers_without_a_connection_leave_the_export_to_the_module(db, export,
     ok, result = export()
     assert ok and result["workers"] == 0 and result["digests"] == database_digests(db), result.get("msg")
     assert worker_processes() == []
+
+
+# -- a destination that is not a sessions tree: refused, unless asked ------------------------------------------------
+
+
+def make_foreign(path):
+    """An application directory given as dest by mistake: no .baileys-dr/manifest.json."""
+    (path / "src").mkdir(parents=True)
+    (path / "index.js").write_text("module.exports = require('./src');\n")
+    (path / "src" / "data.txt").write_text("precious\n")
+
+
+@pytest.mark.parametrize("mode", ["live", "standby"])
+def test_an_export_over_a_directory_that_is_not_a_sessions_tree_is_refused_and_leaves_it_untouched(db, export, app_root, mode):
+    """Observation 3 of issue 15: dest holding index.js and src/data.txt, no manifest, keep_backup=false. Before the check
+    the export answered ok, changed=true, and dest was replaced by a sessions tree (index.js and src/ gone from dest; the
+    issue saw them deleted, the drift check since moved them aside as baileys_sessions.before-<time>)."""
+    testdata.load(db, "export", 1, 5)
+    dest = app_root / "baileys_sessions"
+    make_foreign(dest)
+    before = listing(app_root)
+    for check_mode in (True, False):
+        ok, result = export(check_mode=check_mode, mode=mode, keep_backup=False)
+        assert not ok, "a directory that is not ours is never replaced unasked"
+        assert str(dest) in result["msg"] and "not a baileys-dr sessions tree" in result["msg"], result["msg"]
+        assert "index.js" in result["msg"] and "src" in result["msg"] and "replace_foreign=true" in result["msg"]
+        assert listing(app_root) == before, "nothing moved, written or deleted, no staging left"
+
+
+def test_replace_foreign_replaces_it_and_keeps_what_was_there(db, export, app_root, warnings):
+    testdata.load(db, "export", 1, 5)
+    dest = app_root / "baileys_sessions"
+    make_foreign(dest)
+    ok, result = export(keep_backup=False, replace_foreign=True)
+    assert ok and result["changed"], result.get("msg")
+    backup = result["backup"]
+    assert backup and open(os.path.join(backup, "src", "data.txt")).read() == "precious\n", "kept whatever keep_backup says"
+    assert verify_tree(str(dest))["verified"]
+    assert warnings, "the module warns that the replaced tree was kept"
+
+
+def test_an_empty_directory_or_a_tree_of_ours_is_no_foreign_tree(db, export, app_root):
+    testdata.load(db, "export", 1, 5)
+    dest = app_root / "baileys_sessions"
+    dest.mkdir()
+    ok, result = export()
+    assert ok and result["changed"], result.get("msg")
+    (dest / ".baileys-dr" / "manifest.json").write_text("{not json")  # ours, damaged: replaced (and kept)
+    ok, result = export()
+    assert ok and result["changed"] and "unusable" in result["reason"], result.get("msg")
+
+
+# -- a value that cannot be read or written: refused naming its row ---------------------------------------------------
+
+
+DEEP = "[" * 3000 + "]" * 3000  # PostgreSQL's JSONB takes it; Python's JSON parser stops at its recursion limit
+
+
+@pytest.mark.parametrize("where, named", [
+    ("UPDATE whatsapp_keys SET value = %s::jsonb WHERE company_id = 'company00002' AND key_type = 'session' "
+     "AND key_id = (SELECT min(key_id) FROM whatsapp_keys WHERE company_id = 'company00002' AND key_type = 'session')",
+     ("company company00002", "the value of session key id '")),
+    ("UPDATE whatsapp_auth SET creds = %s::jsonb WHERE company_id = 'company00001'", ("company company00001", "the value of creds")),
+])
+@pytest.mark.parametrize("workers", [False, True])
+def test_a_value_nested_too_deeply_is_refused_naming_its_row_and_nothing_is_swapped_in(db, export, app_root, exported_once,
+                                                                                    where, named, workers, monkeypatch):
+    """Observation 4 of issue 15: a session value of 3,000 nested arrays. Before, the export crashed with a traceback
+    ("maximum recursion depth exceeded while decoding a JSON array") that named no row."""
+    if workers:
+        from ansible.module_utils import baileys_dr_sessions as sessions
+
+        monkeypatch.setattr(sessions, "PARALLEL_MIN_KEYS", 0)
+        monkeypatch.setattr(sessions, "export_workers", lambda: 2)
+    with db.cursor() as cur:
+        cur.execute(where, (DEEP,))
+    db.commit()
+    message = refused(export, app_root, exported_once, *named, "nested too deeply", "cannot be exported")
+    assert "Traceback" not in message and len(message) < 1000
+    assert worker_processes() == []
+
+
+def test_a_value_nested_too_deeply_is_named_by_a_standby_build_and_refresh_which_leave_the_copy_as_it_was(db, export, app_root):
+    testdata.load(db, "export", 2, 20)
+    standby = app_root / "baileys_sessions.standby"
+    insert_keys(db, [("company00002", "session", "deep.0", 0)])
+    with db.cursor() as cur:
+        cur.execute("UPDATE whatsapp_keys SET value = %s::jsonb WHERE key_id = 'deep.0'", (DEEP,))
+    db.commit()
+    ok, result = export(mode="standby", dest=str(standby))
+    assert not ok and "company company00002" in result["msg"] and "session key id 'deep.0'" in result["msg"], result["msg"]
+    assert list(app_root.iterdir()) == [], "no standby, no staging"
+    with db.cursor() as cur:
+        cur.execute("UPDATE whatsapp_keys SET value = '[1]' WHERE key_id = 'deep.0'")
+    db.commit()
+    ok, result = export(mode="standby", dest=str(standby))
+    assert ok, result.get("msg")
+    before = listing(app_root)
+    with db.cursor() as cur:
+        cur.execute("UPDATE whatsapp_keys SET value = %s::jsonb WHERE key_id = 'deep.0'", (DEEP,))
+    db.commit()
+    ok, result = export(mode="standby", dest=str(standby))
+    assert not ok and "session key id 'deep.0'" in result["msg"] and "nested too deeply" in result["msg"], result["msg"]
+    assert listing(app_root) == before, "the refresh stopped before it changed the company (or anything else)"
+    assert verify_tree(str(standby))["verified"]
+

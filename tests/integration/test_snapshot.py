@@ -145,10 +145,12 @@ def test_check_mode_counts_files_to_write_and_delete_and_writes_nothing(db, buil
 
 
 def test_companies_deleted_or_added_in_the_database_follow(db, built, refresh, standby_dir):
+    """A company of 150 keys going is more than the deletion guard lets through unasked: force says it is meant."""
     execute(db, "DELETE FROM whatsapp_keys WHERE company_id = 'company00003'", "DELETE FROM whatsapp_auth WHERE company_id = 'company00003'")
     testdata.load(db, "standby", 1, 40, first=4)
-    ok, result = refresh()
+    ok, result = refresh(force=True)
     assert ok and result["companies_removed"] == 1 and result["companies_added"] == 1
+    assert result["deletion_guard"]["overridden"] and result["deletion_guard"]["keys_removed"] == 150
     assert not (standby_dir / "company_company00003").exists()
     assert not (standby_dir / ".baileys-dr" / "companies" / "company00003.json").exists()
     assert_verified_equal_to_database(db, standby_dir)
@@ -335,3 +337,186 @@ def test_free_space_is_asked_once_per_refresh_and_too_little_is_refused_before_a
     assert not ok and "not enough free space" in result["msg"]
     assert listing(standby_dir.parent) == before
     assert verify_tree(str(standby_dir))["verified"], "the previous generation is intact"
+
+
+# -- the deletion guard: a refresh never copies a mass deletion into the standby unasked -------------------------
+
+
+REFUSED = os.path.join(".baileys-dr", "refresh-refused.json")
+
+
+@pytest.fixture
+def archived(db, refresh, standby_dir, tmp_path):
+    """A standby of 3 companies x 150 keys with its first generation archived (archive_keep=1: one more would rotate it out)."""
+    testdata.load(db, "standby", 3, 150)
+    archive_dir = tmp_path / "archives"
+    archive_dir.mkdir()
+
+    def run(**args):
+        return refresh(archive_dir=str(archive_dir), archive_keep=1, archive_every=0, **args)
+    ok, result = run()
+    assert ok and result["initial_build"] and result["archive"], result.get("msg")
+    return {"run": run, "archive_dir": archive_dir, "digests": database_digests(db), "archives": sorted(os.listdir(archive_dir))}
+
+
+def assert_refused_and_unchanged(result, standby_dir, archived, *expected):
+    """The refresh failed naming what it would remove, and the copy, its generation and its archives are as they were."""
+    assert result.get("failed"), "the refresh must be refused"
+    for text in expected:
+        assert text in result["msg"], (text, result["msg"])
+    assert "Nothing was changed" in result["msg"] and "force=true" in result["msg"]
+    checked = verify_tree(str(standby_dir), recompute_digests=True)
+    assert checked["verified"] and checked["generation"] == 1, checked["problems"][:5]
+    assert checked["digests"] == archived["digests"], "the standby still holds the state before the deletion"
+    assert sorted(os.listdir(archived["archive_dir"])) == archived["archives"], "no archive written, none pruned"
+    record = json.loads((standby_dir / REFUSED).read_text())
+    assert record["kind"] == "baileys-dr-refresh-refused" and record["generation"] == 1 and record["reasons"]
+    return record
+
+
+def test_a_truncated_key_table_does_not_empty_the_standby(db, archived, standby_dir):
+    """Observation 1 of issue 15: before the guard, TRUNCATE whatsapp_keys then a refresh gave ok, changed=true,
+    files_deleted=450, and the archived empty generation rotated the last good one out."""
+    execute(db, "TRUNCATE whatsapp_keys")
+    before = listing(standby_dir)
+    for _ in range(2):  # every scheduled run refuses again: nothing accumulates, nothing rotates
+        ok, result = archived["run"]()
+        assert not ok
+        assert_refused_and_unchanged(result, standby_dir, archived, str(standby_dir),
+                                     "the database has no key at all while the copy holds 450 keys of 3 companies")
+    unchanged = lambda found: {k: v for k, v in found.items() if k not in (REFUSED, ".baileys-dr")}  # noqa: E731
+    assert REFUSED not in before and unchanged(listing(standby_dir)) == unchanged(before), "not a session file or manifest touched"
+
+
+def test_a_truncated_auth_table_does_not_remove_every_company(db, archived, standby_dir):
+    execute(db, "TRUNCATE whatsapp_keys, whatsapp_auth")
+    ok, result = archived["run"]()
+    assert not ok
+    assert_refused_and_unchanged(result, standby_dir, archived, "the database has no company at all while the copy holds 3 companies")
+
+
+def test_deleting_most_rows_is_refused_naming_the_counts_and_the_companies(db, archived, standby_dir):
+    execute(db, "DELETE FROM whatsapp_keys WHERE company_id IN ('company00002', 'company00003') OR key_type = 'pre-key'")
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM whatsapp_keys")
+        left = cur.fetchone()[0]
+    db.rollback()
+    ok, result = archived["run"]()
+    assert not ok
+    record = assert_refused_and_unchanged(
+        result, standby_dir, archived, "it would delete %d of the copy's 450 keys" % (450 - left), "more than max_delete_share=0.1",
+        "every key of 2 companies holding more than max_company_keys_removed=10 keys", "company00002: 150 keys",
+        "company00003: 150 keys")
+    assert record["counts"]["keys_removed"] == 450 - left and record["counts"]["companies_losing_all_keys"] == 2
+    assert [c["company_id"] for c in record["companies"]] == ["company00002", "company00003"]
+    assert not any(c["gone"] for c in record["companies"]), "their creds are still there"
+
+
+def test_a_share_of_keys_over_the_limit_is_refused_even_when_no_company_goes(db, archived, standby_dir):
+    execute(db, "DELETE FROM whatsapp_keys WHERE key_type = 'pre-key'")
+    ok, result = archived["run"]()
+    assert not ok
+    record = assert_refused_and_unchanged(result, standby_dir, archived, "more than max_delete_share=0.1")
+    assert "max_company_keys_removed" not in result["msg"] and record["counts"]["companies_losing_all_keys"] == 0
+
+
+def test_a_deletion_within_the_limits_follows_and_reports_what_it_removed(db, archived, standby_dir):
+    """A logout (a company of a few keys gone) and consumed pre-keys are ordinary refreshes."""
+    testdata.load(db, "small", 1, 8, prefix="small")
+    ok, result = archived["run"]()
+    assert ok and result["deletion_guard"]["keys_removed"] == 0, result.get("msg")
+    execute(db, "DELETE FROM whatsapp_keys WHERE company_id = 'small00001' OR (key_type = 'pre-key' AND key_id IN ('1', '2'))",
+            "DELETE FROM whatsapp_auth WHERE company_id = 'small00001'")
+    ok, result = archived["run"]()
+    assert ok, result.get("msg")
+    guard = result["deletion_guard"]
+    assert guard["keys_removed"] == 8 + 6 and guard["reasons"] == [] and not guard["refused"] and not guard["overridden"]
+    assert result["companies_removed"] == 1 and not (standby_dir / REFUSED).exists()
+    assert_verified_equal_to_database(db, standby_dir)
+
+
+@pytest.fixture
+def warnings(monkeypatch):
+    from ansible.module_utils import basic
+
+    seen = []
+    monkeypatch.setattr(basic.AnsibleModule, "warn", lambda self, msg, **kwargs: seen.append(msg))
+    return seen
+
+
+def test_force_accepts_the_deletion_for_one_run_and_clears_the_refusal(db, archived, standby_dir, warnings):
+    execute(db, "DELETE FROM whatsapp_keys WHERE company_id = 'company00002'")
+    ok, result = archived["run"]()
+    assert not ok and (standby_dir / REFUSED).exists()
+    ok, result = archived["run"](force=True)
+    assert ok and result["changed"] and result["generation"] == 2, result.get("msg")
+    assert result["deletion_guard"]["overridden"] and result["deletion_guard"]["keys_removed"] == 150
+    assert any("force=true overrode the deletion guard" in w and "company00002: 150 keys" in w for w in warnings), warnings
+    assert not (standby_dir / REFUSED).exists(), "a good refresh removes the refusal record"
+    assert_verified_equal_to_database(db, standby_dir)
+    ok, result = archived["run"]()
+    assert ok and result["deletion_guard"]["reasons"] == [], "the next run compares with the accepted state"
+
+
+def test_the_limits_are_options(db, archived, standby_dir):
+    execute(db, "DELETE FROM whatsapp_keys WHERE company_id = 'company00002'")
+    ok, result = archived["run"](max_delete_share=0.5, max_company_keys_removed=150)
+    assert ok and not result["deletion_guard"]["overridden"] and result["deletion_guard"]["reasons"] == [], result.get("msg")
+
+
+@pytest.mark.parametrize("args, named", [({"max_delete_share": 1.5}, "max_delete_share"),
+                                          ({"max_delete_share": -0.1}, "max_delete_share"),
+                                          ({"max_company_keys_removed": -1}, "max_company_keys_removed")])
+def test_limits_out_of_range_are_refused_naming_the_option(db, archived, args, named):
+    ok, result = archived["run"](**args)
+    assert not ok and named in result["msg"]
+
+
+def test_check_mode_reports_the_refusal_and_records_nothing(db, archived, standby_dir):
+    execute(db, "TRUNCATE whatsapp_keys")
+    before = listing(standby_dir.parent)
+    ok, result = archived["run"](check_mode=True)
+    assert not ok and "no key at all" in result["msg"] and "check mode: nothing recorded" in result["msg"]
+    assert listing(standby_dir.parent) == before
+
+
+def test_the_failover_passes_refuse_a_mass_deletion_with_the_switch_engines_defaults(db, db_params, archived, standby_dir):
+    """baileys_store_switch runs this refresh as its final copy with engine_params(auth_export_argument_spec(), ...):
+    the guard's defaults come with the spec, so a failover after a mass deletion does not copy it either."""
+    from ansible.module_utils.baileys_dr_postgres import connect
+    from ansible.module_utils.baileys_dr_sessions import RefreshRefused, auth_export_argument_spec, export_tree
+    from ansible.module_utils.baileys_dr_switch import engine_params
+
+    params = engine_params(auth_export_argument_spec(), mode="standby", dest=str(standby_dir), return_digests=True,
+                           lock_timeout=60, **db_params)
+    assert params["max_delete_share"] == 0.1 and params["max_company_keys_removed"] == 10 and params["force"] is False
+    execute(db, "DELETE FROM whatsapp_keys WHERE key_type <> 'session'")
+    with pytest.raises(RefreshRefused, match="refusing to refresh the standby copy"):
+        export_tree(params, lambda: connect(params), "test", None, False)
+    assert verify_tree(str(standby_dir), recompute_digests=True)["digests"] == archived["digests"]
+
+
+def test_health_reports_a_refused_refresh_as_critical_until_the_next_good_one(db, db_params, archived, standby_dir):
+    import baileys_db_health
+
+    def health():
+        ok, result = run_module(baileys_db_health, dict(db_params, standby_dir=str(standby_dir), probes=1))
+        assert ok, result.get("msg")
+        return result["checks"]["standby_refresh"], result["status"]
+
+    check, _ = health()
+    assert check["status"] == "healthy" and check["value"] == 0 and "generation 1" in check["message"]
+    execute(db, "CREATE TEMP TABLE saved AS SELECT * FROM whatsapp_keys WHERE company_id = 'company00001'",
+            "DELETE FROM whatsapp_keys WHERE company_id = 'company00001'")
+    ok, _ = archived["run"]()
+    assert not ok
+    before = listing(standby_dir)
+    check, status = health()
+    assert status == "critical" and check["status"] == "critical" and check["value"] == 1
+    assert "refused" in check["message"] and "company00001: 150 keys" in check["message"] and "generation 1" in check["message"]
+    assert listing(standby_dir) == before, "health only reads"
+    execute(db, "INSERT INTO whatsapp_keys SELECT * FROM saved", "DROP TABLE saved")  # the rows are restored
+    ok, result = archived["run"]()
+    assert ok, result.get("msg")
+    check, _ = health()
+    assert check["status"] == "healthy" and not (standby_dir / REFUSED).exists()
