@@ -59,13 +59,16 @@ from ansible.module_utils.baileys_dr_codec import (
     COMPANY_ID_RE,
     DIGEST_HEADER,
     KEY_TYPES,
+    VALUE_ERRORS,
     apply_type_rules,
     canonical_json,
     key_file_name,
     key_forms,
     key_line_text,
+    row_name,
     sort_key,
     to_base64_form,
+    value_problem,
 )
 from ansible.module_utils.baileys_dr_fs import fsync_dir, fsync_tree, libc, swap_in, write_file_atomic
 from ansible.module_utils.baileys_dr_postgres import postgres_argument_spec, psycopg2
@@ -128,10 +131,6 @@ class RefreshRefused(SessionsError):
     """A standby refresh would delete too much (the deletion guard): nothing was changed."""
 
 
-# What parsing or encoding one row's value can raise: JSON nested deeper than the parser's recursion limit,
-# text that is not JSON or not UTF-8, a value too large for memory. Caught where a row's value is handled, and
-# reported naming the row (a traceback names nothing an operator can act on).
-VALUE_ERRORS = (RecursionError, ValueError, UnicodeError, MemoryError)
 
 
 # -- time and test hooks ---------------------------------------------------------------
@@ -207,14 +206,7 @@ def checked_key_file_name(company_id, key_type, key_id):
 
 def value_error(company_id, key_type, key_id, exc):
     """HostileInputError naming the row whose value could not be parsed or encoded (key_type None: the creds)."""
-    if isinstance(exc, RecursionError):
-        why = "it is nested too deeply to be read (%s)" % exc
-    elif isinstance(exc, MemoryError):
-        why = "it is too large to be held in memory"
-    else:
-        why = "%s: %s" % (type(exc).__name__, str(exc)[:200])
-    row = "creds" if key_type is None else "%s key id %r" % (key_type, key_id)
-    return HostileInputError("company %s: the value of %s cannot be exported: %s" % (company_id, row, why))
+    return HostileInputError("%s: the value %s; refusing to export it" % (row_name(company_id, key_type, key_id), value_problem(exc)))
 
 
 def collision_error(company_id, name, first, second):
