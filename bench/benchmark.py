@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """baileys-dr performance benchmark: our modules against baselines on the same rows (run it as bench/run).
 
-    bench/run [--sizes 1500,150000,1500000] [--only export,import,standby,failover,cleanup] [--out docs/benchmarks.md]
+    bench/run [--sizes 1500,150000,1500000] [--only export,import,standby,failover,switch,cleanup] [--out docs/benchmarks.md]
 
-Per size (keys; 1,500 keys per company) on a throwaway PostgreSQL cluster of its own (testbed/bin/pg-cluster) loaded
+Per size (keys; 1,500 keys per company, or --keys-per-company) on a throwaway PostgreSQL cluster of its own (testbed/bin/pg-cluster) loaded
 with testbed/bin/seed, every step runs as a child process whose wall time and peak RSS (the larger of wait4 rusage and the summed RSS of its process tree sampled every 0.2 s) are recorded, after an os.sync() so that no step pays for the writeback of the one before:
 
 - baselines: `psql -c "COPY ... TO STDOUT"` to /dev/null; bench/baselines.py write-files (the same per-key files);
@@ -13,9 +13,11 @@ with testbed/bin/seed, every step runs as a child process whose wall time and pe
 - standby: baileys_auth_export mode=standby build, refresh without change, refresh after 1% of the keys changed;
 - failover: playbooks/failover.yml with baileys_failover_source=standby against a private application (its own
   repository, PM2_HOME and health port; started in database mode first);
+- switch: a planned failover and a failback of a private application while testbed/bin/writer writes through it
+  (bench/switch_bench.py: bulk pass, 1% changed, baileys_store_switch; downtime, throughput, writes lost);
 - cleanup: baileys_keys_cleanup deleting part of the keys with the archive (when that module exists).
 
-Order per size: standby and failover, export and import, cleanup (the 1,500,000-key targets first). The 1% change
+Order per size: standby and failover, switch, export and import, cleanup (the 1,500,000-key targets first). The 1% change
 UPDATEs 1% of the keys (uniformly among values that are JSON objects, not Buffers and not app-state-sync-keys, so
 that Baileys reads them back unchanged), and DELETEs and INSERTs 1% of that. Trees are moved aside between steps
 and removed after the report is written (removing millions of files takes minutes on a busy disk).
@@ -47,6 +49,8 @@ import subprocess
 import sys
 import time
 
+import switch_bench
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # BAILEYS_DR_BENCH_RESULTS: a scratch results directory, so a trial run leaves bench/results/ alone.
@@ -55,7 +59,7 @@ PROFILES = os.environ.get("BAILEYS_DR_BENCH_PROFILES") or os.path.join(HERE, "pr
 KEYS_PER_COMPANY = 1500
 MODULES = {"export": "baileys_auth_export", "import": "baileys_auth_import", "verify": "baileys_sessions_verify",
            "cleanup": "baileys_keys_cleanup"}
-STEPS = ("export", "import", "standby", "failover", "cleanup")
+STEPS = ("export", "import", "standby", "failover", "switch", "cleanup")
 MIB = 1024 * 1024
 # Bytes a key file takes on disk (one 4 KiB block) and trees alive at once (baseline + export, or standby + live).
 DISK_PER_KEY = 4096 + 600
@@ -115,8 +119,9 @@ def write_profile(profiler, path, title):
         fh.write(out.getvalue())
 
 
-def change_rows(percent, spread="uniform", seed=None):
-    """UPDATE percent of the keys (all companies, or the first tenth when concentrated), delete and insert 1% of that."""
+def change_rows(percent, spread="uniform", seed=None, untouched_since=None):
+    """UPDATE percent of the keys (all companies, or the first tenth when concentrated), delete and insert 1% of that;
+    with untouched_since (epoch), only among rows not written since (not a load generator's)."""
     import psycopg2
 
     conn = psycopg2.connect("", application_name="bench-change")
@@ -135,13 +140,15 @@ def change_rows(percent, spread="uniform", seed=None):
         where = (where + " AND " if where else "WHERE ") + (
             "jsonb_typeof(value) = 'object' AND coalesce(value->>'type', '') <> 'Buffer' "
             "AND key_type <> 'app-state-sync-key'")
+        fresh = "" if untouched_since is None else " AND updated_at < to_timestamp(%f)" % float(untouched_since)
+        where += fresh
         cur.execute(
             "UPDATE whatsapp_keys k SET value = jsonb_set(value, '{baileysDrBench}', to_jsonb(clock_timestamp()::text)) "
             "FROM (SELECT company_id, key_type, key_id FROM whatsapp_keys %s ORDER BY random() LIMIT %%s) s "
             "WHERE k.company_id = s.company_id AND k.key_type = s.key_type AND k.key_id = s.key_id" % where, (count,))
         updated = cur.rowcount
         cur.execute("DELETE FROM whatsapp_keys WHERE ctid IN (SELECT ctid FROM whatsapp_keys WHERE key_type = 'pre-key' "
-                    "ORDER BY random() LIMIT %s)", (max(1, count // 100),))
+                    "%s ORDER BY random() LIMIT %%s)" % fresh, (max(1, count // 100),))
         deleted = cur.rowcount
         cur.execute("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) SELECT company_id, 'pre-key', "
                     "'9' || (1000000 + floor(random() * 8000000))::bigint::text, "
@@ -248,18 +255,21 @@ class SizeRun:
     """Every step at one size, on a cluster of its own under workdir/<keys>."""
 
     def __init__(self, opts, keys):
-        if keys % KEYS_PER_COMPANY:
-            raise BenchError("--sizes: %d is not a multiple of %d keys per company" % (keys, KEYS_PER_COMPANY))
+        self.per_company = opts.keys_per_company
+        if keys % self.per_company:
+            raise BenchError("--sizes: %d is not a multiple of %d keys per company" % (keys, self.per_company))
         self.opts = opts
         self.keys = keys
-        self.companies = keys // KEYS_PER_COMPANY
-        self.work = os.path.join(opts.workdir, str(keys))
-        self.record = {"keys": keys, "companies": self.companies, "keys_per_company": KEYS_PER_COMPANY,
+        self.companies = keys // self.per_company
+        # A variant (--keys-per-company) has results and profiles of its own: "<companies>x<keys per company>".
+        self.name = str(keys) if self.per_company == KEYS_PER_COMPANY else "%dx%d" % (self.companies, self.per_company)
+        self.work = os.path.join(opts.workdir, self.name)
+        self.record = {"keys": keys, "companies": self.companies, "keys_per_company": self.per_company,
                        "command": opts.command_line, "started_at": utcnow(), "steps": {}, "profiles": {},
                        "notes": [], "loadavg": {"start": loadavg()}}
         self.env = None
         self.cluster = None
-        previous = os.path.join(RESULTS, "%d.json" % keys)
+        previous = os.path.join(RESULTS, "%s.json" % self.name)
         if opts.only != set(STEPS) and os.path.exists(previous):
             # A partial run (--only) replaces the steps it measures and keeps the others of the last run, saying so.
             with open(previous, encoding="utf-8") as fh:
@@ -310,7 +320,7 @@ class SizeRun:
         keys = self.keys if keys is None else keys
         entry = {"kind": kind, "seconds": run["seconds"], "peak_rss_mib": run["peak_rss_mib"], "keys": keys,
                  "keys_per_second": round(keys / run["seconds"]) if run["seconds"] and keys else None,
-                 "result": output.get("result")}
+                 "result": output.get("result"), "started_epoch": round(run["started_epoch"], 3)}
         entry.update(extra or {})
         self.record["steps"][label] = entry
         log("%s: %s %.2f s, %s keys/s, peak %.1f MiB" % (self.keys, label, run["seconds"], entry["keys_per_second"],
@@ -323,13 +333,13 @@ class SizeRun:
             entry.setdefault("run", {"command": self.record["command"], "started_at": self.record["started_at"],
                                      "load_mean": self.record["loadavg"].get("mean")})
         os.makedirs(RESULTS, exist_ok=True)
-        path = os.path.join(RESULTS, "%d.json" % self.keys)
+        path = os.path.join(RESULTS, "%s.json" % self.name)
         with open(path + ".tmp", "w", encoding="utf-8") as fh:
             json.dump(self.record, fh, indent=1, default=str)
         os.replace(path + ".tmp", path)
 
     def profile_path(self, label):
-        return os.path.join(PROFILES, "%s-%d.txt" % (label, self.keys))
+        return os.path.join(PROFILES, "%s-%s.txt" % (label, self.name))
 
     def maybe_profile(self, label, seconds, rerun):
         """Re-run a step that missed its time target under cProfile (when it is short enough to afford twice)."""
@@ -373,10 +383,10 @@ class SizeRun:
         self.record["postgresql"] = self.cluster.psql("SHOW server_version").strip()
 
     def seed(self):
-        log("%s: seeding %d companies x %d keys" % (self.keys, self.companies, KEYS_PER_COMPANY))
+        log("%s: seeding %d companies x %d keys" % (self.keys, self.companies, self.per_company))
         started = time.monotonic()
         sh([os.path.join(ROOT, "testbed", "bin", "seed"), "--companies", str(self.companies), "--keys-per-company",
-            str(KEYS_PER_COMPANY), "--seed", "bench"], env=dict(self.env, PATH=os.path.dirname(sys.executable) + ":" +
+            str(self.per_company), "--seed", "bench"], env=dict(self.env, PATH=os.path.dirname(sys.executable) + ":" +
                                                               os.environ["PATH"]))
         self.cluster.psql("VACUUM ANALYZE", db="baileys")
         self.cluster.psql("CHECKPOINT")
@@ -677,6 +687,8 @@ class SizeRun:
             # is recorded and the next one runs.
             if "standby" in only or "failover" in only:
                 self.phase("standby/failover", self.run_standby_failover, "failover" in only)
+            if "switch" in only:
+                self.phase("switch", switch_bench.run_switch, self, sys.modules[__name__])
             if "export" in only or "import" in only:
                 self.phase("export/import", self.run_export_import, "import" in only)
             if "cleanup" in only:
@@ -704,6 +716,8 @@ def phase_of(label):
         return "export"
     if label in ("baseline_read_copy_in", "import"):
         return "import"
+    if label.startswith("switch"):
+        return "switch"
     if label.startswith("standby"):
         return "standby"
     if label.startswith("failover"):
@@ -761,6 +775,7 @@ def targets_of(rec):
             rows.append(("failover RTO from the standby copy (%d compan%s), start to ready" % (
                 rec["companies"], "y" if rec["companies"] == 1 else "ies"),
                 "%.1f s (%s)" % (sec, "; ".join(detail)), "<= %.0f s" % limit, sec <= limit))
+    rows += switch_bench.targets(rec)
     # A figure that cannot be judged (say why in "caveats" of the result file) is shown as such, never as met.
     caveats = rec.get("caveats", {})
     rows = [(n, m + " - " + caveats[n], l, None) if n in caveats else (n, m, l, ok) for n, m, l, ok in rows]
@@ -781,6 +796,7 @@ STEP_TEXT = {
     "failover_standby": "**failover from the standby copy** (playbooks/failover.yml, whole playbook)",
     "cleanup": "**cleanup** (baileys_keys_cleanup)",
 }
+STEP_TEXT.update(switch_bench.STEP_TEXT)
 
 
 def machine():
@@ -830,6 +846,7 @@ def render(records, mach, out_path):
               "Baileys, which reads keys on demand). The rest of the playbook (the application reading every key "
               "back and the digest comparison, the report) is shown next to it; the failover rolls back if that "
               "check fails.", ""]
+    lines += switch_bench.report_lines(records, fmt)
     for rec in records:
         lines += ["## %s keys (%d compan%s x %d keys)" % ("{:,}".format(rec["keys"]), rec["companies"],
                                                          "y" if rec["companies"] == 1 else "ies", rec["keys_per_company"]), "",
@@ -853,6 +870,7 @@ def render(records, mach, out_path):
                     ratio += " (%.1fx COPY TO)" % (entry["seconds"] / steps["baseline_copy_to"]["seconds"])
             if label == "failover_standby":
                 ratio = "start to ready: %s s" % fmt(entry.get("rto_seconds"))
+            ratio = ratio or entry.get("note", "")
             own = (entry.get("result") or {}).get("duration_seconds")
             lines.append("| %s | %s | %s | %s | %s | %s |" % (STEP_TEXT.get(label, label), fmt(entry["seconds"]), fmt(own),
                                                          "{:,}".format(entry["keys_per_second"]) if entry.get("keys_per_second") else "",
@@ -870,7 +888,7 @@ def render(records, mach, out_path):
             lines.append("- %s" % note)
         lines.append("")
     lines += ["## How it is measured", "", "```", __doc__.strip(), "```", "", "Baselines:", "", "```",
-              baseline_doc().strip(), "```", ""]
+              baseline_doc().strip(), "```", "", "Switch:", "", "```", switch_bench.__doc__.strip(), "```", ""]
     text = "\n".join(lines).rstrip() + "\n"
     with open(out_path + ".tmp", "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -928,16 +946,26 @@ def cmd_run(opts):
 
 def write_report(opts):
     records = []
-    for path in sorted(glob.glob(os.path.join(RESULTS, "*.json")), key=lambda p: int(os.path.basename(p).split(".")[0])):
+    for path in glob.glob(os.path.join(RESULTS, "*.json")):
         with open(path, encoding="utf-8") as fh:
             records.append(json.load(fh))
+    records.sort(key=lambda rec: (rec["keys"], rec["companies"]))
     print_summary(records)
     render(records, machine(), opts.out)
     print("\nwrote %s" % opts.out, flush=True)
 
 
+def targets_help():
+    return ("targets (judged in docs/benchmarks.md; a missed one comes with a profile under bench/profiles/):\n"
+            "  export and import: at most %.1fx their baselines, peak memory <= %d MiB each;\n"
+            "  standby refresh after 1%% of 1,500,000 keys changed: <= %.0f s;\n"
+            "  failover from the standby copy, start to ready: <= 5 s for 1 company, <= 10 s for 1,000 companies;\n%s"
+            % (TARGETS_RATIO, TARGET_MEMORY_MIB, TARGET_REFRESH_SECONDS, switch_bench.TARGETS_HELP))
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], prog="bench/run")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], prog="bench/run", epilog=targets_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("module", help="run one module in this process (JSON arguments in a file)")
     p.add_argument("name")
@@ -953,7 +981,8 @@ def main(argv=None):
     p = sub.add_parser("report", help="only write the document again from bench/results/*.json")
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     p.set_defaults(func=lambda a: write_report(a) or 0)
-    p = sub.add_parser("run", help="the benchmark (default)")
+    p = sub.add_parser("run", help="the benchmark (default)", description=__doc__.splitlines()[0], epilog=targets_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1500,150000,1500000", help="keys, multiples of %d" % KEYS_PER_COMPANY)
     p.add_argument("--only", help="steps among %s (default all)" % ",".join(STEPS))
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
@@ -961,7 +990,14 @@ def main(argv=None):
     p.add_argument("--pm2-home", default="/tmp/bpm2-bench")
     p.add_argument("--profile-max-seconds", type=int, default=PROFILE_MAX_SECONDS,
                    help="re-run a step that missed its target under cProfile only when it took at most this long")
-    p.add_argument("--profile-always", action="store_true", help="profile export, import and refresh even when they meet their targets")
+    p.add_argument("--profile-always", action="store_true",
+                   help="profile export, import, refresh and the switch even when they meet their targets")
+    p.add_argument("--keys-per-company", type=int, default=KEYS_PER_COMPANY,
+                   help="a variant (e.g. 15: 1,000 companies in --sizes 15000), results of its own (default %(default)s)")
+    p.add_argument("--writer-rate", type=float, default=5.0,
+                   help="switch: the writer's requests per second (default %(default)s, the writer's own)")
+    p.add_argument("--switch-idle-seconds", type=float, default=15.0,
+                   help="switch: the writer against the idle service before each bulk pass, at least (default %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the cluster and trees of each size")
     p.add_argument("--note", help="a remark recorded with each size (e.g. what else ran on the machine)")
     p.set_defaults(func=cmd_run)
