@@ -100,3 +100,77 @@ def env_values(host):
 
 def manifest(host):
     return json.loads(host.file(SESSIONS + "/.baileys-dr/manifest.json").content_string)
+
+
+# The writer (testbed/bin/writer) in the switch scenarios: what converge kept (molecule/shared/tasks/writer_check.yml).
+WRITER_RESULT = "/root/molecule-writer.json"
+# molecule/shared/group_vars/all/writer.yml: acknowledged requests converge waited for on each side of the switch.
+WRITER_ACKS_BEFORE = 10
+WRITER_ACKS_AFTER = 3
+
+
+def writer_result(host):
+    return json.loads(host.file(WRITER_RESULT).content_string)
+
+
+def epoch(iso):
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def assert_no_acknowledged_write_lost(result, store):
+    """The ledger check passed on the store the service uses after the switch, over writes on both sides of it."""
+    check = result["check"]
+    assert result["store"] == check["store"] == store
+    assert check["passed"] and check["lost"] == 0, (check.get("lost_examples"), check.get("problems"))
+    assert check["writes_acked"] > 0 and check["keys_checked"] > 0 and check["creds_checked"] > 0
+    stats = result["stats"]
+    # Not vacuous: the writer was acknowledged before the service was stopped and again once it was ready.
+    assert stats["before_stop"]["acknowledged"] >= WRITER_ACKS_BEFORE, stats["before_stop"]
+    assert stats["after_start"]["acknowledged"] >= WRITER_ACKS_AFTER, stats["after_start"]
+    assert check["acknowledged"] >= stats["before_stop"]["acknowledged"] + stats["after_start"]["acknowledged"]
+
+
+def writer_downtime(result):
+    """Seconds without an acknowledgment over the switch, as the writer saw it: the longest gap between two
+    acknowledgments, or, when its run began with the service down, the time to its first acknowledgment."""
+    downtime = result["stats"]["window"]["downtime"]
+    return max(downtime["seconds"] or 0, downtime["head_seconds"] or 0)
+
+
+def assert_writer_saw_the_switch(result):
+    """The writer asked during the outage and measured it; a gap between acknowledgments spans the switch."""
+    window, switch = result["stats"]["window"], result["switch"]
+    assert window["failed"] >= 1, window
+    assert 0 < writer_downtime(result) < 120, window["downtime"]
+    downtime = window["downtime"]
+    if downtime["head_seconds"]:
+        # The run began with the service down (PostgreSQL stopped): it ended once the service was ready on files.
+        assert epoch(window["from"]) + downtime["head_seconds"] >= switch["stop_began_at"]
+    else:
+        assert epoch(downtime["from"]) <= switch["ready_at"] and epoch(downtime["to"]) >= switch["stop_began_at"], (downtime, switch)
+
+
+def assert_quiet_digests_equal_the_store(host, result):
+    """At the quiet moment after the writer stopped, the service's digests equal the store's (computed by Python);
+    nothing has changed them since (the idempotence run switches nothing)."""
+    quiet = result["quiet"]
+    assert quiet["service"] and quiet["service"] == quiet["store"]
+    status, report = readiness(host)
+    assert status == 200, report["errors"]
+    assert report["store"] == result["store"]
+    assert report["digests"] == quiet["service"]
+
+
+def writer_ledger(host, path="/var/lib/baileys-dr/reports/molecule-writer.jsonl"):
+    """The writer's request records (complete lines only)."""
+    records = []
+    for line in host.file(path).content_string.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("kind") == "request":
+            records.append(record)
+    return records
