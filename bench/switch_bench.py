@@ -458,7 +458,7 @@ def operation_targets(rec, op, entry):
     if flow:
         before, during = flow["before"]["acks_per_second"], flow["during"]["acks_per_second"]
         measured = "%s/s before, %s/s during (%s; the pass %.1f s, before it %.1f s)" % (
-            before, during, "%+.0f%%" % (-100 * flow["drop"]) if flow.get("drop") is not None else "?",
+            "?" if before is None else "%.2f" % before, "?" if during is None else "%.2f" % during, "%+.0f%%" % (-100 * flow["drop"]) if flow.get("drop") is not None else "?",
             flow["bulk_seconds"], flow["window_seconds"])
         met = None
         if not flow.get("judged"):
@@ -511,17 +511,18 @@ def report_lines(records, fmt):
                    else "%s of %s key files rewritten" % (change.get("rewritten"), change.get("key_files")))
         final = (entry.get("result") or {}).get("final_copy") or {}
         if op == "failover":
-            delta = "%s files written, %s deleted, %s companies refreshed" % (
+            delta = "%s files written, %s deleted, companies refreshed: %s" % (
                 final.get("files_written"), final.get("files_deleted"), final.get("companies_refreshed"))
         else:
             d = final.get("delta") or {}
             delta = "%s of %s companies imported (%s)" % (d.get("imported"), d.get("companies"), ", ".join(
                 "%s %s" % (v, k) for k, v in sorted((d.get("not_proven") or {}).items())) or "none changed")
+        before, during = flow["before"], flow["during"]
         lines.append("| %s (%d x %d) | %s | %s | %s | %s | %s -> %s (%s/%s -> %s/%s) | %s | %s | %s, %s |" % (
             "{:,}".format(rec["keys"]), rec["companies"], rec["keys_per_company"], op, fmt(down["module_seconds"]),
-            fmt(down["writer_seconds"]), fmt(bulk.get("seconds")), flow["before"]["acks_per_second"],
-            flow["during"]["acks_per_second"], flow["before"]["p50_ms"], flow["before"]["p95_ms"],
-            flow["during"]["p50_ms"], flow["during"]["p95_ms"], changed, delta, check.get("acknowledged"),
+            fmt(down["writer_seconds"]), fmt(bulk.get("seconds")), fmt(before["acks_per_second"]),
+            fmt(during["acks_per_second"]), fmt(before["p50_ms"], "%.0f"), fmt(before["p95_ms"], "%.0f"),
+            fmt(during["p50_ms"], "%.0f"), fmt(during["p95_ms"], "%.0f"), changed, delta, check.get("acknowledged"),
             check.get("lost")))
     lines += ["", "Targets (judged under Targets): %s" % " ".join(TARGETS_HELP.split()).split(": ", 1)[1], ""]
     return lines
