@@ -308,6 +308,10 @@ class StoreSwitch:
         sub = SubModule(self.module, params, self.run_as)
         return TagVerifier(sub, GitRunner(sub, p["app_root"])).run()
 
+    def _git_head(self):
+        """HEAD of the application's repository (read as its owner): the ref failback checks out again."""
+        return GitRunner(SubModule(self.module, {}, self.run_as), self.params["app_root"]).head()
+
     def _env(self, values, backup=True):
         params = engine_params(env_file_argument_spec(), path=os.path.join(self.params["app_root"], ".env"),
                                values=values, backup=backup)
@@ -432,7 +436,7 @@ class FailoverSwitch:
             s.result["resumed_from"] = previous.get("phase")
         else:
             self.record = dict(p["record_data"] or {})
-            self.record.update(format=1, env=s._env_values(list(p["store_flags"])), git=GitRunnerHead(s).head(),
+            self.record.update(format=1, env=s._env_values(list(p["store_flags"])), git=s._git_head(),
                                store_before=self.record.get("store_before") or "postgres")
         done = PHASES.index(previous["phase"]) if resume else -1
         self.phase = "stop"
@@ -475,7 +479,7 @@ class FailoverSwitch:
                                    space_margin=p["space_margin"], return_digests=True, lock_timeout=60, **self._db_params())
             refreshed = retry_on_disconnect(
                 lambda: export_tree(params, lambda: connect(params, application_name="baileys-dr-switch"),
-                                    describe(params), s.run_as.owner, False),
+                                    describe_target(params), s.run_as.owner, False),
                 what="the final copy of PostgreSQL into %s" % p["standby_dir"], log=s.result.setdefault("retries", []))
             s.result["final_copy"] = {k: refreshed.get(k) for k in (
                 "files_written", "files_deleted", "companies_refreshed", "companies_rebuilt", "generation", "snapshot_at",
@@ -502,7 +506,7 @@ class FailoverSwitch:
         conn = connect(params, application_name="baileys-dr-switch-proof")
         try:
             snapshot = Snapshot(conn)
-            snapshot.begin(describe(params))
+            snapshot.begin(describe_target(params))
             database = {company: fingerprint for company, _keys, fingerprint, _creds in snapshot.company_stats()}
         finally:
             conn.close()
@@ -591,8 +595,13 @@ class FailoverSwitch:
         if record.get("sessions_backup") and os.path.isdir(record["sessions_backup"]):
             try:
                 with ParentLock(os.path.dirname(os.path.abspath(p["sessions_dir"])), timeout=60):
-                    swap_in(record["sessions_backup"], p["sessions_dir"], "%s.failed-%s" % (
+                    promoted = swap_in(record["sessions_backup"], p["sessions_dir"], "%s.failed-%s" % (
                         p["sessions_dir"], datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")))
+                    # The promoted copy is the standby again when the service wrote nothing into it: the next
+                    # failover need not build it anew.
+                    if promoted and not os.path.lexists(p["standby_dir"]) and tree_drift(promoted).get("clean"):
+                        os.rename(promoted, p["standby_dir"])
+                        summary.append("standby copy put back")
                 summary.append("sessions tree restored")
             except OSError as why:
                 failures.append("sessions: %s" % why)
@@ -602,8 +611,7 @@ class FailoverSwitch:
         else:
             summary.append("service ready on %s" % (record.get("store_before") or "postgres"))
         if not failures:
-            document = dict(record)
-            document.pop("switch", None)
+            # Nothing of the failover is in effect: no state for failback to restore.
             try:
                 os.unlink(s.journal.path)
             except FileNotFoundError:
@@ -611,20 +619,6 @@ class FailoverSwitch:
             return {"summary": summary, "line": "Rolled back: sessions, git ref, .env and the service are as before the "
                                                 "stop (store %s), with every write made before the stop." % (record.get("store_before") or "postgres")}
         return {"summary": summary + failures, "line": "ROLLBACK INCOMPLETE, fix by hand: %s" % "; ".join(failures)}
-
-
-class GitRunnerHead:
-    """HEAD of the application's repository, read as its owner."""
-
-    def __init__(self, switch):
-        self.s = switch
-
-    def head(self):
-        sub = SubModule(self.s.module, {}, self.s.run_as)
-        return GitRunner(sub, self.s.params["app_root"]).head()
-
-
-describe = describe_target
 
 
 class FailbackSwitch:
@@ -675,7 +669,7 @@ class FailbackSwitch:
         values = dict(p["import_options"] or {})
         values.update({k: p[k] for k in DB_OPTIONS})
         params = engine_params(auth_import_argument_spec(), src=p["sessions_dir"], **values)
-        result = failback(params, lambda: connect(params, application_name="baileys-dr-switch-import"), describe(params), False)
+        result = failback(params, lambda: connect(params, application_name="baileys-dr-switch-import"), describe_target(params), False)
         s.result["final_copy"] = {k: result.get(k) for k in ("delta", "totals", "retries") if k in result}
         s.result["undo_files"] = result.get("undo_files", [])
         for warning in result.get("warnings") or ():
