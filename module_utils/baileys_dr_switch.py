@@ -436,8 +436,18 @@ class FailoverSwitch:
             s.result["resumed_from"] = previous.get("phase")
         else:
             self.record = dict(p["record_data"] or {})
-            self.record.update(format=1, env=s._env_values(list(p["store_flags"])), git=s._git_head(),
-                               store_before=self.record.get("store_before") or "postgres")
+            now = {"env": s._env_values(list(p["store_flags"])), "git": s._git_head()}
+            earlier = s.journal.document or {}
+            if earlier.get("env") and earlier.get("git"):
+                # A failover still in effect (its failback aborted, or a forced run): failback must still restore what
+                # that failover recorded, not the file store's .env and tag; a rollback of this run puts back what
+                # runs now, and that record.
+                in_effect = dict(now, store=(s._health_answers() or {}).get("store") or "files",
+                                 record={k: v for k, v in earlier.items() if k != "in_effect"})
+                self.record.update(format=1, env=earlier["env"], git=earlier["git"], in_effect=in_effect,
+                                   store_before=earlier.get("store_before") or "postgres")
+            else:
+                self.record.update(format=1, store_before=self.record.get("store_before") or "postgres", **now)
         done = PHASES.index(previous["phase"]) if resume else -1
         self.phase = "stop"
         s.stop_and_fence()
@@ -566,9 +576,13 @@ class FailoverSwitch:
         on files (or stopped) and say so."""
         s, p = self.s, self.p
         summary = []
+        # What ran before this run's stop: the store recorded before the failover, or the failover still in effect.
+        in_effect = self.record.get("in_effect") or {}
+        env, git, store = (in_effect["env"], in_effect["git"], in_effect["store"]) if in_effect else (
+            self.record.get("env") or {}, self.record.get("git") or {}, self.record.get("store_before") or "postgres")
         try:
-            conn = connect(self._db_params(), application_name="baileys-dr-switch-ping")
-            conn.close()
+            if store in ("postgres", "supabase"):
+                connect(self._db_params(), application_name="baileys-dr-switch-ping").close()
             answers = True
         except DatabaseError as why:
             answers, reason = False, str(why)
@@ -582,11 +596,10 @@ class FailoverSwitch:
         failures = []
         if switch in ("switched", "started", "done") or step in ("switch", "start", "identities"):
             try:
-                s._env({k: v.get("value") if v.get("present") else None for k, v in (record.get("env") or {}).items()})
+                s._env({k: v.get("value") if v.get("present") else None for k, v in env.items()})
                 summary.append(".env restored")
             except (EnvFileError, OSError) as why:
                 failures.append(".env: %s" % why)
-            git = record.get("git") or {}
             try:
                 s._git("restored", tag=None, restore_ref=git.get("ref") or git.get("commit"), allow_dirty=True)
                 summary.append("git ref restored")
@@ -605,19 +618,23 @@ class FailoverSwitch:
                 summary.append("sessions tree restored")
             except OSError as why:
                 failures.append("sessions: %s" % why)
-        ok, started = s._start(record.get("store_before") or "postgres")
+        ok, started = s._start(store)
         if not ok:
-            failures.append("restart on %s: %s" % (record.get("store_before") or "postgres", started.get("msg")))
+            failures.append("restart on %s: %s" % (store, started.get("msg")))
         else:
-            summary.append("service ready on %s" % (record.get("store_before") or "postgres"))
+            summary.append("service ready on %s" % store)
         if not failures:
-            # Nothing of the failover is in effect: no state for failback to restore.
-            try:
-                os.unlink(s.journal.path)
-            except FileNotFoundError:
-                pass
+            if in_effect:
+                # The failover in effect before this run still is: its record stays for failback.
+                s.journal.write(in_effect["record"])
+            else:
+                # Nothing of the failover is in effect: no state for failback to restore.
+                try:
+                    os.unlink(s.journal.path)
+                except FileNotFoundError:
+                    pass
             return {"summary": summary, "line": "Rolled back: sessions, git ref, .env and the service are as before the "
-                                                "stop (store %s), with every write made before the stop." % (record.get("store_before") or "postgres")}
+                                                "stop (store %s), with every write made before the stop." % store}
         return {"summary": summary + failures, "line": "ROLLBACK INCOMPLETE, fix by hand: %s" % "; ".join(failures)}
 
 
