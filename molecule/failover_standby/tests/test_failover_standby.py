@@ -1,4 +1,5 @@
-"""Failover with PostgreSQL down: the standby copy becomes the live tree and the service runs on it."""
+"""Failover with PostgreSQL down, under the writer's traffic: the standby copy, refreshed with the writer paused right
+before PostgreSQL stopped, becomes the live tree; the service runs on it and no acknowledged write is lost."""
 
 import json
 import os
@@ -6,7 +7,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 
-from verify_helpers import SESSIONS, STATE_FILE, manifest, readiness  # noqa: E402
+from verify_helpers import (  # noqa: E402
+    SESSIONS, STATE_FILE, assert_no_acknowledged_write_lost, assert_writer_saw_the_switch, manifest, readiness,
+    writer_result,
+)
 
 testinfra_hosts = ["ansible://baileys-dr-app"]
 
@@ -15,12 +19,31 @@ def test_postgresql_is_really_down(host):
     assert host.run("pg_isready -h baileys-dr-db -p 5432").rc != 0
 
 
-def test_service_is_ready_on_the_promoted_standby_with_its_manifest_digests(host):
+def test_no_write_acknowledged_on_postgresql_or_on_files_is_lost(host):
+    # The writes PostgreSQL acknowledged before the pause reached the files through the standby copy; those after the
+    # switch were written on files.
+    assert_no_acknowledged_write_lost(writer_result(host), "files")
+
+
+def test_the_writer_measured_the_outage_until_the_service_ran_on_files(host):
+    result = writer_result(host)
+    assert_writer_saw_the_switch(result)
+    # Its second run began with PostgreSQL down: nothing was acknowledged until the service ran on files.
+    assert result["stats"]["window"]["downtime"]["head_seconds"] > 0
+
+
+def test_the_promoted_copy_held_exactly_what_postgresql_held_when_it_stopped(host):
+    at_stop = json.loads(host.file("/root/molecule-db-digests-at-stop.json").content_string)
+    assert len(at_stop) == 4
+    assert {c: v["digest"] for c, v in manifest(host)["companies"].items()} == at_stop
+
+
+def test_service_is_ready_on_the_promoted_standby_with_the_digests_it_had_when_the_writer_stopped(host):
     status, report = readiness(host)
     assert status == 200, report["errors"]
     assert report["store"] == "files"
     assert report["companies"] == 4
-    assert report["digests"] == {c: v["digest"] for c, v in manifest(host)["companies"].items()}
+    assert report["digests"] == writer_result(host)["quiet"]["service"]
 
 
 def test_standby_was_moved_not_copied(host):
