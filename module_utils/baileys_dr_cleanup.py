@@ -7,7 +7,10 @@ What may go: rows of a type named in the retention map (days since
 updated_at), optionally also rows whose expires_at passed (off by default:
 the application sets expires_at 7 or 14 days ahead on every write, so it is
 no deletion signal). Protected types are never candidates; whatsapp_auth is
-never read or written.
+never read or written. tctoken rows follow Baileys' own rule instead of any
+age (the codec's tctoken_prunable_sql: the rows Baileys' pruning would
+delete, whatever updated_at), and its sentinel row __index is never a
+candidate (SENTINEL_KEYS). Each candidate carries the rule that selected it.
 
 Deletes run in short batches: one statement selects the next page of
 candidates in primary-key order (keyset pagination), locks them with
@@ -35,7 +38,9 @@ import json
 import os
 import time
 
-from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES, PROTECTED_KEY_TYPES
+from ansible.module_utils.baileys_dr_codec import (
+    COMPANY_ID_RE, KEY_TYPES, PROTECTED_KEY_TYPES, SENTINEL_KEYS, tctoken_cutoff, tctoken_prunable_sql,
+)
 from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
 from ansible.module_utils.baileys_dr_sessions import test_hook
 
@@ -46,7 +51,9 @@ PRIMARY_KEY = ("company_id", "key_type", "key_id")
 
 DEFAULT_PROTECTED = PROTECTED_KEY_TYPES
 # Rebuildable by the protocol at the cost of a renegotiation.
+# tctoken's number is not used: a tctoken row goes when Baileys considers it expired (RULE_TCTOKEN), whatever its age.
 DEFAULT_RETENTION = {"session": 30, "sender-key": 30, "sender-key-memory": 30, "device-list": 30, "tctoken": 30}
+RULE_TCTOKEN = "tctoken-expired"
 
 # Age buckets (days since updated_at): lower bound inclusive, upper bound exclusive.
 BUCKETS = (("under_1d", None, 1), ("1_7d", 1, 7), ("7_14d", 7, 14), ("14_30d", 14, 30), ("over_30d", 30, None))
@@ -312,19 +319,33 @@ class Cleanup:
             "protected": self.protected,
             "companies": self.p.get("companies") or [],
             "grace": int(self.p.get("expired_grace_days") or 0),
+            "tc_cutoff": tctoken_cutoff(self.run_at.timestamp()),
+            "sentinel_types": [t for t, _ in SENTINEL_KEYS],
+            "sentinel_ids": [i for _, i in SENTINEL_KEYS],
         }
         args.update(extra)
         return args
 
+    _OLD = "k.updated_at < %(run_at)s::timestamptz - make_interval(days => (%(r_map)s::jsonb ->> k.key_type)::int)"
+    _EXPIRES = "k.expires_at < %(run_at)s::timestamptz - make_interval(days => %(grace)s)"
+
     def _candidate_where(self):
-        """Candidates: a retention type, not protected, older than its retention (or expired, when enabled)."""
-        old = "k.updated_at < %(run_at)s::timestamptz - make_interval(days => (%(r_map)s::jsonb ->> k.key_type)::int)"
+        """Candidates: a retention type, not protected, never a sentinel row; tctoken rows by Baileys' expiry, the other
+        types older than their retention (or past expires_at, when enabled)."""
+        old = self._OLD
         if self.p.get("delete_expired"):
-            old = "(%s OR k.expires_at < %%(run_at)s::timestamptz - make_interval(days => %%(grace)s))" % old
-        where = ["k.key_type = ANY(%(r_types)s::text[])", "k.key_type <> ALL(%(protected)s::text[])", old]
+            old = "(%s OR %s)" % (old, self._EXPIRES)
+        where = ["k.key_type = ANY(%(r_types)s::text[])", "k.key_type <> ALL(%(protected)s::text[])",
+                 "(k.key_type, k.key_id) NOT IN (SELECT * FROM unnest(%(sentinel_types)s::text[], %(sentinel_ids)s::text[]))",
+                 "CASE WHEN k.key_type = 'tctoken' THEN %s ELSE %s END" % (tctoken_prunable_sql(), old)]
         if self.p.get("companies"):
             where.append("k.company_id = ANY(%(companies)s::text[])")
         return " AND ".join(where)
+
+    def _rule_sql(self):
+        """The rule that selected a candidate, for the plan: tctoken-expired, age>Nd or expires_at+Nd."""
+        return ("CASE WHEN k.key_type = 'tctoken' THEN '%s' WHEN %s THEN 'age>' || (%%(r_map)s::jsonb ->> k.key_type) || 'd' "
+                "ELSE 'expires_at+' || %%(grace)s || 'd' END" % (RULE_TCTOKEN, self._OLD))
 
     def _company_where(self):
         return "WHERE k.company_id = ANY(%(companies)s::text[])" if self.p.get("companies") else ""
@@ -395,15 +416,18 @@ class Cleanup:
 
     # -- plan
     def plan(self):
-        """Exact candidates per company and type, their buckets and size; totals of those companies."""
+        """Exact candidates per company, type and selecting rule, their buckets and size; totals of those companies."""
         rows = self._all(
-            "SELECT k.company_id, k.key_type, count(*), coalesce(sum(pg_column_size(k.*)), 0)::bigint, %s "
-            "FROM %s k WHERE %s GROUP BY k.company_id, k.key_type" % (bucket_sql(), TABLE, self._candidate_where()),
+            "SELECT k.company_id, k.key_type, %s, count(*), coalesce(sum(pg_column_size(k.*)), 0)::bigint, %s "
+            "FROM %s k WHERE %s GROUP BY 1, 2, 3" % (self._rule_sql(), bucket_sql(), TABLE, self._candidate_where()),
             self._args())
-        by_company, by_type, buckets, size = {}, {}, empty_buckets(), 0
-        for company, key_type, count, nbytes, *bucket_values in rows:
-            by_company.setdefault(company, {})[key_type] = int(count)
+        by_company, by_type, by_rule, rules, buckets, size = {}, {}, {}, {}, empty_buckets(), 0
+        for company, key_type, rule, count, nbytes, *bucket_values in rows:
+            per = by_company.setdefault(company, {})
+            per[key_type] = per.get(key_type, 0) + int(count)
             by_type[key_type] = by_type.get(key_type, 0) + int(count)
+            by_rule[rule] = by_rule.get(rule, 0) + int(count)
+            rules.setdefault(company, {}).setdefault(key_type, {})[rule] = int(count)
             add_buckets(buckets, bucket_values)
             size += int(nbytes)
         totals = {}
@@ -417,6 +441,8 @@ class Cleanup:
             "companies": len(by_company),
             "by_company": {c: dict(sorted(t.items())) for c, t in sorted(by_company.items())},
             "by_type": dict(sorted(by_type.items())),
+            "by_rule": dict(sorted(by_rule.items())),
+            "rules": {c: {t: dict(sorted(r.items())) for t, r in sorted(types.items())} for c, types in sorted(rules.items())},
             "buckets": buckets,
             "row_bytes": size,
             "company_keys": {c: int(n) for c, n in sorted(totals.items())},

@@ -39,6 +39,49 @@ KEY_TYPES = (
 # health counts them apart.
 PROTECTED_KEY_TYPES = ("pre-key", "app-state-sync-key", "app-state-sync-version", "identity-key", "lid-mapping")
 
+# Baileys' tctoken rules (src/Utils/tc-token-utils.ts, Baileys 7.0.0-rc13 and rc14; docs/cleanup.md).
+# TC_TOKEN_INDEX_KEY: a sentinel row under tctoken holding the JSON list of the JIDs Baileys' pruning walks.
+# It has no timestamp (Baileys' own rule would call it expired): never delete it, never count it as a token.
+TC_TOKEN_INDEX_KEY = "__index"
+SENTINEL_KEYS = (("tctoken", TC_TOKEN_INDEX_KEY),)
+# isTcTokenExpired: 4 buckets of 7 days; a timestamp before the start of the oldest bucket is expired.
+TC_TOKEN_BUCKET_SECONDS = 604800
+TC_TOKEN_NUM_BUCKETS = 4
+
+
+def tctoken_cutoff(now_seconds):
+    """isTcTokenExpired's cutoffTimestamp at now (epoch seconds): timestamps below it are expired."""
+    current_bucket = int(now_seconds) // TC_TOKEN_BUCKET_SECONDS
+    return (current_bucket - (TC_TOKEN_NUM_BUCKETS - 1)) * TC_TOKEN_BUCKET_SECONDS
+
+
+def _tctoken_valid_sql(field, cutoff):
+    """SQL: NOT isTcTokenExpired(field) for a jsonb field. A number is compared as is; a string as parseInt reads it
+    (leading blanks, a sign, decimal digits). Strings parseInt could read otherwise (hex "0x..", odd leading characters
+    before digits) and arrays (JavaScript compares [t] as t) count as valid: in doubt, a token is kept. Anything else
+    (absent, null, a boolean, an object, a string without digits) is expired, as for Baileys."""
+    text = "(%s #>> '{}')" % field
+    return (
+        "(CASE jsonb_typeof(%(f)s) WHEN 'number' THEN (%(f)s)::numeric >= %(c)s "
+        "WHEN 'string' THEN CASE WHEN %(t)s ~ '^\\s*[+-]?0[xX][0-9a-fA-F]' THEN true "
+        "WHEN %(t)s ~ '^\\s*[+-]?[0-9]' THEN substring(%(t)s from '^\\s*([+-]?[0-9]+)')::numeric >= %(c)s "
+        "WHEN %(t)s ~ '[0-9]' THEN true ELSE false END WHEN 'array' THEN true ELSE false END)" % {"f": field, "t": text, "c": cutoff})
+
+
+def tctoken_prunable_sql(value="k.value", cutoff="%(tc_cutoff)s"):
+    """SQL: Baileys' pruneExpiredTcTokens (src/Socket/messages-recv.ts) would delete this tctoken row: it keeps a row
+    with a non-empty token whose timestamp is not expired, or whose senderTimestamp is not expired. The caller
+    excludes TC_TOKEN_INDEX_KEY. A token counts as non-empty in any stored Buffer form (array or base64 data)."""
+    token = "%s -> 'token'" % value
+    has_token = (
+        "(CASE jsonb_typeof(%(t)s) WHEN 'object' THEN CASE jsonb_typeof(%(t)s -> 'data') "
+        "WHEN 'array' THEN jsonb_array_length(%(t)s -> 'data') > 0 WHEN 'string' THEN (%(t)s ->> 'data') <> '' ELSE false END "
+        "WHEN 'string' THEN (%(t)s #>> '{}') <> '' WHEN 'array' THEN jsonb_array_length(%(t)s) > 0 ELSE false END)" % {"t": token})
+    keep_token = "(%s AND %s)" % (has_token, _tctoken_valid_sql("%s -> 'timestamp'" % value, cutoff))
+    keep_sender = _tctoken_valid_sql("%s -> 'senderTimestamp'" % value, cutoff)
+    return "(NOT %s AND NOT %s)" % (keep_token, keep_sender)
+
+
 DIGEST_HEADER = ["baileys-dr-state", 1]
 
 # The application's expires_at policy (DOMAIN.md section 1): written rows get now() + this many days.

@@ -46,8 +46,10 @@ def seed(db, companies=("acme", "beta"), per_type=6):
             for key_type in ("pre-key", "session", "sender-key", "sender-key-memory", "app-state-sync-key", "app-state-sync-version",
                              "lid-mapping", "device-list", "tctoken", "identity-key"):
                 for n, age in enumerate(ages):
-                    add_key(cur, company, key_type, "%s.%d" % (key_type, n), age,
-                            value={"n": n, "big": 12345678901234567, "f": 1.5e-7, "s": "ü\u2028\"x", "b": {"type": "Buffer", "data": "AQID"}})
+                    value = {"n": n, "big": 12345678901234567, "f": 1.5e-7, "s": "ü\u2028\"x", "b": {"type": "Buffer", "data": "AQID"}}
+                    if key_type == "tctoken":  # received when the row was written: expired from 28 days at most (ages 45, 90)
+                        value = dict(value, token={"type": "Buffer", "data": [1, 2]}, timestamp=str(int((NOW - DAY * age).timestamp())))
+                    add_key(cur, company, key_type, "%s.%d" % (key_type, n), age, value=value)
     db.commit()
 
 
@@ -95,24 +97,25 @@ def test_delete_archives_then_deletes_only_old_rebuildable_keys(db, db_params, t
     auth_before = auth_rows(db)
     ok, result = cleanup(db_params, tmp_path, retention={"session": 7, "tctoken": 60})
     assert ok, result
-    assert result["changed"] and result["keys_deleted"] == 2 * (4 + 1)
-    assert result["deleted"] == {"acme": {"session": 4, "tctoken": 1}, "beta": {"session": 4, "tctoken": 1}}
+    # tctoken's 60 days are not used: Baileys' expiry takes the tokens received 45 and 90 days ago.
+    assert result["changed"] and result["keys_deleted"] == 2 * (4 + 2)
+    assert result["deleted"] == {"acme": {"session": 4, "tctoken": 2}, "beta": {"session": 4, "tctoken": 2}}
     # Protected types, types without retention and whatsapp_auth are untouched.
     assert rows(db, "key_type IN ('pre-key','app-state-sync-key','app-state-sync-version','identity-key','lid-mapping')") == protected_before
     assert len(rows(db, "key_type = 'sender-key'")) == 12
     assert auth_rows(db) == auth_before
     archive = result["archive"]
-    assert archive["rows"] == 10 and os.stat(archive["path"]).st_mode & 0o777 == 0o600
+    assert archive["rows"] == 12 and os.stat(archive["path"]).st_mode & 0o777 == 0o600
     assert read_sidecar(archive["path"]) == archive["sha256"]
     with gzip.open(archive["path"], "rt") as fh:
         lines = fh.read().rstrip("\n").split("\n")  # not splitlines(): values hold U+2028
     header = json.loads(lines[0])
     assert header["kind"] == "baileys-dr-keys-archive" and header["columns"][:3] == ["company_id", "key_type", "key_id"]
     assert sorted((json.loads(x)["company_id"], json.loads(x)["key_id"]) for x in lines[1:]) == sorted(
-        (c, "%s.%d" % (t, n)) for c in ("acme", "beta") for t, ns in (("session", (2, 3, 4, 5)), ("tctoken", (5,))) for n in ns)
-    assert result["after"]["keys"] == 110
+        (c, "%s.%d" % (t, n)) for c in ("acme", "beta") for t, ns in (("session", (2, 3, 4, 5)), ("tctoken", (4, 5))) for n in ns)
+    assert result["after"]["keys"] == 108
     assert result["vacuum"]["ran"] is True and result["vacuum"]["warnings"] == []
-    assert result["after_delete"]["dead_tuples"] >= 10 and result["after"]["dead_tuples"] == 0
+    assert result["after_delete"]["dead_tuples"] >= 12 and result["after"]["dead_tuples"] == 0
     assert any(q.startswith("VACUUM (ANALYZE)") for q in result["queries"])
 
 
@@ -182,7 +185,8 @@ def test_caps_refuse_with_the_numbers_and_delete_nothing(db, db_params, tmp_path
     ok, result = cleanup(db_params, tmp_path, retention={"session": 1, "sender-key": 1, "sender-key-memory": 1, "device-list": 1,
                                                           "tctoken": 1}, max_delete_share=0.3)
     assert not ok and result["refused"]
-    assert "acme: 25 of 60 keys (41.7%)" in result["msg"] and "beta: 25 of 60 keys" in result["msg"]
+    # 4 x 5 by age, and the 2 tokens Baileys considers expired (its 1 day is not used).
+    assert "acme: 22 of 60 keys (36.7%)" in result["msg"] and "beta: 22 of 60 keys" in result["msg"]
     assert rows(db) == before
     assert not (tmp_path / "archive").exists()
     ok, result = cleanup(db_params, tmp_path, retention={"session": 1}, max_delete_share=0.3)  # raised enough
