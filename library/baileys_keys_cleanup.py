@@ -14,6 +14,11 @@ description:
     needs. A key is a candidate when its type has an entry in O(retention) and it was not updated for that many days
     (C(updated_at) before the run's start minus the retention). Types in O(protected_types) are never candidates; types with
     no retention entry are kept. C(whatsapp_auth) is never read or written.
+  - C(tctoken) rows follow Baileys' own rule, not their age (docs/cleanup.md). The sentinel row C(__index)
+    (C(TC_TOKEN_INDEX_KEY) in Baileys' src/Utils/tc-token-utils.ts, the list of JIDs Baileys' pruning walks) is never a
+    candidate, in any mode and at any age. Another C(tctoken) row is a candidate exactly when Baileys' C(pruneExpiredTcTokens)
+    would delete it, holding neither a non-empty token whose C(timestamp) is unexpired nor an unexpired C(senderTimestamp), by
+    C(isTcTokenExpired) (4 buckets of 7 days counted from the run's start), whatever its C(updated_at) or C(expires_at).
   - Before anything is deleted the module counts the candidates exactly (per company and type, with age buckets) and
     refuses, deleting nothing, when they exceed O(max_delete) rows or O(max_delete_share) of any company's keys.
   - Every deleted row is first archived. Deletes run in batches of O(batch_size) rows in short transactions. One statement
@@ -47,6 +52,7 @@ options:
   retention:
     description:
       - Days since C(updated_at) after which a key of that type may be deleted, by key type. Types not named are kept.
+      - For C(tctoken) the entry only enables the cleanup of expired tokens; its number is not used (Baileys' expiry decides).
       - Only Baileys key types; an unknown type, a type also in O(protected_types), or fewer than 1 day is refused, naming it.
     type: dict
     default: {session: 30, sender-key: 30, sender-key-memory: 30, device-list: 30, tctoken: 30}
@@ -178,8 +184,9 @@ run_at:
   type: str
 plan:
   description: >-
-    (delete) The candidates before deleting: keys, companies, by_company ({company: {type: n}}), by_type, buckets, row_bytes
-    (their size in the table) and company_keys (every key of those companies, for the share cap).
+    (delete) The candidates before deleting: keys, companies, by_company ({company: {type: n}}), by_type, by_rule ({rule: n}),
+    rules ({company: {type: {rule: n}}}: the rule that selected each row, C(age>30d), C(expires_at+0d) or C(tctoken-expired)),
+    buckets, row_bytes (their size in the table) and company_keys (every key of those companies, for the share cap).
   returned: mode=delete
   type: dict
 refused:
