@@ -82,6 +82,11 @@ def tctoken_prunable_sql(value="k.value", cutoff="%(tc_cutoff)s"):
     return "(NOT %s AND NOT %s)" % (keep_token, keep_sender)
 
 
+# Pre-keys: Baileys keeps every generated pre-key until WhatsApp consumes it (DOMAIN.md section 6), and uploads them in
+# batches (creds.nextPreKeyId, the next id to generate; creds.firstUnuploadedPreKeyId, the first not yet uploaded). An
+# account holds on the order of 800 uploaded at a time: more stored than this is worth a look, never a deletion.
+PRE_KEYS_STORED_WARNING = 2000
+
 DIGEST_HEADER = ["baileys-dr-state", 1]
 
 # The application's expires_at policy (DOMAIN.md section 1): written rows get now() + this many days.

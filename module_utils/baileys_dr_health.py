@@ -18,7 +18,7 @@ import math
 import select
 import time
 
-from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES, PROTECTED_KEY_TYPES
+from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES, PRE_KEYS_STORED_WARNING, PROTECTED_KEY_TYPES
 from ansible.module_utils.baileys_dr_postgres import connection_kwargs, describe_target, psycopg2, scrub
 from ansible.module_utils.baileys_dr_sessions import standby_refusal
 
@@ -46,6 +46,8 @@ DEFAULT_THRESHOLDS = {
     "companies_keys_without_creds": {"warning": 0, "critical": None},
     # expires_at is not a deletion signal (DOMAIN.md section 1): informational unless set.
     "expired_keys": {"warning": None, "critical": None},
+    # Stored pre-keys of the company that holds most (they are never deleted by default: report, do not delete).
+    "pre_keys_stored": {"warning": PRE_KEYS_STORED_WARNING, "critical": None},
 }
 
 AGE_BUCKETS = (
@@ -108,6 +110,19 @@ Q_NO_CREDS = "SELECT count(DISTINCT company_id), count(*) FROM whatsapp_keys k W
 Q_NO_CREDS_SAMPLE = (
     "SELECT company_id, count(*) FROM whatsapp_keys k WHERE " + _NO_CREDS
     + " GROUP BY company_id ORDER BY company_id COLLATE \"C\" LIMIT %s"
+)
+# Per company: stored pre-keys against the creds' counters (ids below firstUnuploadedPreKeyId were uploaded, ids from it
+# to nextPreKeyId were generated and not uploaded yet, ids at or above nextPreKeyId should not exist) and the oldest's age.
+_CREDS_ID = "CASE WHEN jsonb_typeof(creds -> '%s') = 'number' THEN (creds ->> '%s')::numeric END"
+Q_PRE_KEYS = (
+    "WITH c AS (SELECT company_id, " + _CREDS_ID % ("nextPreKeyId", "nextPreKeyId") + " AS next_id, "
+    + _CREDS_ID % ("firstUnuploadedPreKeyId", "firstUnuploadedPreKeyId") + " AS first_id FROM whatsapp_auth), "
+    "p AS (SELECT company_id, CASE WHEN key_id ~ '^[0-9]{1,18}$' THEN key_id::numeric END AS id, "
+    "coalesce(created_at, updated_at) AS born FROM whatsapp_keys WHERE key_type = 'pre-key') "
+    "SELECT coalesce(c.company_id, p.company_id), c.company_id IS NOT NULL, c.next_id, c.first_id, count(p.company_id), "
+    "count(*) FILTER (WHERE p.id < c.first_id), count(*) FILTER (WHERE p.id >= c.first_id AND p.id < c.next_id), "
+    "count(*) FILTER (WHERE p.id >= c.next_id), min(p.id), max(p.id), extract(epoch FROM now() - min(p.born))::float8 "
+    "FROM c FULL JOIN p ON p.company_id = c.company_id GROUP BY 1, 2, 3, 4 ORDER BY 1"
 )
 _TABLE_OIDS = "(" + ", ".join("to_regclass('%s')" % table for table in TABLES) + ")"
 Q_TABLES = (
@@ -337,7 +352,8 @@ class DbHealth:
                 self._check("schema", None, "whatsapp_auth or whatsapp_keys is missing (wrong database or search_path?)",
                             levels={}, status="critical")
             return
-        for name, function in (("keys", self._keys), ("companies", self._companies), ("tables", self._tables)):
+        for name, function in (("keys", self._keys), ("companies", self._companies), ("pre_keys", self._pre_keys),
+                               ("tables", self._tables)):
             self._section(name, function)
 
     def _server(self):
@@ -467,6 +483,32 @@ class DbHealth:
         self._check("companies_keys_without_creds", orphan_companies, "%d companies have %d keys but no creds%s" % (
             orphan_companies, orphan_keys, (": " + ", ".join(s["company_id"] for s in no_creds_sample)) if no_creds_sample else ""))
 
+    def _pre_keys(self):
+        companies = {}
+        number = lambda v: None if v is None else (int(v) if v == int(v) else float(v))  # noqa: E731
+        for (company, has_creds, next_id, first_id, stored, uploaded, not_uploaded, beyond, min_id, max_id,
+             oldest) in self._query(Q_PRE_KEYS):
+            companies[shown(company)] = {
+                "stored": stored, "creds": has_creds,
+                "next_pre_key_id": number(next_id), "first_unuploaded_pre_key_id": number(first_id),
+                "uploaded": uploaded, "not_uploaded": not_uploaded, "at_or_above_next": beyond,
+                "min_id": number(min_id), "max_id": number(max_id), "oldest_age_seconds": oldest,
+            }
+        warning = self.thresholds["pre_keys_stored"]["warning"]
+        over = sorted(c for c, info in companies.items() if warning is not None and info["stored"] > warning)
+        most = max(companies, key=lambda c: companies[c]["stored"]) if companies else None
+        self.result["pre_keys"] = {
+            "total": sum(info["stored"] for info in companies.values()),
+            "max_stored": companies[most]["stored"] if most else 0,
+            "over_warning": over,
+            "companies": companies,
+        }
+        self._check("pre_keys_stored", self.result["pre_keys"]["max_stored"],
+                    "%s holds the most pre-keys (%d; an account has on the order of 800 uploaded at a time)%s; "
+                    "pre-keys are never deleted by default" % (
+                        most, companies[most]["stored"], ("; over %s: %s" % (int(warning), ", ".join(over[:self.sample_size])))
+                        if over else "") if most else "no pre-keys")
+
     def _tables(self):
         floor = self.params.get("dead_tuples_floor", 1000)
         tables = {}
@@ -556,6 +598,16 @@ class DbHealth:
         add("keys_expired", "Keys past expires_at (not a deletion signal).", keys.get("expired"))
         add("keys_protected", "Keys of protected types (never deleted by cleanup).", keys.get("protected"))
         add("keys_expired_protected", "Keys of protected types past expires_at.", keys.get("expired_protected"))
+        for company, info in sorted(((r.get("pre_keys") or {}).get("companies") or {}).items()):
+            labels = {"company": company}
+            add("pre_keys", "Stored pre-keys by company (never deleted by default).", info["stored"], labels)
+            add("pre_keys_uploaded", "Stored pre-keys below creds.firstUnuploadedPreKeyId, by company.", info["uploaded"], labels)
+            add("pre_keys_not_uploaded", "Stored pre-keys from creds.firstUnuploadedPreKeyId to nextPreKeyId, by company.",
+                info["not_uploaded"], labels)
+            add("pre_keys_next_id", "creds.nextPreKeyId by company.", info["next_pre_key_id"], labels)
+            add("pre_keys_first_unuploaded_id", "creds.firstUnuploadedPreKeyId by company.", info["first_unuploaded_pre_key_id"], labels)
+            add("pre_keys_oldest_age_seconds", "Age of the oldest stored pre-key by company (since it was written).",
+                info["oldest_age_seconds"], labels)
         companies = r.get("companies") or {}
         add("companies", "Companies with creds.", companies.get("total"))
         add("companies_without_keys", "Companies with creds but no keys.", companies.get("without_keys"))
