@@ -52,7 +52,8 @@ options:
       - "Checks and defaults (from the original dashboard where it had one): C(latency_p95_seconds) 0.1 / 0.5;
         C(connections_ratio) (client connections / max_connections) 0.8 / 0.95; C(waiting_locks) 5 / 20;
         C(lock_wait_seconds) 10 / 60; C(dead_tuple_ratio) 0.2 / 0.5; C(companies_without_keys) 0 / null;
-        C(companies_keys_without_creds) 0 / null; C(expired_keys) null / null (C(expires_at) is not a deletion signal)."
+        C(companies_keys_without_creds) 0 / null; C(expired_keys) null / null (C(expires_at) is not a deletion signal);
+        C(pre_keys_stored) (stored pre-keys of the company holding most) 2000 / null."
     type: dict
     default: {}
   protected_types:
@@ -177,6 +178,15 @@ keys:
       protected_types, unknown_types.
   returned: when the tables exist
   type: dict
+pre_keys:
+  description:
+    - "Pre-keys (never deleted by default): total, max_stored, over_warning (companies above the C(pre_keys_stored) warning)
+      and companies, per company stored, creds (whether it has creds), next_pre_key_id and first_unuploaded_pre_key_id (from
+      its creds), uploaded (stored ids below firstUnuploadedPreKeyId), not_uploaded (from it to nextPreKeyId),
+      at_or_above_next (ids Baileys has not generated yet: should be 0), min_id, max_id, oldest_age_seconds (since the
+      oldest was written)."
+  returned: when the tables exist
+  type: dict
 companies:
   description: total, without_keys, without_keys_sample, keys_without_creds (companies, keys, sample of company_id and keys).
   returned: when the tables exist
@@ -196,7 +206,8 @@ metrics:
     - Prometheus samples for M(baileys_metrics), each C({name, type, help, value, labels}), names prefixed C(baileys_dr_)
       in base units, for example C(baileys_dr_db_up), C(baileys_dr_db_latency_seconds{quantile}),
       C(baileys_dr_db_connections{application,state}), C(baileys_dr_keys{key_type}), C(baileys_dr_keys_age{bucket}),
-      C(baileys_dr_table_size_bytes{table}), C(baileys_dr_health_status{check}) (0 healthy, 1 warning, 2 critical),
+      C(baileys_dr_table_size_bytes{table}), C(baileys_dr_pre_keys{company}) (also C(_uploaded), C(_not_uploaded),
+      C(_next_id), C(_first_unuploaded_id), C(_oldest_age_seconds)), C(baileys_dr_health_status{check}) (0 healthy, 1 warning, 2 critical),
       C(baileys_dr_health_last_run_timestamp_seconds).
   returned: always
   type: list
