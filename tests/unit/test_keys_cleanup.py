@@ -203,3 +203,15 @@ def test_invalid_arguments_are_named(args, message):
 def test_connection_errors_never_show_the_password():
     ok, result = run_module(baileys_keys_cleanup, dict(NO_DB, archive_dir="/tmp/x", login_password="s3cr3t-pw"))
     assert not ok and "cannot connect" in result["msg"] and "s3cr3t-pw" not in json.dumps(result)
+
+
+# -- Baileys' tctoken rules ----------------------------------------------------------------------
+
+
+def test_tctoken_cutoff_is_the_start_of_the_oldest_of_four_weekly_buckets():
+    from ansible.module_utils.baileys_dr_codec import TC_TOKEN_BUCKET_SECONDS as WEEK, tctoken_cutoff
+
+    # isTcTokenExpired: (floor(now / 604800) - 3) * 604800, so the valid window is 21 to 28 days.
+    assert tctoken_cutoff(10 * WEEK) == 7 * WEEK
+    assert tctoken_cutoff(11 * WEEK - 1) == 7 * WEEK
+    assert tctoken_cutoff(11 * WEEK) == 8 * WEEK
