@@ -26,7 +26,7 @@ import shutil
 import time
 
 from ansible.module_utils.baileys_dr_dotenv import DotenvDocument, EnvFile, EnvFileError, env_file_argument_spec
-from ansible.module_utils.baileys_dr_fs import swap_in, write_file_atomic
+from ansible.module_utils.baileys_dr_fs import fsync_dir, swap_in, write_file_atomic
 from ansible.module_utils.baileys_dr_import import auth_import_argument_spec, failback, import_failure
 from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, git_tag_verify_argument_spec
 from ansible.module_utils.baileys_dr_pm2 import HealthClient, Pm2Error, find_instances
@@ -605,17 +605,26 @@ class FailoverSwitch:
                 summary.append("git ref restored")
             except GitError as why:
                 failures.append("git: %s" % why)
-        if record.get("sessions_backup") and os.path.isdir(record["sessions_backup"]):
+        restore = record.get("sessions_backup") and os.path.isdir(record["sessions_backup"])
+        # A swap that found no tree to keep (none before the failover) recorded an empty sessions_backup: the
+        # promoted tree must leave the sessions directory too, which is then absent again, as before the stop.
+        vacate = not restore and "sessions_backup" in record and os.path.lexists(p["sessions_dir"])
+        if restore or vacate:
+            failed_tree = "%s.failed-%s" % (p["sessions_dir"], datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ"))
             try:
                 with ParentLock(os.path.dirname(os.path.abspath(p["sessions_dir"])), timeout=60):
-                    promoted = swap_in(record["sessions_backup"], p["sessions_dir"], "%s.failed-%s" % (
-                        p["sessions_dir"], datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")))
+                    if restore:
+                        promoted = swap_in(record["sessions_backup"], p["sessions_dir"], failed_tree)
+                    else:
+                        os.rename(p["sessions_dir"], failed_tree)
+                        promoted = failed_tree
                     # The promoted copy is the standby again when the service wrote nothing into it: the next
                     # failover need not build it anew.
                     if promoted and not os.path.lexists(p["standby_dir"]) and tree_drift(promoted).get("clean"):
                         os.rename(promoted, p["standby_dir"])
                         summary.append("standby copy put back")
-                summary.append("sessions tree restored")
+                    fsync_dir(os.path.dirname(os.path.abspath(p["sessions_dir"])))
+                summary.append("sessions tree restored" if restore else "promoted sessions tree moved out")
             except OSError as why:
                 failures.append("sessions: %s" % why)
         ok, started = s._start(store)

@@ -1,4 +1,5 @@
-"""After a failed failover the service runs exactly as before, on PostgreSQL, on main."""
+"""After a failover whose code never became ready on files, the switch module rolled back: the service runs as
+before, on PostgreSQL (which answered), on main, with every write the writer had acknowledged."""
 
 import json
 import os
@@ -6,16 +7,25 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 
-from verify_helpers import APP_ROOT, SESSIONS, database_digests, env_values, git_commit_of, git_head, readiness  # noqa: E402
+from verify_helpers import (  # noqa: E402
+    APP_ROOT, SESSIONS, assert_no_acknowledged_write_lost, assert_quiet_digests_equal_the_store, assert_writer_saw_the_switch,
+    database_digests, env_values, git_commit_of, git_head, writer_result,
+)
 
 testinfra_hosts = ["ansible://baileys-dr-app"]
 
 
+def test_no_write_acknowledged_before_the_stop_or_after_the_rollback_is_lost_from_postgresql(host):
+    assert_no_acknowledged_write_lost(writer_result(host), "postgres")
+
+
+def test_the_writer_measured_the_outage_of_the_failed_switch(host):
+    assert_writer_saw_the_switch(writer_result(host))
+
+
 def test_service_is_back_on_postgresql_with_the_databases_digests(host):
-    status, report = readiness(host)
-    assert status == 200, report["errors"]
-    assert report["store"] == "postgres"
-    assert report["digests"] == database_digests()
+    assert_quiet_digests_equal_the_store(host, writer_result(host))
+    assert database_digests() == writer_result(host)["quiet"]["store"]
 
 
 def test_git_is_back_on_main(host):
@@ -30,12 +40,15 @@ def test_env_has_its_values_from_before(host):
     assert values["USE_REPOSITORY_PATTERN"] == "true"
 
 
-def test_the_exported_tree_was_moved_aside_not_deleted(host):
+def test_the_promoted_tree_left_the_sessions_directory_and_is_the_standby_copy_again(host):
+    # There was no sessions tree before the failover: there is none after the rollback. The broken build wrote nothing
+    # into the promoted copy, so it is the standby copy again (not deleted, not set aside).
     assert not host.file(SESSIONS).exists
-    assert host.run("ls -d %s.failed-*" % SESSIONS).rc == 0
+    assert host.file(SESSIONS + ".standby/.baileys-dr/manifest.json").exists
+    assert host.run("ls -d %s.failed-*" % SESSIONS).rc != 0
 
 
 def test_the_rollback_is_audited(host):
     records = [json.loads(line) for line in host.file("/var/log/baileys-dr/audit.jsonl").content_string.splitlines()]
     assert records[-1]["operation"] == "failover" and records[-1]["outcome"] == "rolled_back"
-    assert "Restart the service" in records[-1]["details"]["failed_step"]
+    assert records[-1]["details"]["failed_step"] == "start"
