@@ -542,11 +542,12 @@ class DbHealth:
         kept = "generation %s (database time %s)" % (state["generation"], state["snapshot_at"]) if state["generation"] else "no manifest"
         if state["refused"] is not None:
             refused = state["refused"]
+            reasons = refused.get("reasons") if isinstance(refused.get("reasons"), list) else [refused.get("reasons")]
             self._check("standby_refresh", 1, "the last refresh of the standby copy %s was refused%s: %s; it keeps %s. Restore the "
                         "deleted rows from it (docs/runbook.md, scenario 3) or, if the deletion was intended, run snapshot.yml "
                         "with -e baileys_snapshot_force=true" % (
                             path, " at %s" % refused["refused_at"] if refused.get("refused_at") else "",
-                            "; ".join(map(str, refused.get("reasons") or ["no reason recorded"])), kept),
+                            "; ".join(str(r) for r in reasons if r) or "no reason recorded", kept),
                         levels={}, status="critical")
         elif state["error"]:
             self._check("standby_refresh", None, "the standby copy %s cannot be read: %s" % (path, state["error"]), levels={},

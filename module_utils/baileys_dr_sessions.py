@@ -131,8 +131,6 @@ class RefreshRefused(SessionsError):
     """A standby refresh would delete too much (the deletion guard): nothing was changed."""
 
 
-
-
 # -- time and test hooks ---------------------------------------------------------------
 
 
