@@ -31,7 +31,8 @@ from ansible.module_utils.baileys_dr_import import auth_import_argument_spec, fa
 from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, git_tag_verify_argument_spec
 from ansible.module_utils.baileys_dr_pm2 import HealthClient, Pm2Error, find_instances
 from ansible.module_utils.baileys_dr_pm2_process import Pm2Process, pm2_process_argument_spec
-from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, describe_target, postgres_argument_spec, retry_on_disconnect
+from ansible.module_utils.baileys_dr_postgres import (
+    DatabaseError, connect, describe_target, postgres_argument_spec, psycopg2, retry_on_disconnect)
 from ansible.module_utils.baileys_dr_sessions import (
     COMPANY_PREFIX,
     CREDS_FILE,
@@ -50,6 +51,8 @@ from ansible.module_utils.baileys_dr_sessions import (
 
 # The connection options (baileys_dr_postgres) every engine of the switch is given.
 DB_OPTIONS = tuple(postgres_argument_spec())
+# What the driver raises from inside an engine (a query that fails after the stop): rolled back, never a traceback.
+DRIVER_ERRORS = (psycopg2.Error,) if psycopg2 is not None else ()
 JOURNAL_FORMAT = 1
 # Executables of a stray instance when PM2 ran none to compare with (an operator's shell in the directory is no instance).
 RUNTIMES = ("node", "nodejs", "bun", "deno")
@@ -402,7 +405,7 @@ class StoreSwitch:
         engine = FailoverSwitch(self) if operation == "failover" else FailbackSwitch(self)
         try:
             engine.run()
-        except (SwitchError, SessionsError, DatabaseError, EnvFileError, GitError, Pm2Error, OSError) as exc:
+        except (SwitchError, SessionsError, DatabaseError, EnvFileError, GitError, Pm2Error, OSError) + DRIVER_ERRORS as exc:
             step = getattr(exc, "step", engine.phase or "stop")
             if isinstance(exc, FenceError):
                 self.result.update(failed=True, failed_step=step, msg=str(exc))
