@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import fcntl
 import json
 import os
 import pwd
@@ -269,6 +270,37 @@ class Journal:
         test_hook("switch_" + phase)
 
 
+class SwitchLock:
+    """One switch at a time per state file: flock(2) on a file beside it, held for the whole module run.
+
+    A module whose playbook was killed runs on (Ansible's workers start sessions of their own; a target outlives its
+    controller): the playbook's lock is then stale, and a re-run would switch a second time beside it, replacing the
+    tree the service writes into. The kernel releases this lock when the process ends, whatever ends it."""
+
+    def __init__(self, state_file):
+        self.path = os.path.join(os.path.dirname(os.path.abspath(state_file)), ".switch.lock")
+        self.fd = None
+
+    def __enter__(self):
+        if not os.path.isdir(os.path.dirname(self.path)):
+            os.makedirs(os.path.dirname(self.path), mode=0o700)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(self.fd)
+            raise SwitchError("lock", "another switch (pid %s) is still running on this host (its playbook may have been "
+                                      "killed): nothing was done; let it end, it finishes or rolls back by itself, then run "
+                                      "again" % holder) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, b"%d\n" % os.getpid(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
 class StoreSwitch:
     """Stop, fence, final copy, proof, switch, start, identity check; rollback onto an answering store."""
 
@@ -400,6 +432,10 @@ class StoreSwitch:
         if self.module.check_mode:
             return dict(self.result, msg="check mode: would stop %s, copy the delta, switch to %s and start it"
                         % (self.params["app_name"], self.params["store"]))
+        with SwitchLock(self.params["state_file"]):
+            return self._run_locked()
+
+    def _run_locked(self):
         self.journal.load()
         operation = "failover" if self.params["store"] == "files" else "failback"
         engine = FailoverSwitch(self) if operation == "failover" else FailbackSwitch(self)
