@@ -24,7 +24,7 @@ import pytest
 
 from faults_helpers import listing
 from pgcluster import free_port
-from testbed_helpers import PlaybookRun, Writer, kill_group, testbed, until  # noqa: F401 (testbed: the fixture)
+from testbed_helpers import PlaybookRun, Writer, descendants, kill_run, testbed, until  # noqa: F401 (testbed: the fixture)
 
 SWITCH = "baileys_store_switch"
 ROLLBACK_WORDS = ("Rolled back", "ROLLBACK", "NOT ROLLED BACK")
@@ -335,7 +335,7 @@ def test_pm2_cluster_mode_both_instances_are_stopped_before_the_final_copy_and_n
         process.wait(timeout=600)
     finally:
         if process.poll() is None:
-            kill_group(process)
+            kill_run(process)
     with open(log_path, encoding="utf-8") as fh:
         run = PlaybookRun("failover.yml", process.returncode, fh.read(), log_path)
     assert run.returncode == 0, run.explain()
@@ -363,7 +363,7 @@ def test_a_failover_killed_between_the_stop_and_the_start_is_finished_by_the_nex
               lambda: journal_phase(bed, "failover") == phase or process.poll() is not None, timeout=300)
         assert process.poll() is None, "the run ended before it could be killed"
     finally:
-        kill_group(process)
+        kill_run(process)
     assert bed.health() == (None, None), "killed between the stop and the start: the service is down"
 
     run = bed.playbook("failover.yml")
@@ -372,6 +372,42 @@ def test_a_failover_killed_between_the_stop_and_the_start_is_finished_by_the_nex
     assert result["resumed_from"] == phase and result["store"] == "files"
     assert journal_phase(bed, "failover") == "done"
     writes_landed(bed, writer, "files", since=run.ended(""))
+    fail_back(bed, writer)
+
+
+def test_a_failover_whose_playbook_is_killed_while_its_module_runs_on_is_never_switched_twice_and_loses_nothing(
+        testbed, tmp_path):  # noqa: F811
+    bed = testbed
+    writer = Writer(bed, tmp_path / "ledger.jsonl").start()
+    writer.wait_acks(3, after=time.time() - 1)
+    process, _ = bed.playbook_process("failover.yml", env=hooks("switch_stopped", 30))
+    try:
+        until("the failover's stop", lambda: journal_phase(bed, "failover") == "stopped" or process.poll() is not None,
+              timeout=300)
+        module = descendants(process.pid)
+        # kill -9 of the playbook's process group: Ansible's workers run in sessions of their own, so the module (held
+        # 30 s after the stop) runs on, as it does on a target whose controller died.
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            kill_run(process)
+    assert [pid for pid in module if pid_alive(pid)], "the module outlives its playbook"
+
+    rerun = bed.playbook("failover.yml")
+    assert rerun.returncode != 0, rerun.explain()
+    said = rerun.final_message()
+    assert [pid for pid in module if "another switch (pid %d) is still running" % pid in said], rerun.explain()
+    assert "nothing was done" in said and rerun.result(SWITCH)["failed_step"] == "lock", said
+    assert journal_phase(bed, "failover") == "stopped", "the re-run changed nothing while the first one runs"
+
+    until("the first run's module to finish", lambda: not [pid for pid in module if pid_alive(pid)], timeout=600)
+    assert journal_phase(bed, "failover") == "done"
+    bed.wait_serving("files", complete=False)
+    settled = time.time()
+    again = bed.playbook("failover.yml")
+    assert again.returncode == 0 and again.result(SWITCH) is None, again.explain()
+    writes_landed(bed, writer, "files", since=settled)
     fail_back(bed, writer)
 
 

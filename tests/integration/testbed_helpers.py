@@ -378,20 +378,41 @@ class Writer:
         return done.returncode, json.loads(done.stdout)
 
 
-def kill_group(process):
-    """kill -9 of a process group started with start_new_session (ansible-playbook, its workers and their modules)."""
+def descendants(pid):
+    """Every process below pid (Ansible's workers start sessions of their own: not in the playbook's process group)."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open("/proc/%s/stat" % name, encoding="utf-8") as fh:
+                    children.setdefault(int(fh.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_run(process):
+    """kill -9 of a whole playbook run started with start_new_session: ansible-playbook's process group, its workers
+    (each in a session of its own) and the modules they run, as a crash of the machine running them would."""
+    pids = descendants(process.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait(timeout=60)
 
-    def group_gone():
+    def alive(pid):
         try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
+            with open("/proc/%d/stat" % pid, encoding="utf-8") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
 
-    wait_until(group_gone, timeout=30, what="every process of the killed run to be gone")
+    wait_until(lambda: not [pid for pid in pids if alive(pid)], timeout=30, what="every process of the killed run to be gone")
 
 
 def until(what, predicate, timeout=120, interval=0.05):
