@@ -23,8 +23,9 @@ def kept(host, name):
 
 
 def run_output(name):
+    """A run's output kept by converge, its line breaks and indentation folded (the output callback wraps messages)."""
     with open(os.path.join(RUNS, name + ".log"), encoding="utf-8") as handle:
-        return handle.read()
+        return " ".join(handle.read().split())
 
 
 def test_the_refresh_after_the_deletion_left_the_standby_copy_as_it_was(host):
