@@ -159,10 +159,12 @@ def execute(conn, *statements):
 
 
 def wait_until(predicate, timeout=20, what="the condition"):
+    """The first true value of predicate(), polled until the deadline (AssertionError naming what after it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return
+        value = predicate()
+        if value:
+            return value
         time.sleep(0.05)
     raise AssertionError("timed out waiting for %s" % what)
 

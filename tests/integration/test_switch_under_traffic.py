@@ -22,9 +22,9 @@ import time
 
 import pytest
 
-from faults_helpers import listing
+from faults_helpers import listing, wait_until
 from pgcluster import free_port
-from testbed_helpers import PlaybookRun, Writer, descendants, kill_run, testbed, until  # noqa: F401 (testbed: the fixture)
+from testbed_helpers import PlaybookRun, Writer, descendants, kill_run, testbed  # noqa: F401 (testbed: the fixture)
 
 SWITCH = "baileys_store_switch"
 ROLLBACK_WORDS = ("Rolled back", "ROLLBACK", "NOT ROLLED BACK")
@@ -309,8 +309,8 @@ def cluster_mode(testbed):  # noqa: F811
             fh.write(CLUSTER_ECOSYSTEM)
         bed.pm2_command("delete", "baileys-whatsapp-service")
         bed.pm2_command("start", "ecosystem.config.js")
-        until("two instances online in cluster mode", lambda: [
-            i for i in bed.instances() if i["status"] == "online" and i["exec_mode"] == "cluster_mode"][1:])
+        wait_until(lambda: [i for i in bed.instances() if i["status"] == "online" and i["exec_mode"] == "cluster_mode"][1:],
+                   timeout=120, what="two instances online in cluster mode")
         bed.wait_serving("postgres")
         yield bed
     finally:
@@ -330,7 +330,7 @@ def test_pm2_cluster_mode_both_instances_are_stopped_before_the_final_copy_and_n
     # Held right after the stop (journaled), before the final copy: what is still running then?
     process, log_path = bed.playbook_process("failover.yml", env=hooks("switch_stopped", 5))
     try:
-        until("the failover's stop", lambda: journal_phase(bed, "failover") or process.poll() is not None, timeout=300)
+        wait_until(lambda: journal_phase(bed, "failover") or process.poll() is not None, timeout=300, what="the failover's stop")
         at_copy = {"alive": [pid for pid in old if pid_alive(pid)], "answers": bed.health()[0]}
         process.wait(timeout=600)
     finally:
@@ -359,8 +359,8 @@ def test_a_failover_killed_between_the_stop_and_the_start_is_finished_by_the_nex
     # Held at the phase (stopped: nothing copied yet; switched: tree swapped, .env and tag switched, not started).
     process, _ = bed.playbook_process("failover.yml", env=hooks("switch_" + phase, 600))
     try:
-        until("the failover to reach phase %s" % phase,
-              lambda: journal_phase(bed, "failover") == phase or process.poll() is not None, timeout=300)
+        wait_until(lambda: journal_phase(bed, "failover") == phase or process.poll() is not None, timeout=300,
+                   what="the failover to reach phase %s" % phase)
         assert process.poll() is None, "the run ended before it could be killed"
     finally:
         kill_run(process)
@@ -382,8 +382,8 @@ def test_a_failover_whose_playbook_is_killed_while_its_module_runs_on_is_never_s
     writer.wait_acks(3, after=time.time() - 1)
     process, _ = bed.playbook_process("failover.yml", env=hooks("switch_stopped", 30))
     try:
-        until("the failover's stop", lambda: journal_phase(bed, "failover") == "stopped" or process.poll() is not None,
-              timeout=300)
+        wait_until(lambda: journal_phase(bed, "failover") == "stopped" or process.poll() is not None, timeout=300,
+                   what="the failover's stop")
         module = descendants(process.pid)
         # kill -9 of the playbook's process group: Ansible's workers run in sessions of their own, so the module (held
         # 30 s after the stop) runs on, as it does on a target whose controller died.
@@ -401,7 +401,7 @@ def test_a_failover_whose_playbook_is_killed_while_its_module_runs_on_is_never_s
     assert "nothing was done" in said and rerun.result(SWITCH)["failed_step"] == "lock", said
     assert journal_phase(bed, "failover") == "stopped", "the re-run changed nothing while the first one runs"
 
-    until("the first run's module to finish", lambda: not [pid for pid in module if pid_alive(pid)], timeout=600)
+    wait_until(lambda: not [pid for pid in module if pid_alive(pid)], timeout=600, what="the first run's module to finish")
     assert journal_phase(bed, "failover") == "done"
     bed.wait_serving("files", complete=False)
     settled = time.time()

@@ -11,6 +11,7 @@ import urllib.request
 
 import writer
 from conftest import ROOT
+from faults_helpers import wait_until
 # The application fixtures are those of the application's own digest tests.
 from test_app_digest import TAG, app_repo, node_modules, postgres_env, run_app  # noqa: F401
 
@@ -23,16 +24,6 @@ FILES_ENV = {"USE_LEGACY_SUPABASE": "false", "USE_DATABASE_AUTH_STATE": "false",
 def run_writer(*args, env=None):
     return subprocess.run([WRITER, *map(str, args)], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, **(env or {})))
-
-
-def wait_for(what, condition, timeout=60):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out waiting for " + what
-        time.sleep(0.2)
 
 
 def requests(ledger):
@@ -91,7 +82,7 @@ def test_no_acknowledged_write_is_lost_on_the_file_store_and_a_deleted_key_file_
     app = start_files_app(app_repo, run_app)
     ledger, pid_file = tmp_path / "ledger.jsonl", tmp_path / "writer.pid"
     pid = start_writer(app, ledger, pid_file)
-    wait_for("3 s of acknowledged writes", lambda: acked_for(ledger, 3))
+    wait_until(lambda: acked_for(ledger, 3), timeout=60, what="3 s of acknowledged writes")
     stop_writer(pid_file, pid)
 
     records = requests(ledger)
@@ -115,16 +106,16 @@ def test_the_writer_rides_out_a_stopped_service_and_measures_the_downtime(app_re
     app = start_files_app(app_repo, run_app)
     ledger, pid_file = tmp_path / "ledger.jsonl", tmp_path / "writer.pid"
     pid = start_writer(app, ledger, pid_file)
-    wait_for("acknowledged writes", lambda: acked_for(ledger, 1))
+    wait_until(lambda: acked_for(ledger, 1), timeout=60, what="acknowledged writes")
     app.stop()
     stopped_at = time.time()
-    wait_for("requests refused while the service is down",
-             lambda: sum(r["outcome"] == "failed" and r["done_at"] > stopped_at for r in requests(ledger)) >= 3)
+    wait_until(lambda: sum(r["outcome"] == "failed" and r["done_at"] > stopped_at for r in requests(ledger)) >= 3,
+               timeout=60, what="requests refused while the service is down")
     app.proc = subprocess.Popen(["node", "src/index.js"], cwd=app_repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={k: v for k, v in os.environ.items() if not k.startswith(("PG", "POSTGRES_", "USE_"))})
     restarted_at = time.time()
-    wait_for("acknowledged writes after the restart",
-             lambda: sum(r["outcome"] == "ack" and r["done_at"] > restarted_at for r in requests(ledger)) >= 3, timeout=120)
+    wait_until(lambda: sum(r["outcome"] == "ack" and r["done_at"] > restarted_at for r in requests(ledger)) >= 3,
+               timeout=120, what="acknowledged writes after the restart")
     stop_writer(pid_file, pid)
 
     status, report = check(ledger, "--store", "files", "--sessions", app_repo / "baileys_sessions")
@@ -153,7 +144,7 @@ def test_no_acknowledged_write_is_lost_on_the_postgres_store_and_a_deleted_row_i
     assert simulate_answers_on_postgres(app), "POST /simulate answers on the PostgreSQL store"
     ledger, pid_file = tmp_path / "ledger.jsonl", tmp_path / "writer.pid"
     pid = start_writer(app, ledger, pid_file)
-    wait_for("3 s of acknowledged writes", lambda: acked_for(ledger, 3))
+    wait_until(lambda: acked_for(ledger, 3), timeout=60, what="3 s of acknowledged writes")
     stop_writer(pid_file, pid)
 
     libpq = {"PGHOST": db_params["login_host"], "PGPORT": str(db_params["login_port"]), "PGUSER": db_params["login_user"],

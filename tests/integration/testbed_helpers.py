@@ -415,12 +415,3 @@ def kill_run(process):
     wait_until(lambda: not [pid for pid in pids if alive(pid)], timeout=30, what="every process of the killed run to be gone")
 
 
-def until(what, predicate, timeout=120, interval=0.05):
-    """The first true value of predicate(), polled until the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out waiting for " + what
-        time.sleep(interval)
