@@ -1086,33 +1086,46 @@ def _die_with_parent():
         pass
 
 
-class ExportWorkers:
-    """Forked workers writing whole companies of one FullExport; the parent hands out companies one at a time.
+class Workers:
+    """Forked worker processes, each with its own state (its own database connection), doing the tasks the parent hands
+    out one at a time, so that JSON work, file I/O and the server's work use every core. Shared by the export
+    (ExportWorkers) and the import (baileys_dr_import).
 
-    Protocol on each worker's pipe: the worker sends ("ready", None) once its connection reads the
-    exported snapshot, then ("done", index, result, queries) per company it was sent, or
-    ("error", exception) and exits. A worker that cannot connect makes the whole export run in the
-    parent instead (run() returns None); any later failure kills every worker and is raised, so the
-    caller removes the staging tree.
+    start(attach, do, detach) forks; in each worker, state = attach() (its connection), then do(state, task) gives the
+    (picklable) result of each task received, and detach(state) ends it. Protocol on each worker's pipe: the worker sends
+    ("ready", None) once attached, then ("done", position, result) per task, or ("error", exception) and exits. start()
+    returns False when a worker could not attach (max_connections, say): the caller then does the work alone. The workers
+    are forked with the parent's memory as it is then: they see what the parent computed before, nothing after.
     """
 
-    def __init__(self, export, tree, count):
-        self.export = export
-        self.tree = tree
+    def __init__(self, count, what="a worker"):
         self.count = count
+        self.what = what
         self.pids = {}  # pipe -> pid
+        self.failures = {}  # position -> exception of a task whose worker failed (map(drain=True))
 
-    def run(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.kill()
+
+    def start(self, attach, do, detach=None):
         try:
             for _ in range(self.count):
-                self._start()
-            if not self._all_ready():
-                return None
-            return self._dispatch()
-        finally:
-            self._stop()
+                self._start(attach, do, detach)
+        except BaseException:
+            self.kill()
+            raise
+        for pipe in list(self.pids):
+            try:
+                self._receive(pipe)
+            except Exception:
+                self.kill()
+                return False
+        return True
 
-    def _start(self):
+    def _start(self, attach, do, detach):
         from multiprocessing.connection import Pipe  # here, not at the top: most runs never fork
 
         parent_end, child_end = Pipe()
@@ -1122,7 +1135,7 @@ class ExportWorkers:
             try:
                 parent_end.close()
                 _die_with_parent()
-                self._work(child_end)
+                self._work(child_end, attach, do, detach)
                 code = 0
             except BaseException:  # noqa: B036 - the worker reports what it can, then exits
                 pass
@@ -1131,72 +1144,73 @@ class ExportWorkers:
         child_end.close()
         self.pids[parent_end] = pid
 
-    def _work(self, pipe):
-        conn = None
+    def _work(self, pipe, attach, do, detach):
+        state = None
         try:
-            conn = self.export.connect()
-            snapshot = self.export.snapshot.attach(conn)
+            state = attach()
             pipe.send(("ready", None))
             while True:
-                index = pipe.recv()
-                if index is None:
+                message = pipe.recv()
+                if message is None:
                     break
-                company_id, _keys, fingerprint, _creds = self.export.stats[index]
-                result = self.export._company(snapshot, self.tree, company_id, fingerprint)
-                test_hook("after_company:%d" % (index + 1))
-                pipe.send(("done", index, result, snapshot.queries))
-            conn.rollback()
+                position, task = message
+                pipe.send(("done", position, do(state, task)))
         except BaseException as exc:  # noqa: B036 - sent to the parent, which raises it
             try:
                 pipe.send(("error", exc))
             except Exception:
-                pipe.send(("error", SessionsError("an export worker failed: %s: %s" % (type(exc).__name__, exc))))
+                pipe.send(("error", SessionsError("%s failed: %s: %s" % (self.what, type(exc).__name__, exc))))
             raise
         finally:
-            if conn is not None:
-                conn.close()
+            if detach is not None and state is not None:
+                detach(state)
 
     def _receive(self, pipe):
         try:
             message = pipe.recv()
         except (EOFError, OSError):
             pid = self.pids.get(pipe)
-            raise SessionsError("an export worker (pid %s) ended without a word (killed?): the export is abandoned" % pid) from None
+            raise SessionsError("%s (pid %s) ended without a word (killed?)" % (self.what, pid)) from None
         if message[0] == "error":
             raise message[1]
         return message
 
-    def _all_ready(self):
-        for pipe in list(self.pids):
-            try:
-                self._receive(pipe)
-            except Exception:
-                # No connection for a worker (max_connections, say): the parent does the work alone.
-                return False
-        return True
+    def map(self, tasks, accept=None, drain=False):
+        """{position: result} of the tasks (a list), handed out one at a time to whichever worker is free.
 
-    def _dispatch(self):
+        accept(position, result), called in the parent as each result comes, returning False hands out no further task
+        (the tasks in flight finish; the others get no result). A failed worker raises its error at once, unless drain:
+        then it gets no further task, the others finish theirs, and the failure is in failures (its task's position)."""
         from multiprocessing.connection import wait
 
-        stats = self.export.stats
-        queries = self.export.snapshot.queries
-        results, pending, next_index = {}, {}, 0
-        for pipe in self.pids:
-            if next_index < len(stats):
-                pipe.send(next_index)
-                pending[pipe] = next_index
-                next_index += 1
-        while pending:
+        results, pending, next_position, stopped = {}, {}, 0, False
+        idle = list(self.pids)
+        while True:
+            while idle and not stopped and next_position < len(tasks):
+                pipe = idle.pop()
+                pipe.send((next_position, tasks[next_position]))
+                pending[pipe] = next_position
+                next_position += 1
+            if not pending:
+                return results
             for pipe in wait(list(pending)):
-                _, index, result, worker_queries = self._receive(pipe)
-                results[index] = result
-                queries.extend(q for q in worker_queries if q not in queries)
-                if next_index < len(stats):
-                    pipe.send(next_index)
-                    pending[pipe] = next_index
-                    next_index += 1
-                else:
-                    del pending[pipe]
+                position = pending.pop(pipe)
+                try:
+                    _, _, result = self._receive(pipe)
+                except Exception as exc:
+                    if not drain:
+                        raise
+                    self.failures[position] = exc
+                    self._forget(pipe)
+                    stopped = True
+                    continue
+                results[position] = result
+                idle.append(pipe)
+                if accept is not None and accept(position, result) is False:
+                    stopped = True
+
+    def finish(self):
+        """Let every worker end (detach), then reap it; a worker that ended badly raises."""
         for pipe in self.pids:
             pipe.send(None)
         for pipe, pid in list(self.pids.items()):
@@ -1204,19 +1218,70 @@ class ExportWorkers:
             del self.pids[pipe]
             pipe.close()
             if os.waitstatus_to_exitcode(status) != 0:
-                raise SessionsError("an export worker (pid %d) failed at its end (exit %d)" % (pid, os.waitstatus_to_exitcode(status)))
-        return results
+                raise SessionsError("%s (pid %d) failed at its end (exit %d)" % (self.what, pid, os.waitstatus_to_exitcode(status)))
 
-    def _stop(self):
+    def _forget(self, pipe):
+        pid = self.pids.pop(pipe)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        pipe.close()
+
+    def kill(self):
         """Kill and reap whatever worker is left (after a failure, before the staging tree is removed)."""
-        for pipe, pid in list(self.pids.items()):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
-            pipe.close()
-        self.pids.clear()
+        for pipe in list(self.pids):
+            self._forget(pipe)
+
+
+class ExportWorkers:
+    """Forked workers (Workers) writing whole companies of one FullExport, each on its own connection to the exported
+    snapshot; the parent collects each company's result. A worker that cannot connect makes the whole export run in the
+    parent instead (run() returns None); any later failure kills every worker and is raised, so the caller removes the
+    staging tree.
+    """
+
+    def __init__(self, export, tree, count):
+        self.export = export
+        self.tree = tree
+        self.count = count
+
+    def run(self):
+        with Workers(self.count, "an export worker") as workers:
+            if not workers.start(self._attach, self._company, self._detach):
+                return None
+            queries = self.export.snapshot.queries
+
+            def accept(_index, result):
+                queries.extend(q for q in result[1] if q not in queries)
+
+            results = workers.map(list(range(len(self.export.stats))), accept)
+            workers.finish()
+        return {index: result for index, (result, _queries) in results.items()}
+
+    def _attach(self):
+        conn = self.export.connect()
+        try:
+            return conn, self.export.snapshot.attach(conn)
+        except BaseException:
+            conn.close()
+            raise
+
+    def _company(self, state, index):
+        snapshot = state[1]
+        company_id, _keys, fingerprint, _creds = self.export.stats[index]
+        result = self.export._company(snapshot, self.tree, company_id, fingerprint)
+        test_hook("after_company:%d" % (index + 1))
+        return result, snapshot.queries
+
+    @staticmethod
+    def _detach(state):
+        conn = state[0]
+        try:
+            conn.rollback()
+        finally:
+            conn.close()
 
 
 class DigestOnly:
