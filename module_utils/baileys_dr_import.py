@@ -58,6 +58,7 @@ from ansible.module_utils.baileys_dr_codec import (
     value_problem,
 )
 from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
+from ansible.module_utils.baileys_dr_identity import import_refusal
 from ansible.module_utils.baileys_dr_postgres import (
     RETRY_DELAYS,
     CopyStream,
@@ -1923,6 +1924,10 @@ class Failback:
         except FileProblem as exc:
             raise CompanyRefused("creds.json %s" % exc) from None
         if differs:
+            # Before any write: fresh or other creds in the files never replace the registered ones of the database.
+            refusal = import_refusal(company_id, text, entry.value(), self.params.get("identity_force_companies"))
+            if refusal:
+                raise CompanyRefused(refusal)
             plan.creds = "updated"
             if entry.same:
                 plan.reverted += 1
@@ -2270,6 +2275,7 @@ def auth_import_argument_spec():
         changed_during_read=dict(type="str", choices=["refuse", "defer"], default="refuse"),
         pass_record=dict(type="path"),
         delta_from=dict(type="path"),
+        identity_force_companies=dict(type="list", elements="str", default=[]),
     )
     return argument_spec
 

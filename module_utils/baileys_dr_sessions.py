@@ -71,6 +71,7 @@ from ansible.module_utils.baileys_dr_codec import (
     value_problem,
 )
 from ansible.module_utils.baileys_dr_fs import fsync_dir, fsync_tree, libc, swap_in, write_file_atomic
+from ansible.module_utils.baileys_dr_identity import IdentityRefused, copy_guard, snapshot_fields
 from ansible.module_utils.baileys_dr_postgres import postgres_argument_spec, psycopg2
 
 FORMAT = 1
@@ -841,7 +842,7 @@ def load_company_manifest(companies_fd, company_id, expected_sha256=None):
     return validate_company_manifest(document, company_id)
 
 
-def top_manifest_document(generation, source, companies, created_at, last_good_refresh, mode):
+def top_manifest_document(generation, source, companies, created_at, last_good_refresh, mode, extra=None):
     totals = {"companies": len(companies), "keys": sum(c["keys"] for c in companies.values()),
               "files": sum(c["files"] for c in companies.values())}
     return {
@@ -855,7 +856,19 @@ def top_manifest_document(generation, source, companies, created_at, last_good_r
                                                "postmaster_start_time", "xid")},
         "counts": totals,
         "companies": companies,
+        **(extra or {}),  # identities and the Baileys version (baileys_dr_identity.snapshot_fields)
     }
+
+
+def identity_check(conn, params, dest, top, companies, action):
+    """Each company's identity in the database (in the snapshot's transaction), refused when it would replace another
+    identity in dest (baileys_dr_identity.copy_guard). Returns (the manifest's extra fields, the guard's report)."""
+    try:
+        with conn.cursor() as cur:
+            identities, report = copy_guard(cur, dest, top, companies, params.get("identity_force_companies"), action)
+    except IdentityRefused as exc:
+        raise RefreshRefused(str(exc)) from None
+    return snapshot_fields(identities, params.get("app_root") or os.path.dirname(dest)), report
 
 
 # -- writing one company (shared by the full export and the standby rebuild) ------------------
@@ -1422,10 +1435,12 @@ class Exporter:
         if hostile:
             raise hostile_error(hostile, params["unknown_types"])
         current, why = read_current_manifest(dest, exists)
+        self.extra, identity = identity_check(conn, params, dest, current, filter_ids, "write the database into %s" % dest)
         result = {"dest": dest, "manifest": os.path.join(dest, META_DIR, MANIFEST_NAME), "snapshot_at": meta["snapshot_at"],
                   "system_identifier": meta["system_identifier"], "companies": len(stats), "keys": sum(s[1] for s in stats),
                   "backup": None, "files": 0, "bytes": 0, "queries": snapshot.queries,
-                  "generation": current["generation"] if current else None}
+                  "generation": current["generation"] if current else None, "identity": identity,
+                  "baileys": self.extra["baileys"]}
         differs = self._differs(current, stats, meta)
         # The manifest speaks for the files only while nobody wrote into them: a service running on the files creates,
         # rewrites in place and deletes files the database never sees. Checked before any "nothing to do" (a run that
@@ -1490,7 +1505,7 @@ class Exporter:
                 conn.rollback()
                 generation = (current["generation"] + 1) if current else 1
                 now = iso(utc_now())
-                top = top_manifest_document(generation, meta, export.companies, now, now, params["mode"])
+                top = top_manifest_document(generation, meta, export.companies, now, now, params["mode"], self.extra)
                 meta_fd = open_dir(META_DIR, root_fd)
                 try:
                     create_file(meta_fd, MANIFEST_NAME, encode_json(top), self.owner)
@@ -1912,11 +1927,13 @@ class Refresher:
             guard = self.guard.check(top, stats)
             if guard["refused"]:
                 self._refuse(tree, top, meta, guard)
+            extra, identity = identity_check(conn, params, dest, top, filter_ids, "refresh the standby copy %s" % dest)
             todo = {s[0] for s in stats if interrupted or not fast or top["companies"].get(s[0], {}).get("fingerprint") != s[2]}
             result = {"dest": dest, "manifest": os.path.join(dest, META_DIR, MANIFEST_NAME), "backup": None,
                       "snapshot_at": meta["snapshot_at"], "system_identifier": meta["system_identifier"],
                       "companies": len(stats), "keys": sum(s[1] for s in stats), "queries": snapshot.queries,
-                      "row_versions_used": fast, "previous_refresh_interrupted": interrupted, "deletion_guard": guard}
+                      "row_versions_used": fast, "previous_refresh_interrupted": interrupted, "deletion_guard": guard,
+                      "identity": identity, "baileys": extra["baileys"]}
             self._marker = None if self.check_mode else (tree, meta)
             companies = {}
             work = [(index, company_id, fingerprint) for index, (company_id, _k, fingerprint, _c) in enumerate(stats, 1)
@@ -1958,7 +1975,7 @@ class Refresher:
                                                                   "companies_removed"))
             now = iso(utc_now())
             generation = top["generation"] + 1 if changed else top["generation"]
-            document = top_manifest_document(generation, meta, companies, now if changed else top.get("created_at"), now, "standby")
+            document = top_manifest_document(generation, meta, companies, now if changed else top.get("created_at"), now, "standby", extra)
             write_file_atomic(os.path.join(dest, META_DIR, MANIFEST_NAME), encode_json(document), mode=FILE_MODE,
                               owner=self.owner[0] if self.owner else None, group=self.owner[1] if self.owner else None)
             # A good refresh (forced or not) ends what a refused one recorded.
@@ -3189,5 +3206,7 @@ def auth_export_argument_spec():
         max_delete_share=dict(type="float", default=0.1),
         max_company_keys_removed=dict(type="int", default=10),
         replace_foreign=dict(type="bool", default=False),
+        identity_force_companies=dict(type="list", elements="str", default=[]),
+        app_root=dict(type="path"),
     )
     return argument_spec

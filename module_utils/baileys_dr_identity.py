@@ -1,0 +1,329 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to baileys-dr
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Each company's identity across every copy, the application's credentials cache, the Baileys version.
+
+The worst quiet failure of an auth store: a store that cannot be read at start-up makes Baileys (or the store's own
+fallback to initAuthCreds()) create fresh credentials, which then overwrite the real ones: a new registrationId, a new
+signed identity key pair and no `me` (../shared/DOMAIN.md section 6). A copy that carries such creds over registered
+ones unpairs the phone. So every snapshot records each company's identity, health compares the stores with it, and
+every copy (export, standby refresh, import) refuses to replace one identity by another unless forced for that company.
+
+An identity is never a secret: registrationId (a public Signal value), me.id (the account's JID) and the sha256 of the
+signed identity *public* key. No private key, no advSecretKey, nothing else of the creds is read into it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import stat
+
+from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, buffer_bytes
+
+KEY_HASH_SHOWN = 12  # hex characters of the key hash in messages (enough to tell two keys apart)
+COMPANY_PREFIX = "company_"
+CREDS_FILE = "creds.json"
+CACHE_FILE = ".baileys-cache.json"  # the application's credentials cache (seed review 2.2), at its root
+CACHE_MODE = 0o600
+CREDS_LIMIT = 16 << 20
+IDENTITY_FIELDS = ("registrationId", "me", "identity_key_sha256")
+CACHE_LIMIT = 256 << 20
+
+# Each company's identity, computed by the server (the creds are never loaded whole): JSON text, one row a company.
+IDENTITY_SQL = (
+    "SELECT company_id, jsonb_build_object('registrationId', creds->'registrationId', 'me', creds->'me'->'id', "
+    "'key', creds->'signedIdentityKey'->'public')::text FROM whatsapp_auth"
+)
+IDENTITY_SQL_COMPANIES = IDENTITY_SQL + " WHERE company_id = ANY(%(companies)s)"
+
+
+class IdentityRefused(Exception):
+    """A copy that would replace a company's identity by another (or registered creds by unregistered ones)."""
+
+
+def _key_sha256(public):
+    raw = buffer_bytes(public) if isinstance(public, dict) else None
+    return hashlib.sha256(raw).hexdigest() if raw else None
+
+
+def identity(registration_id, me_id, public_key):
+    """{"registrationId": int or None, "me": str or None, "identity_key_sha256": hex or None}."""
+    return {"registrationId": registration_id if isinstance(registration_id, int) and not isinstance(registration_id, bool) else None,
+            "me": me_id if isinstance(me_id, str) else None,
+            "identity_key_sha256": _key_sha256(public_key)}
+
+
+def creds_identity(creds):
+    """The identity of a creds value (any shape: what is missing or odd is None)."""
+    if not isinstance(creds, dict):
+        return identity(None, None, None)
+    me = creds.get("me")
+    key = creds.get("signedIdentityKey")
+    return identity(creds.get("registrationId"), me.get("id") if isinstance(me, dict) else None,
+                    key.get("public") if isinstance(key, dict) else None)
+
+
+def identities_from_rows(rows):
+    """{company: identity} of IDENTITY_SQL's rows; companies with an invalid id are left out (hostile input)."""
+    out = {}
+    for company_id, text in rows:
+        if not isinstance(company_id, str) or not COMPANY_ID_RE.match(company_id):
+            continue
+        fields = json.loads(text) if isinstance(text, str) else (text or {})
+        out[company_id] = identity(fields.get("registrationId"), fields.get("me"), fields.get("key"))
+    return out
+
+
+def database_identities(cursor, companies=None):
+    """{company: identity} from the whatsapp_auth rows, read with a psycopg2 cursor (in the caller's transaction)."""
+    if companies:
+        cursor.execute(IDENTITY_SQL_COMPANIES, {"companies": list(companies)})
+    else:
+        cursor.execute(IDENTITY_SQL)
+    return identities_from_rows(cursor.fetchall())
+
+
+def _read_regular(path, limit):
+    """Bytes of a regular file (no symbolic link followed), at most limit bytes, else raise OSError/ValueError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > limit:
+            raise ValueError("larger than %d bytes" % limit)
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def tree_identities(tree, companies=None):
+    """{company: identity} from the creds.json of each company directory of a sessions tree ({} when there is no tree).
+
+    A creds.json that is missing or cannot be parsed has no identity (None): Baileys would start that company with
+    fresh creds, which the import and the service report on their own.
+    """
+    out = {}
+    try:
+        names = os.listdir(tree)
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for name in names:
+        company_id = name[len(COMPANY_PREFIX):]
+        if not name.startswith(COMPANY_PREFIX) or not COMPANY_ID_RE.match(company_id):
+            continue
+        if companies is not None and company_id not in companies:
+            continue
+        try:
+            out[company_id] = creds_identity(json.loads(_read_regular(os.path.join(tree, name, CREDS_FILE), CREDS_LIMIT)))
+        except (OSError, ValueError, RecursionError):
+            out[company_id] = None
+    return out
+
+
+def manifest_identities(top):
+    """{company: identity} a top manifest recorded ({} for a manifest written before identities were recorded)."""
+    recorded = top.get("identities") if isinstance(top, dict) else None
+    if not isinstance(recorded, dict):
+        return {}
+    return {c: {f: i.get(f) for f in IDENTITY_FIELDS} for c, i in recorded.items() if isinstance(i, dict) and COMPANY_ID_RE.match(c)}
+
+
+def describe(ident):
+    """registrationId, me.id and the key hash's prefix of an identity, for messages (nothing secret)."""
+    if ident is None:
+        return "no readable creds"
+    key = ident.get("identity_key_sha256")
+    return "registrationId %s, me %s, identity key sha256 %s" % (
+        ident.get("registrationId"), ident.get("me") or "none (unregistered)", key[:KEY_HASH_SHOWN] + "..." if key else "none")
+
+
+def change(old, new):
+    """How new differs from old: None (same, or nothing registered to lose), "unregistered" (registered creds replaced by
+    creds without me) or "other" (another registrationId, identity key or account)."""
+    if old is None or new is None or not old.get("me"):
+        # Nothing registered to lose: an unpaired identity may be replaced (pairing completes on the new one).
+        return None
+    if not new.get("me"):
+        return "unregistered"
+    if any(old.get(f) != new.get(f) for f in IDENTITY_FIELDS):
+        return "other"
+    return None
+
+
+def changes(old, new):
+    """[(company, kind, old identity, new identity)] of the companies in both maps whose identity would change, sorted."""
+    out = []
+    for company_id in sorted(set(old) & set(new), key=lambda c: c.encode("utf-8")):
+        kind = change(old[company_id], new[company_id])
+        if kind:
+            out.append((company_id, kind, old[company_id], new[company_id]))
+    return out
+
+
+def check_force_list(force_companies):
+    """The list of forced companies as a set; invalid ids are refused by name."""
+    forced = set()
+    for company_id in force_companies or ():
+        if not isinstance(company_id, str) or not COMPANY_ID_RE.match(company_id):
+            raise IdentityRefused("identity_force_companies names an invalid company id %r ([A-Za-z0-9_-]{1,50})" % (company_id,))
+        forced.add(company_id)
+    return forced
+
+
+def change_line(company_id, kind, old, new, old_where, new_where):
+    what = "registered credentials would be replaced by unregistered ones (fresh creds?)" if kind == "unregistered" \
+        else "one identity would be replaced by another (re-paired?)"
+    return "company %s: %s: %s has %s; %s has %s" % (company_id, what, old_where, describe(old), new_where, describe(new))
+
+
+def guard(old, new, force_companies, old_where, new_where, action):
+    """Refuse (IdentityRefused, nothing written by the caller) when a company's identity in old would be replaced by
+    another in new, unless the company is forced. Returns {"changed": [...], "forced": [company, ...]} for the result."""
+    forced = check_force_list(force_companies)
+    found = changes(old, new)
+    refused = [c for c in found if c[0] not in forced]
+    if refused:
+        lines = [change_line(c, k, o, n, old_where, new_where) for c, k, o, n in refused[:20]]
+        raise IdentityRefused(
+            "refusing to %s: %d compan%s would lose %s identity: %s%s. Nothing was written. If the new identity is intended "
+            "(the phone was paired again), force it for those companies only: identity_force_companies=[%s]" % (
+                action, len(refused), "y" if len(refused) == 1 else "ies", "its" if len(refused) == 1 else "their",
+                "; ".join(lines), "; ..." if len(refused) > 20 else "", ", ".join(c[0] for c in refused)))
+    return {"changed": [{"company": c, "kind": k, "before": o, "after": n} for c, k, o, n in found[:100]],
+            "forced": [c for c, *_ in found if c in forced]}
+
+
+# -- the application's credentials cache (.baileys-cache.json) ------------------------------------
+
+
+def cache_companies(document):
+    """{company: creds} of a cache document: {company: {creds, keys, timestamp}} as the service writes it (a Map's
+    entries as an object), the {version, data} wrapper its review recommends, or a list of [company, entry] pairs."""
+    if isinstance(document, dict) and isinstance(document.get("version"), int) and isinstance(document.get("data"), dict):
+        document = document["data"]
+    if isinstance(document, list):
+        document = dict(e for e in document if isinstance(e, list) and len(e) == 2 and isinstance(e[0], str))
+    if not isinstance(document, dict):
+        return {}
+    return {c: e.get("creds") for c, e in document.items()
+            if isinstance(c, str) and COMPANY_ID_RE.match(c) and isinstance(e, dict) and "creds" in e}
+
+
+def inspect_cache(app_root, store_identities=None, now=None):
+    """Read-only view of <app_root>/.baileys-cache.json: {"path", "present", "age_seconds", "mode" ("0600"), "mode_ok",
+    "companies": {company: {"cached": identity, "store": identity or None, "equal": bool}}, "differ": [company...],
+    "error"}. Only identities are taken from it: the cached creds themselves are never returned."""
+    path = os.path.join(app_root, CACHE_FILE)
+    out = {"path": path, "present": False, "age_seconds": None, "mode": None, "mode_ok": None, "companies": {},
+           "differ": [], "error": None}
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return out
+    except OSError as exc:
+        out.update(present=None, error="cannot be examined: %s" % exc.strerror)
+        return out
+    out.update(present=True, mode="%04o" % stat.S_IMODE(info.st_mode), mode_ok=stat.S_IMODE(info.st_mode) == CACHE_MODE,
+               age_seconds=round(max(0.0, (now if now is not None else datetime.datetime.now().timestamp()) - info.st_mtime), 3))
+    try:
+        companies = cache_companies(json.loads(_read_regular(path, CACHE_LIMIT)))
+    except (OSError, ValueError, RecursionError) as exc:
+        out["error"] = "cannot be read: %s" % (exc.strerror if isinstance(exc, OSError) else str(exc).split(":")[0])
+        return out
+    for company_id, creds in sorted(companies.items()):
+        cached = creds_identity(creds)
+        store = (store_identities or {}).get(company_id)
+        equal = store is not None and all(cached.get(f) == store.get(f) for f in IDENTITY_FIELDS)
+        out["companies"][company_id] = {"cached": cached, "store": store, "equal": equal}
+        if not equal:
+            out["differ"].append(company_id)
+    return out
+
+
+def set_cache_aside(app_root, warn=None, now=None):
+    """Before the service starts on restored creds: move <app_root>/.baileys-cache.json aside (kept, renamed
+    .baileys-cache.json.set-aside-<UTC time>), so that a cache of the old store cannot shadow them. Returns
+    {"path", "moved_to"} or None when there is no cache. warn(text) names it (the run's report)."""
+    path = os.path.join(app_root, CACHE_FILE)
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return None
+    stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%dT%H%M%S%fZ")
+    target = "%s.set-aside-%s" % (path, stamp)
+    os.rename(path, target)  # same directory: atomic, the mode and contents kept
+    fd = os.open(app_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if warn:
+        warn("the application's credentials cache %s was moved aside to %s so that it cannot shadow the restored creds"
+             % (path, target))
+    return {"path": path, "moved_to": target}
+
+
+# -- the Baileys version the application has installed ---------------------------------------------
+
+BAILEYS_PACKAGES = ("baileys", "@whiskeysockets/baileys")
+
+
+def baileys_version(app_root):
+    """{"package", "version", "source"} of the Baileys package installed in the application (its
+    node_modules/<package>/package.json, else its package-lock.json), or None when neither names one."""
+    if not app_root:
+        return None
+    for package in BAILEYS_PACKAGES:
+        source = os.path.join("node_modules", package, "package.json")
+        try:
+            document = json.loads(_read_regular(os.path.join(app_root, source), 1 << 20))
+        except (OSError, ValueError):
+            continue
+        if isinstance(document, dict) and isinstance(document.get("version"), str):
+            return {"package": package, "version": document["version"], "source": source}
+    try:
+        lock = json.loads(_read_regular(os.path.join(app_root, "package-lock.json"), 64 << 20))
+    except (OSError, ValueError):
+        return None
+    packages = lock.get("packages") if isinstance(lock, dict) else None
+    for package in BAILEYS_PACKAGES:
+        entry = (packages or {}).get("node_modules/" + package)
+        if isinstance(entry, dict) and isinstance(entry.get("version"), str):
+            return {"package": package, "version": entry["version"], "source": "package-lock.json"}
+    return None
+
+
+def copy_guard(cursor, tree, top, companies, force_companies, action):
+    """Before a copy of the database into the sessions tree `tree` (export, standby refresh): each company's identity in
+    the database, refused (IdentityRefused) when it would replace another one the tree holds (its creds.json, else what
+    its manifest `top` recorded). Returns (identities, guard report)."""
+    new = database_identities(cursor, companies)
+    old = manifest_identities(top)
+    old.update((c, i) for c, i in tree_identities(tree, set(new)).items() if i is not None)
+    return new, guard(old, new, force_companies, "the copy %s" % tree, "the database", action)
+
+
+def snapshot_fields(identities, app_root):
+    """What a top manifest records beside the companies: {"identities": {...}, "baileys": {...} or None}."""
+    return {"identities": {c: identities[c] for c in sorted(identities, key=lambda c: c.encode("utf-8"))},
+            "baileys": baileys_version(app_root)}
+
+
+def import_refusal(company_id, database_text, file_creds, force_companies):
+    """The import's check of one company, before its write transaction: the refusal text when the creds of the files
+    would replace the database's identity (not forced for that company), else None."""
+    try:
+        guard({company_id: creds_identity(json.loads(database_text))}, {company_id: creds_identity(file_creds)},
+              force_companies, "the database", "the files", "import company %s" % company_id)
+    except IdentityRefused as exc:
+        return str(exc)
+    return None
