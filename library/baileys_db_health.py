@@ -74,6 +74,17 @@ options:
     description: A table with fewer dead tuples counts as clean whatever its ratio (small tables reach any ratio).
     type: int
     default: 1000
+  arming_record:
+    description:
+      - The failover's arming record written by M(baileys_failover_arming) (each standby refresh). Adds RV(arming) --
+        whether the host is armed (the last refresh found what a failover needs, less than O(arming_max_age) seconds
+        ago) and since when -- and the samples C(baileys_dr_failover_armed) and
+        C(baileys_dr_failover_armed_since_timestamp_seconds). Not a check, it changes no status. Read-only.
+    type: path
+  arming_max_age:
+    description: A record older than this many seconds does not arm the host.
+    type: int
+    default: 3600
   standby_dir:
     description:
       - The standby copy kept by M(baileys_auth_export) O(mode=standby) on this host. Adds the check C(standby_refresh)
@@ -140,6 +151,12 @@ checks:
       C(schema) (only when a table is missing) and those of O(thresholds). A check whose query failed is critical.
       C(standby_refresh) with O(standby_dir).
   returned: always
+  type: dict
+arming:
+  description:
+    - C(armed), C(armed_since) (ISO 8601 UTC) and C(armed_since_epoch), C(checked_at) (the last refresh that checked),
+      C(age_seconds), C(problems) (why not armed), C(path).
+  returned: when O(arming_record) is set
   type: dict
 standby:
   description:
@@ -263,6 +280,8 @@ def main():
         expected_role=dict(type="str", choices=["primary", "standby", "any"], default="primary"),
         sample_size=dict(type="int", default=10),
         dead_tuples_floor=dict(type="int", default=1000),
+        arming_record=dict(type="path"),
+        arming_max_age=dict(type="int", default=3600),
         standby_dir=dict(type="path"),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)

@@ -18,6 +18,7 @@ import math
 import select
 import time
 
+from ansible.module_utils.baileys_dr_arming import read_arming_state
 from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES, PRE_KEYS_STORED_WARNING, PROTECTED_KEY_TYPES
 from ansible.module_utils.baileys_dr_postgres import connection_kwargs, describe_target, psycopg2, scrub
 from ansible.module_utils.baileys_dr_sessions import standby_refusal
@@ -325,6 +326,9 @@ class DbHealth:
             self._check("reachability", 0, result["error"], levels={}, status="critical")
         if self.params.get("standby_dir"):
             self._standby(self.params["standby_dir"])
+        if self.params.get("arming_record"):
+            self.result["arming"] = read_arming_state(self.params["arming_record"], self.params.get("arming_max_age") or 3600,
+                                                      self.wall())
         for name, message in self.errors.items():
             # A figure that could not be read is not a healthy figure.
             self.checks.setdefault(name, {"value": None, "warning": None, "critical": None})
@@ -636,6 +640,11 @@ class DbHealth:
             add("health_status", status_help, STATUS_VALUE[info["status"]], {"check": check})
         if "status" in r:
             add("health_status", status_help, STATUS_VALUE[r["status"]], {"check": "overall"})
+        arming = r.get("arming")
+        if arming:
+            add("failover_armed", "1 when the last standby refresh armed the failover (its arming record holds).", int(arming["armed"]))
+            add("failover_armed_since_timestamp_seconds", "Since when the failover has been armed without a break.",
+                arming.get("armed_since_epoch"))
         add("health_duration_seconds", "Duration of the health check.", r.get("duration_seconds"))
         add("health_last_run_timestamp_seconds", "When the health check ran.", r.get("checked_at"))
         return out
