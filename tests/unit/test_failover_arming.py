@@ -189,3 +189,15 @@ def test_health_reads_armed_and_since_when(host):
     arm(host)
     state = read_arming_state(args(host)["path"], 3600)
     assert state["armed"] and state["armed_since"] and state["problems"] == []
+
+
+def test_health_samples_say_armed_and_since_when(host):
+    from ansible.module_utils import baileys_dr_health as health
+
+    arm(host)
+    checker = health.DbHealth({"thresholds": {}, "protected_types": ["pre-key"]})
+    checker.result.update(arming=read_arming_state(args(host)["path"], 3600))
+    samples = {m["name"]: m["value"] for m in checker.metrics()}
+    record = json.loads((host / "state" / "failover-arming.json").read_text())
+    assert samples["baileys_dr_failover_armed"] == 1.0
+    assert samples["baileys_dr_failover_armed_since_timestamp_seconds"] == record["armed_since_epoch"]
