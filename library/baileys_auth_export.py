@@ -144,6 +144,23 @@ options:
         kept whatever O(keep_backup) says. Without it such a O(dest) is refused.
     type: bool
     default: false
+  identity_force_companies:
+    description:
+      - Companies whose identity may change in this run. Before anything is written, each company's identity in the
+        database (C(registrationId), C(me.id), the sha256 of C(creds.signedIdentityKey.public)) is compared with the one
+        O(dest) holds (its C(creds.json), else what its manifest recorded); registered creds (with C(me)) replaced by
+        unregistered ones (fresh creds, no C(me)) or by another identity are refused, naming the company and both
+        identities (never a secret value), and nothing is written. Listed companies pass (the result's C(identity.forced)).
+      - O(force) does not override this guard.
+    type: list
+    elements: str
+    default: []
+  app_root:
+    description:
+      - The application's root, where the Baileys version it has installed is read (C(node_modules/baileys/package.json),
+        C(node_modules/@whiskeysockets/baileys/package.json), else C(package-lock.json)) and recorded in the top manifest
+        (C(baileys)). Defaults to the parent directory of O(dest) (the application's layout).
+    type: path
   return_digests:
     description: Return RV(digests) also when there are more than 1000 companies.
     type: bool

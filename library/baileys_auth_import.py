@@ -177,6 +177,16 @@ options:
       - A record of another tree (its path) or another database (system identifier, whatever O(allow_other_database)) is
         refused. On another timeline (a promoted standby, a point-in-time recovery) nothing is proven and nothing exempted.
     type: path
+  identity_force_companies:
+    description:
+      - Companies whose identity may change in this run. Before a company's write transaction, the identity of its
+        C(creds.json) (C(registrationId), C(me.id), the sha256 of C(signedIdentityKey.public)) is compared with the
+        database's; registered creds (with C(me)) replaced by unregistered ones (fresh creds, no C(me)) or by another
+        identity refuse the company (nothing of it is written), naming it and both identities (never a secret value).
+      - O(force) does not override this guard.
+    type: list
+    elements: str
+    default: []
 attributes:
   check_mode:
     support: full

@@ -92,6 +92,22 @@ options:
         state before a mass deletion; the message gives the reasons and the generation it keeps), warning when the copy
         cannot be read, healthy otherwise (also when there is no copy, for example while the service runs on it after a
         failover). Read-only, no lock taken.
+      - Also compared with the database for the check C(identity) (see O(sessions_dir)).
+    type: path
+  sessions_dir:
+    description:
+      - The application's sessions tree. With O(standby_dir), adds the check C(identity) -- critical when a company's
+        identity (C(registrationId), C(me.id), the sha256 of its signed identity public key) differs from the one the last
+        snapshot recorded (the database against the standby copy's manifest, this tree's C(creds.json) against its
+        own manifest) -- re-paired, or fresh credentials written over the real ones. A company that was not registered
+        before is not reported. Read-only.
+    type: path
+  app_root:
+    description:
+      - The application's root. Adds the check C(credentials_cache) on its C(.baileys-cache.json) (the service's credentials
+        cache, written while PostgreSQL is unreachable) -- presence, age, mode (must be 0600) and whether each company's
+        cached identity equals the store's (the database, else O(sessions_dir)); warning otherwise. Only identities are
+        read from it, never returned. Read-only.
     type: path
 attributes:
   check_mode:
@@ -149,8 +165,16 @@ checks:
   description:
     - Per check C(status), C(value), C(warning), C(critical) and a readable C(message). Checks C(reachability), C(role),
       C(schema) (only when a table is missing) and those of O(thresholds). A check whose query failed is critical.
-      C(standby_refresh) with O(standby_dir).
+      C(standby_refresh) with O(standby_dir); C(identity) with O(standby_dir) or O(sessions_dir); C(credentials_cache)
+      with O(app_root).
   returned: always
+  type: dict
+identity:
+  description:
+    - C(changed) (per company C(company), C(kind) C(unregistered) or C(other), C(where), C(snapshot), C(generation),
+      C(snapshot_identity), C(identity)), C(changed_count), and C(credentials_cache) (C(path), C(present), C(age_seconds),
+      C(mode), C(mode_ok), C(companies) with each company's C(cached) and C(store) identity and C(equal), C(differ), C(error)).
+  returned: when O(standby_dir), O(sessions_dir) or O(app_root) is set
   type: dict
 arming:
   description:
@@ -283,6 +307,8 @@ def main():
         arming_record=dict(type="path"),
         arming_max_age=dict(type="int", default=3600),
         standby_dir=dict(type="path"),
+        sessions_dir=dict(type="path"),
+        app_root=dict(type="path"),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if not HAS_PSYCOPG2:

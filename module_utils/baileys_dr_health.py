@@ -20,6 +20,7 @@ import time
 
 from ansible.module_utils.baileys_dr_arming import read_arming_state
 from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES, PRE_KEYS_STORED_WARNING, PROTECTED_KEY_TYPES
+from ansible.module_utils.baileys_dr_identity import IDENTITY_SQL, health_view, identities_from_rows
 from ansible.module_utils.baileys_dr_postgres import connection_kwargs, describe_target, psycopg2, scrub
 from ansible.module_utils.baileys_dr_sessions import standby_refusal
 
@@ -326,6 +327,7 @@ class DbHealth:
             self._check("reachability", 0, result["error"], levels={}, status="critical")
         if self.params.get("standby_dir"):
             self._standby(self.params["standby_dir"])
+        self._identity()
         if self.params.get("arming_record"):
             self.result["arming"] = read_arming_state(self.params["arming_record"], self.params.get("arming_max_age") or 3600,
                                                       self.wall())
@@ -357,7 +359,7 @@ class DbHealth:
                             levels={}, status="critical")
             return
         for name, function in (("keys", self._keys), ("companies", self._companies), ("pre_keys", self._pre_keys),
-                               ("tables", self._tables)):
+                               ("tables", self._tables), ("identity", self._identities)):
             self._section(name, function)
 
     def _server(self):
@@ -561,6 +563,20 @@ class DbHealth:
         else:
             self._check("standby_refresh", 0, "no refused refresh; the standby copy %s holds %s, last good refresh %s" % (
                 path, kept, state["last_good_refresh"]), levels={}, status="healthy")
+
+    def _identities(self):
+        self.identities = identities_from_rows(self._query(IDENTITY_SQL))
+
+    def _identity(self):
+        """identity: critical when a company's identity changed since the last snapshot; credentials_cache (files only)."""
+        p = self.params
+        if not (p.get("standby_dir") or p.get("sessions_dir") or p.get("app_root")):
+            return
+        report, checks = health_view(getattr(self, "identities", None), p.get("standby_dir"), p.get("sessions_dir"),
+                                     p.get("app_root"), self.sample_size, self.wall())
+        self.result["identity"] = report
+        for name, value, status, message in checks:
+            self._check(name, value, message, levels={}, status=status)
 
     # -- Prometheus samples (module baileys_metrics) ---------------------------------------------
 

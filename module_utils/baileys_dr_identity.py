@@ -327,3 +327,73 @@ def import_refusal(company_id, database_text, file_creds, force_companies):
     except IdentityRefused as exc:
         return str(exc)
     return None
+
+
+# -- health: identities changed since the last snapshot, and the cache ------------------------------
+
+TOP_MANIFEST = os.path.join(".baileys-dr", "manifest.json")
+
+
+def recorded_identities(tree):
+    """(identities the tree's top manifest recorded, else its creds.json's; the manifest's generation or None)."""
+    try:
+        top = json.loads(_read_regular(os.path.join(tree, TOP_MANIFEST), 256 << 20))
+    except (OSError, ValueError, RecursionError):
+        top = None
+    recorded = manifest_identities(top)
+    if not recorded:
+        recorded = {c: i for c, i in tree_identities(tree).items() if i is not None}
+    return recorded, top.get("generation") if isinstance(top, dict) else None
+
+
+def health_view(database, standby_dir=None, sessions_dir=None, app_root=None, sample=10, now=None):
+    """What health reports (read-only): (report, checks). database: {company: identity} of PostgreSQL, or None when it
+    was not read. Compared: the database with the standby copy's last snapshot, the sessions tree's creds.json with its
+    own manifest (a service on files that wrote fresh creds), and the credentials cache with the store.
+    checks: [(name, value, status, message)]."""
+    changed = []
+    for where, tree, current in (("the database", standby_dir, database),
+                                 ("the sessions tree", sessions_dir, None)):
+        if not tree or not os.path.isdir(tree):
+            continue
+        recorded, generation = recorded_identities(tree)
+        if tree == sessions_dir:
+            current = {c: i for c, i in tree_identities(tree).items() if i is not None}
+        if current is None:
+            continue
+        for company_id, kind, old, new in changes(recorded, current):
+            changed.append({"company": company_id, "kind": kind, "where": where, "snapshot": tree, "generation": generation,
+                            "snapshot_identity": old, "identity": new})
+    lines = ["company %s: %s has %s, the snapshot %s%s recorded %s" % (
+        c["company"], c["where"], describe(c["identity"]), c["snapshot"],
+        " (generation %s)" % c["generation"] if c["generation"] is not None else "", describe(c["snapshot_identity"]))
+        for c in changed[:sample]]
+    checks = [("identity", len(changed), "critical" if changed else "healthy",
+               "%d compan%s changed identity since the last snapshot (re-paired, or fresh creds written over real ones): %s"
+               % (len(changed), "y" if len(changed) == 1 else "ies", "; ".join(lines)) if changed
+               else "every company has the identity of the last snapshot")]
+    report = {"changed": changed[:100], "changed_count": len(changed)}
+    if app_root:
+        store = database if database is not None else tree_identities(sessions_dir) if sessions_dir else {}
+        cache = inspect_cache(app_root, store, now)
+        report["credentials_cache"] = cache
+        checks.append(cache_check(cache, sample))
+    return report, checks
+
+
+def cache_check(cache, sample=10):
+    """(name, value, status, message) of the credentials cache: warning when its mode is not 0600, when it cannot be
+    read, or when a company's cached identity differs from the store's (a PostgreSQL outage would serve it)."""
+    if not cache["present"]:
+        return ("credentials_cache", 0, "healthy" if cache["present"] is False else "warning",
+                cache["error"] or "no credentials cache at %s" % cache["path"])
+    problems = []
+    if not cache["mode_ok"]:
+        problems.append("mode %s, not 0600 (it holds private keys)" % cache["mode"])
+    if cache["error"]:
+        problems.append(cache["error"])
+    if cache["differ"]:
+        problems.append("the cached identity differs from the store's for %s" % ", ".join(cache["differ"][:sample]))
+    return ("credentials_cache", len(cache["differ"]), "warning" if problems else "healthy",
+            "%s (%d companies, %.0f s old)%s" % (cache["path"], len(cache["companies"]), cache["age_seconds"] or 0,
+                                                ": " + "; ".join(problems) if problems else ", mode 0600, identities equal to the store's"))
