@@ -75,6 +75,7 @@ from ansible.module_utils.baileys_dr_sessions import (
     CREDS_FILE,
     IN_PROGRESS_NAME,
     MANIFEST_NAME,
+    PARALLEL_MIN_KEYS,
     META_DIR,
     NEW_FILE_FLAGS,
     READ_FLAGS,
@@ -100,6 +101,7 @@ from ansible.module_utils.baileys_dr_sessions import (
     utc_now,
     validate_top_manifest,
     write_all,
+    Workers,
 )
 
 UNDO_FORMAT = 1
@@ -1377,6 +1379,8 @@ class Failback:
         self.passed = {}  # company -> pass record entry: committed or found equal by this run, or proven unchanged
         self.fingerprints = None  # {company: fingerprint} of the last aggregate
         self.delta = None
+        self.lock = not check_mode  # the advisory lock: the module's connection holds it, a worker's never does
+        self.workers_used = 0
 
     # -- the run --
     def run(self):
@@ -1402,7 +1406,7 @@ class Failback:
 
     def _retrying(self, what, action):
         """action() again on a new connection when the connection dropped (bounded backoff, logged in retries)."""
-        return retry_on_disconnect(action, what, reconnect=lambda: self.db.ensure(lock=not self.check_mode),
+        return retry_on_disconnect(action, what, reconnect=lambda: self.db.ensure(lock=self.lock),
                                    conn=lambda: self.db.conn, delays=RETRY_DELAYS if self.two_pass else (), log=self.retries)
 
     def _since(self):
@@ -1421,7 +1425,7 @@ class Failback:
     def _run(self, src):
         params = self.params
         companies, bad = self.tree.company_ids(params.get("companies"))
-        self.db.open(lock=not self.check_mode)
+        self.db.open(lock=self.lock)
         self.meta = self.db.meta()
         read_only = read_only_reason(self.meta, self.target)
         if read_only and not self.check_mode:
@@ -1442,51 +1446,146 @@ class Failback:
         for company_id, reason in bad.items():
             outcomes[company_id].update(status="refused", error=reason)
         todo = self._prove_unchanged(src, companies, bad, outcomes) if params.get("delta_from") else companies
-        # Pass 1, read-only: every company checked and planned before the first write.
-        reader = CompanyReader(self.tree, [c for c in todo if c not in bad], params["ambiguous"])
-        try:
-            for index, company_id in enumerate(todo, 1):
-                if company_id not in bad:
-                    self._company(index, company_id, outcomes[company_id], reader, write=False)
-        finally:
-            reader.close()
-        refused = [c for c in todo if outcomes[c]["status"] == "refused"]
-        if not self.check_mode and not (refused and not params["continue_on_error"]):
-            # Pass 2: the writes, one transaction per company.
-            last, reader.last = reader.last, None
-            reader = CompanyReader(self.tree, [c for c in todo if outcomes[c]["status"] not in ("refused", "deferred")],
-                                   params["ambiguous"], reuse=last)
-            del last
-            try:
-                self._writes(todo, outcomes, reader)
-            finally:
-                reader.close()
-        elif not self.check_mode:
-            for company_id in todo:
-                if outcomes[company_id]["status"] not in ("refused", "deferred"):
-                    outcomes[company_id]["status"] = "not_attempted"
+        with Workers(self._workers(todo, bad), "an import worker") as workers:
+            if workers.count < 2 or not workers.start(self._attach_worker, self._worker_task, self._detach_worker):
+                workers = None
+            self.workers_used = 0 if workers is None else workers.count
+            self._passes(todo, bad, outcomes, workers)
+            if workers is not None:
+                workers.finish()
         record = None
         if params.get("pass_record") and not self.check_mode:
             record = self._write_pass_record(src, companies, outcomes)
         return self._result(src, companies, outcomes, since_from, record)
 
-    def _writes(self, companies, outcomes, reader):
-        for index, company_id in enumerate(companies, 1):
-            outcome = outcomes[company_id]
-            if outcome["status"] in ("refused", "deferred"):
-                continue
-            try:
-                self._company(index, company_id, outcome, reader, write=True)
-            except (psycopg2.Error, DatabaseError) as exc:
-                if outcome["status"] != "failed":  # else _write_company said why (a dropped connection, retries spent)
-                    text = exc.pgerror if isinstance(exc, psycopg2.Error) and exc.pgerror else str(exc)
-                    outcome.update(status="failed", error="company %s: the database failed before its writes: %s; nothing of "
-                                                          "it was committed" % (company_id, " ".join(str(text).split())))
-            if outcome["status"] in ("failed", "refused") and not self.params["continue_on_error"]:
-                for later in companies[index:]:
-                    if outcomes[later]["status"] not in ("refused", "deferred"):
+    def _passes(self, todo, bad, outcomes, workers):
+        params = self.params
+        # Pass 1, read-only: every company checked and planned before the first write.
+        planned = [(index, c) for index, c in enumerate(todo, 1) if c not in bad]
+        last = self._pass(planned, outcomes, workers, write=False)
+        refused = [c for c in todo if outcomes[c]["status"] == "refused"]
+        if not self.check_mode and not (refused and not params["continue_on_error"]):
+            # Pass 2: the writes, one transaction per company.
+            writes = [(index, c) for index, c in enumerate(todo, 1) if outcomes[c]["status"] not in ("refused", "deferred")]
+            self._writes(writes, outcomes, workers, last)
+        elif not self.check_mode:
+            for company_id in todo:
+                if outcomes[company_id]["status"] not in ("refused", "deferred"):
+                    outcomes[company_id]["status"] = "not_attempted"
+
+    def _writes(self, todo, outcomes, workers, reuse):
+        """Pass 2: the writes, one transaction per company (_write_company)."""
+        self._pass(todo, outcomes, workers, write=True, reuse=reuse)
+
+    def _pass(self, todo, outcomes, workers, write, reuse=None):
+        """One pass over the (index, company) pairs, in this process or shared among the workers; in pass 2 (write) the
+        first failed or refused company stops it unless continue_on_error (the companies not begun: not_attempted).
+        Returns the files read last (pass 1: used again when the single company of pass 2 is that one)."""
+        stop = write and not self.params["continue_on_error"]
+        if workers is not None:
+            self._pass_in_workers(todo, outcomes, workers, write, stop)
+            return None
+        reader = CompanyReader(self.tree, [c for _i, c in todo], self.params["ambiguous"], reuse=reuse)
+        try:
+            for position, (index, company_id) in enumerate(todo):
+                self._one(index, company_id, outcomes[company_id], reader, write)
+                if stop and outcomes[company_id]["status"] in ("failed", "refused"):
+                    for _later, later in todo[position + 1:]:
                         outcomes[later].update(status="not_attempted")
-                break
+                    break
+            return reader.last
+        finally:
+            reader.last = None if write else reader.last
+            reader.close()
+
+    def _one(self, index, company_id, outcome, reader, write):
+        """One company of a pass: planned (pass 1) or written in its own transaction (pass 2), its outcome updated."""
+        try:
+            self._company(index, company_id, outcome, reader, write=write)
+        except (psycopg2.Error, DatabaseError) as exc:
+            if not write:
+                raise
+            if outcome["status"] != "failed":  # else _write_company said why (a dropped connection, retries spent)
+                text = exc.pgerror if isinstance(exc, psycopg2.Error) and exc.pgerror else str(exc)
+                outcome.update(status="failed", error="company %s: the database failed before its writes: %s; nothing of "
+                                                      "it was committed" % (company_id, " ".join(str(text).split())))
+
+    # -- worker processes (Workers, shared with the export): companies split among them, each on its own connection --
+    def _workers(self, todo, bad):
+        """How many worker processes share the passes: none below PARALLEL_MIN_KEYS keys (the manifest's counts) or 2
+        companies, else one per usable CPU (export_workers(), the export's policy), at most one per company."""
+        companies = [c for c in todo if c not in bad]
+        if len(companies) < 2:
+            return 0
+        if self.tree.top is not None:
+            listed = self.tree.top["companies"]
+            keys = sum(int((listed.get(c) or {}).get("keys") or 0) for c in companies)
+        else:
+            keys = sum(len((self.tree.legacy or {}).get(c, {}).get("files") or ()) for c in companies)
+        if keys < PARALLEL_MIN_KEYS:
+            return 0
+        return min(export_workers(), len(companies))
+
+    def _attach_worker(self):
+        """In a forked worker: its own connection (without the advisory lock, which the module's connection holds) and
+        its own logs, sent back with each company's outcome."""
+        # The module's connection is the parent's session: kept referenced and never used here (closing it, or letting
+        # it be collected, would end the parent's session on the server).
+        self._parent_db = self.db
+        self.lock = False
+        self.queries, self.warnings, self.retries, self.passed = [], [], [], {}
+        self.db = Database(self.connect, self.queries)
+        self.db.open(lock=False)
+        return {"last": None}
+
+    def _worker_task(self, state, task):
+        write, index, company_id, outcome = task
+        reader = CompanyReader(self.tree, [company_id], self.params["ambiguous"], reuse=state["last"])
+        try:
+            self._one(index, company_id, outcome, reader, write)
+        finally:
+            state["last"] = None if write else reader.last
+            reader.last = None
+            reader.close()
+        report = {"outcome": outcome, "passed": self.passed.pop(company_id, None), "warnings": self.warnings[:],
+                  "retries": self.retries[:], "queries": self.queries[:]}
+        del self.warnings[:], self.retries[:]
+        return report
+
+    def _detach_worker(self, _state):
+        self.db.rollback()
+        self.db.close()
+
+    def _pass_in_workers(self, todo, outcomes, workers, write, stop):
+        tasks = [(write, index, company_id, outcomes[company_id]) for index, company_id in todo]
+
+        def accept(position, report):
+            company_id = todo[position][1]
+            outcomes[company_id].clear()
+            outcomes[company_id].update(report["outcome"])
+            if report["passed"] is not None:
+                self.passed[company_id] = report["passed"]
+            self.warnings.extend(report["warnings"])
+            self.retries.extend(report["retries"])
+            self.queries.extend(q for q in report["queries"] if q not in self.queries)
+            return not (stop and outcomes[company_id]["status"] in ("failed", "refused"))
+
+        done = workers.map(tasks, accept, drain=True)
+        for position, exc in workers.failures.items():
+            # The worker died or broke: its transaction ends with its connection (rolled back), unless it died during the
+            # COMMIT; an undo file in undo_dir then tells what was replaced. A run again makes the rows equal to the files.
+            company_id = todo[position][1]
+            what = "writing" if write else "planning"
+            fate = ("nothing of it was committed unless the worker ended during its COMMIT (an undo file of it in undo_dir "
+                    "then holds what was replaced)" if write else "nothing was written")
+            outcomes[company_id].update(status="failed" if write else "refused", undo_file=None, digest=None,
+                                        error="company %s: the import worker %s it failed: %s; %s" % (company_id, what, exc, fate))
+        for position, (_index, company_id) in enumerate(todo):
+            if position not in done and position not in workers.failures:
+                outcomes[company_id].update(status="not_attempted")
+        if workers.failures and not write:
+            raise FailbackError("an import worker failed while planning: nothing was written (%s)"
+                                % "; ".join(outcomes[todo[p][1]]["error"] for p in sorted(workers.failures)))
 
     # -- two passes --
     def _prove_unchanged(self, src, companies, bad, outcomes):
@@ -1679,6 +1778,7 @@ class Failback:
             "conflict_count": len(conflicts),
             "digests": {c: outcomes[c]["digest"] for c in companies if outcomes[c]["digest"]},
             "deferred": [c for c in companies if outcomes[c]["status"] == "deferred"],
+            "workers": self.workers_used,
             "pass_record": record,
             "delta": self.delta,
             "retries": self.retries,
@@ -1735,7 +1835,7 @@ class Failback:
             # Done again on a new connection when the connection drops (the transaction never committed): the files read
             # stay the same, the check before the COMMIT still compares the directory with them.
             try:
-                self.db.ensure(lock=not self.check_mode)
+                self.db.ensure(lock=self.lock)
                 if write:
                     outcome.update(status=None, error=None, undo_file=None, digest=None)
                     self._write_company(index, company_id, files, outcome)
