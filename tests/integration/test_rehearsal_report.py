@@ -104,10 +104,10 @@ def test_junit_has_a_testcase_per_phase_with_the_failure_message_and_skipped_pha
 def test_table_shows_each_phase_with_its_figures_and_the_verdict(tmp_path):
     ok, result = write(tmp_path, phases(p1={"ready": T0 + 8.0, "ended": T0 + 8.5}))
     table = result["table"]
-    assert table[0].split() == ["#", "Phase", "Result", "Time", "s", "RTO", "s", "RPO", "s", "Source", "Data", "as", "of",
+    assert table[0].split() == ["#", "Phase", "Result", "Time", "s", "RTO", "s", "RPO", "s", "Source", "Armed", "Data", "as", "of",
                                 "Writes", "Down", "s", "Lost", "Zero", "loss"]
-    assert table[3].split()[-11:] == ["passed", "6.5", "6.0", "0.0", "live", "2026-11-28", "10:00:02", "-", "-", "-", "-"]
-    assert table[5].split()[-11:] == ["passed", "5.0", "4.0", "120.0", "standby", "2026-11-28", "09:59:00", "-", "-", "-", "-"]
+    assert table[3].split()[-12:] == ["passed", "6.5", "6.0", "0.0", "live", "-", "2026-11-28", "10:00:02", "-", "-", "-", "-"]
+    assert table[5].split()[-12:] == ["passed", "5.0", "4.0", "120.0", "standby", "-", "2026-11-28", "09:59:00", "-", "-", "-", "-"]
     assert table[2].split()[-2:] == ["-", "yes"]
     assert "failover RTO target 5.0 s: worst 6.0 s, MISSED" in table
     assert table[-1] == "rehearsal rehearsal-test: PASSED, zero loss proven by digests"
@@ -160,3 +160,14 @@ def test_the_writers_figures_show_per_phase_and_a_lost_write_fails_zero_loss(tmp
     assert ok and not result["report"]["zero_loss"]
     row = [line for line in result["table"] if result["report"]["phases"][2]["name"] in line][0]
     assert row.split()[-2:] == ["3", "NO"]
+
+
+def test_table_shows_whether_each_failover_ran_armed(tmp_path):
+    ok, result = write(tmp_path, phases(p1={"armed": "True"}, p3={"armed": False}))
+    assert ok, result
+    live, standby = (p for p in result["report"]["phases"] if p["kind"] == "failover")
+    assert live["armed"] is True and standby["armed"] is False
+    # The last 12 cells: Result, Time, RTO, RPO, Source, Armed, Data as of (2), Writes, Down, Lost, Zero loss.
+    assert result["table"][3].split()[-12:][4:6] == ["live", "yes"]
+    assert result["table"][5].split()[-12:][4:6] == ["standby", "no"]
+    assert "armed=True" in baileys_rehearsal_report.junit_xml(result["report"]).decode()

@@ -47,7 +47,8 @@ options:
       - "The phases in order, each a dict: C(name) (required), C(kind) (snapshot, failover, failback, verify, database),
         C(status) (passed, failed, skipped), C(started) and C(ended) (epoch seconds), C(ready) (epoch seconds the
         service was ready; default C(ended)), C(message), C(source) (live or standby), C(data_at) (ISO 8601 time of the
-        data a failover used), C(digests) (by company id), C(writes_acked) (writes the load generator had acknowledged in
+        data a failover used), C(armed) (failover phases: whether its arming record held and the preflight skipped the
+        checks it covers), C(digests) (by company id), C(writes_acked) (writes the load generator had acknowledged in
         the phase), C(downtime_seconds) (its longest gap between two acknowledged writes in the phase), C(writes_lost) and
         C(writes_checked) (verify phases: acknowledged writes missing from the store, and checked), C(details) (dict kept
         as is)."
@@ -179,6 +180,9 @@ def build_phase(phase, index, baseline):
         out["rto_measured_to"] = "ready" if ready is not None else "end of phase"
     if kind == "failover":
         out["source"] = phase.get("source") or None
+        armed = phase.get("armed")
+        # Ansible passes a templated boolean as text.
+        out["armed"] = None if armed in (None, "") else str(armed).strip().lower() in ("true", "yes", "1")
         data_at = epoch_of_iso(phase.get("data_at"))
         if data_at is not None:
             out["data_at"] = iso_of_epoch(data_at)
@@ -266,7 +270,7 @@ def junit_xml(report):
             failure.text = _clean(phase["message"] or "phase failed")
         elif phase["status"] == "skipped":
             ET.SubElement(case, "skipped", message=_clean(phase["message"] or "not run: an earlier phase failed"))
-        figures = ["%s=%s" % (k, phase[k]) for k in ("rto_seconds", "rpo_seconds", "source", "data_at", "zero_loss", "writes_acked",
+        figures = ["%s=%s" % (k, phase[k]) for k in ("rto_seconds", "rpo_seconds", "source", "armed", "data_at", "zero_loss", "writes_acked",
                                                       "writes_lost", "downtime_seconds") if k in phase]
         if figures:
             ET.SubElement(case, "system-out").text = _clean(", ".join(figures))
@@ -275,7 +279,7 @@ def junit_xml(report):
 
 
 def table(report):
-    header = ("#", "Phase", "Result", "Time s", "RTO s", "RPO s", "Source", "Data as of", "Writes", "Down s", "Lost", "Zero loss")
+    header = ("#", "Phase", "Result", "Time s", "RTO s", "RPO s", "Source", "Armed", "Data as of", "Writes", "Down s", "Lost", "Zero loss")
     rows = []
     for index, p in enumerate(report["phases"], 1):
         zero = {True: "yes", False: "NO"}.get(p.get("zero_loss"), "-")
@@ -283,7 +287,8 @@ def table(report):
             zero = "yes" if p["writes_lost"] == 0 and p.get("zero_loss", True) else "NO"
         rows.append((str(index), p["name"], p["status"].upper() if p["status"] == "failed" else p["status"],
                      _fmt(p.get("seconds")), _fmt(p.get("rto_seconds")), _fmt(p.get("rpo_seconds")),
-                     p.get("source") or "-", (p.get("data_at") or "-")[:19].replace("T", " "),
+                     p.get("source") or "-", {True: "yes", False: "no"}.get(p.get("armed"), "-"),
+                     (p.get("data_at") or "-")[:19].replace("T", " "),
                      str(p["writes_acked"]) if "writes_acked" in p else "-", _fmt(p.get("downtime_seconds")),
                      str(p["writes_lost"]) if "writes_lost" in p else "-", zero))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
