@@ -196,6 +196,13 @@ steps:
   type: list
   elements: dict
   sample: [{step: stopped, at: 0.9}, {step: copied, at: 1.4}, {step: swapped, at: 1.5}, {step: switched, at: 1.6}, {step: ready, at: 3.1}]
+pm2_driver:
+  description:
+    - What ran the PM2 commands of the run, once it got that far. One Node process connected to the daemon through
+      PM2's API for the whole run (no C(pm2) CLI start while the service is down), or the CLI and why.
+  returned: when PM2 was used
+  type: str
+  sample: one node process (pm2 7.0.4 API)
 readiness:
   description: The readiness wait of the start (see M(pm2_process)); C(ready_at) ends the downtime.
   returned: when the service was started

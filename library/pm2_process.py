@@ -235,10 +235,18 @@ stale_env:
   type: list
   elements: str
 commands:
-  description: Every pm2 argv run, in order (repeated C(jlist) runs are listed once).
+  description:
+    - Every pm2 command given, as its CLI argv, in order (repeated C(jlist) runs are listed once).
+    - They run in one Node process connected to the daemon (PM2's API) when the daemon runs, else through the CLI
+      (RV(pm2_runner) says which).
   returned: always
   type: list
   elements: list
+pm2_runner:
+  description: What ran the commands; the reason when it was the CLI (no daemon yet, no node, pm2_bin not in PM2's package).
+  returned: always
+  type: str
+  sample: one node process (pm2 7.0.4 API)
 pm2_home:
   description: PM2_HOME of the daemon that was used.
   returned: always

@@ -226,6 +226,8 @@ def scrub_output(text, secrets=(), limit=1500):
 class Pm2Runner:
     """Runs the pm2 CLI through module.run_command for one PM2_HOME; keeps every argv run."""
 
+    description = "pm2 CLI"
+
     def __init__(self, module, pm2_bin, pm2_home):
         self.module = module
         self.pm2_bin = pm2_bin
@@ -237,10 +239,15 @@ class Pm2Runner:
         """Whether a daemon listens in PM2_HOME. `pm2 jlist` would spawn one otherwise."""
         return os.path.exists(os.path.join(self.pm2_home, "rpc.sock"))
 
-    def run(self, args, cwd=None, env_remove=()):
+    def record(self, args):
+        """Keep the argv run (a run of identical `jlist` samples once)."""
         argv = [self.pm2_bin] + list(args)
-        if not self.commands or self.commands[-1] != argv or args != ["jlist"]:
+        if not self.commands or self.commands[-1] != argv or list(args) != ["jlist"]:
             self.commands.append(argv)
+        return argv
+
+    def run(self, args, cwd=None, env_remove=()):
+        argv = self.record(args)
         with _without_environ(self.module, env_remove):
             return self.module.run_command(argv, cwd=cwd, environ_update={"PM2_HOME": self.pm2_home})
 

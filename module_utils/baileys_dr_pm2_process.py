@@ -22,7 +22,6 @@ from ansible.module_utils.baileys_dr_pm2 import (
     RUNNING_STATUSES,
     HealthClient,
     Pm2Error,
-    Pm2Runner,
     ReadinessTracker,
     digest_differences,
     env_names,
@@ -36,6 +35,7 @@ from ansible.module_utils.baileys_dr_pm2 import (
     summarize,
     uptime_seconds,
 )
+from ansible.module_utils.baileys_dr_pm2_driver import Pm2Driver
 
 STARTING_STATES = ("started", "restarted", "reloaded")
 NEVER_REMOVED = ("PATH", "PM2_HOME")
@@ -67,6 +67,18 @@ def pm2_process_argument_spec():
     )
 
 
+def resolve_pm2_bin(module, pm2_bin):
+    """The pm2 executable: pm2_bin itself when it is a path, else found in PATH; Pm2Error naming it otherwise."""
+    if "/" in pm2_bin:
+        if not (os.path.isfile(pm2_bin) and os.access(pm2_bin, os.X_OK)):
+            raise Pm2Error("pm2_bin %s is not an executable file" % pm2_bin)
+        return pm2_bin
+    found = module.get_bin_path(pm2_bin)
+    if not found:
+        raise Pm2Error("pm2_bin %r was not found in PATH (%s): give its full path" % (pm2_bin, os.environ.get("PATH", "")))
+    return found
+
+
 class Pm2Process:
     clock = staticmethod(time.time)  # wall clock: pm_uptime is an epoch
     monotonic = staticmethod(time.monotonic)
@@ -85,7 +97,9 @@ class Pm2Process:
         self.user = pwd.getpwuid(os.geteuid()).pw_name
         self.pm2_home = self.params["pm2_home"] or os.environ.get("PM2_HOME") or \
             os.path.join(pwd.getpwuid(os.geteuid()).pw_dir, ".pm2")
-        self.runner = runner or Pm2Runner(module, self._pm2_bin(), self.pm2_home)
+        # One Node process for every PM2 command of this run (a restart with its readiness samples is several).
+        self.owns_runner = runner is None
+        self.runner = runner or Pm2Driver(module, resolve_pm2_bin(module, self.params["pm2_bin"]), self.pm2_home)
         self.health_client = health_client or HealthClient()
         self.fresh_env = self.params["fresh_env"] if self.params["fresh_env"] is not None else self.state == "restarted"
         self.wait = self.params["wait"] if self.params["wait"] is not None else self.state in STARTING_STATES
@@ -93,17 +107,6 @@ class Pm2Process:
         self.health = None
 
     # --- inputs ---
-
-    def _pm2_bin(self):
-        pm2_bin = self.params["pm2_bin"]
-        if "/" in pm2_bin:
-            if not (os.path.isfile(pm2_bin) and os.access(pm2_bin, os.X_OK)):
-                raise Pm2Error("pm2_bin %s is not an executable file" % pm2_bin)
-            return pm2_bin
-        found = self.module.get_bin_path(pm2_bin)
-        if not found:
-            raise Pm2Error("pm2_bin %r was not found in PATH (%s): give its full path" % (pm2_bin, os.environ.get("PATH", "")))
-        return found
 
     def validate(self):
         if not self.name.strip() or self.name == "all" or self.name.isdigit() or self.name.startswith("-"):
@@ -425,6 +428,15 @@ class Pm2Process:
     # --- the run ---
 
     def run(self):
+        try:
+            ok, result = self._run()
+        finally:
+            if self.owns_runner:
+                self.runner.close()
+        result["pm2_runner"] = self.runner.description
+        return ok, result
+
+    def _run(self):
         result = {"changed": False, "pm2_home": self.pm2_home, "user": self.user, "commands": self.runner.commands}
         try:
             self.validate()

@@ -31,7 +31,8 @@ from ansible.module_utils.baileys_dr_fs import fsync_dir, swap_in, write_file_at
 from ansible.module_utils.baileys_dr_import import auth_import_argument_spec, failback, import_failure
 from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, git_tag_verify_argument_spec
 from ansible.module_utils.baileys_dr_pm2 import HealthClient, Pm2Error, find_instances
-from ansible.module_utils.baileys_dr_pm2_process import Pm2Process, pm2_process_argument_spec
+from ansible.module_utils.baileys_dr_pm2_driver import Pm2Driver
+from ansible.module_utils.baileys_dr_pm2_process import Pm2Process, pm2_process_argument_spec, resolve_pm2_bin
 from ansible.module_utils.baileys_dr_postgres import (
     DatabaseError, connect, describe_target, postgres_argument_spec, psycopg2, retry_on_disconnect)
 from ansible.module_utils.baileys_dr_sessions import (
@@ -315,20 +316,29 @@ class StoreSwitch:
         self.result = {"changed": False, "store": self.params["store"], "steps": []}
         self.started = time.time()
         self.stopped_at = None
+        self.pm2_runner = None
         # The daemon of app_user: PM2_HOME of this process only when it is that user (as pm2 itself reads it).
         self.pm2_home = self.params["pm2_home"] or (None if self.run_as.switch else os.environ.get("PM2_HOME")) or \
             os.path.join(self.run_as.home, ".pm2")
 
     # -- engines of the other modules, run in this process -------------------------------------
 
+    def _pm2_runner(self):
+        """One PM2 runner for the whole run: one Node process connected to the daemon (Pm2Driver), so that the stop,
+        the start and the readiness samples cost no `pm2` CLI start while the service is down."""
+        if self.pm2_runner is None:
+            self.pm2_runner = Pm2Driver(SubModule(self.module, {}, self.run_as),
+                                        resolve_pm2_bin(self.module, self.params["pm2_bin"]), self.pm2_home,
+                                        wrap=self.run_as.wrap)
+        return self.pm2_runner
+
     def _pm2(self, state, **values):
         p = self.params
         params = engine_params(pm2_process_argument_spec(), name=p["app_name"], state=state, pm2_bin=p["pm2_bin"],
                                pm2_home=self.pm2_home, **values)
-        engine = Pm2Process(SubModule(self.module, params, self.run_as))
+        engine = Pm2Process(SubModule(self.module, params, self.run_as), runner=self._pm2_runner())
         engine.user = self.run_as.pw.pw_name
-        ok, result = engine.run()
-        return ok, result
+        return engine.run()
 
     def _start(self, store):
         p = self.params
@@ -420,11 +430,7 @@ class StoreSwitch:
         return int(text) if text.isdigit() else None
 
     def _instances(self):
-        p = self.params
-        params = engine_params(pm2_process_argument_spec(), name=p["app_name"], state="info", pm2_bin=p["pm2_bin"],
-                               pm2_home=self.pm2_home)
-        engine = Pm2Process(SubModule(self.module, params, self.run_as))
-        return [dict(pid=proc.get("pid")) for proc in find_instances(engine.runner.jlist(), p["app_name"])]
+        return [dict(pid=proc.get("pid")) for proc in find_instances(self._pm2_runner().jlist(), self.params["app_name"])]
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -433,7 +439,12 @@ class StoreSwitch:
             return dict(self.result, msg="check mode: would stop %s, copy the delta, switch to %s and start it"
                         % (self.params["app_name"], self.params["store"]))
         with SwitchLock(self.params["state_file"]):
-            return self._run_locked()
+            try:
+                return self._run_locked()
+            finally:
+                if self.pm2_runner is not None:
+                    self.pm2_runner.close()
+                    self.result["pm2_driver"] = self.pm2_runner.description
 
     def _run_locked(self):
         self.journal.load()
