@@ -1385,6 +1385,7 @@ class Failback:
     # -- the run --
     def run(self):
         started = time.monotonic()
+        self.started_ns = time.time_ns()
         src, exists = check_src(self.params["src"])
         if not exists:
             raise FailbackError("src %s does not exist" % src)
@@ -1452,7 +1453,11 @@ class Failback:
             self.workers_used = 0 if workers is None else workers.count
             self._passes(todo, bad, outcomes, workers)
             if workers is not None:
-                workers.finish()
+                try:
+                    workers.finish()
+                except SessionsError as exc:
+                    # Every company's outcome is in (a worker that ended badly after its last company changes none).
+                    self.warnings.append(str(exc))
         record = None
         if params.get("pass_record") and not self.check_mode:
             record = self._write_pass_record(src, companies, outcomes)
@@ -1552,6 +1557,39 @@ class Failback:
         del self.warnings[:], self.retries[:]
         return report
 
+    def _lost_company(self, company_id, outcome, exc):
+        """The outcome of a company whose worker ended (killed, say) while writing it. The COMMIT comes only after the
+        undo file is written and synced: without an undo file of this run nothing committed; with one, its header names
+        the transaction, whose fate the server tells (it rolls back the transaction of a connection that ended)."""
+        undo, state = None, "aborted"
+        undo_dir = self.params["undo_dir"]
+        try:
+            names = os.listdir(undo_dir)
+        except OSError:
+            names = []
+        for name in names:
+            match = UNDO_RE.match(name)
+            path = os.path.join(undo_dir, name)
+            # Written by this run (a file system with a coarse clock stamps up to RACY_COARSE_NS earlier).
+            if match and match.group(1) == company_id and os.stat(path).st_mtime_ns >= self.started_ns - RACY_COARSE_NS:
+                try:
+                    header, _records = read_undo_file(path)
+                except FailbackError:
+                    continue  # not synced whole: written before any COMMIT could happen, never listed
+                undo, state = path, self._commit_state(header["txid"])
+        if state == "committed":
+            self.warnings.append("company %s: its import worker ended after the COMMIT (%s); the server says the transaction "
+                                 "committed" % (company_id, exc))
+            outcome.update(status="imported", undo_file=undo)
+            return
+        if undo and state == "aborted":
+            remove_undo_file(undo)
+            undo = None
+        fate = "nothing of it was committed" if state == "aborted" else \
+            "whether its COMMIT took effect is unknown (%s); the undo file %s is kept" % (state, undo)
+        outcome.update(status="failed", undo_file=undo, digest=None,
+                       error="company %s: the import worker writing it ended: %s; %s" % (company_id, exc, fate))
+
     def _detach_worker(self, _state):
         self.db.rollback()
         self.db.close()
@@ -1571,15 +1609,13 @@ class Failback:
             return not (stop and outcomes[company_id]["status"] in ("failed", "refused"))
 
         done = workers.map(tasks, accept, drain=True)
-        for position, exc in workers.failures.items():
-            # The worker died or broke: its transaction ends with its connection (rolled back), unless it died during the
-            # COMMIT; an undo file in undo_dir then tells what was replaced. A run again makes the rows equal to the files.
+        for position, exc in sorted(workers.failures.items()):
             company_id = todo[position][1]
-            what = "writing" if write else "planning"
-            fate = ("nothing of it was committed unless the worker ended during its COMMIT (an undo file of it in undo_dir "
-                    "then holds what was replaced)" if write else "nothing was written")
-            outcomes[company_id].update(status="failed" if write else "refused", undo_file=None, digest=None,
-                                        error="company %s: the import worker %s it failed: %s; %s" % (company_id, what, exc, fate))
+            if write:
+                self._lost_company(company_id, outcomes[company_id], exc)
+            else:
+                outcomes[company_id].update(status="refused", error="company %s: the import worker planning it failed: %s; "
+                                                                    "nothing was written" % (company_id, exc))
         for position, (_index, company_id) in enumerate(todo):
             if position not in done and position not in workers.failures:
                 outcomes[company_id].update(status="not_attempted")

@@ -1,0 +1,230 @@
+"""baileys_auth_import with its companies shared among worker processes (each with its own connection, one
+transaction per company), against the throwaway PostgreSQL cluster."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+import baileys_auth_export
+import baileys_auth_import
+from faults_helpers import wait_until
+from module_harness import run_module
+
+from ansible.module_utils import baileys_dr_codec as codec
+from ansible.module_utils import baileys_dr_testdata as testdata
+from ansible.module_utils.baileys_dr_sessions import file_content
+from ansible.module_utils.baileys_dr_store import company_digest, list_companies
+
+COMPANIES = ["company%05d" % n for n in range(1, 6)]
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    root = tmp_path / "srv" / "baileys-app"
+    root.mkdir(parents=True)
+    return root / "baileys_sessions"
+
+
+@pytest.fixture
+def undo_dir(tmp_path):
+    return tmp_path / "state" / "undo"
+
+
+@pytest.fixture
+def workers(monkeypatch):
+    """workers(n): an import of 2 companies or more uses n worker processes (the real threshold is 20,000 keys); n=0
+    imports in the module's own process."""
+    from ansible.module_utils import baileys_dr_import as imp
+
+    def use(count):
+        monkeypatch.setattr(imp, "PARALLEL_MIN_KEYS", 0 if count else 10 ** 12)
+        monkeypatch.setattr(imp, "export_workers", lambda: max(count, 1))
+    return use
+
+
+@pytest.fixture
+def failback(db_params, sessions, undo_dir):
+    def run(**args):
+        return run_module(baileys_auth_import, dict(db_params, src=str(sessions), undo_dir=str(undo_dir), **args))
+    return run
+
+
+@pytest.fixture
+def changed_tree(db, db_params, sessions):
+    """Five companies exported, then changed on files the way Baileys does (a new key, a rewritten session, a consumed
+    pre-key, creds rewritten), so that a failback inserts, updates and deletes in every company."""
+    testdata.load(db, "workers", len(COMPANIES), 40)
+    ok, result = run_module(baileys_auth_export, dict(db_params, dest=str(sessions), keep_backup=False))
+    assert ok, result.get("msg")
+    for company in COMPANIES:
+        directory = sessions / ("company_" + company)
+        names = sorted(os.listdir(directory))
+        (directory / codec.key_file_name("pre-key", "900001")).write_bytes(file_content({"private": {"type": "Buffer", "data": "AQ=="}}))
+        os.unlink(directory / next(n for n in names if n.startswith("pre-key-")))
+        (directory / next(n for n in names if n.startswith("session-"))).write_bytes(file_content({"_sessions": {}, "version": company}))
+    return result
+
+
+def rows(db):
+    """What a failback decides of the rows: every key and creds value (timestamps left out: they are the run's time)."""
+    with db.cursor() as cur:
+        cur.execute("SELECT company_id, key_type, key_id, value::text FROM whatsapp_keys "
+                    "ORDER BY company_id, key_type COLLATE \"C\", key_id COLLATE \"C\"")
+        keys = cur.fetchall()
+        cur.execute("SELECT company_id, creds::text FROM whatsapp_auth ORDER BY company_id")
+        auth = cur.fetchall()
+    db.rollback()
+    return {"keys": keys, "auth": auth}
+
+
+def digests(db):
+    found = {company: company_digest(db, company)[0] for company in list_companies(db)}
+    db.rollback()
+    return found
+
+
+def counts(result):
+    """The per-company outcome without what differs between two runs by nature (undo file names)."""
+    return {company: {k: v for k, v in outcome.items() if k != "undo_file"} for company, outcome in result["companies"].items()}
+
+
+def undo_all(db_params, result):
+    ok, undone = run_module(baileys_auth_import, dict(db_params, mode="undo", undo_file=result["undo_files"]))
+    assert ok, undone.get("msg")
+
+
+def test_an_import_in_workers_writes_what_one_process_writes(db, db_params, changed_tree, failback, workers):
+    before = rows(db)
+    workers(2)
+    ok, parallel = failback()
+    assert ok and parallel["workers"] == 2, parallel.get("msg")
+    after_parallel = rows(db)
+    assert after_parallel != before and parallel["committed"] == COMPANIES
+    # Undo records written by the workers bring every row back.
+    undo_all(db_params, parallel)
+    assert rows(db) == before
+    workers(0)
+    ok, alone = failback()
+    assert ok and alone["workers"] == 0, alone.get("msg")
+    assert rows(db) == after_parallel
+    assert counts(parallel) == counts(alone) and parallel["totals"] == alone["totals"]
+    assert parallel["totals"]["inserted"] == len(COMPANIES) and parallel["totals"]["deleted"] == len(COMPANIES)
+    assert parallel["digests"] == alone["digests"] == digests(db)
+    assert set(parallel["queries"]) == set(alone["queries"])
+
+
+def test_a_company_failing_in_a_worker_stops_the_run_and_leaves_every_company_committed_or_untouched(
+        db, changed_tree, failback, workers, undo_dir, monkeypatch):
+    """continue_on_error=false (the default): the first failed company stops the run; companies committed stay committed
+    and are listed in committed (those another worker was writing at that moment finish), the others are not attempted.
+    Each company is either entirely the files or entirely as it was."""
+    before = rows(db)
+    before_digests = digests(db)
+    workers(2)
+    # The first company's worker waits inside its transaction while the other worker fails the second company.
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_AT", "import_company:1")
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_SECONDS", "2")
+    monkeypatch.setenv("BAILEYS_DR_TEST_FAIL_AT", "import_company:2")
+    ok, result = failback()
+    assert not ok and "company00002" in result["msg"] and "import_company:2" in result["msg"], result.get("msg")
+    outcomes = result["companies"]
+    assert outcomes["company00002"]["status"] == "failed" and result["failed_companies"] == ["company00002"]
+    assert result["committed"] == ["company00001"], "the company in flight in the other worker finishes"
+    assert result["not_attempted"] == COMPANIES[2:], "a failure stops the handing out of companies"
+    now = digests(db)
+    for company in COMPANIES:
+        if company in result["committed"]:
+            # The digest the module computed from the files, proven on the rows before the COMMIT.
+            assert now[company] == result["digests"][company] and outcomes[company]["undo_file"], company
+        else:
+            assert now[company] == before_digests[company] and not outcomes[company]["undo_file"], company
+    assert sorted(os.path.basename(p) for p in result["undo_files"]) == sorted(
+        n for n in os.listdir(undo_dir) if n.endswith(".jsonl.gz")), "no undo file of a company that did not commit"
+    assert rows(db) != before
+
+
+def test_continue_on_error_imports_every_other_company_in_workers(db, changed_tree, failback, workers, monkeypatch):
+    before_digests = digests(db)
+    workers(2)
+    monkeypatch.setenv("BAILEYS_DR_TEST_FAIL_AT", "import_company:3")
+    ok, result = failback(continue_on_error=True)
+    assert not ok and "company00003" in result["msg"], result.get("msg")
+    assert result["committed"] == [c for c in COMPANIES if c != "company00003"] and result["not_attempted"] == []
+    now = digests(db)
+    assert now["company00003"] == before_digests["company00003"]
+    assert all(now[c] == result["digests"][c] for c in result["committed"])
+
+
+def test_a_worker_without_a_connection_leaves_the_import_to_the_module(db, changed_tree, failback, workers, monkeypatch):
+    """A server at max_connections: the workers cannot connect, the module imports alone."""
+    import psycopg2
+
+    workers(2)
+    module_pid, real_connect = os.getpid(), baileys_auth_import.connect
+
+    def connect(params, **kwargs):
+        if os.getpid() != module_pid:
+            raise psycopg2.OperationalError("FATAL:  sorry, too many clients already")
+        return real_connect(params, **kwargs)
+
+    monkeypatch.setattr(baileys_auth_import, "connect", connect)
+    ok, result = failback()
+    assert ok and result["workers"] == 0 and result["committed"] == COMPANIES, result.get("msg")
+
+
+def forked_children():
+    """Live children of this process (the module runs in it: they are its workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def sleeping_worker():
+    """The worker paused by the test hook (in time.sleep), the other one waiting on its pipe for a company."""
+    for pid in forked_children():
+        try:
+            with open("/proc/%d/wchan" % pid) as fh:
+                if "nanosleep" in fh.read():
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def test_a_killed_worker_fails_its_company_only_and_nothing_of_it_is_committed(db, changed_tree, failback, workers, undo_dir,
+                                                                            monkeypatch):
+    """A worker killed inside a company's transaction: the server rolls the transaction back with its connection, the
+    company is failed with a message saying so, the companies the other worker wrote are committed."""
+    before_digests = digests(db)
+    workers(2)
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_AT", "import_company:2")
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_SECONDS", "60")
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=failback()))
+    runner.start()
+    others = [c for c in COMPANIES if c != "company00002"]
+    wait_until(lambda: all(d != before_digests[c] for c, d in digests(db).items() if c in others), timeout=60,
+               what="every other company committed by the other worker")
+    os.kill(wait_until(sleeping_worker, what="the worker paused inside company00002's transaction"), 9)
+    runner.join(60)
+    assert not runner.is_alive(), "the module noticed the killed worker"
+    ok, result = outcome["result"]
+    assert not ok and "company00002" in result["msg"] and "import worker" in result["msg"], result.get("msg")
+    assert "nothing of it was committed" in result["msg"], "the server said its transaction aborted"
+    assert result["committed"] == others and result["failed_companies"] == ["company00002"]
+    assert not [n for n in os.listdir(undo_dir) if "company00002" in n], "the undo file of the aborted transaction is removed"
+    assert wait_until(lambda: digests(db)["company00002"] == before_digests["company00002"],
+                      what="company00002 rolled back by the server"), "nothing of the killed worker's company committed"
+    assert forked_children() == []
