@@ -152,6 +152,10 @@ def change(old, new):
     if old is None or new is None or not old.get("me"):
         # Nothing registered to lose: an unpaired identity may be replaced (pairing completes on the new one).
         return None
+    if not any(new.values()):
+        # Not Baileys creds at all (no registrationId, key or account): no identity to compare; the value checks and the
+        # import's creds check refuse such a value by name.
+        return None
     if not new.get("me"):
         return "unregistered"
     if any(old.get(f) != new.get(f) for f in IDENTITY_FIELDS):

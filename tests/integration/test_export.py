@@ -259,7 +259,7 @@ def test_check_mode_reports_what_would_be_written_and_writes_nothing(db, export,
     export()
     before = listing(app_root)
     with db.cursor() as cur:
-        cur.execute("UPDATE whatsapp_auth SET creds = creds || '{\"registrationId\": 1}' WHERE company_id = 'company00001'")
+        cur.execute("UPDATE whatsapp_auth SET creds = creds || '{\"accountSyncCounter\": 99}' WHERE company_id = 'company00001'")
     db.commit()
     ok, result = export(check_mode=True)
     assert ok and result["changed"] and result["changed_companies"] == ["company00001"]
