@@ -264,12 +264,19 @@ def set_cache_aside(app_root, warn=None, now=None):
         return None
     stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%dT%H%M%S%fZ")
     target = "%s.set-aside-%s" % (path, stamp)
-    os.rename(path, target)  # same directory: atomic, the mode and contents kept
-    fd = os.open(app_root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.rename(path, target)  # same directory: atomic, the mode and contents kept
+        fd = os.open(app_root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        # Not worth failing the failover over (it would roll back onto the store that failed): said loudly instead.
+        if warn:
+            warn("the application's credentials cache %s could not be moved aside (%s): remove it, or the service may "
+                 "serve its creds instead of the restored ones while PostgreSQL is unreachable" % (path, exc.strerror))
+        return {"path": path, "moved_to": None, "error": exc.strerror}
     if warn:
         warn("the application's credentials cache %s was moved aside to %s so that it cannot shadow the restored creds"
              % (path, target))

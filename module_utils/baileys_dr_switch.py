@@ -28,6 +28,7 @@ import time
 
 from ansible.module_utils.baileys_dr_dotenv import DotenvDocument, EnvFile, EnvFileError, env_file_argument_spec
 from ansible.module_utils.baileys_dr_fs import fsync_dir, swap_in, write_file_atomic
+from ansible.module_utils.baileys_dr_identity import set_cache_aside
 from ansible.module_utils.baileys_dr_import import auth_import_argument_spec, failback, import_failure
 from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, git_tag_verify_argument_spec
 from ansible.module_utils.baileys_dr_pm2 import HealthClient, Pm2Error, find_instances
@@ -522,6 +523,7 @@ class FailoverSwitch:
             s.journal.phase("failover", "switched")
         s._step("switched")
         self.phase = "start"
+        s.result["credentials_cache"] = set_cache_aside(p["app_root"], s.module.warn)  # never shadowing the restored creds
         ok, started = s._start("files")
         s.result["readiness"] = started.get("readiness")
         if not ok:
