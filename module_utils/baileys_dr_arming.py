@@ -85,6 +85,18 @@ def read_manifest(standby_dir):
             "manifest_sha256": sha256_hex(data), "companies": len(companies), "digests": digests}
 
 
+def manifest_or_problem(standby_dir, problems, missing):
+    """read_manifest, or None with the problem appended (missing, a format with the directory, when there is none)."""
+    try:
+        manifest = read_manifest(standby_dir)
+    except ArmingError as exc:
+        problems.append("standby: %s" % exc)
+        return None
+    if manifest is None:
+        problems.append(missing % standby_dir)
+    return manifest
+
+
 def pm2_definition(params):
     """What PM2 starts the service from (app name, pm2 binary, daemon home, ecosystem file and its sha256), and the
     sha256 of all of it: the switch starts the service fresh from that ecosystem file in that daemon."""
@@ -229,14 +241,7 @@ class ArmingRecord:
                 problems.append("pm2: %s is not found" % p["pm2_bin"])
         except ArmingError as exc:
             problems.append("pm2: %s" % exc)
-        try:
-            manifest = read_manifest(p["standby_dir"])
-        except ArmingError as exc:
-            manifest = None
-            problems.append("standby: %s" % exc)
-        else:
-            if manifest is None:
-                problems.append("standby: no manifest in %s (no standby copy yet)" % p["standby_dir"])
+        manifest = manifest_or_problem(p["standby_dir"], problems, "standby: no manifest in %s (no standby copy yet)")
         if manifest is not None:
             record["standby"] = dict({k: v for k, v in manifest.items() if k != "digests"}, path=p["standby_dir"])
             wanted = p["verified_generation"]
@@ -330,14 +335,7 @@ class ArmingRecord:
             elif p["tag_commit"] and not commit.startswith(p["tag_commit"].strip().lower()):
                 reasons.append("tag %s points at %s, not at tag_commit %s" % (p["tag"], commit, p["tag_commit"]))
         recorded = record.get("standby") or {}
-        try:
-            manifest = read_manifest(p["standby_dir"])
-        except ArmingError as exc:
-            manifest = None
-            reasons.append("standby: %s" % exc)
-        else:
-            if manifest is None:
-                reasons.append("the standby copy %s has no manifest any more" % p["standby_dir"])
+        manifest = manifest_or_problem(p["standby_dir"], reasons, "the standby copy %s has no manifest any more")
         if manifest is not None:
             if recorded.get("path") != p["standby_dir"]:
                 reasons.append("the record armed the standby copy %s, this failover uses %s" % (recorded.get("path"), p["standby_dir"]))
