@@ -49,6 +49,7 @@ import subprocess
 import sys
 import time
 
+import floor_bench
 import switch_bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -537,29 +538,36 @@ class SizeRun:
         self.record["app_start_seconds"] = run["seconds"]
         try:
             log("%s: failover from the standby copy" % self.keys)
-            run, text = self.playbook("failover", os.path.join(ROOT, "playbooks", "failover.yml"),
-                                      ["baileys_failover_source=standby", "baileys_failover_ready_timeout=1800",
-                                       "baileys_failover_digests_timeout=3600"])
-            audit = [json.loads(line) for line in open(os.path.join(self.work, "dr", "audit.jsonl"), encoding="utf-8")]
-            record = [r for r in audit if r.get("operation") == "failover"][-1]
-            if record.get("outcome") != "ok":
-                raise BenchError("the failover's audit record says %s" % record.get("outcome"))
-            done = re.search(r"Failover done in ([0-9.]+) s", text)
-            # RTO as the operator lives it: from starting ansible-playbook to the service answering ready on files.
-            ready, verified = self.app_ready_after(run["started_epoch"])
-            entry = {"kind": "ours", "seconds": run["seconds"], "keys": self.keys,
-                     "rto_seconds": ready, "verified_seconds": verified,
-                     "keys_per_second": round(self.keys / run["seconds"]),
-                     "rto_role_seconds": float(done.group(1)) if done else record.get("duration_seconds"),
-                     "audit_duration_seconds": record.get("duration_seconds"),
-                     "peak_rss_mib": None}
+            entry = self.failover_playbook("failover")
             self.record["steps"]["failover_standby"] = entry
             log("%s: failover playbook %.2f s, start to ready %s s, role RTO %s s, keys verified by the application at %s s"
-                % (self.keys, run["seconds"], ready, entry["rto_role_seconds"], verified))
+                % (self.keys, entry["seconds"], entry["rto_seconds"], entry["rto_role_seconds"], entry["verified_seconds"]))
+            floor_bench.measure_floor(self, sys.modules[__name__])
         finally:
             self.failover_profile()
             self.app_teardown()
             self.save()
+
+    def failover_playbook(self, label):
+        """playbooks/failover.yml from the standby copy; its step entry (RTO: start of ansible-playbook to ready)."""
+        audit_path = os.path.join(self.work, "dr", "audit.jsonl")
+        run, text = self.playbook(label, os.path.join(ROOT, "playbooks", "failover.yml"),
+                                  ["baileys_failover_source=standby", "baileys_failover_ready_timeout=1800",
+                                   "baileys_failover_digests_timeout=3600"])
+        with open(audit_path, encoding="utf-8") as fh:
+            audit = [json.loads(line) for line in fh]
+        record = [r for r in audit if r.get("operation") == "failover"][-1]
+        if record.get("outcome") != "ok":
+            raise BenchError("the failover's audit record says %s" % record.get("outcome"))
+        done = re.search(r"Failover done in ([0-9.]+) s", text)
+        # RTO as the operator lives it: from starting ansible-playbook to the service answering ready on files.
+        ready, verified = self.app_ready_after(run["started_epoch"])
+        return {"kind": "ours", "seconds": run["seconds"], "keys": self.keys,
+                "rto_seconds": ready, "verified_seconds": verified,
+                "keys_per_second": round(self.keys / run["seconds"]),
+                "rto_role_seconds": float(done.group(1)) if done else record.get("duration_seconds"),
+                "audit_duration_seconds": record.get("duration_seconds"),
+                "peak_rss_mib": None}
 
     def failover_profile(self):
         """Where the failover's time goes: every task's start (also of a run that failed), profile_tasks' summary, and
@@ -662,6 +670,7 @@ class SizeRun:
         self.run_standby(standby)
         if failover:
             self.run_failover(standby)
+            floor_bench.run_busy_failover(self, sys.modules[__name__], standby)
         self.discard(os.path.dirname(standby))
 
     def sample_load(self, stop):
@@ -775,6 +784,7 @@ def targets_of(rec):
             rows.append(("failover RTO from the standby copy (%d compan%s), start to ready" % (
                 rec["companies"], "y" if rec["companies"] == 1 else "ies"),
                 "%.1f s (%s)" % (sec, "; ".join(detail)), "<= %.0f s" % limit, sec <= limit))
+    rows += floor_bench.targets(rec)
     rows += switch_bench.targets(rec)
     # A figure that cannot be judged (say why in "caveats" of the result file) is shown as such, never as met.
     caveats = rec.get("caveats", {})
@@ -796,6 +806,7 @@ STEP_TEXT = {
     "failover_standby": "**failover from the standby copy** (playbooks/failover.yml, whole playbook)",
     "cleanup": "**cleanup** (baileys_keys_cleanup)",
 }
+STEP_TEXT.update(floor_bench.STEP_TEXT)
 STEP_TEXT.update(switch_bench.STEP_TEXT)
 
 
@@ -873,7 +884,7 @@ def render(records, mach, out_path):
                 ratio = "%.2fx" % (entry["seconds"] / steps[base[label]]["seconds"])
                 if label == "export_live" and "baseline_copy_to" in steps:
                     ratio += " (%.1fx COPY TO)" % (entry["seconds"] / steps["baseline_copy_to"]["seconds"])
-            if label == "failover_standby":
+            if label in ("failover_standby", "failover_standby_busy"):
                 ratio = "start to ready: %s s" % fmt(entry.get("rto_seconds"))
             ratio = ratio or entry.get("note", "")
             own = (entry.get("result") or {}).get("duration_seconds")
@@ -893,7 +904,8 @@ def render(records, mach, out_path):
             lines.append("- %s" % note)
         lines.append("")
     lines += ["## How it is measured", "", "```", __doc__.strip(), "```", "", "Baselines:", "", "```",
-              baseline_doc().strip(), "```", "", "Switch:", "", "```", switch_bench.__doc__.strip(), "```", ""]
+              baseline_doc().strip(), "```", "", "Floor:", "", "```", floor_bench.__doc__.strip(), "```", "",
+              "Switch:", "", "```", switch_bench.__doc__.strip(), "```", ""]
     text = "\n".join(lines).rstrip() + "\n"
     with open(out_path + ".tmp", "w", encoding="utf-8") as fh:
         fh.write(text)
