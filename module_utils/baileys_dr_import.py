@@ -465,6 +465,39 @@ def stored_text(key_type, value, buffer_format):
     return dumps(to_base64_form(value) if buffer_format == "base64" else to_array_form(value))
 
 
+# An exported file (its sha256 the manifest's) is file_content(value): dumps' own settings over to_base64_form, so every
+# Buffer in it is exactly {"type":"Buffer","data":"<base64>"}. Its array form is then its text with each of those objects
+# rewritten: byte for byte stored_text(type, parse_file(data), "array"), without parsing it. ('{"' cannot occur inside
+# a JSON string, whose quotes are escaped: each match is a whole object.) Any other Buffer form, or a "Buffer" the
+# rewrite does not cover, leaves the file to the parse.
+BASE64_BUFFER_RE = re.compile(r'\{"type":"Buffer","data":"([A-Za-z0-9+/]*={0,2})"\}')
+OTHER_BUFFER_RE = re.compile(r'"data":\[|\{"[0-9]+":')
+_BYTE_TEXT = tuple(str(n) for n in range(256))
+
+
+def exported_array_text(data):
+    """stored_text(type, value, "array") of an exported file's bytes (not app-state-sync-key), or None (then parse it)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if OTHER_BUFFER_RE.search(text):
+        return None
+    undecodable = []
+
+    def array(match):
+        raw = decode_base64(match.group(1))
+        if raw is None:
+            undecodable.append(match.group(1))
+            return match.group(0)
+        return '{"type":"Buffer","data":[%s]}' % ",".join(map(_BYTE_TEXT.__getitem__, raw))
+
+    out, count = BASE64_BUFFER_RE.subn(array, text)
+    if undecodable or count != text.count('"Buffer"'):
+        return None
+    return out
+
+
 class FileEntry:
     """One file of a company directory: bytes, sha256, its manifest entry, the value parsed on demand."""
 
@@ -2128,14 +2161,19 @@ class Failback:
         """COPY lines of the staging table: rows to write (text and digest line from the same parsed value, the line
         only when the digest needs it), then the keys whose rows stay as they are."""
         lines = None if self._exported_digest(company_id, files, plan) else plan.lines
+        rewrite = buffer_format == "array"
         for action, entries in (("u", plan.updates), ("i", plan.inserts)):
             for entry in entries:
                 key_type, key_id = key = entry.key_type, entry.key_id
-                value = entry.value()
-                if lines is not None and key not in lines:
-                    lines[key] = key_line(key_type, key_id, value)
-                yield "%s\t%s\t%s\t%s\t%d\n" % (action, copy_text(key_type), copy_text(key_id),
-                                                  copy_text(stored_text(key_type, value, buffer_format)), expiry_days(key_type))
+                text = None
+                if rewrite and entry.same and not entry.parsed and key_type != "app-state-sync-key" and (lines is None or key in lines):
+                    text = exported_array_text(entry.data)  # an exported file whose line is not needed: no parse
+                if text is None:
+                    value = entry.value()
+                    if lines is not None and key not in lines:
+                        lines[key] = key_line(key_type, key_id, value)
+                    text = stored_text(key_type, value, buffer_format)
+                yield "%s\t%s\t%s\t%s\t%d\n" % (action, copy_text(key_type), copy_text(key_id), copy_text(text), expiry_days(key_type))
         written = {(e.key_type, e.key_id) for e in plan.updates}
         written.update((e.key_type, e.key_id) for e in plan.inserts)
         for key_type, key_id in list(files.keys) + plan.kept:
