@@ -119,6 +119,9 @@ options:
       - C(false) stops at the first failed company (companies committed before stay committed and are listed in
         RV(committed)); any company refused by the first pass refuses the run before the first write. C(true) imports every
         company it can. The module fails in both cases when a company failed.
+      - With worker processes (RV(workers)), C(false) hands out no further company after the first failed one; the
+        companies other workers are writing at that moment finish (committed or failed, each listed), the rest are
+        not attempted.
     type: bool
     default: false
   allow_other_database:
@@ -200,6 +203,12 @@ notes:
   - Stop the service (or keep it from writing the files) during the import; a company whose directory changes while it is
     imported is rolled back.
   - One import or undo at a time per database (a session advisory lock).
+  - "An import of at least 20,000 keys (the manifest's counts) and 2 companies is shared among forked worker processes,
+    one per usable CPU (at most 4, the export's policy; RV(workers)): each has its own database connection and takes
+    whole companies, both passes, each company still in its own transaction, its undo file written by the worker before
+    the COMMIT. A worker that cannot connect leaves the run to the module's own process. A worker that ends while writing
+    a company (killed, say) fails that company: the server rolls its transaction back, unless it ended after the COMMIT
+    (the undo file it wrote names the transaction, whose fate C(txid_status) tells); no further company is handed out."
   - The role needs the C(TEMPORARY) privilege on the database (PostgreSQL grants it to PUBLIC by default) for the staging
     table; without it O(mode=import) is refused before any write (check mode does not need it).
   - "In a bulk or delta pass (O(changed_during_read=defer), O(pass_record) or O(delta_from)) a database connection that
@@ -298,6 +307,10 @@ committed:
   returned: mode=import
   type: list
   elements: str
+workers:
+  description: (import) Worker processes that shared the companies (0 when the module imported alone).
+  returned: mode=import
+  type: int
 failed_companies:
   description: (import) Companies refused or failed.
   returned: mode=import

@@ -23,7 +23,10 @@ files and plans every company before anything is written (so a bad file in
 the last company refuses the run before the first write), a second pass
 does the writes company by company. In each pass a thread reads the next
 company's directory while the current one is worked on: at most two
-companies' files are held in memory.
+companies' files are held in memory. A large run shares both passes among
+forked worker processes (baileys_dr_sessions.Workers, the export's): each
+takes whole companies on its own connection, and the per-company code
+(_company, _write_company) is the same in a worker as in the module's process.
 
 Reused: the codec (fixFileName, Buffer forms, canonical JSON through the
 digest lines), the sessions tree readers and validators, the export's test
