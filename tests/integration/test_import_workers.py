@@ -10,27 +10,17 @@ import pytest
 
 import baileys_auth_export
 import baileys_auth_import
-from faults_helpers import wait_until
+from faults_helpers import full_rows, wait_until
 from module_harness import run_module
+from test_export import worker_processes
+from test_import import database_digests as digests
+from test_import import failback, sessions, undo_dir  # noqa: F401 - the import tests' fixtures
 
 from ansible.module_utils import baileys_dr_codec as codec
 from ansible.module_utils import baileys_dr_testdata as testdata
 from ansible.module_utils.baileys_dr_sessions import file_content
-from ansible.module_utils.baileys_dr_store import company_digest, list_companies
 
 COMPANIES = ["company%05d" % n for n in range(1, 6)]
-
-
-@pytest.fixture
-def sessions(tmp_path):
-    root = tmp_path / "srv" / "baileys-app"
-    root.mkdir(parents=True)
-    return root / "baileys_sessions"
-
-
-@pytest.fixture
-def undo_dir(tmp_path):
-    return tmp_path / "state" / "undo"
 
 
 @pytest.fixture
@@ -43,13 +33,6 @@ def workers(monkeypatch):
         monkeypatch.setattr(imp, "PARALLEL_MIN_KEYS", 0 if count else 10 ** 12)
         monkeypatch.setattr(imp, "export_workers", lambda: max(count, 1))
     return use
-
-
-@pytest.fixture
-def failback(db_params, sessions, undo_dir):
-    def run(**args):
-        return run_module(baileys_auth_import, dict(db_params, src=str(sessions), undo_dir=str(undo_dir), **args))
-    return run
 
 
 @pytest.fixture
@@ -70,20 +53,8 @@ def changed_tree(db, db_params, sessions):
 
 def rows(db):
     """What a failback decides of the rows: every key and creds value (timestamps left out: they are the run's time)."""
-    with db.cursor() as cur:
-        cur.execute("SELECT company_id, key_type, key_id, value::text FROM whatsapp_keys "
-                    "ORDER BY company_id, key_type COLLATE \"C\", key_id COLLATE \"C\"")
-        keys = cur.fetchall()
-        cur.execute("SELECT company_id, creds::text FROM whatsapp_auth ORDER BY company_id")
-        auth = cur.fetchall()
-    db.rollback()
-    return {"keys": keys, "auth": auth}
-
-
-def digests(db):
-    found = {company: company_digest(db, company)[0] for company in list_companies(db)}
-    db.rollback()
-    return found
+    found = full_rows(db)
+    return {"keys": [r[:4] for r in found["keys"]], "auth": [r[:2] for r in found["auth"]]}
 
 
 def counts(result):
@@ -175,25 +146,9 @@ def test_a_worker_without_a_connection_leaves_the_import_to_the_module(db, chang
     assert ok and result["workers"] == 0 and result["committed"] == COMPANIES, result.get("msg")
 
 
-def forked_children():
-    """Live children of this process (the module runs in it: they are its workers)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.append(int(entry))
-    return found
-
-
 def sleeping_worker():
     """The worker paused by the test hook (in time.sleep), the other one waiting on its pipe for a company."""
-    for pid in forked_children():
+    for pid in worker_processes():
         try:
             with open("/proc/%d/wchan" % pid) as fh:
                 if "nanosleep" in fh.read():
@@ -227,4 +182,4 @@ def test_a_killed_worker_fails_its_company_only_and_nothing_of_it_is_committed(d
     assert not [n for n in os.listdir(undo_dir) if "company00002" in n], "the undo file of the aborted transaction is removed"
     assert wait_until(lambda: digests(db)["company00002"] == before_digests["company00002"],
                       what="company00002 rolled back by the server"), "nothing of the killed worker's company committed"
-    assert forked_children() == []
+    assert worker_processes() == []
