@@ -16,6 +16,7 @@ import baileys_auth_export
 import baileys_auth_import
 import baileys_db_health
 from module_harness import run_module
+from test_db_health_real import health_playbook  # noqa: F401
 
 from ansible.module_utils import baileys_dr_codec as codec
 from ansible.module_utils import baileys_dr_testdata as testdata
@@ -301,6 +302,23 @@ def test_health_reports_fresh_creds_in_the_files_since_their_snapshot_as_critica
     result = health(db_params, sessions_dir=str(sessions))
     check = result["checks"]["identity"]
     assert check["status"] == "critical" and "company bravo: the sessions tree has registrationId %d" % fresh[1]["registrationId"] in check["message"]
+
+
+def test_health_yml_fails_on_a_company_whose_identity_changed_and_reports_the_cache(db, db_params, app_root, fresh,
+                                                                                    health_playbook):  # noqa: F811
+    seed(db)
+    standby, sessions = app_root / "baileys_sessions.standby", app_root / "baileys_sessions"
+    assert export(db_params, standby, mode="standby")[0]
+    assert export(db_params, sessions)[0]
+    overwrite_db_creds(db, "acme", fresh[0])
+    write_cache(app_root, {"acme": db_creds(db, "acme")})
+    rc, out, paths = health_playbook("-e", json.dumps({"baileys_dr_app_root": str(app_root)}))
+    assert rc != 0, out  # critical fails the play by default, after the reports are written
+    report = json.loads(paths["report"].read_text())
+    assert report["checks"]["identity"]["status"] == "critical" and "company acme" in report["checks"]["identity"]["message"]
+    assert report["checks"]["credentials_cache"]["status"] == "healthy"
+    assert report["identity"]["credentials_cache"]["companies"]["acme"]["equal"] is True
+    assert fresh[0]["advSecretKey"] not in paths["report"].read_text()
 
 
 # -- the application's credentials cache ---------------------------------------------------------------
