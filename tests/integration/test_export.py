@@ -11,6 +11,7 @@ import time
 import pytest
 
 import baileys_auth_export
+from faults_helpers import wait_until
 from module_harness import run_module
 
 from ansible.module_utils import baileys_dr_testdata as testdata
@@ -407,11 +408,13 @@ def test_the_export_is_one_consistent_snapshot(db, db_params, export, app_root, 
     testdata.load(db, "snap", 3, 30)
     expected = database_digests(db)
     monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_AT", "after_company:1")
-    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_SECONDS", "2")
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_SECONDS", "4")
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.update(result=export()))
     worker.start()
-    time.sleep(0.8)
+    # The first company staged means the snapshot is taken; the export then holds at its pause.
+    wait_until(lambda: staged(app_root, "company00001"), what="the first company in the staging tree")
+    assert worker.is_alive(), "the export is still paused after its first company"
     with db.cursor() as cur:
         cur.execute("UPDATE whatsapp_keys SET value = '{\"late\": 1}' WHERE company_id IN ('company00002', 'company00003')")
         cur.execute("DELETE FROM whatsapp_auth WHERE company_id = 'company00003'")
@@ -445,6 +448,12 @@ def tree_bytes(path):
                 with open(full, "rb") as fh:
                     found[os.path.relpath(full, path)] = fh.read()
     return found
+
+
+def staged(app_root, company_id):
+    """Whether the export wrote this company's creds.json into its staging tree (a sibling .<dest>.staging-<hex>)."""
+    return any(os.path.basename(directory) == "company_" + company_id and "creds.json" in files and ".staging-" in directory
+               for directory, _dirs, files in os.walk(str(app_root)))
 
 
 def worker_processes():
@@ -524,9 +533,9 @@ def test_a_killed_worker_fails_the_export_leaving_the_live_tree_and_no_staging(d
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(result=export()))
     runner.start()
-    deadline = time.monotonic() + 20
-    while len(worker_processes()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # Killed before they attach, the workers would only make the module export alone (as at max_connections): wait
+    # until one has staged the first company (both attached, the map running) and holds at its pause.
+    wait_until(lambda: staged(app_root, "company00001") and len(worker_processes()) >= 2, what="both workers exporting")
     started = time.monotonic()
     for pid in worker_processes():
         os.kill(pid, 9)

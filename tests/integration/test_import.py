@@ -15,6 +15,7 @@ import pytest
 
 import baileys_auth_export
 import baileys_auth_import
+from faults_helpers import wait_until
 from module_harness import run_module
 
 from ansible.module_utils import baileys_dr_codec as codec
@@ -547,15 +548,6 @@ def test_buffers_are_written_in_base64_on_request(db, exported, failback, sessio
 # -- failures mid-import: nothing of the company committed, a re-run completes ----------------------------------------
 
 
-def wait_until(predicate, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 def test_a_connection_killed_mid_import_commits_nothing_of_that_company_and_a_rerun_completes(
         db, exported, failback, undo, sessions, undo_dir, tmp_path, monkeypatch):
     for company in ("company00001", "company00002", "company00003"):
@@ -574,7 +566,7 @@ def test_a_connection_killed_mid_import_commits_nothing_of_that_company_and_a_re
         db.rollback()
         return len(found) == 1 and undo_dir.is_dir() and any(n.startswith("failback-company00002-") for n in os.listdir(undo_dir))
 
-    wait_until(paused)
+    wait_until(paused, what="the import paused inside company00002's transaction")
     # A copy of the undo file of the transaction about to die, to undo later.
     (name,) = [n for n in os.listdir(undo_dir) if n.startswith("failback-company00002-") and n.endswith(".gz")]
     shutil.copy(undo_dir / name, tmp_path / name)
@@ -612,15 +604,19 @@ def test_an_injected_failure_before_the_commit_rolls_the_company_back(db, export
     assert not list(undo_dir.iterdir())
 
 
-def test_files_changed_while_importing_roll_the_company_back(db, exported, failback, sessions, monkeypatch):
+def test_files_changed_while_importing_roll_the_company_back(db, exported, failback, sessions, undo_dir, monkeypatch):
     baileys_changes(sessions, "company00001", manifest_of(sessions, "company00001"))
     before = full_rows(db)
     monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_AT", "import_company:1")
-    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_SECONDS", "1.5")
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_SECONDS", "4")
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.update(result=failback()))
     worker.start()
-    time.sleep(0.7)
+    # The company's undo file is begun once its files are read and its transaction open: from then on until the
+    # check after the pause, a change to its files is one made while it was imported.
+    wait_until(lambda: undo_dir.is_dir() and any(n.startswith("failback-company00001-") for n in os.listdir(undo_dir)),
+               what="the import inside company00001's transaction")
+    assert worker.is_alive(), "the import is still paused"
     (sessions / "company_company00001" / "pre-key-100002.json").write_bytes(file_content({"private": {"type": "Buffer", "data": "AQ=="}}))
     worker.join(60)
     ok, result = outcome["result"]

@@ -69,8 +69,12 @@ async function loadAll(store, config) {
 }
 
 /** /health once the load and its verification are over (or nothing more will happen). */
+// Deadlines, not iteration counts: a loaded 2-core CI machine is far slower than a laptop.
+const SETTLE_DEADLINE_MS = 60000;
+
 async function settled(base) {
-  for (let i = 0; i < 600; i++) {
+  const deadline = Date.now() + SETTLE_DEADLINE_MS;
+  while (Date.now() < deadline) {
     const res = await fetch(`${base}/health`);
     const h = await res.json();
     if (!h.loading && !h.verifying && (h.verifiedAt || h.errors.length)) return { status: res.status, h };
@@ -301,7 +305,8 @@ test('service: ready once the creds are loaded, before any key is read; the veri
   try {
     const base = `http://127.0.0.1:${port}`;
     let first;
-    for (let i = 0; i < 2000 && !first; i++) {
+    const deadline = Date.now() + SETTLE_DEADLINE_MS;
+    while (!first && Date.now() < deadline) {
       const res = await fetch(`${base}/health`);
       if (res.status === 200) first = await res.json();
       else await new Promise((r) => setTimeout(r, 5));
