@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
@@ -183,3 +184,25 @@ def test_a_killed_worker_fails_its_company_only_and_nothing_of_it_is_committed(d
     assert wait_until(lambda: digests(db)["company00002"] == before_digests["company00002"],
                       what="company00002 rolled back by the server"), "nothing of the killed worker's company committed"
     assert worker_processes() == []
+
+
+def test_a_bulk_pass_in_workers_records_every_company_and_the_delta_pass_proves_them(db, changed_tree, failback, workers,
+                                                                                     sessions, tmp_path):
+    """The pass record's entries come back from the workers: the delta pass, in workers too, proves every company
+    unchanged without reading it, and a company changed since is imported again."""
+    past = time.time_ns() - 60 * 10 ** 9
+    for company in COMPANIES:  # no listing within the racy window of a write
+        directory = sessions / ("company_" + company)
+        for name in os.listdir(directory):
+            os.utime(directory / name, ns=(past, past))
+    workers(2)
+    record = tmp_path / "failback-bulk.json"
+    ok, bulk = failback(changed_during_read="defer", pass_record=str(record))
+    assert ok and bulk["workers"] == 2 and bulk["committed"] == COMPANIES, bulk.get("msg")
+    (sessions / "company_company00004" / codec.key_file_name("pre-key", "900002")).write_bytes(
+        file_content({"private": {"type": "Buffer", "data": "Ag=="}}))
+    ok, delta = failback(delta_from=str(record))
+    assert ok, delta.get("msg")
+    assert {c: o["status"] for c, o in delta["companies"].items()} == dict(
+        {c: "unchanged_proven" for c in COMPANIES}, company00004="imported")
+    assert delta["companies"]["company00004"]["inserted"] == 1 and delta["digests"]["company00004"] == digests(db)["company00004"]
