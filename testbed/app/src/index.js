@@ -17,6 +17,7 @@ const path = require('node:path');
 const { execFileSync } = require('node:child_process');
 const log = require('./log');
 const { loadConfig, publicConfig } = require('./config');
+const { saveCredentialsCache } = require('./credentials-cache');
 
 const MAX_ERRORS_SHOWN = 200;
 const MAX_BODY_BYTES = 64 * 1024;
@@ -199,6 +200,17 @@ function createService(options = {}) {
     if (state.storeError && !state.stopping) scheduleRetry();
   }
 
+  /** The real service's credentials cache, after a load from PostgreSQL: never awaited, a failed save is only logged. */
+  function saveCache(loaded) {
+    const creds = loaded.credsForCache;
+    if (!creds) return;
+    delete loaded.credsForCache; // the creds are not kept beyond the save
+    saveCredentialsCache(config.appRoot, creds).then(
+      (file) => log.info('credentials_cache_saved', { file, companies: creds.size }),
+      (error) => log.warn('credentials_cache_failed', { error: log.errorText(error) }),
+    );
+  }
+
   /** Phase 1: the store's load(). Returns what it loaded, or null on a store-level failure. */
   async function loadPhase(reason) {
     const started = process.hrtime.bigint();
@@ -217,6 +229,7 @@ function createService(options = {}) {
         },
       });
       await library;
+      saveCache(loaded);
       state.storeError = null;
       // a copy: a company /simulate creates is listed here, not in the list the verification goes through
       state.result = { companies: [...loaded.companies], errors: loaded.errors, warnings: loaded.warnings };

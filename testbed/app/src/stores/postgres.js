@@ -126,6 +126,7 @@ async function load(config, ctx = {}) {
     return closed;
   };
   const result = { companies: [], errors: [], warnings: [] };
+  const cached = new Map(); // the creds loaded, for the credentials cache (src/credentials-cache.js)
   try {
     await client.connect();
     await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
@@ -142,6 +143,7 @@ async function load(config, ctx = {}) {
         continue;
       }
       result.companies.push({ id: companyId, ...credsIdentity(row.creds) });
+      cached.set(companyId, row.creds);
       if (ctx.onCompany) ctx.onCompany(companyId);
     }
   } catch (error) {
@@ -151,6 +153,7 @@ async function load(config, ctx = {}) {
   // not enumerable: /health and the logs never see the client
   Object.defineProperty(result, 'close', { value: close });
   Object.defineProperty(result, 'client', { value: client });
+  Object.defineProperty(result, 'credsForCache', { value: cached, configurable: true });
   return result;
 }
 
