@@ -1558,11 +1558,14 @@ class Failback:
         companies = [c for c in todo if c not in bad]
         if len(companies) < 2:
             return 0
-        if self.tree.top is not None:
-            listed = self.tree.top["companies"]
-            keys = sum(int((listed.get(c) or {}).get("keys") or 0) for c in companies)
-        else:
-            keys = sum(len((self.tree.legacy or {}).get(c, {}).get("files") or ()) for c in companies)
+        listed = self.tree.top["companies"] if self.tree.top is not None else self.tree.legacy or {}
+        keys = 0
+        for company_id in companies:
+            entry = listed.get(company_id)
+            entry = entry if isinstance(entry, dict) else {}
+            count = entry.get("keys") if self.tree.top is not None else entry.get("files")
+            # An estimate only (the manifest is checked where it is used): a count of another type counts as none.
+            keys += count if isinstance(count, int) and not isinstance(count, bool) else len(count) if isinstance(count, dict) else 0
         if keys < PARALLEL_MIN_KEYS:
             return 0
         return min(export_workers(), len(companies))
