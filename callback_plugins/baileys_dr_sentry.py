@@ -167,20 +167,25 @@ try:
 except ImportError:  # pragma: no cover - every supported ansible-core has it
     Templar = None
 
-REDACTED = "********"
+
+def _project_module_util(name):
+    """module_utils/<name>.py of this project, as the modules import it: from the module_utils path, else beside
+    callback_plugins/ (a callback is not a module: ansible.module_utils does not reach the project's files)."""
+    import importlib.util
+
+    from ansible.plugins.loader import module_utils_loader
+
+    path = module_utils_loader.find_plugin(name, mod_type=".py") or \
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils", name + ".py")
+    spec = importlib.util.spec_from_file_location("ansible.module_utils." + name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The names, the mask and the shapes of secrets: the same as the modules' and the audit's.
+dr_secrets = _project_module_util("baileys_dr_secrets")
 NO_LOG_TEXT = "output hidden by no_log"
-# Names whose values are secrets: the default of baileys_audit's secret_keys_regex.
-SECRET_NAME_RE = re.compile(r"(?i)(pass|secret|token|dsn|url|key$|_key|credential|auth)")
-# Secrets inside free text: name=value pairs, credentials in URLs, bearer tokens,
-# Telegram bot tokens in API paths, PEM private keys.
-SECRET_TEXT_RES = (
-    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S), REDACTED),
-    (re.compile(r"(?i)([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@"), r"\1" + REDACTED + "@"),
-    (re.compile(r"(?i)/bot[0-9]+:[A-Za-z0-9_-]+"), "/bot" + REDACTED),
-    (re.compile(r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=-]{8,}"), r"\1\2" + REDACTED),
-    (re.compile(r"(?i)([\w.-]*(?:pass(?:word|wd|phrase)?|secret|token|api[_-]?key|private[_-]?key|credential|dsn)[\w.-]*"
-                r"['\"]?\s*[:=]\s*['\"]?)([^\s'\",;&(){}\[\]]+)"), r"\1" + REDACTED),
-)
 # Shorter values are not learnt as secrets: masking "yes" or "5432" everywhere helps no one.
 MIN_SECRET_LENGTH = 6
 # Hosts of a play whose variables are read for secrets (DR inventories have a handful).
@@ -190,7 +195,7 @@ MESSAGE_MAX = 4000
 
 
 class SecretScrubber:
-    """Masks secrets in text: by shape (SECRET_TEXT_RES) and by value (values learnt from secret-looking names)."""
+    """Masks secrets in text: by shape (SECRET_TEXT of baileys_dr_secrets) and by value (values learnt from secret-looking names)."""
 
     def __init__(self):
         self._values = set()
@@ -207,7 +212,7 @@ class SecretScrubber:
             for item in value:
                 self.learn(name, item, _depth + 1)
             return
-        if name is None or not SECRET_NAME_RE.search(to_text(name)) or isinstance(value, (bool, int, float)) or value is None:
+        if name is None or not dr_secrets.is_secret_name(to_text(name)) or isinstance(value, (bool, int, float)) or value is None:
             return
         try:
             text = to_text(value)  # decrypts vaulted values: they are the ones most worth masking
@@ -222,11 +227,7 @@ class SecretScrubber:
 
     def text(self, value):
         text = to_text(value, errors="surrogate_or_replace")
-        for secret in sorted(self._values, key=len, reverse=True):
-            text = text.replace(secret, REDACTED)
-        for pattern, replacement in SECRET_TEXT_RES:
-            text = pattern.sub(replacement, text)
-        return text
+        return dr_secrets.mask_shapes(dr_secrets.mask_values(text, self._values))
 
     def deep(self, value, _depth=0):
         """Scrub every string of a JSON-like structure (an event, a breadcrumb)."""

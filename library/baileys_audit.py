@@ -46,9 +46,12 @@ options:
     type: dict
     default: {}
   secret_keys_regex:
-    description: Names (of inputs and details, at any depth) whose values are redacted.
+    description:
+      - Names (of inputs and details, at any depth) whose values are redacted; a Python regular expression, searched
+        case-insensitively.
+      - Default, the project's one list of secret names (module_utils/baileys_dr_secrets.py C(SECRET_NAME_PATTERN)),
+        the same as env_file and the Sentry callback use.
     type: str
-    default: (?i)(pass|secret|token|dsn|url|key$|_key|credential|auth)
   redact_values:
     description:
       - Secret values (passwords, tokens, URLs holding tokens) replaced by C(********) wherever they appear in any string
@@ -111,14 +114,14 @@ import os
 import re
 import socket
 
+from ansible.module_utils.baileys_dr_secrets import MASK, SECRET_NAME_PATTERN
 from ansible.module_utils.basic import AnsibleModule
 
-REDACTED = "********"
 
 
 def redact(value, pattern):
     if isinstance(value, dict):
-        return {k: (REDACTED if pattern.search(str(k)) and v not in (None, "", {}, []) and not isinstance(v, (bool, int, float))
+        return {k: (MASK if pattern.search(str(k)) and v not in (None, "", {}, []) and not isinstance(v, (bool, int, float))
                     else redact(v, pattern)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v, pattern) for v in value]
@@ -135,7 +138,7 @@ def scrub(value, secrets):
         return [scrub(v, secrets) for v in value]
     if isinstance(value, str):
         for secret in secrets:
-            value = value.replace(secret, REDACTED)
+            value = value.replace(secret, MASK)
     return value
 
 
@@ -158,7 +161,7 @@ def main():
             user=dict(type="str", default=""),
             inputs=dict(type="dict", default={}),
             details=dict(type="dict", default={}),
-            secret_keys_regex=dict(type="str", default=r"(?i)(pass|secret|token|dsn|url|key$|_key|credential|auth)"),
+            secret_keys_regex=dict(type="str"),
             redact_values=dict(type="list", elements="str", default=[], no_log=True),
             event=dict(type="str", default="run"),
             hosts=dict(type="list", elements="str", default=[]),
@@ -167,7 +170,7 @@ def main():
         supports_check_mode=True,
     )
     params = module.params
-    pattern = re.compile(params["secret_keys_regex"])
+    pattern = re.compile(params["secret_keys_regex"] or SECRET_NAME_PATTERN, re.IGNORECASE)
     now = datetime.datetime.now(datetime.timezone.utc)
     try:
         started = parse_time(params["started_at"])

@@ -95,8 +95,9 @@ options:
       - Python regular expression, searched case-insensitively in each key name; the values of the
         matching keys are shown as C(********) in the diff and in C(invocation).
       - Set it to C(.) to hide every value. Comments are always shown as they are.
+      - Default, the project's one list of secret names (module_utils/baileys_dr_secrets.py C(SECRET_NAME_PATTERN)),
+        the same as the audit and the Sentry callback use.
     type: str
-    default: PASSWORD|SECRET|TOKEN|KEY|DSN|URL
   return_previous:
     description:
       - Return C(previous), the value every key of O(values) had before the change (as C(dotenv) reads
@@ -218,7 +219,8 @@ backup_file:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_dotenv import MASK, DotenvDocument, EnvFile, EnvFileError, env_file_argument_spec  # noqa: F401
+from ansible.module_utils.baileys_dr_dotenv import DotenvDocument, EnvFile, EnvFileError, env_file_argument_spec  # noqa: F401
+from ansible.module_utils.baileys_dr_secrets import MASK
 from ansible.module_utils.common.text.converters import to_native
 
 

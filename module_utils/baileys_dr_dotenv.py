@@ -17,10 +17,10 @@ import tempfile
 import time
 
 from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
+from ansible.module_utils.baileys_dr_secrets import MASK, SECRET_NAME_PATTERN
 from ansible.module_utils.common.text.converters import to_bytes
 
 
-MASK = "********"
 KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 SAFE_UNQUOTED = re.compile(r"[A-Za-z0-9_./:@+-]*\Z")
 QUOTES = "'\"`"
@@ -275,7 +275,7 @@ class EnvFile:
         if self.params["follow"] and os.path.islink(self.path):
             self.path = os.path.realpath(self.path)
         try:
-            self.secret = re.compile(self.params["secret_keys_regex"], re.IGNORECASE)
+            self.secret = re.compile(self.params["secret_keys_regex"] or SECRET_NAME_PATTERN, re.IGNORECASE)
         except re.error as exc:
             raise EnvFileError("secret_keys_regex %r is not a valid regular expression: %s"
                                % (self.params["secret_keys_regex"], exc))
@@ -552,7 +552,7 @@ def env_file_argument_spec():
         owner=dict(type="str"),
         group=dict(type="str"),
         follow=dict(type="bool", default=True),
-        secret_keys_regex=dict(type="str", default="PASSWORD|SECRET|TOKEN|KEY|DSN|URL"),
+        secret_keys_regex=dict(type="str"),
         return_previous=dict(type="bool", default=False),
         record_path=dict(type="path"),
         record_data=dict(type="dict", default={}),

@@ -19,12 +19,14 @@ import re
 import urllib.error as urllib_error
 import urllib.request as urllib_request
 
+from ansible.module_utils.baileys_dr_dotenv import DotenvDocument
+from ansible.module_utils.baileys_dr_secrets import MASK, is_secret_name, mask_values
+
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Statuses in which PM2 keeps the process up (or is bringing it up again).
 RUNNING_STATUSES = frozenset(["online", "launching", "waiting restart"])
 # Statuses in which the process is not running and PM2 will not start it by itself.
 DOWN_STATUSES = frozenset(["stopped", "errored", "one-launch-status"])
-MASK = "********"
 
 
 class Pm2Error(Exception):
@@ -124,9 +126,6 @@ def env_names(proc):
     return set(env) if isinstance(env, dict) else set()
 
 
-SECRET_NAME = re.compile(r"pass|secret|token|key|dsn|url|auth|cred|private|cookie|session", re.IGNORECASE)
-
-
 def secret_values(pairs):
     """Values to hide in messages: of secret-looking names, and any long value, but never a path.
 
@@ -139,7 +138,7 @@ def secret_values(pairs):
             continue
         if value.startswith("/"):
             continue
-        if (SECRET_NAME.search(str(name)) and len(value) >= 6) or len(value) >= 12:
+        if (is_secret_name(name) and len(value) >= 6) or len(value) >= 12:
             values.add(value)
     return values
 
@@ -157,41 +156,17 @@ def env_values(processes):
 
 # --- .env files ------------------------------------------------------------------------------------
 
-_DOTENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*)$")
-
-
 def read_env_file(path):
-    """(names, secret values) of a dotenv file, as the dotenv package reads it.
-
-    Only what is needed here: the names (to keep them out of the environment PM2
-    gives the process, so that the file wins) and the values (to hide them in
-    messages). A multi-line quoted value is read up to its closing quote.
-    """
+    """(names, secret values) of a dotenv file, read by the project's one dotenv reader (baileys_dr_dotenv: dotenv's
+    own rules): the names to keep out of the environment PM2 gives the process, so that the file wins, and the
+    values to hide in messages."""
     try:
-        with open(path, "r", encoding="utf-8", errors="replace") as handle:
-            lines = handle.read().splitlines()
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8", "surrogateescape")
     except OSError as exc:
         raise Pm2Error("env_file %s cannot be read: %s" % (path, exc.strerror or exc)) from None
-    names, pairs = [], []
-    index = 0
-    while index < len(lines):
-        match = _DOTENV_LINE.match(lines[index])
-        index += 1
-        if not match:
-            continue
-        name, value = match.group(1), match.group(2).strip()
-        if value[:1] in ("'", '"', "`"):
-            quote = value[0]
-            while not (len(value) > 1 and value.endswith(quote)) and index < len(lines):
-                value += "\n" + lines[index]
-                index += 1
-            value = value[1:-1] if len(value) > 1 and value.endswith(quote) else value[1:]
-        else:
-            value = re.sub(r"\s+#.*$", "", value)
-        if name not in names:
-            names.append(name)
-        pairs.append((name, value))
-    return names, secret_values(pairs)
+    values = DotenvDocument(text).values()
+    return list(values), secret_values(values.items())
 
 
 # --- messages ----------------------------------------------------------------------------------------
@@ -213,9 +188,7 @@ def scrub_output(text, secrets=(), limit=1500):
             kept.append("[a line with JSON data was removed]")
             continue
         kept.append(_ASSIGNMENT.sub(lambda m: m.group(1) + "=" + MASK, stripped))
-    text = "\n".join(kept)
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, MASK)
+    text = mask_values("\n".join(kept), secrets)
     if len(text) > limit:
         text = text[:limit] + " [...]"
     return text
@@ -294,23 +267,17 @@ def _without_environ(module, names):
 
 # --- readiness ------------------------------------------------------------------------------------------
 
-SECRET_FIELD = re.compile(r"pass|secret|token|dsn|credential|^env$", re.IGNORECASE)
 
 
 def safe_health(doc, secrets=(), limit=65536):
     """The /health document without secret-looking fields or known secret values, and no bigger than
     limit bytes of JSON."""
-    secrets = sorted(secrets, key=len, reverse=True)
-
     def clean(value):
         if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items() if not SECRET_FIELD.search(str(k))}
+            return {k: clean(v) for k, v in value.items() if not (is_secret_name(k) or k == "env")}
         if isinstance(value, list):
             return [clean(v) for v in value]
-        if isinstance(value, str):
-            for secret in secrets:
-                value = value.replace(secret, MASK)
-        return value
+        return mask_values(value, secrets) if isinstance(value, str) else value
 
     if not isinstance(doc, dict):
         return {"unexpected": scrub_output(json.dumps(doc)[:200])}

@@ -22,6 +22,8 @@ import threading
 import time
 import weakref
 
+from ansible.module_utils.baileys_dr_secrets import MASK
+
 try:
     import psycopg2
     import psycopg2.extensions
@@ -101,9 +103,9 @@ def scrub(message, params):
     text = str(message)
     for secret in (params.get("login_password"), params.get("db_url"), os.environ.get("PGPASSWORD")):
         if secret:
-            text = text.replace(secret, "********")
+            text = text.replace(secret, MASK)
     # A DSN echoed back by libpq: hide whatever follows password=.
-    return re.sub(r"(password\s*=\s*)\S+", r"\1********", re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1********@", text))
+    return re.sub(r"(password\s*=\s*)\S+", r"\1" + MASK, re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1" + MASK + "@", text))
 
 
 class DatabaseError(Exception):
