@@ -195,7 +195,7 @@ def _bool_misuses(var):
     for where, line in _uses(var):
         for match in pattern.finditer(line):
             after = line[match.end():]
-            if re.match(r"\s*\|\s*bool\b", after) or after.startswith("=") or whole.search(line):
+            if re.match(r"\s*(\|\s*default\([^)]*\)\s*)?\|\s*bool\b", after) or after.startswith("=") or whole.search(line):
                 continue
             bad.append("%s: %s" % (where, line.strip()))
     return bad
