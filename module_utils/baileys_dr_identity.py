@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import stat
 
 from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, buffer_bytes
@@ -313,14 +314,66 @@ def baileys_version(app_root):
     return None
 
 
-def copy_guard(cursor, tree, top, companies, force_companies, action):
-    """Before a copy of the database into the sessions tree `tree` (export, standby refresh): each company's identity in
-    the database, refused (IdentityRefused) when it would replace another one the tree holds (its creds.json, else what
-    its manifest `top` recorded). Returns (identities, guard report)."""
+def copy_guard(cursor, tree, top, companies, params, action):
+    """Before a copy of the database into the sessions tree `tree` (export, standby refresh), in the copy's transaction:
+    each company's identity in the database, refused (IdentityRefused) when it would replace another one the tree holds
+    (its creds.json, else what its manifest `top` recorded), and the key types the application's Baileys does not know
+    (version_guard). Returns (the top manifest's extra fields (snapshot_fields), the identity guard's report)."""
     new = database_identities(cursor, companies)
     old = manifest_identities(top)
     old.update((c, i) for c, i in tree_identities(tree, set(new)).items() if i is not None)
-    return new, guard(old, new, force_companies, "the copy %s" % tree, "the database", action)
+    report = guard(old, new, params.get("identity_force_companies"), "the copy %s" % tree, "the database", action)
+    extra = snapshot_fields(new, params.get("app_root") or os.path.dirname(tree))
+    if extra["baileys"]:
+        extra["baileys"]["types_unknown"] = version_guard(cursor, extra["baileys"], companies, params.get("unknown_types"))
+    return extra, report
+
+
+# Key types Baileys added after 6.7 (../shared/DOMAIN.md section 2): an application with an older Baileys never reads
+# them, so files of those types would be dropped silently.
+KEY_TYPE_SINCE = {"lid-mapping": "7.0.0-rc.1", "device-list": "7.0.0-rc.5", "tctoken": "7.0.0-rc.7", "identity-key": "7.0.0-rc.10"}
+_VERSION_RE = re.compile(r"\A[v=]?(\d+)\.(\d+)\.(\d+)(?:-([A-Za-z]+)\.?(\d+)?)?")
+
+
+def version_key(text):
+    """A comparable form of a Baileys version (6.7.18, 7.0.0-rc.4, 7.0.0-rc14), or None when it is not one."""
+    match = _VERSION_RE.match(text or "")
+    if not match:
+        return None
+    major, minor, patch, label, number = match.groups()
+    # A pre-release sorts before its release: (0, n) before (1, 0).
+    return (int(major), int(minor), int(patch)) + ((0, int(number or 0)) if label else (1, 0))
+
+
+def types_unknown_to(version):
+    """The key types the Baileys version does not know yet ([] when the version cannot be read: nothing to say)."""
+    have = version_key(version)
+    if have is None:
+        return []
+    return sorted(t for t, since in KEY_TYPE_SINCE.items() if version_key(since) > have)
+
+
+def version_guard(cursor, baileys, companies, unknown_types):
+    """{type: rows} of the keys whose type the application's Baileys does not know; refused (IdentityRefused, nothing
+    written) unless unknown_types is "skip" (then reported only). One index lookup on whatsapp_keys(key_type)."""
+    types = types_unknown_to(baileys.get("version"))
+    if not types:
+        return {}
+    sql = "SELECT key_type, count(*) FROM whatsapp_keys WHERE key_type = ANY(%(types)s)"
+    args = {"types": types}
+    if companies:
+        sql += " AND company_id = ANY(%(companies)s)"
+        args["companies"] = list(companies)
+    cursor.execute(sql + " GROUP BY key_type ORDER BY key_type", args)
+    found = {key_type: count for key_type, count in cursor.fetchall()}
+    if found and unknown_types != "skip":
+        raise IdentityRefused(
+            "refusing to write keys that the application's Baileys %s (%s) does not know: %s. Its reader would never use "
+            "those files. Nothing was written. Check app_root (the application whose Baileys reads the files), upgrade "
+            "Baileys, or run with unknown_types=skip to write them anyway" % (
+                baileys["version"], baileys["source"], ", ".join("%s (%d rows, Baileys %s and later)" % (t, n, KEY_TYPE_SINCE[t])
+                                                                for t, n in sorted(found.items()))))
+    return found
 
 
 def snapshot_fields(identities, app_root):

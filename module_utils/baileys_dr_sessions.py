@@ -71,7 +71,7 @@ from ansible.module_utils.baileys_dr_codec import (
     value_problem,
 )
 from ansible.module_utils.baileys_dr_fs import fsync_dir, fsync_tree, libc, swap_in, write_file_atomic
-from ansible.module_utils.baileys_dr_identity import IdentityRefused, copy_guard, snapshot_fields
+from ansible.module_utils.baileys_dr_identity import IdentityRefused, copy_guard
 from ansible.module_utils.baileys_dr_postgres import postgres_argument_spec, psycopg2
 
 FORMAT = 1
@@ -862,13 +862,13 @@ def top_manifest_document(generation, source, companies, created_at, last_good_r
 
 def identity_check(conn, params, dest, top, companies, action):
     """Each company's identity in the database (in the snapshot's transaction), refused when it would replace another
-    identity in dest (baileys_dr_identity.copy_guard). Returns (the manifest's extra fields, the guard's report)."""
+    identity in dest, and key types the application's Baileys does not know (baileys_dr_identity.copy_guard).
+    Returns (the manifest's extra fields, the identity guard's report)."""
     try:
         with conn.cursor() as cur:
-            identities, report = copy_guard(cur, dest, top, companies, params.get("identity_force_companies"), action)
+            return copy_guard(cur, dest, top, companies, params, action)
     except IdentityRefused as exc:
         raise RefreshRefused(str(exc)) from None
-    return snapshot_fields(identities, params.get("app_root") or os.path.dirname(dest)), report
 
 
 # -- writing one company (shared by the full export and the standby rebuild) ------------------

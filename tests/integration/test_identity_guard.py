@@ -127,10 +127,28 @@ def test_every_snapshot_records_each_companys_identity_and_the_baileys_version(d
             public = codec.buffer_bytes(creds["signedIdentityKey"]["public"])
             assert top["identities"][company_id] == {"registrationId": creds["registrationId"], "me": creds["me"]["id"],
                                                      "identity_key_sha256": hashlib.sha256(public).hexdigest()}
-        assert top["baileys"] == {"package": "baileys", "version": "7.0.0-rc14", "source": "node_modules/baileys/package.json"}
+        assert top["baileys"] == {"package": "baileys", "version": "7.0.0-rc14", "source": "node_modules/baileys/package.json",
+                                  "types_unknown": {}}
         assert result["baileys"]["version"] == "7.0.0-rc14"
         text = manifest(dest).decode()
         assert_no_secret(text, [db_creds(db, c) for c in COMPANIES])
+
+
+def test_key_types_the_applications_baileys_does_not_know_are_refused_by_name(db, db_params, app_root):
+    seed(db)
+    package = app_root / "node_modules" / "baileys" / "package.json"
+    package.write_text(json.dumps(dict(json.loads(package.read_text()), version="6.7.18")))
+    sessions = app_root / "baileys_sessions"
+    ok, result = export(db_params, sessions)
+    assert not ok
+    msg = result["msg"]
+    assert "Baileys 6.7.18 (node_modules/baileys/package.json) does not know" in msg
+    assert "lid-mapping (" in msg and "tctoken (" in msg and "session" not in msg.split("know:")[1].split(".")[0]
+    assert not sessions.exists()
+    ok, result = export(db_params, sessions, unknown_types="skip")
+    assert ok, result.get("msg")
+    assert set(result["baileys"]["types_unknown"]) == {"lid-mapping", "device-list", "tctoken", "identity-key"}
+    assert json.loads(manifest(sessions))["baileys"]["version"] == "6.7.18"
 
 
 # -- failover: the copies of PostgreSQL into files -----------------------------------------------
