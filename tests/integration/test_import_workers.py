@@ -206,3 +206,15 @@ def test_a_bulk_pass_in_workers_records_every_company_and_the_delta_pass_proves_
     assert {c: o["status"] for c, o in delta["companies"].items()} == dict(
         {c: "unchanged_proven" for c in COMPANIES}, company00004="imported")
     assert delta["companies"]["company00004"]["inserted"] == 1 and delta["digests"]["company00004"] == digests(db)["company00004"]
+
+
+def test_check_mode_in_workers_reports_what_one_process_reports_and_writes_nothing(db, changed_tree, failback, workers):
+    before = rows(db)
+    workers(2)
+    ok, parallel = failback(check_mode=True)
+    assert ok and parallel["workers"] == 2 and rows(db) == before, parallel.get("msg")
+    workers(0)
+    ok, alone = failback(check_mode=True)
+    assert ok and alone["workers"] == 0, alone.get("msg")
+    assert counts(parallel) == counts(alone) and parallel["digests"] == alone["digests"]
+    assert {o["status"] for o in parallel["companies"].values()} == {"would_change"}
