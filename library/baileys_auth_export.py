@@ -93,6 +93,9 @@ options:
     description:
       - What to do with keys whose type is not a Baileys key type. C(fail) refuses the export naming them; C(skip) leaves
         them out (counted in RV(skipped_keys)); the manifest's digests then cover only the exported keys.
+      - Keys of a type the application's Baileys (O(app_root)) does not know yet (C(lid-mapping) before 7.0.0-rc.1,
+        C(device-list) rc.5, C(tctoken) rc.7, C(identity-key) rc.10) are refused by C(fail), naming the types and the
+        version; C(skip) writes them and reports them in RV(baileys).
     type: str
     choices: [fail, skip]
     default: fail
@@ -364,6 +367,21 @@ deletion_guard:
       C(gone)), C(limits), C(reasons) (empty when within the limits), C(refused), C(overridden) (true when O(force) let
       a refresh the guard would have refused go through).
   returned: mode=standby, after the first build
+  type: dict
+identity:
+  description:
+    - The identity guard's report, before anything is written -- C(changed) (per company whose identity changes, at most
+      100, C(company), C(kind) C(unregistered) or C(other), C(before), C(after) identities) and C(forced) (those let
+      through by O(identity_force_companies)). A change that is not forced fails the run instead, naming the company
+      and both identities (C(registrationId), C(me.id), the key hash's first 12 hex characters).
+  returned: when the database was read
+  type: dict
+baileys:
+  description:
+    - The Baileys package the application has installed (O(app_root)), recorded in the top manifest -- C(package),
+      C(version), C(source), C(types_unknown) (rows per key type this version does not know; refused unless
+      O(unknown_types=skip)); null when no package.json or package-lock.json names it.
+  returned: when the database was read
   type: dict
 archive:
   description: (standby) The archive written by this run, or null.
