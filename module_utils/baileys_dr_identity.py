@@ -29,9 +29,7 @@ COMPANY_PREFIX = "company_"
 CREDS_FILE = "creds.json"
 CACHE_FILE = ".baileys-cache.json"  # the application's credentials cache (seed review 2.2), at its root
 CACHE_MODE = 0o600
-CREDS_LIMIT = 16 << 20
 IDENTITY_FIELDS = ("registrationId", "me", "identity_key_sha256")
-CACHE_LIMIT = 256 << 20
 
 # Each company's identity, computed by the server (the creds are never loaded whole): JSON text, one row a company.
 IDENTITY_SQL = (
@@ -87,23 +85,16 @@ def database_identities(cursor, companies=None):
     return identities_from_rows(cursor.fetchall())
 
 
-def _read_regular(path, limit):
-    """Bytes of a regular file (no symbolic link followed), at most limit bytes, else raise OSError/ValueError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+def _read_regular(path):
+    """Bytes of a regular file, no symbolic link followed, no FIFO waited on (the import's reader); else OSError or
+    ValueError naming the problem."""
+    # Imported here: that module imports this one.
+    from ansible.module_utils.baileys_dr_import import FileProblem, read_file_at
+
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
-        if info.st_size > limit:
-            raise ValueError("larger than %d bytes" % limit)
-        chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
+        return read_file_at(None, path)[0]
+    except FileProblem as exc:
+        raise ValueError(str(exc)) from None
 
 
 def tree_identities(tree, companies=None):
@@ -124,7 +115,7 @@ def tree_identities(tree, companies=None):
         if companies is not None and company_id not in companies:
             continue
         try:
-            out[company_id] = creds_identity(json.loads(_read_regular(os.path.join(tree, name, CREDS_FILE), CREDS_LIMIT)))
+            out[company_id] = creds_identity(json.loads(_read_regular(os.path.join(tree, name, CREDS_FILE))))
         except (OSError, ValueError, RecursionError):
             out[company_id] = None
     return out
@@ -240,7 +231,7 @@ def inspect_cache(app_root, store_identities=None, now=None):
     out.update(present=True, mode="%04o" % stat.S_IMODE(info.st_mode), mode_ok=stat.S_IMODE(info.st_mode) == CACHE_MODE,
                age_seconds=round(max(0.0, (now if now is not None else datetime.datetime.now().timestamp()) - info.st_mtime), 3))
     try:
-        companies = cache_companies(json.loads(_read_regular(path, CACHE_LIMIT)))
+        companies = cache_companies(json.loads(_read_regular(path)))
     except (OSError, ValueError, RecursionError) as exc:
         out["error"] = "cannot be read: %s" % (exc.strerror if isinstance(exc, OSError) else str(exc).split(":")[0])
         return out
@@ -297,13 +288,13 @@ def baileys_version(app_root):
     for package in BAILEYS_PACKAGES:
         source = os.path.join("node_modules", package, "package.json")
         try:
-            document = json.loads(_read_regular(os.path.join(app_root, source), 1 << 20))
+            document = json.loads(_read_regular(os.path.join(app_root, source)))
         except (OSError, ValueError):
             continue
         if isinstance(document, dict) and isinstance(document.get("version"), str):
             return {"package": package, "version": document["version"], "source": source}
     try:
-        lock = json.loads(_read_regular(os.path.join(app_root, "package-lock.json"), 64 << 20))
+        lock = json.loads(_read_regular(os.path.join(app_root, "package-lock.json")))
     except (OSError, ValueError):
         return None
     packages = lock.get("packages") if isinstance(lock, dict) else None
@@ -401,7 +392,7 @@ TOP_MANIFEST = os.path.join(".baileys-dr", "manifest.json")
 def recorded_identities(tree):
     """(identities the tree's top manifest recorded, else its creds.json's; the manifest's generation or None)."""
     try:
-        top = json.loads(_read_regular(os.path.join(tree, TOP_MANIFEST), 256 << 20))
+        top = json.loads(_read_regular(os.path.join(tree, TOP_MANIFEST)))
     except (OSError, ValueError, RecursionError):
         top = None
     recorded = manifest_identities(top)

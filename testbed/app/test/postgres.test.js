@@ -3,7 +3,8 @@
 // POST /simulate writes as the application does, in one transaction, and
 // answers exactly as the file store does for the same state; /health shows
 // each company's identity; a stop (SIGTERM) finishes the request it has
-// taken and refuses the others. Needs node_modules and the PostgreSQL server
+// taken and refuses the others; each load writes the credentials cache file
+// (.baileys-cache.json). Needs node_modules and the PostgreSQL server
 // binaries (skipped, saying so, without them).
 
 const test = require('node:test');
@@ -395,4 +396,29 @@ test('stop (SIGTERM): a request still blocked past the drain time is not answere
     assert.equal((await dbState(watcher, 'h1')).snapshot, was.snapshot, 'none of its new keys, its pre-key still there');
     assert.equal(app.events.find((e) => e.event === 'service_stopped').drained, false);
   });
+});
+
+test('the service on PostgreSQL writes every loaded company\'s creds into the cache after it is ready', { ...needDeps }, async (t) => {
+  const db = await database(t, 'cache');
+  if (!db) return;
+  await fixture(db, ['seed-pg', '--companies', '2', '--keys', '10', '--prefix', 'cache']);
+  const root = tmpdir();
+  const { service, base } = await startService(configFor(root, postgresEnv(db)));
+  const client = await connect(db);
+  try {
+    const { status } = await waitReady(base);
+    assert.equal(status, 200);
+    const file = path.join(root, '.baileys-cache.json');
+    const cache = await until('the credentials cache (src/credentials-cache.js)', () => fs.existsSync(file) && JSON.parse(fs.readFileSync(file, 'utf8')));
+    const { rows } = await client.query('SELECT company_id, creds FROM whatsapp_auth ORDER BY 1');
+    assert.deepEqual(Object.keys(cache).sort(), rows.map((r) => r.company_id));
+    for (const row of rows) {
+      assert.deepEqual(cache[row.company_id].creds, row.creds, 'the creds as PostgreSQL holds them (byte-array Buffers)');
+      assert.ok(Number.isInteger(cache[row.company_id].timestamp));
+    }
+    assert.equal(fs.statSync(file).mode & 0o777, 0o600);
+  } finally {
+    await client.end();
+    await service.stop('test');
+  }
 });
