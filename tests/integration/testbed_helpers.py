@@ -138,18 +138,18 @@ class Testbed:
 
     # -- playbooks ---------------------------------------------------------------------------------------------------
 
-    def _argv(self, playbook, extra_vars):
+    def _argv(self, playbook, extra_vars, args=()):
         return [PLAYBOOK_BIN, "-i", INVENTORY, os.path.join(ROOT, "playbooks", playbook),
-                "-e", json.dumps(dict(self.extra_vars, **(extra_vars or {})))]
+                "-e", json.dumps(dict(self.extra_vars, **(extra_vars or {}))), *args]
 
     def _log_path(self, playbook):
         self.runs += 1
         return os.path.join(self.logs, "%02d-%s.log" % (self.runs, playbook.replace(".yml", "")))
 
-    def playbook(self, playbook, extra_vars=None, env=None, timeout=900):
-        """Run a playbook to its end; a PlaybookRun."""
+    def playbook(self, playbook, extra_vars=None, env=None, timeout=900, args=()):
+        """Run a playbook to its end (args: more ansible-playbook arguments, --check say); a PlaybookRun."""
         log_path = self._log_path(playbook)
-        run = subprocess.run(self._argv(playbook, extra_vars), cwd=ROOT, env=dict(self.env, **(env or {})),
+        run = subprocess.run(self._argv(playbook, extra_vars, args), cwd=ROOT, env=dict(self.env, **(env or {})),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
         with open(log_path, "w", encoding="utf-8") as fh:
             fh.write(run.stdout)
