@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -133,6 +134,8 @@ def bed(tmp_path):
         metrics = tmp_path / "metrics"
         prom = tmp_path / "metrics" / "baileys_dr_failover.prom"
         state = tmp_path / "notify"
+        app = tmp_path / "app"
+        reports = tmp_path / "reports"
 
         def run(self, *args, telegram=None, webhook=None, env=None, **extra_vars):
             variables = dict(
@@ -146,6 +149,8 @@ def bed(tmp_path):
                 baileys_dr_notify_telegram_bot_token=TOKEN if telegram else "",
                 baileys_dr_notify_telegram_chat_id="-100200300" if telegram else "",
                 baileys_dr_notify_webhook_url=(webhook + "/hooks/" + HOOK_SECRET) if webhook else "",
+                # The retention prunes these: never the machine's own.
+                baileys_dr_app_root=str(self.app), baileys_dr_report_dir=str(self.reports),
             )
             variables.update(extra_vars)
             # The project's ansible.cfg, with whatever callbacks it enables kept away from the real audit log.
@@ -380,3 +385,36 @@ def test_the_snapshot_playbook_at_vvv_reports_and_leaks_no_secret(db, db_params,
     for secret in (db_params["login_password"], TOKEN, HOOK_SECRET):
         assert secret not in output, "a secret reached stdout at -vvv"
         assert secret not in written, "a secret reached an audit log, a metrics or a state file"
+
+
+def aged(path, days, tree=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir() if tree else path.write_text("{}")
+    stamp = time.time() - days * 86400
+    os.utime(path, (stamp, stamp))
+
+
+def test_old_replaced_trees_env_backups_and_reports_are_pruned_after_an_operation(bed):
+    for n, days in enumerate((40, 30, 1)):
+        aged(bed.app / ("baileys_sessions.before-2026110%dT000000000000Z" % n), days, tree=True)
+        aged(bed.app / (".env.%d.2026-11-0%d@00:00:00~" % (100 + n, n + 1)), days)
+        for suffix in (".json", ".xml"):
+            aged(bed.reports / ("rehearsal-2026110%dT000000Z-app1%s" % (n, suffix)), days)
+    aged(bed.app / "baileys_sessions", 90, tree=True)
+    aged(bed.reports / "health.json", 90)
+    everything = sorted(os.listdir(bed.app)) + sorted(os.listdir(bed.reports))
+
+    # Check mode prunes nothing.
+    assert_passed(bed.run("--check", baileys_dr_retention_keep_last=1, baileys_dr_retention_keep_days=7))
+    assert sorted(os.listdir(bed.app)) + sorted(os.listdir(bed.reports)) == everything
+
+    assert_passed(bed.run(baileys_dr_retention_keep_last=1, baileys_dr_retention_keep_days=7))
+    assert sorted(os.listdir(bed.app)) == [".env.102.2026-11-03@00:00:00~", "baileys_sessions",
+                                           "baileys_sessions.before-20261102T000000000000Z"]
+    assert sorted(os.listdir(bed.reports)) == ["health.json", "rehearsal-20261102T000000Z-app1.json",
+                                               "rehearsal-20261102T000000Z-app1.xml"]
+
+    # Off: nothing more goes, whatever the settings.
+    aged(bed.app / "baileys_sessions.before-20260101T000000000000Z", 300, tree=True)
+    assert_passed(bed.run(baileys_dr_retention=False, baileys_dr_retention_keep_last=1, baileys_dr_retention_keep_days=0))
+    assert "baileys_sessions.before-20260101T000000000000Z" in os.listdir(bed.app)
