@@ -10,7 +10,7 @@ the standby copy (the application serving on the file store):
 
 Failover RTO (start of ansible-playbook to ready, the `failover` step) is reported as a ratio to the floor; target
 1.5x for 1 company, 2x for 1,000 companies. Then, at sizes up to MAX_BUSY_KEYS, the failover from the standby copy
-runs again (a fresh application on PostgreSQL, a fresh standby copy built untimed) with one busy core: a bounded CPU
+runs again (a fresh application on PostgreSQL, a fresh standby copy and arming record from snapshot.yml, untimed) with one busy core: a bounded CPU
 burner (one process spinning, killed at the end and at most BURN_SECONDS anyway); target: at most 1.5x the idle RTO.
 """
 
@@ -85,20 +85,18 @@ class CpuBurner:
         self.proc.wait()
 
 
-def run_busy_failover(run, bench, standby):
-    """failover_standby_busy: the same failover again, from a fresh standby copy, with one busy core."""
+def run_busy_failover(run, bench):
+    """failover_standby_busy: the same failover again, from a fresh standby copy (snapshot.yml, which arms it), with one
+    busy core."""
     if run.keys > MAX_BUSY_KEYS:
         run.record["notes"].append("failover with one busy core measured up to %s keys only (each run rebuilds the "
                                    "application and the standby copy)" % "{:,}".format(MAX_BUSY_KEYS))
         return
     run.discard(os.path.join(run.work, "dr"))
     run.app_setup()
-    bench.log("%s: busy failover: building the standby copy (not timed)" % run.keys)
-    built = bench.measure(run.module_argv("export", {"dest": standby, "mode": "standby"}), env=run.env)
-    if built["rc"]:
-        raise bench.BenchError("the standby build failed: %s" % built["stdout"][-2000:])
     run.playbook("busy-app-start", os.path.join(HERE, "app.yml"), [])
     try:
+        run.arm()
         with CpuBurner():
             bench.log("%s: failover from the standby copy with one busy core" % run.keys)
             entry = run.failover_playbook("failover-busy")
