@@ -11,7 +11,7 @@ module: baileys_dr_prune
 short_description: Remove old reports, .env backups and replaced sessions trees, by retention
 description:
   - Every failover keeps the sessions tree it replaced (C(baileys_sessions.before-*)), every C(.env) rewrite a backup
-    (C(.env.<pid>.<time>~)), every rehearsal its reports. This module removes the old ones of each set named in
+    (C(.env.<pid>.<time>~)), every failover the credentials cache it set aside, every rehearsal its reports. This module removes the old ones of each set named in
     O(sets); per set, the O(keep_last) newest runs and every run younger than O(keep_days) days are kept.
   - A run is the entries whose names give the same key through the set's O(sets[].group) regular expression (a
     rehearsal's JSON, JUnit and ledger files), or one entry when the set has none. An entry whose name does not match
