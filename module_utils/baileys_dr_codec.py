@@ -214,6 +214,61 @@ def buffer_bytes(value):
     return None
 
 
+# What Baileys needs of the creds to start a socket (initAuthCreds() in src/Utils/auth-utils.ts, AuthenticationCreds in
+# src/Types/Auth.ts): the key pairs of the noise handshake, pairing and Signal identity, the signed pre-key, the
+# registration id, the ADV secret and the pre-key counters. Every initAuthCreds() from 6.6 to 7.0.0-rc14 sets the same
+# fields (6.x also set mobile-only ones that 7 dropped); no version added a required one, so the rule needs no version.
+# Fields set after pairing, or that Baileys reads with a fallback (processedHistoryMessages || []), may be absent; when
+# present they must have their shape. null counts as absent: Baileys reads them with ?. and JSON.stringify drops undefined.
+CREDS_KEY_PAIRS = ("noiseKey", "pairingEphemeralKeyPair", "signedIdentityKey")
+CREDS_INTEGERS = ("registrationId", "nextPreKeyId", "firstUnuploadedPreKeyId")
+
+
+def _integer(value):
+    # JSON cannot tell 2 from 2.0.
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value == int(value)
+
+
+def _key_pair_problems(name, value):
+    if not isinstance(value, dict):
+        return ["%s is not a key pair ({public, private})" % name]
+    return ["%s.%s is %s" % (name, half, "missing" if half not in value else "not a Buffer")
+            for half in ("public", "private") if buffer_bytes(value.get(half)) is None]
+
+
+def creds_shape_problems(creds):
+    """What stops Baileys from starting a socket on a creds value, as texts naming fields ([] when nothing): Buffers in
+    either JSON form pass. Nothing of the value is quoted (it holds private keys)."""
+    if not isinstance(creds, dict):
+        return ["the creds are not a JSON object"]
+    problems = []
+    for name in CREDS_KEY_PAIRS + ("signedPreKey", "advSecretKey") + CREDS_INTEGERS:
+        if creds.get(name) is None:
+            problems.append("%s is missing" % name)
+        elif name in CREDS_KEY_PAIRS:
+            problems += _key_pair_problems(name, creds[name])
+    pre_key = creds.get("signedPreKey")
+    if isinstance(pre_key, dict):
+        problems += _key_pair_problems("signedPreKey.keyPair", pre_key.get("keyPair"))
+        if buffer_bytes(pre_key.get("signature")) is None:
+            problems.append("signedPreKey.signature is not a Buffer")
+        if not _integer(pre_key.get("keyId")):
+            problems.append("signedPreKey.keyId is not an integer")
+    elif pre_key is not None:
+        problems.append("signedPreKey is not an object ({keyPair, signature, keyId})")
+    if creds.get("advSecretKey") is not None and not isinstance(creds["advSecretKey"], str):
+        problems.append("advSecretKey is not a string")
+    problems += ["%s is not an integer" % name for name in CREDS_INTEGERS if creds.get(name) is not None and not _integer(creds[name])]
+    me = creds.get("me")
+    if me is not None and not (isinstance(me, dict) and isinstance(me.get("id"), str)):
+        problems.append("me has no id text")
+    if creds.get("routingInfo") is not None and buffer_bytes(creds["routingInfo"]) is None:
+        problems.append("routingInfo is not a Buffer")
+    problems += ["%s is not a list" % name for name in ("processedHistoryMessages", "signalIdentities")
+                 if creds.get(name) is not None and not isinstance(creds[name], list)]
+    return problems
+
+
 def revive(value):
     """Replace every JSON Buffer object (either encoding) by Bytes."""
     if isinstance(value, dict):

@@ -50,6 +50,7 @@ from ansible.module_utils.baileys_dr_codec import (
     COMPANY_ID_RE,
     KEY_TYPES,
     VALUE_ERRORS,
+    creds_shape_problems,
     decode_base64,
     expiry_days,
     key_file_name,
@@ -116,8 +117,6 @@ MAX_CANDIDATES = 8
 BATCH = 1000
 LOCK_NAME = "baileys-dr-import"
 SCAN_MIN_FORK = 50  # companies from which a delta pass lists directories in forked workers
-# initAuthCreds() always sets these; a creds.json without them would make Baileys pair again.
-CREDS_REQUIRED = ("noiseKey", "signedIdentityKey", "registrationId")
 BOM = b"\xef\xbb\xbf"
 TYPES_BY_LENGTH = tuple(sorted(KEY_TYPES, key=len, reverse=True))
 
@@ -454,11 +453,10 @@ def database_line(key_type, key_id, text):
 
 
 def check_creds(value):
-    if not isinstance(value, dict):
-        raise FileProblem("is not a JSON object")
-    missing = [name for name in CREDS_REQUIRED if name not in value]
-    if missing:
-        raise FileProblem("lacks %s (Baileys would create fresh credentials: the phone would be paired again)" % ", ".join(missing))
+    """FileProblem naming the fields (never values) of creds Baileys could not start on (codec.creds_shape_problems)."""
+    problems = creds_shape_problems(value)
+    if problems:
+        raise FileProblem("has creds Baileys could not start on: %s" % "; ".join(problems))
 
 
 def stored_text(key_type, value, buffer_format):

@@ -62,6 +62,7 @@ from ansible.module_utils.baileys_dr_codec import (
     VALUE_ERRORS,
     apply_type_rules,
     canonical_json,
+    creds_shape_problems,
     key_file_name,
     key_forms,
     key_line_text,
@@ -260,9 +261,19 @@ def encode_row(company_id, key_type, key_id, text):
     """(file bytes, digest line) of a row's value text (key_type None: the creds), or HostileInputError naming the row."""
     try:
         value = json.loads(text)
-        return (file_content(value), creds_line(value)) if key_type is None else key_file_and_line(key_type, key_id, value)
+        return creds_file_and_line(company_id, value) if key_type is None else key_file_and_line(key_type, key_id, value)
     except VALUE_ERRORS as exc:
         raise value_error(company_id, key_type, key_id, exc) from None
+
+
+def creds_file_and_line(company_id, creds):
+    """(file bytes, digest line) of creds; HostileInputError naming the company and the fields (never values) when
+    Baileys could not start a socket on them (codec.creds_shape_problems): nothing of that company is written."""
+    problems = creds_shape_problems(creds)
+    if problems:
+        raise HostileInputError("%s: %s: Baileys could not start this company on them; refusing to export it"
+                                % (row_name(company_id), "; ".join(problems)))
+    return file_content(creds), creds_line(creds)
 
 
 class DigestLines:

@@ -180,7 +180,7 @@ def build_tree(root, companies, lines=True):
     return root
 
 
-CREDS = {"registrationId": 7, "noiseKey": {"private": {"type": "Buffer", "data": [1, 2]}, "public": {"type": "Buffer", "data": "AwQ="}}}
+CREDS = testdata.CompanyGenerator("tree", 1).creds()  # initAuthCreds' shape, Buffers in both forms
 KEYS = [
     ("pre-key", "1", {"private": {"type": "Buffer", "data": [9, 9]}, "public": {"type": "Buffer", "data": "CQk="}}),
     ("session", "4917.0", {"_sessions": {}, "version": "v1"}),
