@@ -51,16 +51,25 @@ def test_keys_created_on_files_are_rows_with_their_original_ids_in_array_form(ho
     # The writer consumes the oldest pre-keys: one it consumed since (acknowledged) is rightly gone.
     consumed = {(d["type"], d["id"]) for r in writer_ledger(host) if r.get("outcome") == "ack" and r["company"] == "company00001"
                 for d in r["deleted"]}
-    for key in (k for k in written if (k["type"], k["id"]) not in consumed):
+    kept = [k for k in written if (k["type"], k["id"]) not in consumed]
+    assert kept, "some key created on files outlived the writer: the test has rows to look at"
+    buffers = 0
+    for key in kept:
         found = rows("SELECT value::text FROM whatsapp_keys WHERE company_id = 'company00001' AND key_type = %s AND key_id = %s",
                      key["type"], key["id"])
         assert found, key
         if '"Buffer"' in found[0][0]:
-            assert '"data": [' in found[0][0]
+            buffers += 1
+            assert '"data": [' in found[0][0] and '"data": "' not in found[0][0], (key, found[0][0][:200])
+    # The form is checked on real Buffers: at least one imported key holds one (every Signal key pair does).
+    assert buffers > 0, "no imported key holds a Buffer: the array form was not checked"
 
 
 def test_pre_keys_consumed_on_files_are_gone(host):
-    for key in files_state(host)["simulated"]["deleted"]:
+    deleted = files_state(host)["simulated"]["deleted"]
+    # The situation exists: the service consumed a pre-key on files (converge asked /simulate for one).
+    assert [k for k in deleted if k["type"] == "pre-key"], deleted
+    for key in deleted:
         assert not rows("SELECT 1 FROM whatsapp_keys WHERE company_id = 'company00001' AND key_type = %s AND key_id = %s",
                         key["type"], key["id"])
 
