@@ -330,6 +330,14 @@ def testbed():
         bed.destroy()
 
 
+@pytest.fixture
+def normal_testbed(testbed):
+    """The test bed serving on PostgreSQL, no failover in effect, no writer running (whatever a failed test left):
+    `pytestmark = pytest.mark.usefixtures("normal_testbed")`."""
+    testbed.back_to_normal()
+    yield testbed
+
+
 class Writer:
     """testbed/bin/writer against the test bed's service, one ledger."""
 
