@@ -5,10 +5,12 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 
 from verify_helpers import (  # noqa: E402
-    SESSIONS, STATE_FILE, assert_no_acknowledged_write_lost, assert_writer_saw_the_switch, manifest, readiness,
+    SESSIONS, STATE_FILE, assert_no_acknowledged_write_lost, assert_writer_saw_the_switch, db_params, manifest, readiness,
     writer_result,
 )
 
@@ -16,7 +18,16 @@ testinfra_hosts = ["ansible://baileys-dr-app"]
 
 
 def test_postgresql_is_really_down(host):
-    assert host.run("pg_isready -h baileys-dr-db -p 5432").rc != 0
+    # pg_isready exits 2 when the server does not answer; a missing command (127) or a bad option (3) proves nothing.
+    assert host.exists("pg_isready")
+    assert host.run("pg_isready -h baileys-dr-db -p 5432").rc == 2
+    # And a real client cannot connect from the control node (a connection error, not a query's).
+    import psycopg2
+
+    params = db_params()
+    with pytest.raises(psycopg2.OperationalError, match="(?i)connect|refused|server"):
+        psycopg2.connect(host=params["login_host"], port=params["login_port"], user=params["login_user"],
+                         dbname=params["login_db"], password=params.get("login_password"), connect_timeout=5).close()
 
 
 def test_no_write_acknowledged_on_postgresql_or_on_files_is_lost(host):
