@@ -101,6 +101,9 @@ ARCHIVE_RE = re.compile(r"\Asessions-(\d+)-(\d{8}T\d{6}Z)\.jsonl\.gz\Z")
 TEST_PAUSE_ENV = "BAILEYS_DR_TEST_PAUSE_AT"
 TEST_PAUSE_SECONDS_ENV = "BAILEYS_DR_TEST_PAUSE_SECONDS"
 TEST_FAIL_ENV = "BAILEYS_DR_TEST_FAIL_AT"
+# With a pause: a file whose creation ends the pause early (the test releases the module when it has seen what it
+# needs; the seconds stay the upper bound).
+TEST_RELEASE_ENV = "BAILEYS_DR_TEST_PAUSE_UNTIL"
 XID_WINDOW = 2 ** 31
 # Threads (each with its own connection on the exported snapshot) reading ahead during a standby refresh.
 PREFETCH_THREADS = 2
@@ -164,7 +167,12 @@ def compact_stamp(moment):
 def test_hook(point):
     """Test-only fault hooks (documented in the modules' notes)."""
     if os.environ.get(TEST_PAUSE_ENV) == point:
-        time.sleep(float(os.environ.get(TEST_PAUSE_SECONDS_ENV) or 30))
+        seconds, release = float(os.environ.get(TEST_PAUSE_SECONDS_ENV) or 30), os.environ.get(TEST_RELEASE_ENV)
+        if not release:
+            time.sleep(seconds)
+        deadline = time.monotonic() + seconds
+        while release and time.monotonic() < deadline and not os.path.exists(release):
+            time.sleep(0.05)
     if os.environ.get(TEST_FAIL_ENV) == point:
         raise SessionsError("fault injected at %s (%s is set: a test-only hook)" % (point, TEST_FAIL_ENV))
 

@@ -47,11 +47,12 @@ def normal_state(testbed):  # noqa: F811
     yield testbed
 
 
-def hooks(point, seconds=None, fail=False):
-    """The environment of a test-only hook: pause (for seconds) or fail at point."""
+def hooks(point, seconds=None, fail=False, until=None):
+    """The environment of a test-only hook: pause (for seconds, or until the file `until` exists) or fail at point."""
     if fail:
         return {"BAILEYS_DR_TEST_FAIL_AT": point}
-    return {"BAILEYS_DR_TEST_PAUSE_AT": point, "BAILEYS_DR_TEST_PAUSE_SECONDS": str(seconds)}
+    return dict({"BAILEYS_DR_TEST_PAUSE_AT": point, "BAILEYS_DR_TEST_PAUSE_SECONDS": str(seconds)},
+                **({"BAILEYS_DR_TEST_PAUSE_UNTIL": str(until)} if until else {}))
 
 
 def lost_summary(report):
@@ -380,7 +381,9 @@ def test_a_failover_whose_playbook_is_killed_while_its_module_runs_on_is_never_s
     bed = testbed
     writer = Writer(bed, tmp_path / "ledger.jsonl").start()
     writer.wait_acks(3, after=time.time() - 1)
-    process, _ = bed.playbook_process("failover.yml", env=hooks("switch_stopped", 30))
+    # Held after the stop until the re-run below has been refused (a loaded machine may take a minute for it).
+    release = tmp_path / "release"
+    process, _ = bed.playbook_process("failover.yml", env=hooks("switch_stopped", 900, until=release))
     try:
         wait_until(lambda: journal_phase(bed, "failover") == "stopped" or process.poll() is not None, timeout=300,
                    what="the failover's stop")
@@ -400,6 +403,7 @@ def test_a_failover_whose_playbook_is_killed_while_its_module_runs_on_is_never_s
     assert [pid for pid in module if "another switch (pid %d) is still running" % pid in said], rerun.explain()
     assert "nothing was done" in said and rerun.result(SWITCH)["failed_step"] == "lock", said
     assert journal_phase(bed, "failover") == "stopped", "the re-run changed nothing while the first one runs"
+    release.write_text("")
 
     wait_until(lambda: not [pid for pid in module if pid_alive(pid)], timeout=600, what="the first run's module to finish")
     assert journal_phase(bed, "failover") == "done"
