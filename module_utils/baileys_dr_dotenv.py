@@ -469,15 +469,24 @@ class EnvFile:
 
     def backup(self):
         """Copy of the file beside it, 0600, same owner and group (it holds the same secrets)."""
-        stamp = time.strftime("%Y-%m-%d@%H:%M:%S~", time.localtime())
-        destination = "%s.%s.%s" % (self.path, os.getpid(), stamp)
+        stamp = time.strftime("%Y-%m-%d@%H:%M:%S", time.localtime())
         source_stat = os.stat(self.path)
         with open(self.path, "rb") as fh:
             data = fh.read()
-        try:
-            fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            raise EnvFileError("cannot create the backup %s: %s" % (destination, exc.strerror))
+        # Ansible's <file>.<pid>.<time>~; a second backup by the same process within the same second (a switch and its
+        # rollback) gets a counter, never the first one's name.
+        for count in range(100):
+            destination = "%s.%s.%s%s~" % (self.path, os.getpid(), stamp, ".%d" % count if count else "")
+            try:
+                fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise EnvFileError("cannot create the backup %s: %s" % (destination, exc.strerror))
+        else:
+            raise EnvFileError("cannot create a backup of %s: 100 backups named %s.%s.%s* exist"
+                               % (self.path, self.path, os.getpid(), stamp))
         try:
             os.fchmod(fd, 0o600)
             write_all(fd, data)

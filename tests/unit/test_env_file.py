@@ -442,6 +442,21 @@ def test_backup_is_0600_beside_the_file_with_the_old_content(envfile):
     assert stat.S_IMODE(os.stat(backup).st_mode) == 0o600
 
 
+def test_two_backups_in_the_same_second_by_one_process_keep_both_contents(envfile, monkeypatch):
+    # A switch and its rollback write .env within a second, in one module process: the clock says the same second.
+    from ansible.module_utils import baileys_dr_dotenv
+
+    monkeypatch.setattr(baileys_dr_dotenv.time, "strftime", lambda fmt, t=None: "2026-12-07@04:00:00")
+    ok, first = run(dict(path=str(envfile), values={"A": "1"}, backup=True))
+    ok2, second = run(dict(path=str(envfile), values={"A": "2"}, backup=True))
+    assert ok and ok2 and first["backup_file"] != second["backup_file"]
+    assert second["backup_file"].endswith("~") and first["backup_file"].endswith("~")
+    with open(first["backup_file"]) as fh:
+        assert fh.read() == SAMPLE
+    with open(second["backup_file"]) as fh:
+        assert "A=1" in fh.read()
+
+
 def test_no_backup_when_nothing_changes(envfile):
     ok, result = run(dict(path=str(envfile), values={"USE_LEGACY_SUPABASE": "true"}, backup=True))
     assert ok and not result["changed"] and "backup_file" not in result
