@@ -130,8 +130,9 @@ notes:
     C(BAILEYS_DR_TEST_PAUSE_SECONDS) there."
   - The archive holds key material, so it is written 0600 in a 0700 directory. Keep O(archive_dir) on storage as protected
     as the database.
-  - Age buckets (days since C(updated_at) at the run's start, lower bound included) are C(under_1d), C(1_7d), C(7_14d),
-    C(14_30d), C(over_30d), and C(unknown) for rows without C(updated_at).
+  - Age buckets (days since C(updated_at) at the run's start, lower bound included) are C(0-1d), C(1-7d), C(7-14d),
+    C(14-30d), C(30d+), and C(unknown) for rows without C(updated_at): the buckets of M(baileys_db_health) too
+    (module_utils/baileys_dr_ages.py).
   - C(pg_stat_user_tables) counters are collected asynchronously; the module asks the server to flush its own counters
     (PostgreSQL 15 and later) before reading them.
 requirements:

@@ -38,6 +38,7 @@ import json
 import os
 import time
 
+from ansible.module_utils.baileys_dr_ages import BUCKET_NAMES, bucket_conditions
 from ansible.module_utils.baileys_dr_codec import (
     COMPANY_ID_RE, KEY_TYPES, PROTECTED_KEY_TYPES, SENTINEL_KEYS, tctoken_cutoff, tctoken_prunable_sql,
 )
@@ -55,9 +56,6 @@ DEFAULT_PROTECTED = PROTECTED_KEY_TYPES
 DEFAULT_RETENTION = {"session": 30, "sender-key": 30, "sender-key-memory": 30, "device-list": 30, "tctoken": 30}
 RULE_TCTOKEN = "tctoken-expired"
 
-# Age buckets (days since updated_at): lower bound inclusive, upper bound exclusive.
-BUCKETS = (("under_1d", None, 1), ("1_7d", 1, 7), ("7_14d", 7, 14), ("14_30d", 14, 30), ("over_30d", 30, None))
-BUCKET_NAMES = tuple(name for name, _, _ in BUCKETS) + ("unknown",)
 
 # One cleanup or restore per database at a time (pg_try_advisory_lock key: "bdrc").
 ADVISORY_LOCK_KEY = 0x62647263
@@ -133,28 +131,10 @@ def check_cap(plan_by_company, company_totals, max_delete, max_delete_share):
 # -- age buckets -----------------------------------------------------------------------------
 
 
-def bucket_of(age_days):
-    """The bucket of an age in days (None: unknown, no updated_at). A future time counts as under 1 day."""
-    if age_days is None:
-        return "unknown"
-    for name, low, high in BUCKETS:
-        if (low is None or age_days >= low) and (high is None or age_days < high):
-            return name
-    raise AssertionError(age_days)
-
-
 def bucket_sql(ref="%(run_at)s::timestamptz", column="k.updated_at"):
-    """SELECT items counting rows per bucket, the same bounds as bucket_of()."""
-    items = []
-    for name, low, high in BUCKETS:
-        cond = []
-        if high is not None:
-            cond.append("%s > %s - interval '%d days'" % (column, ref, high))
-        if low is not None:
-            cond.append("%s <= %s - interval '%d days'" % (column, ref, low))
-        items.append("count(*) FILTER (WHERE %s) AS %s" % (" AND ".join(cond), '"%s"' % name))
-    items.append('count(*) FILTER (WHERE %s IS NULL) AS "unknown"' % column)
-    return ", ".join(items)
+    """SELECT items counting rows per age bucket (days since updated_at at the run's start)."""
+    return ", ".join('count(*) FILTER (WHERE %s) AS "%s"' % (condition, name)
+                     for name, condition in bucket_conditions(column, ref))
 
 
 def empty_buckets():

@@ -19,6 +19,7 @@ import select
 import time
 
 from ansible.module_utils.baileys_dr_arming import read_arming_state
+from ansible.module_utils.baileys_dr_ages import bucket_conditions
 from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES, PRE_KEYS_STORED_WARNING, PROTECTED_KEY_TYPES
 from ansible.module_utils.baileys_dr_identity import IDENTITY_SQL, health_view, identities_from_rows
 from ansible.module_utils.baileys_dr_postgres import connection_kwargs, describe_target, psycopg2, scrub
@@ -52,13 +53,9 @@ DEFAULT_THRESHOLDS = {
     "pre_keys_stored": {"warning": PRE_KEYS_STORED_WARNING, "critical": None},
 }
 
-AGE_BUCKETS = (
-    ("0-1d", "age < interval '1 day'"),
-    ("1-7d", "age >= interval '1 day' AND age < interval '7 days'"),
-    ("7-14d", "age >= interval '7 days' AND age < interval '14 days'"),
-    ("14-30d", "age >= interval '14 days' AND age < interval '30 days'"),
-    ("30d+", "age >= interval '30 days'"),
-)
+# The keys' age: since their last write (their creation when never updated), in the buckets cleanup counts in too.
+AGE_CONDITIONS = bucket_conditions("written", "now()")
+AGE_BUCKETS = AGE_CONDITIONS[:-1]
 UNKNOWN_TYPE = "(unknown)"
 TABLES = ("whatsapp_auth", "whatsapp_keys")
 
@@ -101,8 +98,8 @@ Q_KEYS = (
     "SELECT CASE WHEN key_type = ANY(%(known)s) THEN key_type ELSE '" + UNKNOWN_TYPE + "' END, count(*), "
     "count(*) FILTER (WHERE expires_at < now()), "
     + ", ".join("count(*) FILTER (WHERE %s)" % condition for _, condition in AGE_BUCKETS)
-    + ", count(*) FILTER (WHERE age IS NULL) "
-    "FROM (SELECT key_type, expires_at, now() - coalesce(updated_at, created_at) AS age FROM whatsapp_keys) k GROUP BY 1 ORDER BY 1"
+    + ", count(*) FILTER (WHERE %s) " % AGE_CONDITIONS[-1][1]
+    + "FROM (SELECT key_type, expires_at, coalesce(updated_at, created_at) AS written FROM whatsapp_keys) k GROUP BY 1 ORDER BY 1"
 )
 _NO_KEYS = "NOT EXISTS (SELECT 1 FROM whatsapp_keys k WHERE k.company_id = a.company_id)"
 _NO_CREDS = "NOT EXISTS (SELECT 1 FROM whatsapp_auth a WHERE a.company_id = k.company_id)"
@@ -327,10 +324,10 @@ class DbHealth:
             self._check("reachability", 0, result["error"], levels={}, status="critical")
         if self.params.get("standby_dir"):
             self._standby(self.params["standby_dir"])
-        self._identity()
         if self.params.get("arming_record"):
             self.result["arming"] = read_arming_state(self.params["arming_record"], self.params.get("arming_max_age") or 3600,
                                                       self.wall())
+        self._identity()
         for name, message in self.errors.items():
             # A figure that could not be read is not a healthy figure.
             self.checks.setdefault(name, {"value": None, "warning": None, "critical": None})

@@ -15,7 +15,8 @@ import pytest
 import baileys_keys_cleanup
 from module_harness import run_module
 
-from ansible.module_utils.baileys_dr_cleanup import Cleanup, bucket_of, read_sidecar
+from ansible.module_utils.baileys_dr_ages import bucket_of
+from ansible.module_utils.baileys_dr_cleanup import Cleanup, read_sidecar
 from ansible.module_utils.baileys_dr_postgres import connect
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
@@ -84,8 +85,8 @@ def test_check_mode_counts_exactly_per_company_and_type_and_deletes_nothing(db, 
     expected = {t: 2 for t in ("device-list", "sender-key", "sender-key-memory", "session", "tctoken")}
     assert result["plan"]["by_company"] == {"acme": expected, "beta": expected}
     assert result["plan"]["keys"] == 20
-    assert result["plan"]["buckets"] == {"under_1d": 0, "1_7d": 0, "7_14d": 0, "14_30d": 0, "over_30d": 20, "unknown": 0}
-    assert result["before"]["buckets"] == {"under_1d": 20, "1_7d": 20, "7_14d": 20, "14_30d": 20, "over_30d": 40, "unknown": 0}
+    assert result["plan"]["buckets"] == {"0-1d": 0, "1-7d": 0, "7-14d": 0, "14-30d": 0, "30d+": 20, "unknown": 0}
+    assert result["before"]["buckets"] == {"0-1d": 20, "1-7d": 20, "7-14d": 20, "14-30d": 20, "30d+": 40, "unknown": 0}
     assert result["before"]["keys"] == 120 and result["before"]["protected"] == 60
     assert rows(db) == before
     assert not (tmp_path / "archive").exists()
@@ -344,7 +345,7 @@ def test_sql_buckets_agree_with_bucket_of_at_the_boundaries(db, db_params):
     for age in ages:
         expected[bucket_of(age)] += 1
     assert stats["buckets"] == expected
-    assert expected["under_1d"] == 3 and expected["over_30d"] == 3
+    assert expected["0-1d"] == 3 and expected["30d+"] == 3
 
 
 def test_round_trip_of_generated_state_gives_back_every_row(db, db_params, tmp_path):

@@ -123,7 +123,7 @@ def test_check_mode_plans_expired_tokens_by_baileys_rule_and_never_the_index(db,
     assert result["plan"]["by_company"] == {"acme": {"tctoken": 3}}
     assert result["plan"]["rules"] == {"acme": {"tctoken": {"tctoken-expired": 3}}}
     assert result["plan"]["by_rule"] == {"tctoken-expired": 3}
-    assert result["plan"]["buckets"]["under_1d"] == 1 and result["plan"]["buckets"]["1_7d"] == 2
+    assert result["plan"]["buckets"]["0-1d"] == 1 and result["plan"]["buckets"]["1-7d"] == 2
 
 
 def test_delete_takes_expired_tokens_whatever_their_age_and_keeps_valid_ones_and_the_index(db, db_params, tmp_path, seeded):

@@ -12,9 +12,10 @@ import baileys_keys_cleanup
 from module_harness import run_module
 
 from ansible.module_utils.baileys_dr_cleanup import (
-    BUCKET_NAMES, DEFAULT_PROTECTED, DEFAULT_RETENTION, ArchiveWriter, CleanupError, bucket_of, bucket_sql, check_cap,
+    DEFAULT_PROTECTED, DEFAULT_RETENTION, ArchiveWriter, CleanupError, bucket_sql, check_cap,
     iter_archive, parse_row, read_sidecar, validate_policy, verify_archive,
 )
+from ansible.module_utils.baileys_dr_ages import BUCKET_NAMES, bucket_of
 from ansible.module_utils.baileys_dr_codec import KEY_TYPES
 
 # Nothing listens there: a test that reaches the database fails with a connection error instead.
@@ -91,8 +92,8 @@ def test_a_long_list_of_companies_over_the_share_is_shortened():
 
 
 @pytest.mark.parametrize("age,bucket", [
-    (-2, "under_1d"), (0, "under_1d"), (0.99, "under_1d"), (1, "1_7d"), (6.99, "1_7d"), (7, "7_14d"), (13.9, "7_14d"),
-    (14, "14_30d"), (29.99, "14_30d"), (30, "over_30d"), (3650, "over_30d"), (None, "unknown"),
+    (-2, "0-1d"), (0, "0-1d"), (0.99, "0-1d"), (1, "1-7d"), (6.99, "1-7d"), (7, "7-14d"), (13.9, "7-14d"),
+    (14, "14-30d"), (29.99, "14-30d"), (30, "30d+"), (3650, "30d+"), (None, "unknown"),
 ])
 def test_age_buckets_include_their_lower_bound(age, bucket):
     assert bucket_of(age) == bucket
@@ -101,9 +102,9 @@ def test_age_buckets_include_their_lower_bound(age, bucket):
 def test_the_sql_buckets_have_the_same_names_and_bounds():
     sql = bucket_sql(ref="R", column="u")
     assert [part.split(" AS ")[1].strip('"') for part in sql.split(", count")] == list(BUCKET_NAMES)
-    assert "u > R - interval '1 days') AS \"under_1d\"" in sql
+    assert "u > R - interval '1 days') AS \"0-1d\"" in sql
     assert "u > R - interval '7 days' AND u <= R - interval '1 days'" in sql
-    assert "u <= R - interval '30 days') AS \"over_30d\"" in sql
+    assert "u <= R - interval '30 days') AS \"30d+\"" in sql
 
 
 # -- archive -------------------------------------------------------------------------------------
