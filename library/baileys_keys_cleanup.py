@@ -131,7 +131,7 @@ notes:
   - The archive holds key material, so it is written 0600 in a 0700 directory. Keep O(archive_dir) on storage as protected
     as the database.
   - Age buckets (days since C(updated_at) at the run's start, lower bound included) are C(0-1d), C(1-7d), C(7-14d),
-    C(14-30d), C(30d+), and C(unknown) for rows without C(updated_at): the buckets of M(baileys_db_health) too
+    C(14-30d), C(30d+), and C(unknown) for rows without C(updated_at); the buckets of M(baileys_db_health) too
     (module_utils/baileys_dr_ages.py).
   - C(pg_stat_user_tables) counters are collected asynchronously; the module asks the server to flush its own counters
     (PostgreSQL 15 and later) before reading them.
