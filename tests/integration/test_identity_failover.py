@@ -1,6 +1,7 @@
 """The identity guard and the credentials cache through failover.yml on the embedded test bed (issue 17): fresh creds
 written over a registered company's in PostgreSQL stop the failover before anything is switched, unless forced for
-that company; the application's credentials cache is moved aside before the service starts on the restored files."""
+that company, and so do fresh creds written over a registered company's on files stop the failback before the
+database changes; the application's credentials cache is moved aside before the service starts on the restored files."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from test_identity_guard import fresh_creds
 from testbed_helpers import testbed  # noqa: F401 (the fixture)
 
 from ansible.module_utils.baileys_dr_identity import CACHE_FILE
+from ansible.module_utils.baileys_dr_sessions import COMPANY_PREFIX
 
 
 @pytest.fixture(autouse=True)
@@ -83,5 +85,33 @@ def test_fresh_creds_in_postgres_stop_the_failover_before_anything_is_switched_u
     run = bed.playbook("failover.yml", {"baileys_dr_identity_force_companies": [company]})
     assert run.returncode == 0, run.explain()
     bed.wait_serving("files", complete=False)
+    status, doc = bed.health()
+    assert doc["identities"][company]["me"] is None, "the forced company's new creds are what the service runs on"
+
+
+def test_fresh_creds_in_the_files_stop_the_failback_before_the_database_changes_unless_forced(testbed):  # noqa: F811
+    bed = testbed
+    company, me = registered_company(bed)
+    run = bed.playbook("failover.yml")
+    assert run.returncode == 0, run.explain()
+    bed.wait_serving("files", complete=False)
+    # Fresh credentials over the registered company's on files (a store read error answered with initAuthCreds()).
+    creds_path = os.path.join(bed.sessions, COMPANY_PREFIX + company, "creds.json")
+    with open(creds_path, "w") as fh:
+        json.dump(fresh_creds(), fh)
+    database_creds = bed.database_digests()["digests"][company]
+    before = (bed.env_file(), bed.git_ref())
+
+    run = bed.playbook("failback.yml")
+    assert run.returncode != 0
+    assert "company %s: registered credentials would be replaced by unregistered ones" % company in run.output, run.explain()
+    assert "me %s" % me in run.output and "me none (unregistered)" in run.output
+    assert bed.database_digests()["digests"][company] == database_creds, "the database keeps the registered creds"
+    assert (bed.env_file(), bed.git_ref()) == before, "nothing switched: the service stays on the files"
+    bed.wait_serving("files", complete=False)
+
+    run = bed.playbook("failback.yml", {"baileys_dr_identity_force_companies": [company]})
+    assert run.returncode == 0, run.explain()
+    bed.wait_serving("postgres", complete=False)
     status, doc = bed.health()
     assert doc["identities"][company]["me"] is None, "the forced company's new creds are what the service runs on"
