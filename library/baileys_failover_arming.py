@@ -104,6 +104,14 @@ options:
     description: With O(state=verify), a record older than this many seconds no longer holds.
     type: int
     default: 3600
+  state_file:
+    description:
+      - With O(state=verify), the failover state file whose switch journal to read (RV(journal)), in the same module
+        run as the record (every module run before the switch is outage when PostgreSQL is gone).
+    type: path
+  health_url:
+    description: With O(state=verify), the service's readiness endpoint, read once (RV(service)).
+    type: str
 attributes:
   check_mode:
     support: full
@@ -181,6 +189,18 @@ env_changes:
   description: V(verify), the C(.env) changes the record planned, by flag (its C(from) and C(to) values).
   returned: state is verify and a record was read
   type: dict
+journal:
+  description:
+    - V(verify) with O(state_file), the switch journal -- C(readable), C(exists), C(operation) and C(phase) (an interrupted
+      switch's last phase); C(problem) when the file cannot be read. Never a C(.env) value.
+  returned: state is verify and state_file is given
+  type: dict
+  sample: {readable: true, exists: true, operation: failover, phase: switched}
+service:
+  description: V(verify) with O(health_url), one read of the endpoint -- C(answered), C(store), C(ready).
+  returned: state is verify and health_url is given
+  type: dict
+  sample: {answered: true, store: postgres, ready: true}
 standby:
   description: V(verify), when the standby copy is the one the record armed -- C(verified), C(generation), C(snapshot_at),
     C(age_seconds) and C(digests) (by company id, from the manifest), as M(baileys_sessions_verify) returns them.

@@ -29,6 +29,7 @@ import time
 from ansible.module_utils.baileys_dr_dotenv import DotenvDocument
 from ansible.module_utils.baileys_dr_fs import write_file_atomic
 from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, check_ref_name, git_tag_verify_argument_spec
+from ansible.module_utils.baileys_dr_pm2 import HealthClient
 
 RECORD_FORMAT = 1
 # The standby copy's top manifest (docs/architecture.md, "The sessions tree and its manifest").
@@ -295,6 +296,12 @@ class ArmingRecord:
 
     def verify(self):
         p = self.params
+        # What the preflight reads besides the record, in this same module run (each module run before the switch is
+        # outage when PostgreSQL is gone): the switch journal's phase and the store the service says it serves.
+        if p["state_file"]:
+            self.result["journal"] = read_journal(p["state_file"])
+        if p["health_url"]:
+            self.result["service"] = read_service(p["health_url"])
         record, problem = self.load()
         reasons = [problem] if problem else []
         now = self.clock()
@@ -390,6 +397,36 @@ def read_arming_state(path, max_age, now=None):
     return state
 
 
+def read_journal(path):
+    """{readable, exists, operation, phase} of the failover state file's switch journal; never a .env value."""
+    try:
+        data = read_small(path, RECORD_MAX_BYTES)
+    except (OSError, ArmingError) as exc:
+        return {"readable": False, "exists": True, "problem": str(exc)}
+    if data is None:
+        return {"readable": True, "exists": False, "operation": None, "phase": None}
+    try:
+        switch = (json.loads(data.decode("utf-8")) or {}).get("switch") or {}
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return {"readable": False, "exists": True, "problem": "%s is not a JSON object" % path}
+    if not isinstance(switch, dict):
+        switch = {}
+    return {"readable": True, "exists": True, "operation": switch.get("operation"), "phase": switch.get("phase")}
+
+
+def read_service(url, timeout=2.0):
+    """{answered, store, ready} from one read of the readiness endpoint (whatever it answers)."""
+    if not str(url).startswith(("http://", "https://")):
+        raise ArmingError("health_url %r is not an http:// or https:// URL" % url)
+    status, body = HealthClient().get(url, timeout=timeout)
+    try:
+        doc = json.loads(body.decode("utf-8")) if status is not None else {}
+    except (ValueError, UnicodeDecodeError):
+        doc = {}
+    doc = doc if isinstance(doc, dict) else {}
+    return {"answered": status is not None, "store": doc.get("store"), "ready": doc.get("ready") is True}
+
+
 def arming_argument_spec():
     """The options of baileys_failover_arming (a new dict per call)."""
     return dict(
@@ -413,4 +450,6 @@ def arming_argument_spec():
         verified_generation=dict(type="int"),
         min_free_bytes=dict(type="int", default=0),
         max_age=dict(type="int", default=3600),
+        state_file=dict(type="path"),
+        health_url=dict(type="str"),
     )

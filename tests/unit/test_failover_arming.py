@@ -201,3 +201,43 @@ def test_health_samples_say_armed_and_since_when(host):
     record = json.loads((host / "state" / "failover-arming.json").read_text())
     assert samples["baileys_dr_failover_armed"] == 1.0
     assert samples["baileys_dr_failover_armed_since_timestamp_seconds"] == record["armed_since_epoch"]
+
+
+def test_the_confirmation_also_reads_the_switch_journal_and_the_services_store_in_the_same_run(host):
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"store": "postgres", "ready": True, "pid": 42}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state = host / "state" / "failover-state.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        arm(host)
+        url = "http://127.0.0.1:%d/health" % server.server_address[1]
+        result = verify(host, state_file=str(state), health_url=url)
+        assert result["armed"] and result["service"] == {"answered": True, "store": "postgres", "ready": True}
+        assert result["journal"] == {"readable": True, "exists": False, "operation": None, "phase": None}
+        # An interrupted switch: its phase, never the .env values the state file keeps for the rollback.
+        state.write_text(json.dumps({"env_before": {"POSTGRES_PASSWORD": "hunter2hunter2"},
+                                     "switch": {"operation": "failover", "phase": "switched"}}))
+        result = verify(host, state_file=str(state), health_url=url)
+        assert result["journal"] == {"readable": True, "exists": True, "operation": "failover", "phase": "switched"}
+        assert "hunter2hunter2" not in json.dumps(result)
+        state.write_text("not json")
+        assert verify(host, state_file=str(state))["journal"]["readable"] is False
+    finally:
+        server.shutdown()
+        server.server_close()
+    # Nothing answers any more: a service that is down says so, it is no error.
+    assert verify(host, health_url=url)["service"] == {"answered": False, "store": None, "ready": False}
