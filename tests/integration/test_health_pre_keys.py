@@ -10,20 +10,21 @@ from test_db_health_real import QUIET, health, health_playbook, prometheus_sampl
 
 from ansible.module_utils.baileys_dr_codec import PRE_KEYS_STORED_WARNING
 
-NOW = datetime.datetime.now(datetime.timezone.utc)
 OLDEST_DAYS = 40
 
 
 def seed_known(db):
     """'big': pre-keys 21..2040 (2020 stored: 1..20 consumed), nextPreKeyId 2031, firstUnuploadedPreKeyId 2001, the oldest
     written 40 days ago. 'small': 1..30, both counters 31. 'orphan': 3 pre-keys and no creds."""
+    # The time of the seeding, not of the module's import: a long suite runs this test many minutes after collection.
+    now = datetime.datetime.now(datetime.timezone.utc)
     with db.cursor() as cur:
         for company, next_id, first_id in (("big", 2031, 2001), ("small", 31, 31)):
             creds = {"registrationId": 7, "nextPreKeyId": next_id, "firstUnuploadedPreKeyId": first_id}
             cur.execute("INSERT INTO whatsapp_auth (company_id, creds) VALUES (%s, %s)", (company, json.dumps(creds)))
-        rows = [("big", str(n), NOW - datetime.timedelta(days=OLDEST_DAYS) + datetime.timedelta(seconds=n)) for n in range(21, 2041)]
-        rows += [("small", str(n), NOW - datetime.timedelta(days=1)) for n in range(1, 31)]
-        rows += [("orphan", str(n), NOW) for n in range(1, 4)]
+        rows = [("big", str(n), now - datetime.timedelta(days=OLDEST_DAYS) + datetime.timedelta(seconds=n)) for n in range(21, 2041)]
+        rows += [("small", str(n), now - datetime.timedelta(days=1)) for n in range(1, 31)]
+        rows += [("orphan", str(n), now) for n in range(1, 4)]
         cur.executemany(
             "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value, created_at, updated_at) VALUES (%s, 'pre-key', %s, "
             "'{\"public\": {\"type\": \"Buffer\", \"data\": [5]}}', %s, %s)", [(c, i, t, t) for c, i, t in rows])
