@@ -305,8 +305,7 @@ function createService(options = {}) {
       state.verifiedAt = new Date().toISOString();
       state.verifyMs = msSince(started);
     }
-    state.digestsComplete = !state.storeError && state.verifyErrors.length === 0 &&
-      state.result.companies.every((c) => state.verified.has(c.id));
+    state.digestsComplete = allVerified();
     const mem = process.memoryUsage();
     let keys = 0;
     for (const c of state.verified.values()) keys += c.keys;
@@ -395,6 +394,12 @@ function createService(options = {}) {
     return (state.changes.get(companyId) || 0) === before ? result : null;
   }
 
+  /** Every loaded company verified, no error: /health's digests are the whole store's. */
+  function allVerified() {
+    return !state.storeError && state.verifyErrors.length === 0 &&
+      state.result.companies.every((c) => state.verified.has(c.id));
+  }
+
   /** The service's view of one company after a change it made: its identity, digest and key count. */
   function takeCompany(company) {
     const { id, digest, keys, registrationId, me } = company;
@@ -403,6 +408,9 @@ function createService(options = {}) {
     else state.result.companies.push({ id, registrationId, me }); // made after the load: loaded now
     state.verified.set(id, { ...company, guessed: company.guessed || [] });
     state.touched.add(id);
+    // A change whose read ends after the verification pass (it skipped the company, being changed) completes the
+    // digests the pass left incomplete.
+    if (!state.loading && !state.verifying) state.digestsComplete = allVerified();
   }
 
   /** Warnings found after the verification (a change re-reading files), each listed once. */
