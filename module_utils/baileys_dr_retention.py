@@ -110,9 +110,9 @@ class Pruner:
             runs.setdefault(key, []).append((name, mtime))
         return runs
 
-    def doomed(self, entry):
-        """Names of a set to remove: beyond the keep_last newest runs and older than keep_days."""
-        runs = sorted(self.runs(entry).values(), key=lambda items: max(m for _n, m in items), reverse=True)
+    def doomed(self, runs):
+        """Names of a set's runs to remove: beyond the keep_last newest runs and older than keep_days."""
+        runs = sorted(runs.values(), key=lambda items: max(m for _n, m in items), reverse=True)
         limit = self.now - self.params["keep_days"] * 86400
         names = []
         for items in runs[self.params["keep_last"]:]:
@@ -124,8 +124,9 @@ class Pruner:
         self.validate()
         removed, kept, freed = [], 0, 0
         for entry in self.params["sets"]:
-            doomed = self.doomed(entry)
-            kept += sum(len(items) for items in self.runs(entry).values()) - len(doomed)
+            runs = self.runs(entry)
+            doomed = self.doomed(runs)
+            kept += sum(len(items) for items in runs.values()) - len(doomed)
             for name in doomed:
                 path = os.path.join(entry["path"], name)
                 try:
