@@ -172,3 +172,18 @@ def wait_until(predicate, timeout=20, what="the condition"):
 def read_json(path):
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def refuse_worker_connections(monkeypatch, module):
+    """module.connect refuses forked workers as a full server does (too many clients); the module's own process
+    connects as always."""
+    import psycopg2
+
+    module_pid, real_connect = os.getpid(), module.connect
+
+    def connect(params, **kwargs):
+        if os.getpid() != module_pid:
+            raise psycopg2.OperationalError("FATAL:  sorry, too many clients already")
+        return real_connect(params, **kwargs)
+
+    monkeypatch.setattr(module, "connect", connect)

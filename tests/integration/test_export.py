@@ -11,7 +11,7 @@ import time
 import pytest
 
 import baileys_auth_export
-from faults_helpers import wait_until
+from faults_helpers import refuse_worker_connections, wait_until
 from module_harness import run_module
 
 from ansible.module_utils import baileys_dr_testdata as testdata
@@ -549,17 +549,8 @@ def test_a_killed_worker_fails_the_export_leaving_the_live_tree_and_no_staging(d
 
 def test_workers_without_a_connection_leave_the_export_to_the_module(db, export, app_root, parallel, monkeypatch):
     """A server at max_connections: the workers cannot connect, the module exports alone."""
-    import psycopg2
-
     testdata.load(db, "workers", 3, 20)
-    module_pid, real_connect = os.getpid(), baileys_auth_export.connect
-
-    def connect(params, **kwargs):
-        if os.getpid() != module_pid:
-            raise psycopg2.OperationalError("FATAL:  sorry, too many clients already")
-        return real_connect(params, **kwargs)
-
-    monkeypatch.setattr(baileys_auth_export, "connect", connect)
+    refuse_worker_connections(monkeypatch, baileys_auth_export)
     ok, result = export()
     assert ok and result["workers"] == 0 and result["digests"] == database_digests(db), result.get("msg")
     assert worker_processes() == []

@@ -11,7 +11,7 @@ import pytest
 
 import baileys_auth_export
 import baileys_auth_import
-from faults_helpers import full_rows, wait_until
+from faults_helpers import full_rows, refuse_worker_connections, wait_until
 from module_harness import run_module
 from test_export import worker_processes
 from test_import import database_digests as digests
@@ -132,17 +132,8 @@ def test_continue_on_error_imports_every_other_company_in_workers(db, changed_tr
 
 def test_a_worker_without_a_connection_leaves_the_import_to_the_module(db, changed_tree, failback, workers, monkeypatch):
     """A server at max_connections: the workers cannot connect, the module imports alone."""
-    import psycopg2
-
     workers(2)
-    module_pid, real_connect = os.getpid(), baileys_auth_import.connect
-
-    def connect(params, **kwargs):
-        if os.getpid() != module_pid:
-            raise psycopg2.OperationalError("FATAL:  sorry, too many clients already")
-        return real_connect(params, **kwargs)
-
-    monkeypatch.setattr(baileys_auth_import, "connect", connect)
+    refuse_worker_connections(monkeypatch, baileys_auth_import)
     ok, result = failback()
     assert ok and result["workers"] == 0 and result["committed"] == COMPANIES, result.get("msg")
 
