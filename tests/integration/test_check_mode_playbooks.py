@@ -20,6 +20,7 @@ import textwrap
 
 import pytest
 
+from faults_helpers import full_rows
 from testbed_helpers import testbed  # noqa: F401 - the module's test bed fixture
 
 # The test bed's own output: written by the checks themselves, not by what they check.
@@ -52,17 +53,11 @@ def database_rows(bed):
     """Every row of the store with its timestamps: an upsert of an equal value still changes updated_at."""
     conn = bed.connect()
     try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT company_id, key_type, key_id, value::text, created_at, updated_at, expires_at FROM whatsapp_keys "
-                        "ORDER BY 1, 2, 3")
-            keys = cur.fetchall()
-            cur.execute("SELECT company_id, creds::text, created_at, updated_at FROM whatsapp_auth ORDER BY 1")
-            auth = cur.fetchall()
-        conn.rollback()
+        rows = full_rows(conn)
     finally:
         conn.close()
-    return {"keys": hashlib.sha256(repr(keys).encode()).hexdigest(), "key_count": len(keys),
-            "auth": hashlib.sha256(repr(auth).encode()).hexdigest()}
+    return {"keys": hashlib.sha256(repr(rows["keys"]).encode()).hexdigest(), "key_count": len(rows["keys"]),
+            "auth": hashlib.sha256(repr(rows["auth"]).encode()).hexdigest()}
 
 
 def world(bed):
