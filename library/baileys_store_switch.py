@@ -139,6 +139,14 @@ options:
         C(since), C(undo_dir), C(force)); O(sessions_dir) is its C(src) and the connection options are this module's.
     type: dict
     default: {}
+  companies:
+    description:
+      - Only these company ids (default all), the companies of this application host when several share one database.
+      - O(store=files) with O(source=live), the final copy holds only them and the proof compares only their rows; the
+        other companies are other hosts' and keep changing. O(store=postgres), the delta import touches only them
+        (unless O(import_options) gives its own C(companies)).
+    type: list
+    elements: str
 attributes:
   check_mode:
     support: full
@@ -279,6 +287,7 @@ def main():
         standby_dir=dict(type="path"),
         space_margin=dict(type="float", default=1.5),
         import_options=dict(type="dict", default={}),
+        companies=dict(type="list", elements="str"),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
                            required_if=[("store", "files", ["standby_dir"])])

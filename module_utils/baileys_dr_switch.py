@@ -537,7 +537,7 @@ class FailoverSwitch:
     def _final_copy(self):
         s, p = self.s, self.p
         if p["source"] == "live":
-            params = engine_params(auth_export_argument_spec(), mode="standby", dest=p["standby_dir"],
+            params = engine_params(auth_export_argument_spec(), mode="standby", dest=p["standby_dir"], companies=p.get("companies"),
                                    space_margin=p["space_margin"], return_digests=True, lock_timeout=60, **self._db_params())
             refreshed = retry_on_disconnect(
                 lambda: export_tree(params, lambda: connect(params, application_name="baileys-dr-switch"),
@@ -569,7 +569,9 @@ class FailoverSwitch:
         try:
             snapshot = Snapshot(conn)
             snapshot.begin(describe_target(params))
-            database = {company: fingerprint for company, _keys, fingerprint, _creds in snapshot.company_stats()}
+            # Only the companies of this host (O(companies)): the others are other hosts' and keep changing.
+            database = {company: fingerprint for company, _keys, fingerprint, _creds in
+                        snapshot.company_stats(params.get("companies") or None)}
         finally:
             conn.close()
         root_fd = open_dir(self.p["standby_dir"])
@@ -746,6 +748,8 @@ class FailbackSwitch:
         s, p = self.s, self.p
         values = dict(p["import_options"] or {})
         values.update({k: p[k] for k in DB_OPTIONS})
+        if p.get("companies") and not values.get("companies"):
+            values["companies"] = p["companies"]
         params = engine_params(auth_import_argument_spec(), src=p["sessions_dir"], **values)
         result = failback(params, lambda: connect(params, application_name="baileys-dr-switch-import"), describe_target(params), False)
         s.result["final_copy"] = {k: result.get(k) for k in ("delta", "totals", "retries") if k in result}
