@@ -55,8 +55,9 @@ description:
   - Keys of types that are not Baileys key types are never touched (nor counted in the digests).
   - "Two passes (the switch rule, docs/failback-undo.md): a bulk pass while the service still runs on the files
     (O(changed_during_read=defer), O(pass_record)), then, once the service is stopped and fenced, a delta pass
-    (O(delta_from)) that proves the companies unchanged since the bulk pass without reading their files and imports the
-    others fully. In a bulk or delta pass a dropped database connection is retried (RV(retries))."
+    (O(delta_from)) that proves the companies unchanged since the bulk pass without reading their files and, in the
+    others, reads only the files changed since the bulk pass (its pass files records). In a bulk or delta pass a dropped
+    database connection is retried (RV(retries))."
 version_added: "0.1.0"
 author: baileys-dr contributors
 extends_documentation_fragment:
@@ -167,13 +168,24 @@ options:
       - A company with a file written less than 100 ms (2 s on a file system of whole-second times) before the listing
         gets no signature (a same-size rewrite within one clock tick keeps size and mtime), nor one whose rows changed in
         PostgreSQL after its read or COMMIT (another writer); the delta pass imports them fully.
+      - "Beside it, in C(<pass_record>.files/) (mode 0700), one pass files record per company (C(<company>.tsv), 0600,
+        its sha256 in the pass record): every file's inode, size and mtime as listed before the read (a file within that
+        window of the listing, or changed while read, is marked not provable) and the company's digest lines. Records of
+        companies no longer in the pass record are removed. It costs the bulk pass a digest line per file (every file is
+        parsed once), which a delta pass then does not pay for the files that did not change."
     type: path
   delta_from:
     description:
       - The pass record of the bulk pass; makes this run the delta pass. Each company directory is listed (stat only) and
         one aggregate query gives every company's fingerprint; a company whose signature and fingerprint are the record's
         is proven unchanged and skipped without reading a file (status C(unchanged_proven), RV(delta)). Every other
-        company (files or rows changed, deferred, new, not in the record) is imported fully, as without this option.
+        company (files or rows changed, deferred, new, not in the record) is imported as without this option, except that
+        a company whose rows are still the bulk pass's (its fingerprint) and whose pass files record is sound has only its
+        changed files read - those whose inode, size or mtime differ from the record's, new ones and not provable ones -
+        and only their rows and those of the files gone are planned, written and proven; the other rows are proven by the
+        company's fingerprint inside the write transaction (before and after the writes), and its digest is the recorded
+        digest lines with the changed ones spliced in (RV(companies) read, files_read). A record that fails its checksum,
+        ambiguous file names or rows changed meanwhile read the company whole (read_whole_because).
       - The conflict guard does not count rows whose C(xmin) is one of the xids the record holds for their company (row
         versions the bulk pass wrote, or an earlier run of it whose record it replaced; any later write gives a row another
         xmin, so another writer's change still counts).
@@ -295,7 +307,9 @@ companies:
       inserted, updated, deleted, unchanged (rows kept as they were), creds_changed, creds (C(inserted), C(updated),
       C(unchanged), C(absent)), kept (rows of skipped ambiguous files), reverted (updates of rows changed in PostgreSQL
       after the export whose files Baileys did not touch - put back to the exported value, with a warning), conflicts,
-      ambiguous, undo_file, digest, error.
+      ambiguous, undo_file, digest, error, read (C(whole), or C(changed_files) in a delta pass that read only the files
+      changed since the bulk pass), files_read, read_whole_because (why a company that could have been read per file
+      was read whole).
   returned: mode=import
   type: dict
 totals:
@@ -386,7 +400,8 @@ delta:
   description:
     - (import, O(delta_from)) companies (in the run), unchanged_proven (skipped, no file read), imported (imported fully),
       not_proven (count by reason - files changed, rows changed, deferred by the bulk pass, not in the pass record, ...),
-      from (the record), proof_seconds (listing the directories and the aggregate query), seconds (wall time of the run).
+      from (the record), proof_seconds (listing the directories and the aggregate query), seconds (wall time of the run),
+      per_file_candidates (companies whose changed files only are read).
   returned: mode=import, with O(delta_from)
   type: dict
   sample: {companies: 1000, unchanged_proven: 990, imported: 10, not_proven: {files changed: 10}, seconds: 3.2}

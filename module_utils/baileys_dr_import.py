@@ -63,6 +63,8 @@ from ansible.module_utils.baileys_dr_codec import (
 )
 from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
 from ansible.module_utils.baileys_dr_identity import import_refusal
+from ansible.module_utils import baileys_dr_passfiles as passfiles
+from ansible.module_utils.baileys_dr_passfiles import RACY_COARSE_NS, RACY_NS, racy_limit
 from ansible.module_utils.baileys_dr_postgres import (
     RETRY_DELAYS,
     CopyStream,
@@ -77,6 +79,7 @@ from ansible.module_utils.baileys_dr_sessions import (
     COMPANIES_DIR,
     COMPANY_PREFIX,
     CREDS_FILE,
+    HEADER_LINE,
     IN_PROGRESS_NAME,
     MANIFEST_NAME,
     PARALLEL_MIN_KEYS,
@@ -163,10 +166,18 @@ FINGERPRINT_SQL = (
     "WHERE key_type = ANY(%(key_types)s) GROUP BY company_id) k "
     "FULL JOIN (SELECT company_id, xmin FROM whatsapp_auth) a USING (company_id)"
 )
+# One company's fingerprint (FINGERPRINT_SQL's columns), inside a transaction: a per-file delta checks that the rows are
+# still the bulk pass's before it plans, and that after its writes they are those plus its own.
+COMPANY_FINGERPRINT_SQL = (
+    "SELECT k.keys, coalesce(k.xmin_hash, 0)::text, (SELECT xmin::text FROM whatsapp_auth WHERE company_id = %(company)s) "
+    "FROM (SELECT count(*) AS keys, sum(hashint8(xmin::text::bigint)) AS xmin_hash FROM whatsapp_keys "
+    "WHERE company_id = %(company)s AND key_type = ANY(%(key_types)s)) k"
+)
 # Row versions (xmin) mean something only on the timeline that wrote them, and only while fewer than 2^31 transactions
 # passed (xid wraparound); txid_snapshot_xmax is the 64-bit next xid.
 XID_STATE_SQL = "SELECT (SELECT timeline_id FROM pg_control_checkpoint()), txid_snapshot_xmax(txid_current_snapshot())"
 SELECTED = "company_id = %(company)s AND (key_type, key_id) IN (SELECT * FROM unnest(%(types)s::text[], %(ids)s::text[]))"
+KEYS_STATE_SELECTED_SQL = KEYS_STATE_SQL.replace("company_id = %(company)s AND key_type = ANY(%(key_types)s)", SELECTED)
 VALUES_SQL = "SELECT key_type, key_id, value::text FROM whatsapp_keys WHERE " + SELECTED
 CREDS_TEXT_SQL = "SELECT creds::text FROM whatsapp_auth WHERE company_id = %(company)s"
 SAVE_KEYS_SQL = (
@@ -199,14 +210,16 @@ UPDATE_STAGED_SQL = (
 # After the writes: rows of the company that are not keys of the files (extra), keys of the files without a row
 # (missing), written rows whose value is not, byte for byte, the JSONB of the text sent (differs; *<> compares the
 # binary images of the values, cheaper than JSONB equality and stricter). At most three of each.
-PROVE_STAGED_SQL = (
-    "(SELECT 'extra', k.key_type, k.key_id FROM whatsapp_keys k WHERE k.company_id = %%(company)s "
-    "AND k.key_type = ANY(%%(key_types)s) AND NOT EXISTS (SELECT 1 FROM %s s WHERE s.t = k.key_type AND s.i = k.key_id) "
-    "LIMIT 3) UNION ALL "
+PROVE_WRITTEN_SQL = (
     "(SELECT CASE WHEN k.key_id IS NULL THEN 'missing' ELSE 'differs' END, s.t, s.i FROM %s s LEFT JOIN whatsapp_keys k "
     "ON k.company_id = %%(company)s AND k.key_type = s.t AND k.key_id = s.i "
     "LEFT JOIN LATERAL (SELECT k.value) AS row_value (v) ON true LEFT JOIN LATERAL (SELECT s.v) AS sent (v) ON true "
-    "WHERE k.key_id IS NULL OR (s.a <> 'k' AND row_value *<> sent) LIMIT 3)" % (STAGE, STAGE)
+    "WHERE k.key_id IS NULL OR (s.a <> 'k' AND row_value *<> sent) LIMIT 3)" % STAGE
+)
+PROVE_STAGED_SQL = (
+    "(SELECT 'extra', k.key_type, k.key_id FROM whatsapp_keys k WHERE k.company_id = %%(company)s "
+    "AND k.key_type = ANY(%%(key_types)s) AND NOT EXISTS (SELECT 1 FROM %s s WHERE s.t = k.key_type AND s.i = k.key_id) "
+    "LIMIT 3) UNION ALL " % STAGE + PROVE_WRITTEN_SQL
 )
 AMBIGUOUS_ROWS_SQL = (
     "SELECT key_id FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = %(type)s "
@@ -242,6 +255,10 @@ class CompanyRefused(FailbackError):
 
 class Deferred(FailbackError):
     """A company whose files changed while it was read or imported (changed_during_read=defer): left to the delta pass."""
+
+
+class BaseStale(Exception):
+    """Delta pass, per file: the company's rows are no longer the bulk pass's (its fingerprint moved): read it whole."""
 
 
 class FileProblem(Exception):
@@ -553,6 +570,15 @@ class CompanyFiles:
         self.observed_ns = None  # wall clock just before that listing (directory_signature)
         self.changed = []  # names whose file changed or vanished between the listing and its read
         self.counts = {"files": 0, "same": 0, "changed": 0, "new": 0, "missing": 0}
+        # Delta pass, per file (SourceTree.bases): the bulk pass's record of the company, the record positions of the
+        # keys whose files kept their recorded stat (not read), the keys whose files are gone, the creds not read.
+        self.base = None
+        self.carried = []
+        self.deleted = []
+        self.creds_carried = False
+        self.whole_because = None  # why a company with a base was read whole after all
+        # Bulk pass writing a pass record: the keys in digest order and their digest lines (passfiles.encode's input).
+        self.digest_keys = self.digest_data = None
 
     def problem(self, name, reason):
         self.problems.append((name, reason))
@@ -561,7 +587,8 @@ class CompanyFiles:
     def as_exported(self):
         """Every file of the manifest is here, byte for byte (sha256), and no other: the files are the exported ones."""
         counts = self.counts
-        return counts["files"] == counts["same"] and not counts["missing"] and not self.skipped and not self.problems
+        return (counts["files"] == counts["same"] and not counts["missing"] and not self.skipped and not self.problems
+                and self.base is None)
 
     def reasons(self, limit=5):
         shown = ["%s %s" % (name, reason) if name else reason for name, reason in self.problems[:limit]]
@@ -584,14 +611,6 @@ def dir_stats(dir_fd):
     return {name: (info.st_ino, info.st_size, info.st_mtime_ns, stat.S_IFMT(info.st_mode)) for name, info in listing(dir_fd)}
 
 
-# A file written twice within one tick of the file system's clock keeps its size and mtime: a listing taken between
-# the two writes cannot tell (git's "racy clean" case). A signature is only recorded when every entry is older than
-# this window before the listing (the kernel stamps files with a clock that lags the wall clock by up to a tick, a few
-# ms); a directory whose every mtime is a whole second (a file system or copy of 1-2 s granularity) gets the wider one.
-RACY_NS = 100 * 1000 * 1000
-RACY_COARSE_NS = 2 * 1000 * 1000 * 1000
-
-
 # One line per entry; the names as os.scandir gives them (undecodable bytes as surrogate escapes, encoded back below).
 SIGNATURE_LINE = "%s\0%d\0%d\0%d\n"
 
@@ -608,8 +627,7 @@ def directory_signature(stats, observed_ns=None):
     Without observed_ns (a listing compared with a recorded signature, never recorded itself) there is no window: a file
     written since the recorded listing has another mtime than the recorded one, which was outside the window."""
     if observed_ns is not None:
-        coarse = not any(entry[2] % 1000000000 for entry in stats.values())
-        limit = observed_ns - (RACY_COARSE_NS if coarse else RACY_NS)
+        limit = racy_limit(stats, observed_ns)  # the racy window: a signature is only recorded for older entries
         if any(entry[2] >= limit for entry in stats.values()):
             return None
     return _signature([SIGNATURE_LINE % (name, size, mtime_ns, inode) for name, (inode, size, mtime_ns, _kind) in stats.items()])
@@ -727,6 +745,9 @@ class SourceTree:
         self.top = None
         self.legacy = None
         self.meta_fd = self.companies_fd = None
+        # Delta pass: {company: {"path", "files", "digest", "fingerprint"}} of the companies whose rows are the bulk
+        # pass's and whose pass files record lets read_company read only the files changed since (set before any read).
+        self.bases = {}
 
     def open(self):
         try:
@@ -851,9 +872,11 @@ class SourceTree:
         return (self.top["companies"].get(company_id) or {}).get("digest")
 
     def read_company(self, company_id, ambiguous_mode):
-        """The company's files, checked: everything that refuses the company is in .problems / .ambiguous."""
+        """The company's files, checked: everything that refuses the company is in .problems / .ambiguous. With a base
+        (bases), only the files changed since the bulk pass are read (_read_changed) when that is sound."""
         files = CompanyFiles(company_id)
-        specs = self.manifest_files(company_id)
+        base, files.whole_because = self._base(company_id)
+        specs = self.manifest_files(company_id) if base is None else None
         try:
             dir_fd = open_dir(COMPANY_PREFIX + company_id, self.root_fd)
         except FileNotFoundError:
@@ -866,6 +889,12 @@ class SourceTree:
         try:
             files.observed_ns = time.time_ns()
             files.before = dir_stats(dir_fd)
+            if base is not None:
+                changed = self._read_changed(files, dir_fd, base, ambiguous_mode)
+                if changed is not None:
+                    return changed
+            if specs is None:
+                specs = self.manifest_files(company_id)
             present = set()
             for name in sorted(files.before):
                 present.add(name)
@@ -880,6 +909,62 @@ class SourceTree:
                     files.counts["missing"] += 1
         finally:
             os.close(dir_fd)
+        return files
+
+    def _base(self, company_id):
+        """(the company's pass files record, None), or (None, why it cannot be used), or (None, None) without one."""
+        entry = self.bases.get(company_id)
+        if entry is None:
+            return None, None
+        try:
+            base = passfiles.PassFiles.load(entry["path"], company_id, entry["files"], entry["digest"])
+        except passfiles.PassFilesError as exc:
+            return None, str(exc)
+        base.fingerprint = entry["fingerprint"]
+        return base, None
+
+    def _read_changed(self, listed, dir_fd, base, ambiguous_mode):
+        """The company's files as the bulk pass's record and the files changed since: a file whose listed stat is the
+        recorded one is carried (not read: the bulk pass imported that content, its rows are proven by the fingerprint);
+        every other file is read and checked as a full read checks it. None (listed.whole_because says why) when the
+        company must be read whole: ambiguous file names, or a changed file naming a carried key."""
+        files = CompanyFiles(listed.company_id)
+        files.base, files.before, files.observed_ns = base, listed.before, listed.observed_ns
+        specs = None
+        for name in sorted(files.before):
+            info = files.before[name]
+            if info[3] == stat.S_IFREG:
+                if name == CREDS_FILE:
+                    if base.creds_unchanged(info):
+                        files.creds_carried = True
+                        files.stats[name] = info
+                        continue
+                else:
+                    position = base.carried(name, info)
+                    if position is not None:
+                        files.carried.append(position)
+                        files.stats[name] = info
+                        continue
+            recorded = base.by_name.get(name)
+            if recorded is not None:
+                key_type, key_id = base.keys[recorded[0]]
+                spec = {"type": key_type, "id": key_id}
+            else:
+                if specs is None:
+                    specs = self.manifest_files(listed.company_id)
+                spec = specs.get(name)
+            self._read_file(files, dir_fd, name, spec, ambiguous_mode)
+        if files.ambiguous or files.skipped:
+            listed.whole_because = "a file whose original id cannot be told for certain"
+            return None
+        files.carried.sort()
+        if files.keys and not files.keys.keys().isdisjoint(base.keys[position] for position in files.carried):
+            listed.whole_because = "a changed file names a key of an unchanged one"
+            return None
+        files.deleted = [base.keys[position] for name, (position, _stat) in base.by_name.items() if name not in files.before]
+        if base.creds_stat is not None and CREDS_FILE not in files.before:
+            files.problem(CREDS_FILE, "is missing (the bulk pass imported it): refusing to delete the credentials "
+                                      "(Baileys would have written fresh ones)")
         return files
 
     def _read_file(self, files, dir_fd, name, spec, ambiguous_mode):
@@ -1323,7 +1408,8 @@ def load_pass_record(path):
         for company_id, entry in document["companies"].items():
             ok = ok and COMPANY_ID_RE.match(company_id) and isinstance(entry, dict) and (
                 entry.get("signature") is None or HEX64_RE.match(str(entry["signature"]))) and _optional(
-                entry.get("fingerprint"), str) and _optional(entry.get("xid"), int) and _optional(entry.get("digest"), str)
+                entry.get("fingerprint"), str) and _optional(entry.get("xid"), int) and _optional(entry.get("digest"), str) and (
+                entry.get("files") is None or HEX64_RE.match(str(entry["files"])))
         ok = ok and all(isinstance(c, str) and COMPANY_ID_RE.match(c) for c in document["deferred"])
         xids = document.get("xids", {})
         ok = ok and isinstance(xids, dict) and all(
@@ -1362,6 +1448,7 @@ class CompanyPlan:
         self.proven = True  # every row equals the manifest's: the digest is the manifest's
         self.row_hashes = {}  # (type, id) -> hashint8(xmin) of every row read
         self.creds_xmin = None
+        self.written_by = None  # (txid, hashint8 of its 32-bit xid) of the writing transaction
 
     def fingerprint(self, xid=None, xid_hash=None):
         """The company's fingerprint once the plan is committed by the transaction xid (whose hashint8 is xid_hash), or
@@ -1388,7 +1475,8 @@ class CompanyPlan:
 def new_outcome():
     return {"status": None, "inserted": 0, "updated": 0, "deleted": 0, "unchanged": 0, "creds_changed": False, "creds": None,
             "kept": 0, "reverted": 0, "conflicts": 0, "ambiguous": 0, "undo_file": None, "digest": None, "error": None,
-            "reason": None}
+            "reason": None, "read": None, "files_read": 0,
+            "read_whole_because": None}
 
 
 class Failback:
@@ -1697,6 +1785,7 @@ class Failback:
                 self.exempt[company_id] = xids
         deferred = set(record["deferred"])
         reasons, todo = {}, []
+        per_file = not self.params.get("pass_record")
         for company_id in companies:
             entry = entries.get(company_id) or {}
             if company_id in bad:
@@ -1709,19 +1798,32 @@ class Failback:
                 reason = "another timeline"
             elif not entry.get("signature") or not entry.get("fingerprint"):
                 reason = "not provable from the bulk pass"
+                self._per_file_base(per_file, company_id, entry, fingerprints)
             elif signatures[company_id][0] != entry["signature"]:
                 reason = "files changed" if signatures[company_id][1] is None else "files %s" % signatures[company_id][1]
+                if signatures[company_id][1] is None:
+                    self._per_file_base(per_file, company_id, entry, fingerprints)
             elif fingerprints.get(company_id) != entry["fingerprint"]:
                 reason = "rows changed"
             else:
                 outcomes[company_id].update(status="unchanged_proven", digest=entry.get("digest"))
-                self.passed[company_id] = {k: entry.get(k) for k in ("signature", "fingerprint", "xid", "digest")}
+                self.passed[company_id] = {k: entry.get(k) for k in ("signature", "fingerprint", "xid", "digest", "files")}
                 continue
             reasons[reason] = reasons.get(reason, 0) + 1
             todo.append(company_id)
         self.delta = {"companies": len(companies), "unchanged_proven": len(companies) - len(todo), "imported": len(todo),
-                      "not_proven": reasons, "from": path, "proof_seconds": round(time.monotonic() - started, 3)}
+                      "not_proven": reasons, "from": path, "proof_seconds": round(time.monotonic() - started, 3),
+                      "per_file_candidates": len(self.tree.bases)}
         return todo
+
+    def _per_file_base(self, per_file, company_id, entry, fingerprints):
+        """A company whose files changed since the bulk pass but whose rows are still the bulk pass's: only its changed
+        files are read (SourceTree.bases) when the bulk pass left its pass files record. (A bulk pass run again, with
+        pass_record, reads every company whole.)"""
+        if per_file and entry.get("files") and entry.get("digest") and entry.get("fingerprint") \
+                and fingerprints.get(company_id) == entry["fingerprint"]:
+            self.tree.bases[company_id] = {"path": self.params["delta_from"], "files": entry["files"], "digest": entry["digest"],
+                                           "fingerprint": entry["fingerprint"]}
 
     def _fingerprint_state(self):
         """({company: fingerprint} of every company, timeline id, next 64-bit xid), one aggregate query."""
@@ -1765,6 +1867,7 @@ class Failback:
         except OSError as exc:
             raise FailbackError("the pass record %s cannot be written (%s); the companies committed stay committed"
                                 % (path, exc.strerror or exc)) from None
+        passfiles.remove_others(path, [c for c, entry in entries.items() if entry.get("files")])
         return path
 
     def _earlier_xids(self, src, timeline):
@@ -1790,7 +1893,22 @@ class Failback:
         if self.params.get("pass_record"):
             self.passed[files.company_id] = {"signature": directory_signature(files.before, files.observed_ns),
                                              "fingerprint": fingerprint, "xid": None if xid is None else int(xid),
-                                             "digest": digest}
+                                             "digest": digest, "files": self._pass_files(files, digest)}
+
+    def _pass_files(self, files, digest):
+        """Write the company's pass files record (what lets the delta pass read only changed files); its sha256, or None
+        (the delta pass then reads the company whole)."""
+        if files.digest_data is None or digest is None:
+            return None
+        keys = [(key_type, key_id, files.keys[(key_type, key_id)].name) for key_type, key_id in files.digest_keys]
+        data = passfiles.encode(files.company_id, keys, CREDS_FILE if files.creds is not None else None, files.before,
+                                files.stats, files.observed_ns, files.digest_data)
+        try:
+            return passfiles.write(self.params["pass_record"], files.company_id, data)
+        except OSError as exc:
+            self.warnings.append("company %s: its pass files record cannot be written (%s): the delta pass reads it whole"
+                                 % (files.company_id, exc.strerror or exc))
+            return None
 
     def _deferral(self, files):
         """Why a company is left to the delta pass (changed_during_read=defer), or None."""
@@ -1877,16 +1995,36 @@ class Failback:
 
     # -- one company, either pass --
     def _company(self, index, company_id, outcome, reader, write):
-        mode = self.params["ambiguous"]
+        files = self._read(company_id, outcome, lambda: reader.read(company_id))
+        if files is None:
+            return
         try:
-            files = reader.read(company_id)
+            self._company_files(index, company_id, outcome, files, write)
+        except BaseStale:
+            # The rows moved since the bulk pass (another writer): what the bulk pass read proves nothing, read it whole.
+            self.tree.bases.pop(company_id, None)
+            files = self._read(company_id, outcome, lambda: self.tree.read_company(company_id, self.params["ambiguous"]))
+            if files is not None:
+                files.whole_because = "its rows changed since the bulk pass"
+                self._company_files(index, company_id, outcome, files, write)
+
+    @staticmethod
+    def _read(company_id, outcome, read):
+        """The company's files (read()), or None with the outcome refused saying why."""
+        try:
+            return read()
         except CompanyRefused as exc:
             outcome.update(status="refused", error="company %s: %s" % (company_id, exc))
-            return
         except (OSError, SessionsError) as exc:
             outcome.update(status="refused", error="company %s: its files cannot be read: %s" % (company_id, exc))
-            return
+        return None
+
+    def _company_files(self, index, company_id, outcome, files, write):
+        mode = self.params["ambiguous"]
         outcome["ambiguous"] = len(files.ambiguous)
+        outcome["files_read"] = files.counts["files"]
+        outcome["read"] = "changed_files" if files.base is not None else "whole"
+        outcome["read_whole_because"] = files.whole_because
         if not write:
             if files.ambiguous:
                 self._retrying("company %s (ambiguous files)" % company_id, lambda: self._ambiguous_hints(company_id, files))
@@ -1968,6 +2106,7 @@ class Failback:
                 self._pass_entry(files, plan.fingerprint(), None, outcome["digest"])
                 return
             txn_now, txid, xid_hash = self.db.one(TXN_STAGE_SQL)
+            plan.written_by = (txid, xid_hash)
             # The undo file is written and synced while the server does the writes; nothing commits before it is durable.
             saving = self._save(company_id, files, plan, txn_now, txid)
             try:
@@ -2029,13 +2168,53 @@ class Failback:
 
     # -- planning --
     def _plan(self, company_id, files):
+        if files.base is not None:
+            return self._plan_changed(company_id, files)
         db = self.db
         plan = CompanyPlan()
-        args = {"company": company_id, "since": self.since, "key_types": list(KEY_TYPES), "exempt": self.exempt.get(company_id, [])}
+        args = self._plan_args(company_id)
         creds_row = db.one(CREDS_STATE_SQL, args)
         plan.creds_xmin = creds_row[3] if creds_row is not None else None
+        rows = self._plan_keys(company_id, files, plan, db.all(KEYS_STATE_SQL, args))
+        for key, row in sorted(rows.items(), key=lambda item: sort_key(*item[0])):
+            plan.proven = False
+            if key_file_name(*key) in files.skipped:
+                plan.kept.append(key)
+                continue
+            self._plan_delete(plan, key, row)
+        self._plan_creds(company_id, files, plan, creds_row)
+        plan.conflicts.sort(key=lambda c: c["updated_at"] or "")
+        return plan
+
+    def _plan_changed(self, company_id, files):
+        """Delta pass, per file: the rows are the bulk pass's (the company's fingerprint, in this transaction, else
+        BaseStale), so only the keys of the files read and of the files gone are planned; the carried keys' rows stay."""
+        db = self.db
+        args = self._plan_args(company_id)
+        if fingerprint_text(*db.one(COMPANY_FINGERPRINT_SQL, args)) != files.base.fingerprint:
+            raise BaseStale()
+        plan = CompanyPlan()
+        plan.proven = False
+        rows = self._plan_keys(company_id, files, plan, db.selected(KEYS_STATE_SELECTED_SQL, company_id,
+                                                                    list(files.keys) + files.deleted, args))
+        for key, row in sorted(rows.items(), key=lambda item: sort_key(*item[0])):
+            self._plan_delete(plan, key, row)
+        if files.creds_carried:
+            plan.creds_present = True
+        else:
+            creds_row = db.one(CREDS_STATE_SQL, args)
+            plan.creds_xmin = creds_row[3] if creds_row is not None else None
+            self._plan_creds(company_id, files, plan, creds_row)
+        plan.conflicts.sort(key=lambda c: c["updated_at"] or "")
+        return plan
+
+    def _plan_args(self, company_id):
+        return {"company": company_id, "since": self.since, "key_types": list(KEY_TYPES), "exempt": self.exempt.get(company_id, [])}
+
+    def _plan_keys(self, company_id, files, plan, state_rows):
+        """Plan the keys of the files read against their rows (KEYS_STATE_SQL's); returns the rows no file named."""
         rows = {}
-        for key_type, key_id, md5, updated, after, xmin_hash in db.all(KEYS_STATE_SQL, args):
+        for key_type, key_id, md5, updated, after, xmin_hash in state_rows:
             rows[(key_type, key_id)] = (md5, updated, after)
             plan.row_hashes[(key_type, key_id)] = xmin_hash
         compare = []
@@ -2050,7 +2229,7 @@ class Failback:
                 compare.append((key, entry, row))
                 plan.proven = False
         if compare:
-            texts = {(t, i): text for t, i, text in db.selected(VALUES_SQL, company_id, [c[0] for c in compare])}
+            texts = {(t, i): text for t, i, text in self.db.selected(VALUES_SQL, company_id, [c[0] for c in compare])}
             for key, entry, row in compare:
                 try:
                     file_line = entry.line()
@@ -2065,17 +2244,13 @@ class Failback:
                     if row[2]:
                         plan.conflicts.append({"type": key[0], "id": key[1], "updated_at": row[1]})
                 plan.lines[key] = file_line
-        for key, row in sorted(rows.items(), key=lambda item: sort_key(*item[0])):
-            plan.proven = False
-            if key_file_name(*key) in files.skipped:
-                plan.kept.append(key)
-                continue
-            plan.deletes.append(key)
-            if row[2]:
-                plan.conflicts.append({"type": key[0], "id": key[1], "updated_at": row[1]})
-        self._plan_creds(company_id, files, plan, creds_row)
-        plan.conflicts.sort(key=lambda c: c["updated_at"] or "")
-        return plan
+        return rows
+
+    @staticmethod
+    def _plan_delete(plan, key, row):
+        plan.deletes.append(key)
+        if row[2]:
+            plan.conflicts.append({"type": key[0], "id": key[1], "updated_at": row[1]})
 
     def _plan_creds(self, company_id, files, plan, row):
         entry = files.creds
@@ -2178,6 +2353,8 @@ class Failback:
                         lines[key] = key_line(key_type, key_id, value)
                     text = stored_text(key_type, value, buffer_format)
                 yield "%s\t%s\t%s\t%s\t%d\n" % (action, copy_text(key_type), copy_text(key_id), copy_text(text), expiry_days(key_type))
+        if files.base is not None:
+            return  # per file: the carried rows are proven by the fingerprint (_prove), not staged
         written = {(e.key_type, e.key_id) for e in plan.updates}
         written.update((e.key_type, e.key_id) for e in plan.inserts)
         for key_type, key_id in list(files.keys) + plan.kept:
@@ -2195,10 +2372,14 @@ class Failback:
         every other row was proven equal to its file before (manifest sha256 and row_md5, or the canonical comparison)
         in this same transaction.
         """
+        if files.base is not None:
+            return self._spliced_digest(company_id, files, plan, written)
+        # A bulk pass that writes a pass record keeps every line: the delta pass splices its changed lines into them.
+        keep = bool(self.params.get("pass_record")) and not self.check_mode and not plan.kept and not files.skipped
         manifest_digest = self.tree.manifest_digest(company_id)
-        if plan.proven and not plan.writes and manifest_digest:
+        if plan.proven and not plan.writes and manifest_digest and not keep:
             return manifest_digest
-        exported = self._exported_digest(company_id, files, plan)
+        exported = None if keep else self._exported_digest(company_id, files, plan)
         try:
             file_creds = creds_line(None) if files.creds is None else files.creds.line()
             if exported:
@@ -2209,14 +2390,36 @@ class Failback:
             kept = {}
             if plan.kept:
                 kept = {(t, i): database_line(t, i, text) for t, i, text in self.db.selected(VALUES_SQL, company_id, plan.kept)}
-            expected = DigestLines(file_creds)
-            for key in sorted(list(files.keys) + plan.kept, key=lambda k: sort_key(*k)):
+            expected = DigestLines(file_creds, keep=keep)
+            ordered = sorted(list(files.keys) + plan.kept, key=lambda k: sort_key(*k))
+            for key in ordered:
                 expected.add(key[0], key[1], kept[key] if key in kept else self._file_line(files, plan, key))
         except FileProblem as exc:
             raise CompanyRefused("a file the manifest proves cannot be read back: %s" % exc) from None
         if written:
             self._prove(company_id, files, plan, file_creds)
+        if keep:
+            files.digest_keys, files.digest_data = ordered, expected.data()
         return expected.hexdigest()
+
+    def _spliced_digest(self, company_id, files, plan, written):
+        """Delta pass, per file: the digest of the recorded lines of the carried keys with the lines of the files read
+        spliced in (the files gone left out): the digest a full read of the directory gives."""
+        base = files.base
+        try:
+            if files.creds_carried:
+                file_creds = base.creds_line
+            else:
+                file_creds = creds_line(None) if files.creds is None else files.creds.line()
+            changed = {key: self._file_line(files, plan, key) for key in files.keys}
+            lines = base.spliced(files.carried, changed)
+        except FileProblem as exc:
+            raise CompanyRefused("a file cannot be read back: %s" % exc) from None
+        except passfiles.PassFilesError as exc:
+            raise CompanyRefused(str(exc)) from None
+        if written:
+            self._prove(company_id, files, plan, file_creds)
+        return hashlib.sha256(b"".join([HEADER_LINE, file_creds] + lines)).hexdigest()
 
     def _prove(self, company_id, files, plan, file_creds):
         """After the writes: the rows hold what the files hold (else the transaction is rolled back).
@@ -2226,8 +2429,18 @@ class Failback:
         back or canonicalised again.
         """
         found = {"extra": [], "missing": [], "differs": []}
-        for kind, key_type, key_id in self.db.all(PROVE_STAGED_SQL, {"company": company_id, "key_types": list(KEY_TYPES)}):
+        per_file = files.base is not None
+        args = {"company": company_id, "key_types": list(KEY_TYPES)}
+        for kind, key_type, key_id in self.db.all(PROVE_WRITTEN_SQL if per_file else PROVE_STAGED_SQL, args):
             found[kind].append((key_type, key_id))
+        if per_file:
+            # The rows not written are the bulk pass's, and no other row is there: the fingerprint is the recorded one
+            # less the rows replaced or deleted, plus the rows this transaction wrote.
+            expected = self._fingerprint_after(files.base.fingerprint, plan)
+            now = fingerprint_text(*self.db.one(COMPANY_FINGERPRINT_SQL, args))
+            if now != expected:
+                raise FailbackError("after the writes the rows are not the bulk pass's and the files' changes (fingerprint %s, "
+                                    "expected %s): rolled back" % (now, expected))
         if found["extra"] or found["missing"]:
             extra, missing = sorted(found["extra"]), sorted(found["missing"])
             raise FailbackError("after the writes the rows are not the files' keys (extra %r, missing %r): rolled back"
@@ -2238,6 +2451,19 @@ class Failback:
         row = self.db.one(CREDS_TEXT_SQL, {"company": company_id})
         if database_line(None, None, None if row is None else row[0]) != file_creds:
             raise FailbackError("after the writes the creds do not read back as creds.json: rolled back")
+
+    @staticmethod
+    def _fingerprint_after(recorded, plan):
+        """The fingerprint a company with the recorded one has once plan is written (plan.written_by: txid, hashint8)."""
+        keys, xmin_hash, creds_xmin = recorded.split(":")
+        replaced = [(e.key_type, e.key_id) for e in plan.updates] + plan.deletes
+        total = int(xmin_hash) - sum(int(plan.row_hashes[key]) for key in replaced)
+        if plan.writes:
+            txid, xid_hash = plan.written_by
+            total += (len(plan.updates) + len(plan.inserts)) * int(xid_hash)
+            if plan.creds:
+                creds_xmin = str(int(txid) % XID_WRAP)
+        return fingerprint_text(int(keys) - len(plan.deletes) + len(plan.inserts), total, None if creds_xmin == "-" else creds_xmin)
 
     @staticmethod
     def _file_line(files, plan, key):

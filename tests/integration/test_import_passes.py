@@ -188,6 +188,8 @@ def test_a_file_created_one_rewritten_in_place_and_one_deleted_after_the_bulk_pa
     assert delta["delta"]["unchanged_proven"] == 2 and delta["delta"]["not_proven"] == {"files changed": 1}
     company = delta["companies"]["company00003"]
     assert (company["inserted"], company["updated"], company["deleted"]) == (1, 1, 1)
+    # Only the two changed files were read: the others are the bulk pass's (stat and row fingerprint unchanged).
+    assert (company["read"], company["files_read"], company["read_whole_because"]) == ("changed_files", 2, None)
     assert row(db, "company00003", "pre-key", "777001") is not None
     rewritten_id = manifest["files"][rewritten]["id"]
     assert json.loads(row(db, "company00003", "pre-key", rewritten_id)[0])["private"]["data"] == list(
@@ -220,6 +222,8 @@ def test_a_file_written_just_before_its_listing_is_not_trusted_to_its_size_and_m
     assert ok, delta.get("msg")
     assert delta["delta"]["not_proven"] == {"not provable from the bulk pass": 1}
     assert delta["companies"]["company00001"]["updated"] == 1
+    # The rest of the company was provable: the racy file alone is read.
+    assert (delta["companies"]["company00001"]["read"], delta["companies"]["company00001"]["files_read"]) == ("changed_files", 1)
     key_id = manifest_of(sessions, "company00001")["files"][name]["id"]
     assert json.loads(row(db, "company00001", "pre-key", key_id)[0])["private"]["data"] == list(base64.b64decode(value["private"]["data"]))
 
@@ -455,3 +459,67 @@ def test_a_pass_record_of_another_tree_or_database_is_refused_naming_it(db, expo
     assert not ok and str(damaged) in result["msg"] and "not a format 1" in result["msg"], result["msg"]
     ok, result = failback(delta_from=str(record), check_mode=True)
     assert ok and result["delta"]["unchanged_proven"] == 3 and result["pass_record"] is None
+
+
+# -- (f) the delta pass reads only the files changed since the bulk pass ---------------------------------------------
+
+
+def bulk_then(failback, sessions, record, company="company00002"):
+    """A bulk pass of an aged tree, then Baileys' changes to one company: (its new ids, the pass files record path)."""
+    age(sessions)
+    ok, bulk = failback(changed_during_read="defer", pass_record=str(record))
+    assert ok and bulk["deferred"] == [], bulk.get("msg")
+    entry = load_record(record)["companies"][company]
+    files = record.parent / (record.name + ".files") / (company + ".tsv")
+    assert len(entry["files"]) == 64 and oct(os.stat(files).st_mode & 0o777) == "0o600"
+    new_ids, _consumed, _session = baileys_changes(sessions, company, manifest_of(sessions, company))
+    return new_ids, files
+
+
+def test_the_delta_pass_reads_only_the_changed_files_and_gives_the_digest_of_the_whole_directory(
+        db, exported, failback, sessions, record):
+    new_ids, _files = bulk_then(failback, sessions, record)
+    ok, delta = failback(delta_from=str(record))
+    assert ok, delta.get("msg")
+    company = delta["companies"]["company00002"]
+    # New keys, the rewritten session and creds.json; not the consumed pre-key (gone) nor any unchanged file.
+    assert (company["read"], company["files_read"]) == ("changed_files", len(new_ids) + 2)
+    assert company["creds_changed"] and company["deleted"] == 1 and company["inserted"] == len(new_ids)
+    assert delta["delta"]["per_file_candidates"] == 1
+    expected = digests_of_files(sessions, {"company00002": new_ids})
+    assert database_digests(db) == expected == delta["digests"]
+
+
+def test_a_damaged_pass_files_record_makes_the_delta_pass_read_the_company_whole(db, exported, failback, sessions, record):
+    new_ids, files = bulk_then(failback, sessions, record)
+    data = bytearray(files.read_bytes())
+    data[-3] ^= 1  # a digest line changed: the record no longer matches its checksum in the pass record
+    files.write_bytes(bytes(data))
+    ok, delta = failback(delta_from=str(record))
+    assert ok, delta.get("msg")
+    company = delta["companies"]["company00002"]
+    assert company["read"] == "whole" and "checksum" in company["read_whole_because"], company
+    expected = digests_of_files(sessions, {"company00002": new_ids})
+    assert database_digests(db) == expected == delta["digests"]
+
+
+def test_rows_changed_between_the_delta_proof_and_the_company_write_make_it_read_whole(
+        db, exported, failback, sessions, record, monkeypatch):
+    """Another writer touches a row of the company after the delta pass's aggregate: the per-company check inside the
+    write transaction sees it, and the company is read and planned whole (its since guard then sees the change)."""
+    new_ids, _files = bulk_then(failback, sessions, record)
+    proven = imp.Failback._prove_unchanged
+
+    def then_a_writer(self, *args):
+        todo = proven(self, *args)
+        execute(db, "UPDATE whatsapp_keys SET value = value WHERE company_id = 'company00002' AND key_type = 'pre-key' "
+                    "AND key_id = (SELECT min(key_id) FROM whatsapp_keys WHERE company_id = 'company00002' AND key_type = 'pre-key')")
+        return todo
+
+    monkeypatch.setattr(imp.Failback, "_prove_unchanged", then_a_writer)
+    ok, delta = failback(delta_from=str(record), force=True)
+    assert ok, delta.get("msg")
+    company = delta["companies"]["company00002"]
+    assert (company["read"], company["read_whole_because"]) == ("whole", "its rows changed since the bulk pass"), company
+    expected = digests_of_files(sessions, {"company00002": new_ids})
+    assert database_digests(db) == expected == delta["digests"]
