@@ -8,80 +8,120 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: baileys_dr_lock
-short_description: Single-run lock for baileys-dr operations that a kill -9 cannot leave stale
+short_description: Lease on the application host that keeps baileys-dr operations from running at once
 description:
-  - Takes or releases a named lock for one DR operation (failover, failback, snapshot, cleanup).
-  - The holder is the C(ansible-playbook) (or C(ansible-runner)) process that runs the module, identified by
-    its pid, its start time and the machine's boot id. A lock whose holder process no longer exists (killed,
-    even with C(kill -9), or the machine rebooted) is stale and is taken over, and the result says so.
-  - A live holder makes the module fail at once, naming the holder (pid, playbook, user, since when).
-  - Run it on the control node (delegated to localhost); one control plane (a single control node, or AWX
-    job templates without simultaneous runs) then serialises operations on an application host.
+  - Takes, renews or releases the lease of one DR operation (failover, failback, rehearsal, snapshot, cleanup) in
+    O(lock_dir) on the application host, so that runs from any control node (two operators, two AWX job containers)
+    see each other.
+  - One operation runs on a host at a time. A live lease of another run refuses the operation at once (or after
+    waiting up to O(wait) seconds), in one line naming the holder (run id, AWX job, playbook, user, control node, pid,
+    since when, expiry). The steps of one run share its leases (a rehearsal's failover, a cleanup's standby refresh).
+  - A lease records the holder run (its run id, control node, the pid of its C(ansible-playbook) process, user,
+    playbook, AWX job id), the operation, its start and its expiry, O(ttl) seconds after its last renewal. Each later
+    call of the same run renews every lease the run holds on the host.
+  - A lease is stale once it has expired (by the host's clock), or at once when the host can see that the holder's
+    process is gone (the control node is the host itself, same boot and pid namespace). A stale lease is taken over
+    with a warning naming its holder.
+  - The holder is computed on the control node by the action plugin of the same name and given in O(holder).
 version_added: "0.1.0"
 author: baileys-dr contributors
 options:
   name:
-    description: Lock name, for example C(failover-app1). Letters, digits, C(.), C(_) and C(-).
+    description: Lease name, for example C(failover-app1). Letters, digits, C(.), C(_) and C(-).
     type: str
     required: true
   state:
-    description: C(acquired) takes the lock (or fails when a live run holds it); C(released) gives it back.
+    description:
+      - C(acquired) takes the lease (or renews it when this run holds it); C(renewed) extends it and fails when this
+        run no longer holds it; C(released) removes it when this run holds it and leaves any other run's lease alone.
     type: str
-    choices: [acquired, released]
+    choices: [acquired, renewed, released]
     default: acquired
   lock_dir:
-    description: Directory of the lock files (created 0700).
+    description: Directory of the lease files on the application host (created 0755; a directory writable by group or others is refused).
     type: path
-    default: ~/.cache/baileys-dr/locks
+    default: /var/lib/baileys-dr/locks
   operation:
-    description: What the holder is doing, shown to whoever finds the lock taken.
+    description: What the holder is doing, shown to whoever finds the lease taken.
     type: str
     default: ""
+  ttl:
+    description: Seconds a lease lives after its last renewal. Long enough for the longest step of the operation.
+    type: int
+    default: 1800
+  wait:
+    description: Seconds to wait for a live lease of another run to go before refusing (0 refuses at once).
+    type: int
+    default: 0
   force:
-    description: Take the lock even from a live holder (only when you know that run is gone).
+    description: Take the lease even from a live holder (only when you know that run is gone).
     type: bool
     default: false
+  holder:
+    description:
+      - The run, as the action plugin computes it on the control node (run_id, control_node, pid, start_ticks,
+        boot_id, pidns, user, playbook, job_id).
+      - Without it (the module run on its own), the run is the C(ansible-playbook) process above the module on the
+        host; over a remote connection, where there is none, the module fails.
+    type: dict
 attributes:
   check_mode:
     support: full
-    details: In check mode the lock is inspected, never written.
+    details: In check mode the leases are read and a live holder refuses as usual; nothing is written.
   diff_mode:
     support: none
 notes:
-  - The holder is found by walking up the module's parent processes to the outermost C(ansible-playbook)
-    or C(ansible-runner) process; without one (an ad-hoc run) the module's parent process is the holder.
-  - An action plugin of the same name (plugins/action/baileys_dr_lock.py, also shipped in the action_plugins
-    of the roles that take a lock) does the same work inside the controller, with no module process (about
-    0.3 s less per call); it always works on the control node, which is where the roles delegate this module.
-    Lock files taken by one are released by the other.
+  - Check-and-take is serialised by an flock on C(.guard) in O(lock_dir); lease files are written to an O_EXCL
+    temporary file, fsynced and renamed, and never opened through a symlink.
+  - Made by root under a parent directory another user owns, O(lock_dir) is given to that user, so runs that become
+    root and runs as the application user share it.
 """
 
 EXAMPLES = r"""
-- name: Take the failover lock
+- name: Take the failover lease
   baileys_dr_lock:
     name: failover-{{ inventory_hostname }}
     operation: failover
-  delegate_to: localhost
+    lock_dir: /var/lib/baileys-dr/locks
+    ttl: 1800
+
+- name: Renew it before a long step (and stop if another run took it over)
+  baileys_dr_lock:
+    name: failover-{{ inventory_hostname }}
+    state: renewed
 
 - name: Release it
   baileys_dr_lock:
     name: failover-{{ inventory_hostname }}
     state: released
-  delegate_to: localhost
 """
 
 RETURN = r"""
 holder:
-  description: The holder recorded in the lock after the run (this run when it acquired).
+  description: The lease after the call (this run's when it acquired or renewed; on release, the lease that was found).
   returned: always
   type: dict
-  sample: {pid: 4242, start_ticks: 123456, boot_id: "...", user: root, playbook: failover.yml, since: "2026-11-28T18:00:00Z"}
+  sample: {run_id: 3f2a9c0d1e4b5a69, control_node: awx-job-42, pid: 4242, user: awx, playbook: failover.yml, job_id: "42", operation: failover, started: "2026-11-28T18:00:00Z", expires: "2026-11-28T18:30:00Z"}
 stale_holder:
-  description: The dead holder whose lock was taken over.
-  returned: when a stale lock was broken
+  description: The stale lease taken over (this name's when there was one).
+  returned: when a stale lease was taken over
   type: dict
+stale_holders:
+  description: Every stale lease taken over, with its path and why it was stale.
+  returned: when state is acquired
+  type: list
+  elements: dict
+renewed:
+  description: Other leases of this run renewed by this call.
+  returned: when state is acquired or renewed
+  type: list
+  elements: str
+waited:
+  description: Seconds spent waiting for a live holder to go.
+  returned: when state is acquired
+  type: float
 path:
-  description: Lock file.
+  description: Lease file.
   returned: always
   type: str
 """
@@ -89,26 +129,26 @@ path:
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_lockfile import (  # noqa: F401 (process_info, boot_id: used by the tests)
-    ARGUMENT_SPEC,
-    Lock,
-    LockError,
-    boot_id,
-    find_holder_process,
-    holder_alive,
-    process_info,
-)
+from ansible.module_utils.baileys_dr_lockfile import ARGUMENT_SPEC, Lease, LockError, holder_identity
 
 
 def main():
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     params = module.params
+    holder = params["holder"] or holder_identity(os.getppid(), os.getppid())
+    if not holder.get("pid") and not params["holder"]:
+        # Over a remote connection nothing above the module names the run: each task would be another run.
+        module.fail_json(msg="baileys_dr_lock cannot tell which run it serves: no holder was given and no ansible-playbook "
+                             "process runs above the module on this host. Run it through its action plugin "
+                             "(plugins/action/baileys_dr_lock.py: ansible.cfg action_plugins, or a role's action_plugins)")
     try:
-        lock = Lock(params["name"], params["lock_dir"], operation=params["operation"], force=params["force"],
-                    check_mode=module.check_mode, start_pid=os.getppid(), fallback_pid=os.getppid())
-        result = lock.run(params["state"])
+        lease = Lease(params["name"], params["lock_dir"], holder, operation=params["operation"], ttl=params["ttl"],
+                      wait=params["wait"], force=params["force"], check_mode=module.check_mode)
+        result = lease.run(params["state"])
     except LockError as exc:
         module.fail_json(msg=str(exc), **exc.fields)
+    for warning in lease.warnings:
+        module.warn(warning)
     module.exit_json(**result)
 
 

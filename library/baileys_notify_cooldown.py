@@ -13,7 +13,10 @@ description:
   - Tells whether a notification event (for example operation, host and outcome) is due, and records that it was
     sent, so that the same event is not sent again within O(cooldown) seconds, across runs of any playbook.
   - One small JSON file per event in O(state_dir) (the event's sha256 names it, so a hostile event key never becomes a
-    path); written atomically, 0600, in a 0700 directory. Run it on the control node.
+    path); written atomically, 0600, in a directory that group and others cannot write (a symlink is refused).
+  - Run it on the application host, whose state directory every control node shares (the roles keep it beside the
+    leases of module baileys_dr_lock); made by root under a directory the application user owns, it is given to that
+    user.
   - O(state=recorded) also turns every entry of O(failures) into an Ansible warning, so that a notification that
     could not be sent is visible without failing the play.
 version_added: "0.1.0"
@@ -37,7 +40,7 @@ options:
   state_dir:
     description: Directory of the cooldown files.
     type: path
-    default: ~/.cache/baileys-dr/notify
+    default: /var/lib/baileys-dr/notify
   sent:
     description: With O(state=recorded), whether at least one channel delivered the event (only then is it recorded).
     type: bool
@@ -60,7 +63,6 @@ EXAMPLES = r"""
   baileys_notify_cooldown:
     event: failover|{{ inventory_hostname }}|failed
     cooldown: 900
-  delegate_to: localhost
   register: due
 
 - name: Record it once sent
@@ -68,7 +70,6 @@ EXAMPLES = r"""
     event: failover|{{ inventory_hostname }}|failed
     state: recorded
     failures: [{channel: webhook, reason: HTTP 500}]
-  delegate_to: localhost
 """
 
 RETURN = r"""
@@ -97,6 +98,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.baileys_dr_fs import write_file_atomic
+from ansible.module_utils.baileys_dr_lockfile import LockError, ensure_state_dir
 
 
 class Cooldown:
@@ -105,13 +107,14 @@ class Cooldown:
         self.params = module.params
         if self.params["cooldown"] < 0:
             module.fail_json(msg="cooldown must be zero or positive, got %d" % self.params["cooldown"])
-        self.dir = self.params["state_dir"]
+        self.dir = os.path.abspath(self.params["state_dir"])
         name = hashlib.sha256(self.params["event"].encode("utf-8")).hexdigest()[:32]
         self.path = os.path.join(self.dir, name + ".json")
 
     def _last_sent(self):
         try:
-            with open(self.path, encoding="utf-8") as fh:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, encoding="utf-8") as fh:
                 return float(json.load(fh)["last_sent"])
         except FileNotFoundError:
             return None
@@ -132,8 +135,10 @@ class Cooldown:
         if self.params["sent"]:
             result["changed"] = True
             if not self.module.check_mode:
-                os.makedirs(self.dir, mode=0o700, exist_ok=True)
-                os.chmod(self.dir, 0o700)
+                try:
+                    ensure_state_dir(self.dir, mode=0o700)
+                except LockError as exc:
+                    self.module.fail_json(msg=str(exc), path=self.path)
                 record = {"event": self.params["event"], "last_sent": now}
                 write_file_atomic(self.path, json.dumps(record).encode("utf-8"), mode=0o600)
             result.update(last_sent=now, due=self.params["cooldown"] == 0, remaining_seconds=float(self.params["cooldown"]))
@@ -146,7 +151,7 @@ def main():
             event=dict(type="str", required=True),
             state=dict(type="str", default="checked", choices=["checked", "recorded"]),
             cooldown=dict(type="int", default=900),
-            state_dir=dict(type="path", default="~/.cache/baileys-dr/notify"),
+            state_dir=dict(type="path", default="/var/lib/baileys-dr/notify"),
             sent=dict(type="bool", default=True),
             failures=dict(type="list", elements="dict", default=[]),
         ),

@@ -1,13 +1,13 @@
 # -*- coding: utf-8 -*-
 # Copyright: contributors to baileys-dr
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Action plugin of baileys_dr_lock: the control-node lock taken inside the controller.
+"""Action plugin of baileys_dr_lock: names the run on the control node, then runs the module on the application host.
 
-The roles delegate the lock to localhost; running a module for it costs a Python process that imports
-AnsibleModule (about 0.3 s per call, before the failover's service is down). This plugin does the same work
-(module_utils/baileys_dr_lockfile.py, the code the module runs) in the ansible-playbook worker, always on the
-control node. The holder it records is the same outermost ansible-playbook process the module finds, so a
-lock taken by either is kept or released by the other, and a killed run still leaves no live lock.
+The lease lives on the application host (module_utils/baileys_dr_lockfile.py), where every control node sees it. Who
+holds it is only known here, on the control node: the outermost ansible-playbook (or ansible-runner) process above
+this worker, its machine (boot id, pid namespace) and the AWX job id. That holder is passed to the module, so all
+tasks and hosts of one run share one run id, and a host that is its own control node can tell at once that the holder's
+process is gone.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ def _module_util(name):
 
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
-    _requires_connection = False
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
@@ -46,12 +45,9 @@ class ActionModule(ActionBase):
         lockfile = _module_util("baileys_dr_lockfile")
         # Unknown options are refused by the validation (no _VALID_ARGS: the spec lives in module_utils).
         _, args = self.validate_argument_spec(argument_spec=lockfile.ARGUMENT_SPEC)
-        check_mode = bool(self._task.check_mode) if self._task.check_mode is not None else self._play_context.check_mode
-        try:
+        module_args = dict(self._task.args)
+        if not args.get("holder"):
             # Walk up from this worker (a fork of ansible-playbook); an ad-hoc run is held by its ansible process.
-            lock = lockfile.Lock(args["name"], args["lock_dir"], operation=args["operation"], force=args["force"],
-                                 check_mode=check_mode, start_pid=os.getpid(), fallback_pid=os.getppid())
-            result.update(lock.run(args["state"]))
-        except lockfile.LockError as exc:
-            result.update(exc.fields, failed=True, msg=str(exc))
+            module_args["holder"] = lockfile.holder_identity(os.getpid(), os.getppid(), fallback_lives=True)
+        result.update(self._execute_module(module_name="baileys_dr_lock", module_args=module_args, task_vars=task_vars))
         return result

@@ -1,6 +1,6 @@
 """Faults around a failover run (issue 8, points 5 and 12): two runs at once, the .env rewrite killed.
 
-Real processes: ansible-playbook runs for the lock (the holder is the
+Real processes: ansible-playbook runs for the lease (the holder is the
 ansible-playbook process, killed with SIGKILL), the env_file module run as a
 real module process and killed with SIGKILL in the middle of its write.
 """
@@ -24,74 +24,126 @@ from faults_helpers import wait_until
 PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 
 
-# -- 5. two failover runs at once -----------------------------------------------------------------------------------
+# -- 5. two failover runs at once (issue 18: the lease on the application host) ------------------------------------
 
 
-def lock_task():
-    """The failover role's own lock task, as preflight.yml has it."""
-    with open(os.path.join(ROOT, "roles", "baileys_failover", "tasks", "preflight.yml"), encoding="utf-8") as fh:
+def role_task(path, module="baileys_dr_lock"):
+    """The failover role's own task calling module in tasks/<path>, as the role has it."""
+    with open(os.path.join(ROOT, "roles", "baileys_failover", "tasks", path), encoding="utf-8") as fh:
         tasks = yaml.safe_load(fh)
-    (task,) = [t for t in tasks if "baileys_dr_lock" in t]
+    (task,) = [t for t in tasks if module in t]
     return task
 
 
 @pytest.fixture
 def failover_like_playbook(tmp_path):
-    """A play with the failover role's lock task, then a step that takes `hold` seconds (the export, the restart...)."""
+    """A play with the failover role's lease task, then a step that takes `hold` seconds (the export, the restart...),
+    then the role's release task."""
     path = tmp_path / "failover.yml"
-    play = [{"name": "Fail over (the lock and a long step)", "hosts": "localhost", "gather_facts": False,
-             "tasks": [lock_task(), {"name": "A long failover step", "ansible.builtin.command": "sleep {{ hold }}",
-                                     "changed_when": False}]}]
+    play = [{"name": "Fail over (the lease and a long step)", "hosts": "localhost", "gather_facts": False,
+             "tasks": [role_task("preflight.yml"),
+                       {"name": "A long failover step", "ansible.builtin.command": "sleep {{ hold }}", "changed_when": False},
+                       role_task("audit.yml")]}]
     path.write_text(yaml.safe_dump(play, sort_keys=False))
     return path
 
 
-def playbook(path, lock_dir, hold, action_plugin=False, **popen):
-    """ansible-playbook on path; with action_plugin, the lock is taken by the action plugin the failover role ships
-    (in the controller) instead of the module."""
+def playbook(path, lock_dir, hold, wait=0, **popen):
+    """ansible-playbook on path; the holder is named on the control node by the action plugin the failover role ships,
+    as the role runs it."""
     argv = [PLAYBOOK_BIN, "-i", "localhost,", "-c", "local", "-v", str(path),
-            "-e", json.dumps({"baileys_dr_lock_dir": str(lock_dir), "hold": hold, "ansible_python_interpreter": sys.executable})]
+            "-e", json.dumps({"baileys_dr_lock_dir": str(lock_dir), "baileys_dr_lock_ttl": 600, "baileys_dr_lock_wait": wait,
+                              "hold": hold, "ansible_python_interpreter": sys.executable})]
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
-    if action_plugin:
-        env["ANSIBLE_ACTION_PLUGINS"] = os.path.join(ROOT, "roles", "baileys_failover", "action_plugins")
+    env["ANSIBLE_ACTION_PLUGINS"] = os.path.join(ROOT, "roles", "baileys_failover", "action_plugins")
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-# The first run's lock taken by the module or by the action plugin; the other runs use the other one, so either
-# refuses and takes over what the other took.
-@pytest.mark.parametrize("first_by_action_plugin", [False, True], ids=["module-first", "action-plugin-first"])
+def one_line(out):
+    """ansible-playbook's output with its line wrapping undone (a message may be folded over lines)."""
+    return " ".join(out.split())
+
+
 def test_a_second_failover_fails_at_once_naming_the_holder_and_after_kill_9_a_new_run_proceeds(
-        failover_like_playbook, tmp_path, first_by_action_plugin):
+        failover_like_playbook, tmp_path):
     lock_dir = tmp_path / "locks"
-    lock_file = lock_dir / "failover-localhost.lock"
-    first = playbook(failover_like_playbook, lock_dir, 300, action_plugin=first_by_action_plugin, start_new_session=True)
+    lease_file = lock_dir / "failover-localhost.lease"
+    first = playbook(failover_like_playbook, lock_dir, 300, start_new_session=True)
     try:
-        wait_until(lambda: lock_file.exists() or first.poll() is not None, timeout=120, what="the first run to take the lock")
+        wait_until(lambda: lease_file.exists() or first.poll() is not None, timeout=120, what="the first run to take the lease")
         assert first.poll() is None, first.stdout.read()
-        holder = json.loads(lock_file.read_text())
-        assert holder["pid"] == first.pid and holder["playbook"] == "failover.yml"
+        holder = json.loads(lease_file.read_text())
+        assert holder["pid"] == first.pid and holder["playbook"] == "failover.yml" and holder["operation"] == "failover"
 
         started = time.monotonic()
-        second = playbook(failover_like_playbook, lock_dir, 0, action_plugin=not first_by_action_plugin)
+        second = playbook(failover_like_playbook, lock_dir, 0)
         out, _ = second.communicate(timeout=120)
         elapsed = time.monotonic() - started
         assert second.returncode != 0, out
-        assert "lock %s is held by pid %d" % (lock_file, first.pid) in out and "failover.yml" in out, out
-        assert "A long failover step" not in out, "the second run stops at the lock, before any step"
+        assert ("failover on this host refused: failover holds the lease %s (run %s: failover.yml"
+                % (lease_file, holder["run_id"])) in one_line(out), out
+        assert "pid %d" % first.pid in one_line(out), out
+        assert "A long failover step" not in out, "the second run stops at the lease, before any step"
         assert elapsed < 60, "the second run waited %.0fs instead of failing at once" % elapsed
         assert first.poll() is None, "the first run goes on"
     finally:
         # kill -9 of the whole first run: ansible-playbook, its workers and the step; nothing gets to clean up.
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    assert json.loads(lock_file.read_text())["pid"] == first.pid, "the lock file of the killed run is still there"
+    assert json.loads(lease_file.read_text())["pid"] == first.pid, "the lease file of the killed run is still there"
 
-    third = playbook(failover_like_playbook, lock_dir, 0, action_plugin=not first_by_action_plugin)
+    # The lease has not expired, but this host is the control node: it sees the holder's process is gone.
+    third = playbook(failover_like_playbook, lock_dir, 0)
     out, _ = third.communicate(timeout=120)
     assert third.returncode == 0, out
-    assert '"stale_holder"' in out or "stale_holder:" in out, out
-    assert "pid: %d" % first.pid in out or '"pid": %d' % first.pid in out, out
-    assert json.loads(lock_file.read_text())["pid"] == third.pid
+    assert "took over the stale failover lease %s (its process %d on this machine is gone) of run %s" % (
+        lease_file, first.pid, holder["run_id"]) in one_line(out), out
+    assert not lease_file.exists(), "the third run released its lease at its end"
+
+
+def test_a_second_run_told_to_wait_takes_the_lease_once_the_first_releases_it(failover_like_playbook, tmp_path):
+    lock_dir = tmp_path / "locks"
+    lease_file = lock_dir / "failover-localhost.lease"
+    first = playbook(failover_like_playbook, lock_dir, 3)
+    wait_until(lambda: lease_file.exists() or first.poll() is not None, timeout=120, what="the first run to take the lease")
+    second = playbook(failover_like_playbook, lock_dir, 0, wait=120)
+    out_first, _ = first.communicate(timeout=120)
+    out, _ = second.communicate(timeout=120)
+    assert first.returncode == 0, out_first
+    assert second.returncode == 0, out
+    assert "took over" not in out, "the first run released its lease; nothing was stale"
+    waited = [float(line.split()[-1]) for line in out.splitlines() if line.strip().startswith("waited:")]
+    assert waited and waited[0] > 0.5, out
+
+
+def test_a_stale_lease_of_a_killed_run_elsewhere_is_taken_over_once_expired_and_refuses_until_then(
+        failover_like_playbook, tmp_path):
+    """A run from another control node (an AWX job container) killed: the host cannot see its process, the expiry
+    ends its lease."""
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir(mode=0o755)
+    lease_file = lock_dir / "snapshot-localhost.lease"
+    now = time.time()
+    lease = {"run_id": "0123456789abcdef", "control_node": "automation-job-42-x7k2p", "pid": 17, "start_ticks": 5,
+             "boot_id": "another-machine", "pidns": "pid:[4026531836]", "user": "runner", "playbook": "snapshot.yml",
+             "job_id": "42", "operation": "snapshot", "name": "snapshot-localhost", "ttl": 1800,
+             "started_ts": now - 60, "started": "2026-12-07T12:00:00Z", "renewed_ts": now - 60,
+             "expires_ts": now + 1740, "expires": "2026-12-07T12:30:00Z"}
+    lease_file.write_text(json.dumps(lease))
+    refused = playbook(failover_like_playbook, lock_dir, 0)
+    out, _ = refused.communicate(timeout=120)
+    assert refused.returncode != 0, out
+    assert ("failover on this host refused: snapshot holds the lease %s (run 0123456789abcdef (AWX job 42): snapshot.yml "
+            "by runner from control node automation-job-42-x7k2p pid 17, since 2026-12-07T12:00:00Z, lease expires "
+            "2026-12-07T12:30:00Z)" % lease_file) in one_line(out), out
+
+    lease_file.write_text(json.dumps(dict(lease, expires_ts=now - 1, expires="2026-12-07T12:30:00Z")))
+    taker = playbook(failover_like_playbook, lock_dir, 0)
+    out, _ = taker.communicate(timeout=120)
+    assert taker.returncode == 0, out
+    assert ("[WARNING]: took over the stale snapshot lease %s (expired at 2026-12-07T12:30:00Z) of run 0123456789abcdef "
+            "(AWX job 42)" % lease_file) in one_line(out), out
+    assert not lease_file.exists()
 
 
 # -- 12. the .env rewrite killed midway --------------------------------------------------------------------------------
