@@ -111,18 +111,11 @@ passed:
 
 import datetime
 import json
-import os
-import re
-import xml.etree.ElementTree as ET
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_fs import write_file_atomic
+from ansible.module_utils.baileys_dr_junit import STATUSES, write_reports, junit_xml as junit_document
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 KINDS = ("snapshot", "failover", "failback", "verify", "database")
-STATUSES = ("passed", "failed", "skipped")
-# Characters XML 1.0 cannot carry at all, even escaped.
-_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
 class ReportError(Exception):
@@ -243,39 +236,23 @@ def build_report(params, now):
     }
 
 
-def _clean(text):
-    return _XML_ILLEGAL.sub("?", str(text))
-
-
 def _fmt(value, digits=1):
     return "-" if value is None else ("%.*f" % (digits, value))
 
 
 def junit_xml(report):
-    phases = report["phases"]
-    counts = {s: sum(1 for p in phases if p["status"] == s) for s in STATUSES}
-    attrs = {"tests": str(len(phases)), "failures": str(counts["failed"]), "errors": "0",
-             "skipped": str(counts["skipped"]), "time": "%.3f" % report["seconds"]}
-    suites = ET.Element("testsuites", dict(attrs, name="baileys-dr rehearsal"))
-    suite = ET.SubElement(suites, "testsuite", dict(attrs, name=_clean("rehearsal %s" % report["host"]),
-                                                    hostname=_clean(report["host"]), timestamp=report["written_at"]))
-    props = ET.SubElement(suite, "properties")
-    for key in ("name", "environment", "zero_loss"):
-        ET.SubElement(props, "property", name=key, value=_clean(json.dumps(report[key]) if key == "zero_loss" else report[key]))
-    for index, phase in enumerate(phases, 1):
-        case = ET.SubElement(suite, "testcase", classname=_clean("rehearsal.%s" % report["host"]),
-                             name=_clean("%02d %s" % (index, phase["name"])), time="%.3f" % phase.get("seconds", 0.0))
-        if phase["status"] == "failed":
-            failure = ET.SubElement(case, "failure", message=_clean(phase["message"][:1000] or "phase failed"), type="PhaseFailed")
-            failure.text = _clean(phase["message"] or "phase failed")
-        elif phase["status"] == "skipped":
-            ET.SubElement(case, "skipped", message=_clean(phase["message"] or "not run: an earlier phase failed"))
+    """A test case per phase, through the project's one JUnit writer (module_utils/baileys_dr_junit.py)."""
+    cases = []
+    for index, phase in enumerate(report["phases"], 1):
         figures = ["%s=%s" % (k, phase[k]) for k in ("rto_seconds", "rpo_seconds", "source", "armed", "data_at", "zero_loss", "writes_acked",
                                                       "writes_lost", "downtime_seconds") if k in phase]
-        if figures:
-            ET.SubElement(case, "system-out").text = _clean(", ".join(figures))
-    ET.indent(suites)
-    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="utf-8") + b"\n"
+        cases.append({"classname": "rehearsal.%s" % report["host"], "name": "%02d %s" % (index, phase["name"]),
+                      "seconds": phase.get("seconds", 0.0), "status": phase["status"], "message": phase["message"],
+                      "failure_type": "PhaseFailed", "skipped_message": "not run: an earlier phase failed",
+                      "output": ", ".join(figures)})
+    properties = [(key, json.dumps(report[key]) if key == "zero_loss" else report[key]) for key in ("name", "environment", "zero_loss")]
+    return junit_document("baileys-dr rehearsal", "rehearsal %s" % report["host"], report["host"], report["written_at"],
+                          report["seconds"], properties, cases)
 
 
 def table(report):
@@ -313,23 +290,14 @@ class RehearsalReport:
         self.params = module.params
 
     def run(self, now):
-        if not NAME_RE.match(self.params["name"]):
-            raise ReportError("name %r must be letters, digits, '.', '_' or '-' (it names files)" % self.params["name"])
         report = build_report(self.params, now)
         report["table"] = table(report)
-        dest = self.params["dest"]
-        json_path = os.path.join(dest, self.params["name"] + ".json")
-        junit_path = os.path.join(dest, self.params["name"] + ".xml")
-        result = {"changed": True, "json_path": json_path, "junit_path": junit_path, "report": report,
-                  "table": report["table"], "passed": report["passed"]}
-        if self.module.check_mode:
-            return result
-        os.makedirs(dest, mode=0o750, exist_ok=True)
-        documents = {".json": (json.dumps(report, indent=2, sort_keys=False) + "\n").encode("utf-8"), ".xml": junit_xml(report)}
-        for suffix, data in documents.items():
-            write_file_atomic(os.path.join(dest, self.params["name"] + suffix), data, mode=0o640)
-            write_file_atomic(os.path.join(dest, "rehearsal-latest" + suffix), data, mode=0o640)
-        return result
+        try:
+            paths = write_reports(self.params["dest"], self.params["name"], "rehearsal-latest", report, junit_xml,
+                                  self.module.check_mode)
+        except ValueError as exc:
+            raise ReportError(str(exc)) from None
+        return dict(paths, changed=True, report=report, table=report["table"], passed=report["passed"])
 
 
 def main():
