@@ -109,6 +109,13 @@ options:
         cached identity equals the store's (the database, else O(sessions_dir)); warning otherwise. Only identities are
         read from it, never returned. Read-only.
     type: path
+  companies:
+    description:
+      - Only these company ids (default all), the companies of this application host when several share one database.
+        The key counts and age buckets, companies without keys or creds, pre-keys, the latency probe's sample keys and
+        the identities then count only theirs; the server, connections, locks and table sizes stay the database's.
+    type: list
+    elements: str
 attributes:
   check_mode:
     support: full
@@ -309,6 +316,7 @@ def main():
         standby_dir=dict(type="path"),
         sessions_dir=dict(type="path"),
         app_root=dict(type="path"),
+        companies=dict(type="list", elements="str"),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if not HAS_PSYCOPG2:

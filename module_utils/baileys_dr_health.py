@@ -137,6 +137,20 @@ Q_INDEXES = (
 )
 
 
+def scope_sql(sql, companies):
+    """sql reading only these companies' rows of whatsapp_auth and whatsapp_keys: two common table expressions named
+    like the tables shadow them (inside its own definition a non-recursive CTE's name is still the table). The ids are
+    written as literals: each is checked against COMPANY_ID_RE first, so a quote cannot reach the SQL."""
+    if not companies or "FROM whatsapp_" not in sql:
+        return sql
+    for company in companies:
+        if not COMPANY_ID_RE.match(company):
+            raise HealthArgumentError("companies: %r is not a company id ([A-Za-z0-9_-]{1,50})" % (company,))
+    listed = ", ".join("'%s'" % company for company in sorted(set(companies)))
+    ctes = ", ".join("%s AS (SELECT * FROM %s WHERE company_id IN (%s))" % (table, table, listed) for table in TABLES)
+    return "WITH %s, %s" % (ctes, sql[len("WITH "):]) if sql.startswith("WITH ") else "WITH %s %s" % (ctes, sql)
+
+
 class HealthArgumentError(ValueError):
     """A bad module argument (the only reason the module fails)."""
 
@@ -262,6 +276,8 @@ class DbHealth:
     # -- plumbing ------------------------------------------------------------------------------
 
     def _query(self, sql, args=None, shown_sql=None):
+        # With companies (this application host's), the key, company, pre-key and identity figures count only theirs.
+        sql = scope_sql(sql, self.params.get("companies"))
         if (shown_sql or sql) not in self.queries:
             self.queries.append(shown_sql or sql)
         return self.db.fetchall(sql, args)

@@ -396,3 +396,21 @@ def test_check_mode_checks_but_writes_no_report(db, db_params, health_playbook):
     assert rc == 0, out
     assert "check mode: no report written" in out
     assert not paths["report"].exists() and not paths["metrics"].exists()
+
+
+def test_an_application_hosts_companies_scope_the_key_company_and_pre_key_figures(db, db_params):
+    seed(db_params, companies=3, keys_per_company=40)
+    with db.cursor() as cur:
+        cur.execute("SELECT company_id FROM whatsapp_auth ORDER BY company_id")
+        companies = [row[0] for row in cur.fetchall()]
+    db.rollback()
+    mine = companies[:2]
+    result = health(db_params, thresholds=QUIET, companies=mine)
+    assert result["keys"]["total"] == 80 and sum(result["keys"]["age_buckets"].values()) == 80
+    assert result["companies"]["total"] == 2
+    assert set(result["pre_keys"]["companies"]) <= set(mine)
+    # The database's own figures stay the database's.
+    assert set(result["tables"]) == {"whatsapp_auth", "whatsapp_keys"}
+    assert health(db_params, thresholds=QUIET)["keys"]["total"] == 120
+    ok, refused = run_module(baileys_db_health, dict(db_params, companies=["x'; DROP TABLE whatsapp_keys; --"]))
+    assert not ok and "is not a company id" in refused["msg"]
