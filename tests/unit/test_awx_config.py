@@ -220,7 +220,8 @@ def test_list_survey_answers_reach_the_modules_whole(template):
         var = item["variable"]
         if options.get(var, {}).get("type") != "list":
             continue
-        whole = re.compile(r'^\s*[\w.]+:\s*"\{\{\s*%s(\s+or\s+omit)?\s*\}\}"\s*$' % re.escape(var))
+        # "or __baileys_dr_companies": an empty answer falls back to the host's list (a list, never a string).
+        whole = re.compile(r'^\s*[\w.]+:\s*"\{\{\s*%s(\s+or\s+__baileys_dr_companies)?(\s+or\s+omit)?\s*\}\}"\s*$' % re.escape(var))
         bad += ["%s: %s" % (where, line.strip()) for where, line in _uses(var) if not whole.match(line)]
     assert not bad, "a comma-separated answer is a string here:\n" + "\n".join(bad)
 
