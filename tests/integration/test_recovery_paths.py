@@ -150,3 +150,41 @@ def test_a_failover_failing_while_postgresql_is_down_is_not_rolled_back_onto_it_
         assert health["digests"] == digests and health["errors"] == [], "the service serves the database's data, nothing lost"
     finally:
         bed.start_postgres()
+
+
+def test_in_a_fleet_one_host_refused_stops_no_other_host_and_the_summary_names_each(testbed, tmp_path):  # noqa: F811
+    """Two application hosts fail over at once: the test bed's, and one whose application is missing (refused by its
+    preflight). The refused host fails the run; the other switches to files with only its companies and stays there;
+    the fleet summary (console, JSON, JUnit) names both outcomes."""
+    bed = testbed
+    companies = sorted(bed.database_digests()["digests"])
+    other = str(tmp_path / "app2")
+    fleet = tmp_path / "fleet-hosts.yml"
+    fleet.write_text(json.dumps({"all": {"children": {"baileys_app": {"hosts": {
+        # inventory_dir is this file's directory for both hosts now: the PM2 the test bed's inventory finds through it.
+        "localhost": {"baileys_dr_companies": companies, "baileys_dr_pm2_bin": bed.pm2},
+        "app2": {"ansible_connection": "local", "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+                 "baileys_dr_pm2_bin": bed.pm2,
+                 "baileys_dr_companies": ["company-of-app2"], "baileys_dr_app_name": "baileys-app2-missing",
+                 "baileys_dr_app_root": other + "/app", "baileys_dr_state_dir": other + "/state",
+                 "baileys_dr_report_dir": other + "/reports", "baileys_dr_audit_log": other + "/audit.jsonl"}}}}}}))
+    reports = tmp_path / "fleet-reports"
+
+    run = bed.playbook("failover.yml", {"baileys_dr_fleet_report_dir": str(reports)}, args=("-i", str(fleet)))
+
+    assert run.returncode != 0, "the refused host fails the run"
+    assert "baileys-app2-missing" in run.final_message() or other in run.final_message(), run.explain()
+    switch = run.result(SWITCH)
+    assert switch and switch["store"] == "files" and sorted(switch["proof"]["digests"]) == companies, run.explain()
+    bed.wait_serving("files", complete=False)
+    assert (bed.read_state() or {}).get("switch", {}).get("phase") == "done", "the test bed's host was not rolled back"
+    with open(reports / "failover-fleet-latest.json", encoding="utf-8") as fh:
+        summary = json.load(fh)
+    hosts = {h["host"]: h for h in summary["hosts"]}
+    assert hosts["localhost"]["outcome"] == "ok" and hosts["app2"]["outcome"] == "refused", summary
+    assert hosts["localhost"]["rto_seconds"] > 0 and 0 < hosts["localhost"]["downtime_seconds"] <= hosts["localhost"]["rto_seconds"]
+    assert hosts["localhost"]["companies"] == len(companies) and hosts["localhost"]["scope"] == companies
+    assert summary["failed_hosts"] == ["app2"]
+    assert (reports / "failover-fleet-latest.xml").exists()
+    printed = [result.get("msg", "") for name, _, result, _, _ in run.tasks() if name.endswith("Print the fleet summary")]
+    assert printed and "failover of 2 hosts: 1 ok, 1 refused" in printed[-1], printed
