@@ -101,14 +101,17 @@ def find_holder_process(start_pid, fallback_pid):
     (an ad-hoc run), fallback_pid with the playbook None."""
     pid = start_pid
     found = None
+    playbook = None
     while pid > 1:
         info = process_info(pid)
         if info is None:
             break
         parent, ticks, argv = info
         if any(os.path.basename(a).startswith(RUNNERS) for a in argv[:3]):
+            # The playbook from the ansible-playbook process (ansible-runner above it names none).
             playbooks = [os.path.basename(a) for a in argv if a.endswith((".yml", ".yaml"))]
-            found = (pid, ticks, playbooks[0] if playbooks else " ".join(argv[:3]))
+            playbook = playbook or (playbooks[0] if playbooks else None)
+            found = (pid, ticks, playbook or " ".join(os.path.basename(a) for a in argv[:3]))
         pid = parent
     if found is None:
         info = process_info(fallback_pid)
@@ -164,7 +167,7 @@ def check_state_dir(path, subject=None):
                         path=subject or path)
     if st.st_mode & 0o022:
         raise LockError("state directory %s is writable by group or others (mode %o): anyone could forge or remove "
-                        "a lease there; chmod go-w it" % (path, st.st_mode & 0o777), path=subject or path)
+                        "a file there; chmod go-w it" % (path, st.st_mode & 0o777), path=subject or path)
 
 
 def describe(lease):

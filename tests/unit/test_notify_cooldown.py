@@ -75,3 +75,19 @@ def test_an_unreadable_record_does_not_silence_notifications(tmp_path):
 def test_a_negative_cooldown_is_refused_naming_it(tmp_path):
     ok, result = run_module(baileys_notify_cooldown, dict(event="e", cooldown=-5, state_dir=str(tmp_path)))
     assert not ok and "cooldown" in result["msg"] and "-5" in result["msg"]
+
+
+def test_a_cooldown_directory_others_can_write_or_a_symlinked_record_is_not_trusted(tmp_path):
+    state = tmp_path / "notify"
+    state.mkdir(mode=0o700)
+    os.chmod(state, 0o777)
+    ok, result = run_module(baileys_notify_cooldown, dict(event="failover|app1|failed", state="recorded", cooldown=900,
+                                                          state_dir=str(state)))
+    assert not ok and "writable by group or others" in result["msg"] and str(state) in result["msg"]
+    os.chmod(state, 0o700)
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps({"last_sent": 4102444800}))
+    path = cooldown(state)["path"]
+    os.symlink(forged, path)
+    # A record behind a symlink never silences a notification.
+    assert cooldown(state)["due"]
