@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -240,3 +242,40 @@ def test_the_module_takes_and_releases_with_the_holder_of_the_action_plugin(tmp_
     assert not ok and "run %s" % holder["run_id"] in refused["msg"] and refused["path"].endswith("failover-app1.lease")
     ok, released = run_module(baileys_dr_lock, dict(args, state="released"))
     assert ok and released["changed"]
+
+
+def _take_as(args):
+    uid, lock_dir, run_id, results = args
+    os.setgid(uid)
+    os.setuid(uid)
+    try:
+        Lease("snapshot-app1", lock_dir, remote_holder(run_id), operation="snapshot").run("acquired")
+        results.put("taken")
+    except LockError as exc:
+        results.put(str(exc))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a run that becomes root, then one as the application user)")
+def test_runs_that_become_root_and_runs_as_the_application_user_share_the_lease_directory(tmp_path):
+    app_uid = 4321
+    base = tempfile.mkdtemp(prefix="lease-users-")
+    try:
+        os.chmod(base, 0o755)
+        state = os.path.join(base, "state")
+        os.mkdir(state, 0o755)
+        os.chown(state, app_uid, app_uid)
+        lock_dir = os.path.join(state, "locks")
+        root_run = Lease("failover-app1", lock_dir, remote_holder("run-root"), operation="failover")
+        root_run.run("acquired")
+        assert os.stat(lock_dir).st_uid == app_uid, "made by root under the user's directory, it is the user's"
+        root_run.run("released")
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        child = context.Process(target=_take_as, args=((app_uid, lock_dir, "run-app", results),))
+        child.start()
+        assert results.get(timeout=30) == "taken"
+        child.join(10)
+        with pytest.raises(LockError, match="snapshot holds the lease .*run run-app"):
+            Lease("failover-app1", lock_dir, remote_holder("run-root-2"), operation="failover").run("acquired")
+    finally:
+        shutil.rmtree(base)
