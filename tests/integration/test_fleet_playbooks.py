@@ -84,8 +84,14 @@ def test_a_host_without_companies_in_a_fleet_is_refused_naming_it_even_when_the_
     assert [h["host"] for h in report["hosts"]] == ["app1"], "the summary lists the hosts of the run"
 
 
-def test_companies_that_are_not_ids_are_refused_naming_the_host(tmp_path):
-    path = inventory(tmp_path, {"app1": ["acme", "bad id!"]})
-    run = run_playbook("failover.yml", path)
+def test_a_canary_batch_that_fails_starts_no_later_batch_and_the_summary_says_which_hosts_did_not_run(tmp_path):
+    # The canary app1 is refused by its own settings check (cheaply, before its role); app2 and app3 never start.
+    path = inventory(tmp_path, {"app1": ["acme", "not an id"], "app2": ["beta"], "app3": ["gamma"]})
+    run = run_playbook("failover.yml", path, "-e", json.dumps({"baileys_dr_fleet_batch": [1, "100%"]}))
     assert run.returncode != 0
-    assert "baileys_dr_companies of app1 must be a non-empty list of company ids" in run.final_message(), run.final_message()
+    assert "baileys_dr_companies of app1 must be" in run.final_message(), run.explain()
+    ran = {host for event in run.events if event.get("_event") == "v2_runner_on_ok" for host in event.get("hosts", {})}
+    assert ran == {"app1"}, "only the canary host ran a task"
+    report, cases = fleet_report(tmp_path, "failover")
+    assert [(h["host"], h["outcome"]) for h in report["hosts"]] == [("app1", "refused"), ("app2", "not run"), ("app3", "not run")]
+    assert report["not_run"] == ["app2", "app3"] and cases["app2"].find("skipped") is not None

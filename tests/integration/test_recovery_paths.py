@@ -155,7 +155,7 @@ def test_a_failover_failing_while_postgresql_is_down_is_not_rolled_back_onto_it_
 def test_in_a_fleet_one_host_refused_stops_no_other_host_and_the_summary_names_each(testbed, tmp_path):  # noqa: F811
     """Two application hosts fail over at once: the test bed's, and one whose application is missing (refused by its
     preflight). The refused host fails the run; the other switches to files with only its companies and stays there;
-    the fleet summary (console, JSON, JUnit) names both outcomes."""
+    the fleet summary (console, JSON, JUnit) names both outcomes. Then both fail back at once."""
     bed = testbed
     companies = sorted(bed.database_digests()["digests"])
     other = str(tmp_path / "app2")
@@ -164,7 +164,7 @@ def test_in_a_fleet_one_host_refused_stops_no_other_host_and_the_summary_names_e
         # inventory_dir is this file's directory for both hosts now: the PM2 the test bed's inventory finds through it.
         "localhost": {"baileys_dr_companies": companies, "baileys_dr_pm2_bin": bed.pm2},
         "app2": {"ansible_connection": "local", "ansible_python_interpreter": "{{ ansible_playbook_python }}",
-                 "baileys_dr_pm2_bin": bed.pm2,
+                 "baileys_dr_pm2_bin": bed.pm2, "baileys_dr_health_port": 9,
                  "baileys_dr_companies": ["company-of-app2"], "baileys_dr_app_name": "baileys-app2-missing",
                  "baileys_dr_app_root": other + "/app", "baileys_dr_state_dir": other + "/state",
                  "baileys_dr_report_dir": other + "/reports", "baileys_dr_audit_log": other + "/audit.jsonl"}}}}}}))
@@ -188,3 +188,13 @@ def test_in_a_fleet_one_host_refused_stops_no_other_host_and_the_summary_names_e
     assert (reports / "failover-fleet-latest.xml").exists()
     printed = [result.get("msg", "") for name, _, result, _, _ in run.tasks() if name.endswith("Print the fleet summary")]
     assert printed and "failover of 2 hosts: 1 ok, 1 refused" in printed[-1], printed
+
+    # Both fail back at once: the test bed's host imports only its companies, the other has nothing to fail back.
+    back = bed.playbook("failback.yml", {"baileys_dr_fleet_report_dir": str(reports)}, args=("-i", str(fleet)))
+    assert back.returncode == 0, back.explain()
+    assert sorted(back.result("baileys_auth_import")["companies"]) == companies, back.explain()
+    bed.wait_serving("postgres")
+    with open(reports / "failback-fleet-latest.json", encoding="utf-8") as fh:
+        summary = json.load(fh)
+    assert {h["host"]: (h["outcome"], h["note"]) for h in summary["hosts"]} == {
+        "localhost": ("ok", ""), "app2": ("ok", "nothing to do")}, summary
