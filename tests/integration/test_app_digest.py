@@ -56,21 +56,24 @@ class App:
 
     def health(self, timeout=180):
         """(status, report) once a load and its verification have finished (the digests are complete or
-        an error is known), or the last answer at the timeout. Ready comes before the verification ends."""
+        an error is known), or the last answer at the timeout. Ready comes before the verification ends.
+        A store unavailable at this revision is never loaded (no loadedAt): its error settles the answer."""
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
+            answer = None
             try:
                 with urllib.request.urlopen("http://127.0.0.1:%d/health" % self.port, timeout=30) as resp:
-                    last = (resp.status, json.load(resp))
-            except urllib.error.HTTPError as exc:
-                last = (exc.code, json.load(exc))
+                    answer = (resp.status, json.load(resp))
+            except urllib.error.HTTPError as exc:  # a 503 (not ready) is an answer too
+                answer = (exc.code, json.load(exc))
             except (urllib.error.URLError, ConnectionError):
                 pass
-            else:
-                status, report = last
+            if answer:
+                last = answer
+                status, report = answer
                 if not report.get("loading") and not report.get("verifying") and (
-                        report.get("digestsComplete") or (status != 200 and report.get("loadedAt"))):
+                        report.get("digestsComplete") or (status != 200 and (report.get("loadedAt") or report.get("errors")))):
                     return last
             assert self.proc.poll() is None, "the application exited with %s" % self.proc.returncode
             time.sleep(0.3)
@@ -169,6 +172,6 @@ def test_truncated_creds_make_the_application_not_ready(db, db_params, app_repo,
 def test_file_store_is_unavailable_on_main(db_params, app_repo, run_app):
     shutil.rmtree(app_repo / "baileys_sessions", ignore_errors=True)
     app = run_app(app_repo, postgres_env(db_params, use_db="false"))
-    status, report = app.health(timeout=10)
+    status, report = app.health(timeout=60)
     assert status == 503 and report["store"] == "files"
     assert report["errors"]
