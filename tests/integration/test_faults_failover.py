@@ -146,6 +146,27 @@ def test_a_stale_lease_of_a_killed_run_elsewhere_is_taken_over_once_expired_and_
     assert not lease_file.exists()
 
 
+@pytest.mark.parametrize("operation", ["snapshot", "cleanup"])
+def test_a_snapshot_or_cleanup_that_fails_gives_its_lease_back(tmp_path, operation):
+    """From another control node only the expiry would end a failed run's lease: the failover that follows a refresh
+    failed on an unreachable database would be refused for half an hour. The playbook's own lease tasks, its role
+    replaced by a failing step."""
+    with open(os.path.join(ROOT, "playbooks", operation + ".yml"), encoding="utf-8") as fh:
+        plays = yaml.safe_load(fh)
+    (guarded,) = [t for t in plays[0]["tasks"] if "block" in t]
+    guarded["block"] = [{"name": "The refresh fails", "ansible.builtin.fail": {"msg": "PostgreSQL does not answer"}}]
+    plays[0]["hosts"] = "localhost"
+    path = tmp_path / (operation + ".yml")
+    path.write_text(yaml.safe_dump(plays, sort_keys=False))
+    lock_dir = tmp_path / "locks"
+    run = playbook(path, lock_dir, 0)
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode != 0 and "PostgreSQL does not answer" in out, out
+    assert "Release the %s lock" % operation in out, out
+    assert (lock_dir / ".guard").exists(), "the lease was taken"
+    assert not (lock_dir / ("%s-localhost.lease" % operation)).exists(), "the failed run gave its lease back"
+
+
 # -- 12. the .env rewrite killed midway --------------------------------------------------------------------------------
 
 MODULE_RUNNER = r"""
