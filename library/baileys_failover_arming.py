@@ -112,6 +112,14 @@ options:
   health_url:
     description: With O(state=verify), the service's readiness endpoint, read once (RV(service)).
     type: str
+  lease:
+    description:
+      - Take this lease of M(baileys_dr_lock) first, in the same module run (the failover's preflight then runs one
+        module before the switch); a live lease of another run fails the module, naming its holder, before anything
+        is read.
+      - The keys of M(baileys_dr_lock)'s options C(name), C(lock_dir), C(operation), C(ttl), C(wait) and C(holder); the
+        action plugin of this module fills C(holder) on the control node.
+    type: dict
 attributes:
   check_mode:
     support: full
@@ -201,6 +209,10 @@ service:
   returned: state is verify and health_url is given
   type: dict
   sample: {answered: true, store: postgres, ready: true}
+lease:
+  description: With O(lease), what M(baileys_dr_lock) returns for the lease taken (C(holder), C(stale_holder)...).
+  returned: lease is given
+  type: dict
 standby:
   description: V(verify), when the standby copy is the one the record armed -- C(verified), C(generation), C(snapshot_at),
     C(age_seconds) and C(digests) (by company id, from the manifest), as M(baileys_sessions_verify) returns them.
@@ -210,16 +222,21 @@ standby:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.baileys_dr_arming import ArmingError, ArmingRecord, arming_argument_spec
+from ansible.module_utils.baileys_dr_lockfile import LEASE_OPTION, take_lease
 
 
 def main():
-    module = AnsibleModule(argument_spec=arming_argument_spec(), required_by=dict(marker_regex="marker_path"),
-                           supports_check_mode=True)
+    module = AnsibleModule(argument_spec=dict(arming_argument_spec(), lease=LEASE_OPTION),
+                           required_by=dict(marker_regex="marker_path"), supports_check_mode=True)
+    lease = take_lease(module, module.params["lease"]) if module.params["lease"] else None
     engine = ArmingRecord(module)
     try:
-        module.exit_json(**engine.run())
+        result = engine.run()
     except ArmingError as exc:
         module.fail_json(msg=str(exc), **{k: v for k, v in engine.result.items() if k != "msg"})
+    if lease is not None:
+        result["lease"] = lease
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":

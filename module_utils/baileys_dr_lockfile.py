@@ -412,3 +412,28 @@ class Lease:
         if not self.check_mode:
             self._unlink(self.path)
         return result
+
+
+# The lease option of another module (baileys_failover_arming takes the failover's lease in its own run: one module run
+# less before the switch). The same keys as baileys_dr_lock's options.
+LEASE_OPTION = dict(type="dict", options=dict(
+    name=dict(type="str", required=True),
+    lock_dir=dict(type="path", default="/var/lib/baileys-dr/locks"),
+    operation=dict(type="str", default=""),
+    ttl=dict(type="int", default=1800),
+    wait=dict(type="int", default=0),
+    holder=dict(type="dict", required=True),
+))
+
+
+def take_lease(module, spec):
+    """Take the lease spec (LEASE_OPTION) for module, or fail it naming the holder; the result of the take."""
+    try:
+        lease = Lease(spec["name"], spec["lock_dir"], spec["holder"], operation=spec["operation"], ttl=spec["ttl"],
+                      wait=spec["wait"], check_mode=module.check_mode)
+        result = lease.run("acquired")
+    except LockError as exc:
+        module.fail_json(msg=str(exc), lease=exc.fields)
+    for warning in lease.warnings:
+        module.warn(warning)
+    return result

@@ -37,17 +37,33 @@ def _module_util(name):
 
 
 class ActionModule(ActionBase):
+    """baileys_dr_lock, and baileys_failover_arming (the same file under its name): the holder of the lease is named
+    here, on the control node, then the module runs on the host."""
+
     TRANSFERS_FILES = False
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
-        _module_util("baileys_dr_fs")
-        lockfile = _module_util("baileys_dr_lockfile")
-        # Unknown options are refused by the validation (no _VALID_ARGS: the spec lives in module_utils).
-        _, args = self.validate_argument_spec(argument_spec=lockfile.ARGUMENT_SPEC)
+        module_name = self._task.action.rsplit(".", 1)[-1]
         module_args = dict(self._task.args)
-        if not args.get("holder"):
-            # Walk up from this worker (a fork of ansible-playbook); an ad-hoc run is held by its ansible process.
-            module_args["holder"] = lockfile.holder_identity(os.getpid(), os.getppid(), fallback_lives=True)
-        result.update(self._execute_module(module_name="baileys_dr_lock", module_args=module_args, task_vars=task_vars))
+        if module_name == "baileys_dr_lock":
+            lockfile = self._lockfile()
+            # Unknown options are refused by the validation (no _VALID_ARGS: the spec lives in module_utils).
+            self.validate_argument_spec(argument_spec=lockfile.ARGUMENT_SPEC)
+            if not module_args.get("holder"):
+                module_args["holder"] = self._holder(lockfile)
+        elif isinstance(module_args.get("lease"), dict) and not module_args["lease"].get("holder"):
+            # A module that takes a lease in its own run (baileys_failover_arming's lease option).
+            module_args["lease"] = dict(module_args["lease"], holder=self._holder(self._lockfile()))
+        result.update(self._execute_module(module_name=module_name, module_args=module_args, task_vars=task_vars))
         return result
+
+    @staticmethod
+    def _lockfile():
+        _module_util("baileys_dr_fs")
+        return _module_util("baileys_dr_lockfile")
+
+    @staticmethod
+    def _holder(lockfile):
+        # Walk up from this worker (a fork of ansible-playbook); an ad-hoc run is held by its ansible process.
+        return lockfile.holder_identity(os.getpid(), os.getppid(), fallback_lives=True)

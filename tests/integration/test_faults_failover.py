@@ -53,7 +53,8 @@ def playbook(path, lock_dir, hold, wait=0, **popen):
     as the role runs it."""
     argv = [PLAYBOOK_BIN, "-i", "localhost,", "-c", "local", "-v", str(path),
             "-e", json.dumps({"baileys_dr_lock_dir": str(lock_dir), "baileys_dr_lock_ttl": 600, "baileys_dr_lock_wait": wait,
-                              "hold": hold, "ansible_python_interpreter": sys.executable})]
+                              # The role's own lease task (with the arming record in use, the arming module takes it).
+                              "baileys_failover_use_arming": False, "hold": hold, "ansible_python_interpreter": sys.executable})]
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
     env["ANSIBLE_ACTION_PLUGINS"] = os.path.join(ROOT, "roles", "baileys_failover", "action_plugins")
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)

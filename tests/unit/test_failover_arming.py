@@ -241,3 +241,17 @@ def test_the_confirmation_also_reads_the_switch_journal_and_the_services_store_i
         server.server_close()
     # Nothing answers any more: a service that is down says so, it is no error.
     assert verify(host, health_url=url)["service"] == {"answered": False, "store": None, "ready": False}
+
+
+def test_the_failover_takes_its_lease_in_the_arming_run_and_a_live_holder_refuses_before_anything_is_read(host):
+    """One module run before the switch: the lease is taken by the arming module's own run."""
+    arm(host, verified_generation=7)
+    lease = {"name": "failover-app1", "lock_dir": str(host / "locks"), "operation": "failover",
+             "holder": {"run_id": "run-a", "control_node": "ops-laptop", "pid": 0, "user": "ops", "playbook": "failover.yml"}}
+    confirmed = verify(host, lease=lease)
+    assert confirmed["armed"] and confirmed["lease"]["holder"]["run_id"] == "run-a"
+    assert json.loads((host / "locks" / "failover-app1.lease").read_text())["run_id"] == "run-a"
+    other = dict(lease, holder=dict(lease["holder"], run_id="run-b"))
+    ok, refused = run_module(baileys_failover_arming, args(host, state="verify", lease=other))
+    assert not ok and refused["msg"].startswith("failover on this host refused: failover holds the lease")
+    assert "run run-a" in refused["msg"] and "armed" not in refused

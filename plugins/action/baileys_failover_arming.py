@@ -1,0 +1,1 @@
+baileys_dr_lock.py
