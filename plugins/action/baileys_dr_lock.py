@@ -56,6 +56,8 @@ class ActionModule(ActionBase):
             # A module that takes a lease in its own run (baileys_failover_arming's lease option).
             module_args["lease"] = dict(module_args["lease"], holder=self._holder(self._lockfile()))
         result.update(self._execute_module(module_name=module_name, module_args=module_args, task_vars=task_vars))
+        # As the normal action does: the remote temporary directory a run without pipelining made.
+        self._remove_tmp_path(self._connection._shell.tmpdir)
         return result
 
     @staticmethod
