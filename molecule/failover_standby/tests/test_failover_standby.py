@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 
 from verify_helpers import (  # noqa: E402
-    SESSIONS, STATE_FILE, assert_no_acknowledged_write_lost, assert_writer_saw_the_switch, db_params, manifest, readiness,
+    SESSIONS, STATE_FILE, assert_no_acknowledged_write_lost, assert_writer_saw_the_switch, db_params, readiness,
     writer_result,
 )
 
@@ -43,10 +43,43 @@ def test_the_writer_measured_the_outage_until_the_service_ran_on_files(host):
     assert result["stats"]["window"]["downtime"]["head_seconds"] > 0
 
 
-def test_the_promoted_copy_held_exactly_what_postgresql_held_when_it_stopped(host):
+# converge.yml: the writer's run after PostgreSQL stopped writes to these two companies only.
+WRITTEN_AFTER_THE_STOP = {"company00001", "company00002"}
+
+
+def ledger_runs_and_requests(host):
+    """(the writer's runs, oldest first; its request records), from the ledger converge kept."""
+    runs, requests = [], []
+    for line in host.file("/var/lib/baileys-dr/reports/molecule-writer.jsonl").content_string.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        (runs if record.get("kind") == "run" else requests if record.get("kind") == "request" else []).append(record)
+    return runs, requests
+
+
+def test_the_store_holds_what_postgresql_held_at_the_stop_for_each_company_not_written_since(host):
+    # Digests baileys_state_digest took from PostgreSQL after the last refresh, with the writer paused, before the stop.
     at_stop = json.loads(host.file("/root/molecule-db-digests-at-stop.json").content_string)
     assert len(at_stop) == 4
-    assert {c: v["digest"] for c, v in manifest(host)["companies"].items()} == at_stop
+    # The situation: the writer's run since the stop wrote to two companies only, and was acknowledged on files.
+    runs, requests = ledger_runs_and_requests(host)
+    since_stop = runs[-1]
+    assert set(since_stop["companies"]) == WRITTEN_AFTER_THE_STOP
+    mine = [r for r in requests if r["run"] == since_stop["run"]]
+    assert {r["company"] for r in mine} == WRITTEN_AFTER_THE_STOP
+    assert {r["company"] for r in mine if r["outcome"] == "ack"} == WRITTEN_AFTER_THE_STOP
+    # The store after the failover as the service read it (real Baileys on the files) at the quiet moment after the
+    # writer stopped: the untouched companies exactly as PostgreSQL held them, the written ones changed since.
+    service = writer_result(host)["quiet"]["service"]
+    untouched = set(at_stop) - WRITTEN_AFTER_THE_STOP
+    assert {c: service[c] for c in untouched} == {c: at_stop[c] for c in untouched}
+    assert all(service[c] != at_stop[c] for c in WRITTEN_AFTER_THE_STOP)
+    # And now (after the idempotence run), as the service reads them again.
+    status, report = readiness(host)
+    assert status == 200, report["errors"]
+    assert {c: report["digests"][c] for c in untouched} == {c: at_stop[c] for c in untouched}
 
 
 def test_service_is_ready_on_the_promoted_standby_with_the_digests_it_had_when_the_writer_stopped(host):
