@@ -76,9 +76,17 @@ options:
     type: path
     aliases: [path]
   companies:
-    description: Only these company ids (each must be in the tree).
+    description: Only these company ids (each must be in the tree, unless O(missing_companies=skip)).
     type: list
     elements: str
+  missing_companies:
+    description:
+      - What a company of O(companies) that the tree does not hold (no directory, not in the manifest) does. C(fail)
+        refuses the run naming them. C(skip) leaves them out - their rows, if any, stay as they are - and lists them in
+        RV(absent_companies) (a host's company with no data yet, which the failover exported nothing of).
+    type: str
+    choices: [fail, skip]
+    default: fail
   undo_dir:
     description:
       - Directory of the undo files (created 0700 when missing). Required with O(mode=import). Undo files hold key material
@@ -396,6 +404,11 @@ pass_record:
   description: (import) The pass record written (O(pass_record)), null in check mode or without the option.
   returned: mode=import
   type: str
+absent_companies:
+  description: (import) Companies of O(companies) the tree does not hold, left out (O(missing_companies=skip)).
+  returned: mode=import
+  type: list
+  elements: str
 delta:
   description:
     - (import, O(delta_from)) companies (in the run), unchanged_proven (skipped, no file read), imported (imported fully),

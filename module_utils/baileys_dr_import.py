@@ -813,8 +813,9 @@ class SourceTree:
             return set(self.top["companies"])
         return set(self.legacy or ())
 
-    def company_ids(self, wanted=None):
-        """(company ids in byte order, {raw name: reason} of directories that cannot be companies)."""
+    def company_ids(self, wanted=None, missing="fail"):
+        """(company ids in byte order, {raw name: reason} of directories that cannot be companies, wanted ids that are
+        neither a directory nor in the manifest: left out with missing=skip, else refused)."""
         listed = self.listed()
         found, bad = set(), {}
         for name in os.listdir(self.root_fd):
@@ -831,13 +832,16 @@ class SourceTree:
             else:
                 found.add(company_id)
         ids = found | listed | set(bad)
+        absent = []
         if wanted:
             unknown = [c for c in wanted if c not in ids]
-            if unknown:
-                raise FailbackError("companies not in %s: %s" % (self.path, ", ".join(repr(c) for c in unknown[:20])))
-            ids = set(wanted)
+            if unknown and missing != "skip":
+                raise FailbackError("companies not in %s: %s (missing_companies=skip leaves them out)"
+                                    % (self.path, ", ".join(repr(c) for c in unknown[:20])))
+            absent = sorted(set(unknown))
+            ids = set(wanted) - set(unknown)
         ordered = sorted(ids, key=lambda c: c.encode("utf-8", "surrogateescape"))
-        return ordered, {c: r for c, r in bad.items() if c in ids}
+        return ordered, {c: r for c, r in bad.items() if c in ids}, absent
 
     def manifest_files(self, company_id):
         """{file name: entry} the manifest lists for the company ({} for a company created while on files)."""
@@ -1503,6 +1507,7 @@ class Failback:
         self.delta = None
         self.lock = not check_mode  # the advisory lock: the module's connection holds it, a worker's never does
         self.workers_used = 0
+        self.absent = []  # companies asked for that the tree does not hold (missing_companies=skip)
 
     # -- the run --
     def run(self):
@@ -1547,7 +1552,7 @@ class Failback:
 
     def _run(self, src):
         params = self.params
-        companies, bad = self.tree.company_ids(params.get("companies"))
+        companies, bad, self.absent = self.tree.company_ids(params.get("companies"), params["missing_companies"])
         self.db.open(lock=self.lock)
         self.meta = self.db.meta()
         read_only = read_only_reason(self.meta, self.target)
@@ -1969,6 +1974,7 @@ class Failback:
             "conflict_count": len(conflicts),
             "digests": {c: outcomes[c]["digest"] for c in companies if outcomes[c]["digest"]},
             "deferred": [c for c in companies if outcomes[c]["status"] == "deferred"],
+            "absent_companies": self.absent,
             "workers": self.workers_used,
             "pass_record": record,
             "delta": self.delta,
@@ -2664,6 +2670,7 @@ def auth_import_argument_spec():
         mode=dict(type="str", choices=["import", "undo"], default="import"),
         src=dict(type="path", aliases=["path"]),
         companies=dict(type="list", elements="str"),
+        missing_companies=dict(type="str", choices=["fail", "skip"], default="fail"),
         undo_dir=dict(type="path"),
         undo_file=dict(type="list", elements="path", aliases=["undo_files"]),
         since=dict(type="str"),

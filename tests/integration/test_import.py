@@ -791,3 +791,15 @@ def test_no_secret_and_no_key_material_in_the_output(db, db_params, exported, fa
     assert db_params["login_password"] not in text and creds["advSecretKey"] not in text and "c2VjcmV0" not in text
     ok, result = failback(login_password="s3cret-not-the-password")
     assert not ok and "s3cret-not-the-password" not in json.dumps(result)
+
+
+def test_a_host_company_the_tree_does_not_hold_is_refused_by_name_or_left_out_with_missing_companies_skip(
+        db, exported, failback):
+    """A company listed for the host that has no data yet: the failover wrote no directory for it."""
+    before = full_rows(db)
+    ok, result = failback(companies=["company00001", "company09999"])
+    assert not ok and "company09999" in result["msg"] and "missing_companies=skip" in result["msg"], result["msg"]
+    ok, result = failback(companies=["company00001", "company09999"], missing_companies="skip")
+    assert ok, result.get("msg")
+    assert result["absent_companies"] == ["company09999"] and list(result["companies"]) == ["company00001"]
+    assert full_rows(db) == before, "nothing changed: company00001 equals its files, the absent company is left alone"
