@@ -134,3 +134,20 @@ def test_without_the_project_directory_in_the_variable_the_callbacks_are_lost(tm
     run, audit = run_like_ansible_runner(tmp_path, "", ee_env()["ANSIBLE_CALLBACKS_ENABLED"])
     assert not audit.exists()
     assert "baileys_dr_audit" in run.stdout + run.stderr  # ansible-core warns that it cannot load it
+
+
+def test_the_debian_recipe_of_the_test_bed_has_every_final_step_of_the_generated_containerfile(context):
+    """testbed/images/ee/Dockerfile (the EE on the test bed's Debian base) ends like ansible-builder's final stage.
+
+    ansible-builder's own steps (its scripts, bindep, the entrypoint that adds a passwd entry) need dnf; the
+    definition's steps, the runner directory, the labels, the user and the command must be the same.
+    """
+    with open(os.path.join(ROOT, "testbed", "images", "ee", "Dockerfile"), encoding="utf-8") as fh:
+        recipe = {line.strip() for line in fh if line.strip() and not line.startswith("#")}
+    final = containerfile(context).split("FROM base AS final", 1)[1].splitlines()
+    for line in final:
+        if line.startswith(("COPY _build/", "ENV ANSIBLE_", "LABEL ", "USER ", "WORKDIR ", "CMD ")):
+            assert line in recipe, line
+    refs = re.search(r'^ARG ANSIBLE_INSTALL_REFS="([^"]+)"', containerfile(context), re.M).group(1).split()
+    definition = yaml.safe_load(open(os.path.join(ROOT, "execution-environment.yml"), encoding="utf-8"))
+    assert refs == [definition["dependencies"][k]["package_pip"] for k in ("ansible_core", "ansible_runner")]
