@@ -94,7 +94,7 @@ import datetime
 import json
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_junit import junit_xml, write_reports
+from ansible.module_utils.baileys_dr_junit import exit_with_report, junit_xml
 
 PASSED = ("ok", "check")
 NOT_RUN = "not run"
@@ -205,22 +205,6 @@ def junit(report):
                      report["written_at"], report["seconds"], properties, cases)
 
 
-class FleetReport:
-    def __init__(self, module):
-        self.module = module
-        self.params = module.params
-
-    def run(self, now):
-        report = build_report(self.params, now)
-        report["table"] = table(report)
-        try:
-            paths = write_reports(self.params["dest"], self.params["name"], "%s-fleet-latest" % self.params["operation"],
-                                  report, junit, self.module.check_mode)
-        except ValueError as exc:
-            raise ReportError(str(exc)) from None
-        return dict(paths, changed=True, report=report, table=report["table"], passed=report["passed"])
-
-
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -231,12 +215,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    try:
-        result = FleetReport(module).run(datetime.datetime.now(datetime.timezone.utc).timestamp())
-    except (ReportError, OSError) as exc:
-        module.fail_json(msg=str(exc))
-    module.exit_json(**result)
-
+    exit_with_report(module, build_report, table, "%s-fleet-latest" % module.params["operation"], junit, (ReportError,))
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import xml.etree.ElementTree as ET
 
 from ansible.module_utils.baileys_dr_fs import write_file_atomic
@@ -68,3 +69,17 @@ def write_reports(dest, name, latest, report, junit, check_mode):
         write_file_atomic(os.path.join(dest, name + suffix), data, mode=0o640)
         write_file_atomic(os.path.join(dest, latest + suffix), data, mode=0o640)
     return paths
+
+
+def exit_with_report(module, build_report, table, latest, junit, errors=()):
+    """The end of a report module: the report built from its params at this moment, its console table, its JSON and
+    JUnit files (write_reports); exit_json with them, or fail_json naming what is wrong (errors: the module's own
+    exception classes for bad input)."""
+    params = module.params
+    try:
+        report = build_report(params, time.time())
+        report["table"] = table(report)
+        paths = write_reports(params["dest"], params["name"], latest, report, junit, module.check_mode)
+    except (ValueError, OSError) + tuple(errors) as exc:
+        module.fail_json(msg=str(exc))
+    module.exit_json(**dict(paths, changed=True, report=report, table=report["table"], passed=report["passed"]))

@@ -113,7 +113,7 @@ import datetime
 import json
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_junit import STATUSES, write_reports, junit_xml as junit_document
+from ansible.module_utils.baileys_dr_junit import STATUSES, exit_with_report, junit_xml as junit_document
 
 KINDS = ("snapshot", "failover", "failback", "verify", "database")
 
@@ -284,22 +284,6 @@ def table(report):
     return out
 
 
-class RehearsalReport:
-    def __init__(self, module):
-        self.module = module
-        self.params = module.params
-
-    def run(self, now):
-        report = build_report(self.params, now)
-        report["table"] = table(report)
-        try:
-            paths = write_reports(self.params["dest"], self.params["name"], "rehearsal-latest", report, junit_xml,
-                                  self.module.check_mode)
-        except ValueError as exc:
-            raise ReportError(str(exc)) from None
-        return dict(paths, changed=True, report=report, table=report["table"], passed=report["passed"])
-
-
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -313,12 +297,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    try:
-        result = RehearsalReport(module).run(datetime.datetime.now(datetime.timezone.utc).timestamp())
-    except (ReportError, OSError) as exc:
-        module.fail_json(msg=str(exc))
-    module.exit_json(**result)
-
+    exit_with_report(module, build_report, table, "rehearsal-latest", junit_xml, (ReportError,))
 
 if __name__ == "__main__":
     main()
