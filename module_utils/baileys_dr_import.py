@@ -154,10 +154,11 @@ CREDS_STATE_SQL = (
     "SELECT md5(creds::text), updated_at::text, " + CHANGED_AFTER + ", xmin::text "
     "FROM whatsapp_auth WHERE company_id = %(company)s"
 )
-KEYS_STATE_SQL = (
+KEYS_STATE = (
     "SELECT key_type, key_id, md5(value::text), updated_at::text, " + CHANGED_AFTER + ", hashint8(xmin::text::bigint) "
-    "FROM whatsapp_keys WHERE company_id = %(company)s AND key_type = ANY(%(key_types)s)"
+    "FROM whatsapp_keys WHERE "
 )
+KEYS_STATE_SQL = KEYS_STATE + "company_id = %(company)s AND key_type = ANY(%(key_types)s)"
 # The fingerprint of every company in one aggregate (the pass record's, and the delta pass's proof): Baileys keys
 # counted, the sum of hashint8 over their row versions, the creds row's version. Any write gives a row a new xmin.
 FINGERPRINT_SQL = (
@@ -177,7 +178,7 @@ COMPANY_FINGERPRINT_SQL = (
 # passed (xid wraparound); txid_snapshot_xmax is the 64-bit next xid.
 XID_STATE_SQL = "SELECT (SELECT timeline_id FROM pg_control_checkpoint()), txid_snapshot_xmax(txid_current_snapshot())"
 SELECTED = "company_id = %(company)s AND (key_type, key_id) IN (SELECT * FROM unnest(%(types)s::text[], %(ids)s::text[]))"
-KEYS_STATE_SELECTED_SQL = KEYS_STATE_SQL.replace("company_id = %(company)s AND key_type = ANY(%(key_types)s)", SELECTED)
+KEYS_STATE_SELECTED_SQL = KEYS_STATE + SELECTED  # the rows of the given keys only (a delta pass per file)
 VALUES_SQL = "SELECT key_type, key_id, value::text FROM whatsapp_keys WHERE " + SELECTED
 CREDS_TEXT_SQL = "SELECT creds::text FROM whatsapp_auth WHERE company_id = %(company)s"
 SAVE_KEYS_SQL = (
