@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """baileys-dr performance benchmark: our modules against baselines on the same rows (run it as bench/run).
 
-    bench/run [--sizes 1500,150000,1500000] [--only export,import,standby,failover,switch,cleanup] [--out docs/benchmarks.md]
+    bench/run [--sizes 1500,150000,1500000] [--only export,import,standby,failover,ssh,switch,cleanup] [--out docs/benchmarks.md]
 
 Per size (keys; 1,500 keys per company, or --keys-per-company) on a throwaway PostgreSQL cluster of its own (testbed/bin/pg-cluster) loaded
 with testbed/bin/seed, every step runs as a child process whose wall time and peak RSS (the larger of wait4 rusage and the summed RSS of its process tree sampled every 0.2 s) are recorded, after an os.sync() so that no step pays for the writeback of the one before:
@@ -13,11 +13,13 @@ with testbed/bin/seed, every step runs as a child process whose wall time and pe
 - standby: baileys_auth_export mode=standby build, refresh without change, refresh after 1% of the keys changed;
 - failover: playbooks/failover.yml with baileys_failover_source=standby against a private application (its own
   repository, PM2_HOME and health port; started in database mode first);
+- ssh (1 company): the failover from the standby copy over SSH to a container of the test bed, against its floor
+  over SSH (bench/ssh_bench.py; needs root and Docker);
 - switch: a planned failover and a failback of a private application while testbed/bin/writer writes through it
   (bench/switch_bench.py: bulk pass, 1% changed, baileys_store_switch; downtime, throughput, writes lost);
 - cleanup: baileys_keys_cleanup deleting part of the keys with the archive (when that module exists).
 
-Order per size: standby and failover, switch, export and import, cleanup (the 1,500,000-key targets first). The 1% change
+Order per size: standby and failover, ssh, switch, export and import, cleanup (the 1,500,000-key targets first). The 1% change
 UPDATEs 1% of the keys (uniformly among values that are JSON objects, not Buffers and not app-state-sync-keys, so
 that Baileys reads them back unchanged), and DELETEs and INSERTs 1% of that. Trees are moved aside between steps
 and removed after the report is written (removing millions of files takes minutes on a busy disk).
@@ -50,6 +52,7 @@ import sys
 import time
 
 import floor_bench
+import ssh_bench
 import switch_bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,7 +63,7 @@ PROFILES = os.environ.get("BAILEYS_DR_BENCH_PROFILES") or os.path.join(HERE, "pr
 KEYS_PER_COMPANY = 1500
 MODULES = {"export": "baileys_auth_export", "import": "baileys_auth_import", "verify": "baileys_sessions_verify",
            "cleanup": "baileys_keys_cleanup"}
-STEPS = ("export", "import", "standby", "failover", "switch", "cleanup")
+STEPS = ("export", "import", "standby", "failover", "ssh", "switch", "cleanup")
 MIB = 1024 * 1024
 # Bytes a key file takes on disk (one 4 KiB block) and trees alive at once (baseline + export, or standby + live).
 DISK_PER_KEY = 4096 + 600
@@ -608,33 +611,14 @@ class SizeRun:
     def app_events(self, names):
         """The test application's log events of these names, in order (JSON lines of its PM2 out log)."""
         path = os.path.join(self.pm2_home, "logs", "baileys-whatsapp-service-out.log")
-        events = []
-        if os.path.exists(path):
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    if '"event"' not in line:
-                        continue
-                    try:
-                        event = json.loads(line)
-                    except ValueError:
-                        continue
-                    if event.get("event") in names:
-                        events.append(event)
-        return events
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return parse_events(fh, names)
 
     def app_ready_after(self, started_epoch):
-        """Seconds from started_epoch to the first time the application said it was ready on the file store, and to
-        the end of its verification pass (every key read, digests computed), from its own log; None when absent."""
-        ready = verified = None
-        for event in self.app_events(("load_finished", "verify_finished")):
-            at = datetime.datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
-            if at < started_epoch or event.get("store") != "files":
-                continue
-            if event["event"] == "load_finished" and event.get("ready") and ready is None:
-                ready = round(at - started_epoch, 2)
-            if event["event"] == "verify_finished" and verified is None and ready is not None:
-                verified = round(at - started_epoch, 2)
-        return ready, verified
+        """Seconds from started_epoch to the application's ready on the file store, and to its verification's end."""
+        return ready_times(self.app_events(("load_finished", "verify_finished")), started_epoch)
 
     def app_teardown(self):
         # Not testbed_app's state=absent: it removes the application root, sessions tree included, file by file.
@@ -704,6 +688,8 @@ class SizeRun:
             # is recorded and the next one runs.
             if "standby" in only or "failover" in only:
                 self.phase("standby/failover", self.run_standby_failover, "failover" in only)
+            if "ssh" in only:
+                self.phase("ssh", ssh_bench.run_ssh, self, sys.modules[__name__])
             if "switch" in only:
                 self.phase("switch", switch_bench.run_switch, self, sys.modules[__name__])
             if "export" in only or "import" in only:
@@ -718,6 +704,36 @@ class SizeRun:
             if self.cluster:
                 self.cluster.stop()
         return self.record
+
+
+def parse_events(lines, names):
+    """The test application's log events of these names, in order, from the JSON lines of its PM2 out log."""
+    events = []
+    for line in lines:
+        if '"event"' not in line:
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") in names:
+            events.append(event)
+    return events
+
+
+def ready_times(events, started_epoch):
+    """Seconds from started_epoch to the first time the application said it was ready on the file store, and to
+    the end of its verification pass (every key read, digests computed), from its own events; None when absent."""
+    ready = verified = None
+    for event in events:
+        at = datetime.datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
+        if at < started_epoch or event.get("store") != "files":
+            continue
+        if event["event"] == "load_finished" and event.get("ready") and ready is None:
+            ready = round(at - started_epoch, 2)
+        if event["event"] == "verify_finished" and verified is None and ready is not None:
+            verified = round(at - started_epoch, 2)
+    return ready, verified
 
 
 def cleanup_params(run):
@@ -739,6 +755,8 @@ def phase_of(label):
         return "standby"
     if label.startswith("failover"):
         return "failover"
+    if label.startswith("ssh"):
+        return "ssh"
     return label
 
 
@@ -793,6 +811,7 @@ def targets_of(rec):
                 rec["companies"], "y" if rec["companies"] == 1 else "ies"),
                 "%.1f s (%s)" % (sec, "; ".join(detail)), "<= %.0f s" % limit, sec <= limit))
     rows += floor_bench.targets(rec)
+    rows += ssh_bench.targets(rec)
     rows += switch_bench.targets(rec)
     # A figure that cannot be judged (say why in "caveats" of the result file) is shown as such, never as met.
     caveats = rec.get("caveats", {})
@@ -815,6 +834,7 @@ STEP_TEXT = {
     "cleanup": "**cleanup** (baileys_keys_cleanup)",
 }
 STEP_TEXT.update(floor_bench.STEP_TEXT)
+STEP_TEXT.update(ssh_bench.STEP_TEXT)
 STEP_TEXT.update(switch_bench.STEP_TEXT)
 
 
@@ -914,6 +934,7 @@ def render(records, mach, out_path):
         lines.append("")
     lines += ["## How it is measured", "", "```", __doc__.strip(), "```", "", "Baselines:", "", "```",
               baseline_doc().strip(), "```", "", "Floor:", "", "```", floor_bench.__doc__.strip(), "```", "",
+              "Over SSH:", "", "```", ssh_bench.__doc__.strip(), "```", "",
               "Switch:", "", "```", switch_bench.__doc__.strip(), "```", ""]
     text = "\n".join(lines).rstrip() + "\n"
     with open(out_path + ".tmp", "w", encoding="utf-8") as fh:

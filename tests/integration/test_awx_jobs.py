@@ -20,13 +20,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 import yaml
 
 from conftest import ROOT
+from containers import ContainerBed, sh
 
 DB_PASSWORD = "awx-test-only-db-password"
 # Job templates whose jobs CI runs (the failover's job runs beside a snapshot job refused by its lease): the full set
@@ -45,7 +45,6 @@ TEMPLATES = {t["name"]: t for t in SETTINGS["awx_job_templates"]}
 HOST = "awx-app"
 DB_HOST = "awx-db"
 LEASES = "/var/lib/baileys-dr/locks"
-VENV_BIN = os.path.dirname(sys.executable)
 
 
 def survey_defaults(template):
@@ -54,78 +53,14 @@ def survey_defaults(template):
     return {q["variable"]: q["default"] for q in spec}
 
 
-def sh(*argv, check=True, timeout=600, **kw):
-    run = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, **kw)
-    if check and run.returncode != 0:
-        raise AssertionError("%s: rc %s\n%s%s" % (" ".join(argv), run.returncode, run.stdout, run.stderr))
-    return run
-
-
-class Bed:
-    """The containers, the project checkout and a private data dir per job."""
+class Bed(ContainerBed):
+    """The test bed's containers (testbed/containers.py), the project checkout and a private data dir per job."""
 
     def __init__(self, tmp, suffix):
-        self.tmp = tmp
-        self.net = "baileys-dr-awx-%s" % suffix
-        self.db = "baileys-dr-awx-db-%s" % suffix
-        self.app = "baileys-dr-awx-app-%s" % suffix
+        super().__init__(tmp, "baileys-dr-awx", suffix, DB_PASSWORD)
         self.project = tmp / "project"
         self.jobs = 0
         self.runners = []
-
-    # -- set up ---------------------------------------------------------------------------------------------------
-    def build(self):
-        out = sh(os.path.join(ROOT, "testbed", "bin", "build-images"), "db", "app", "ee", timeout=1800).stdout
-        self.images = dict(re.findall(r"^BAILEYS_DR_IMAGE_(\w+)=(\S+)$", out, re.M))
-
-    def start(self):
-        sh("docker", "network", "create", self.net)
-        sh("docker", "run", "-d", "--name", self.db, "--network", self.net, "-e", "POSTGRES_PASSWORD=" + DB_PASSWORD,
-           self.images["DB"], "sleep", "infinity")
-        sh("docker", "run", "-d", "--name", self.app, "--network", self.net, self.images["APP"])
-
-    def prepare(self):
-        """Seed PostgreSQL and run the application on it: molecule/shared/prepare_testbed.yml, over docker exec."""
-        inv = self.tmp / "prepare"
-        inv.mkdir()
-        (inv / "group_vars").symlink_to(os.path.join(ROOT, "molecule", "shared", "group_vars"))
-        (inv / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": {
-            "db": {"hosts": {self.db: {}}},
-            "baileys_app": {"hosts": {self.app: {}}}},
-            "vars": {"ansible_connection": "community.docker.docker"}}}))
-        env = dict(os.environ, BAILEYS_DR_MOLECULE_DB_PASSWORD=DB_PASSWORD, MOLECULE_EPHEMERAL_DIRECTORY=str(self.tmp),
-                   ANSIBLE_PIPELINING="true")
-        sh(os.path.join(VENV_BIN, "ansible-playbook"), "-i", str(inv / "hosts.yml"),
-           "-e", "baileys_dr_db_host_name=" + self.db,
-           os.path.join(ROOT, "molecule", "shared", "prepare_testbed.yml"), cwd=ROOT, env=env, timeout=900)
-
-    def start_sshd(self):
-        """The machine credential: a key made now, authorized for root on the app container."""
-        # Made by the container's ssh-keygen: the host needs no OpenSSH client.
-        self.key = self.tmp / "id_ed25519"
-        self.key.write_text(sh("docker", "exec", self.app, "sh", "-ec",
-                               "ssh-keygen -q -t ed25519 -N '' -C awx-machine-credential -f /tmp/awx-key;"
-                               " cat /tmp/awx-key").stdout)
-        os.chmod(self.key, 0o600)
-        (self.tmp / "id_ed25519.pub").write_text(sh("docker", "exec", self.app, "cat", "/tmp/awx-key.pub").stdout)
-        sh("docker", "exec", self.app, "sh", "-ec",
-           "ssh-keygen -A >/dev/null; install -d -m 0700 /root/.ssh; mv /tmp/awx-key.pub /root/.ssh/authorized_keys;"
-           " rm -f /tmp/awx-key; chmod 0600 /root/.ssh/authorized_keys; /usr/sbin/sshd")
-
-    def start_db_sshd(self):
-        """The rehearsal stops and starts PostgreSQL on the database host (baileys_rehearsal_db_control_host): an
-        sshd there too, for the same key. The db image has none: Debian's openssh-server is installed now."""
-        pub = (self.tmp / "id_ed25519.pub").read_text()
-        with open(os.path.join(ROOT, "testbed", "images", "app", "sshd_config"), encoding="utf-8") as fh:
-            config = fh.read()
-        sh("docker", "exec", self.db, "sh", "-ec",
-           "export DEBIAN_FRONTEND=noninteractive; apt-get -q update >/dev/null;"
-           " apt-get -q install -y --no-install-recommends openssh-server >/dev/null;"
-           " rm -f /etc/ssh/ssh_host_*; install -d -m 0755 /run/sshd; ssh-keygen -A >/dev/null")
-        sh("docker", "exec", "-i", self.db, "sh", "-ec", "cat >/etc/ssh/sshd_config.d/baileys-dr.conf", input=config)
-        sh("docker", "exec", "-i", self.db, "sh", "-ec",
-           "install -d -m 0700 /root/.ssh; cat >/root/.ssh/authorized_keys; chmod 0600 /root/.ssh/authorized_keys;"
-           " /usr/sbin/sshd", input=pub)
 
     def checkout(self):
         """The project as AWX checks it out: the tracked (and new, not ignored) files of this tree."""
@@ -191,9 +126,7 @@ class Bed:
         return sh("docker", "exec", self.app, "sh", "-c", "ls %s 2>/dev/null || true" % LEASES).stdout.split()
 
     def teardown(self):
-        for name in self.runners + [self.app, self.db]:
-            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
-        subprocess.run(["docker", "network", "rm", self.net], capture_output=True)
+        super().teardown(*self.runners)
 
 
 class Job:
@@ -252,7 +185,7 @@ def bed(tmp_path_factory):
     b = Bed(tmp, "%d" % os.getpid())
     try:
         t0 = time.monotonic()
-        b.build()
+        b.build("ee")
         b.start()
         b.checkout()
         b.start_sshd()

@@ -18,7 +18,7 @@ def layout_paths():
 
 def test_every_module_module_util_plugin_role_playbook_script_and_bench_file_is_in_the_layout_table():
     patterns = ["library/*.py", "module_utils/*.py", "plugins/*/*.py", "callback_plugins/*.py", "roles/*/library/*.py",
-                "playbooks/*.yml", "scripts/*", "testbed/bin/*", "bench/*.py", "bench/run", "roles/*"]
+                "playbooks/*.yml", "scripts/*", "testbed/bin/*", "testbed/*.py", "bench/*.py", "bench/run", "roles/*"]
     files = {os.path.relpath(path, ROOT) for pattern in patterns for path in glob.glob(os.path.join(ROOT, pattern))}
     missing = sorted(files - layout_paths())
     assert not missing, "not in docs/architecture.md's layout table: %s" % ", ".join(missing)
