@@ -40,6 +40,7 @@ import gzip
 import hashlib
 import json
 import os
+import pickle
 import re
 import secrets
 import stat
@@ -240,6 +241,64 @@ RESTORE_CREDS_UPDATE_SQL = (
     "UPDATE whatsapp_auth SET creds = %(creds)s::jsonb, created_at = %(created)s::timestamptz WHERE company_id = %(company)s"
 )
 DELETE_CREDS_SQL = "DELETE FROM whatsapp_auth WHERE company_id = %(company)s"
+# -- a delta pass's batches: the companies prepared per file (Prepared) planned and written DELTA_BATCH at a time, one
+# transaction, one COPY, one proof and one fingerprint query per batch; every statement keyed by company.
+DELTA_BATCH = 50
+BATCH_MATCH = "k.company_id = s.c AND k.key_type = s.t AND k.key_id = s.i"
+BATCH_ROWS = "unnest(%(companies)s::text[], %(types)s::text[], %(ids)s::text[]) AS s (c, t, i)"
+# COMPANY_FINGERPRINT_SQL's columns for each company of the batch (the company first).
+BATCH_FINGERPRINT_SQL = (
+    "SELECT b.c, coalesce(k.keys, 0), coalesce(k.xmin_hash, 0)::text, a.xmin::text FROM unnest(%(batch)s::text[]) AS b (c) "
+    "LEFT JOIN (SELECT company_id, count(*) AS keys, sum(hashint8(xmin::text::bigint)) AS xmin_hash FROM whatsapp_keys "
+    "WHERE company_id = ANY(%(batch)s) AND key_type = ANY(%(key_types)s) GROUP BY company_id) k ON k.company_id = b.c "
+    "LEFT JOIN whatsapp_auth a ON a.company_id = b.c"
+)
+# CHANGED_AFTER with each company's own exempt xids (pairs company, xid).
+BATCH_EXEMPT = ("coalesce(%(table)s.updated_at > %%(since)s::timestamptz, false) AND %(table)s.xmin::text::bigint <> ALL("
+                "ARRAY(SELECT e.x FROM unnest(%%(exempt_c)s::text[], %%(exempt_x)s::bigint[]) AS e (c, x) "
+                "WHERE e.c = %(table)s.company_id))")
+BATCH_KEYS_STATE_SQL = (
+    "SELECT k.company_id, k.key_type, k.key_id, k.updated_at::text, " + BATCH_EXEMPT % {"table": "k"} + ", "
+    "hashint8(k.xmin::text::bigint) FROM " + BATCH_ROWS + " JOIN whatsapp_keys k ON " + BATCH_MATCH
+)
+BATCH_CREDS_STATE_SQL = (
+    "SELECT a.company_id, a.creds::text, a.updated_at::text, " + BATCH_EXEMPT % {"table": "a"} + " "
+    "FROM whatsapp_auth a WHERE a.company_id = ANY(%(batch)s)"
+)
+BATCH_SAVE_KEYS_SQL = (
+    "SELECT k.company_id, k.key_type, k.key_id, k.value::text, k.created_at::text, k.updated_at::text, k.expires_at::text "
+    "FROM " + BATCH_ROWS + " JOIN whatsapp_keys k ON " + BATCH_MATCH
+)
+BATCH_SAVE_CREDS_SQL = ("SELECT company_id, creds::text, created_at::text, updated_at::text FROM whatsapp_auth "
+                        "WHERE company_id = ANY(%(batch)s)")
+BATCH_DELETE_SQL = "DELETE FROM whatsapp_keys k USING " + BATCH_ROWS + " WHERE " + BATCH_MATCH
+# The batch's staging table: STAGE's with the company in each row (c), every row written (v and d never NULL).
+BATCH_STAGE = "pg_temp.baileys_dr_batch"
+TXN_BATCH_SQL = ("CREATE TEMPORARY TABLE IF NOT EXISTS baileys_dr_batch (c text NOT NULL, a \"char\" NOT NULL, t text NOT NULL, "
+                 "i text NOT NULL, v jsonb NOT NULL, d int NOT NULL) ON COMMIT DELETE ROWS; " + TXN_SQL)
+BATCH_COPY_SQL = "COPY %s (c, a, t, i, v, d) FROM STDIN" % BATCH_STAGE
+BATCH_WRITE_SQL = {
+    "i": "INSERT INTO whatsapp_keys (company_id, key_type, key_id, value, expires_at) "
+         "SELECT c, t, i, v, now() + d * interval '1 day' FROM %s WHERE a = 'i'" % BATCH_STAGE,
+    "u": "UPDATE whatsapp_keys k SET value = s.v, expires_at = now() + s.d * interval '1 day' FROM %s s "
+         "WHERE s.a = 'u' AND %s" % (BATCH_STAGE, BATCH_MATCH),
+}
+BATCH_CREDS_UPDATE_SQL = (
+    "UPDATE whatsapp_auth a SET creds = u.v::jsonb FROM unnest(%(companies)s::text[], %(texts)s::text[]) AS u (c, v) "
+    "WHERE a.company_id = u.c"
+)
+BATCH_CREDS_INSERT_SQL = (
+    "INSERT INTO whatsapp_auth (company_id, creds) SELECT u.c, u.v::jsonb "
+    "FROM unnest(%(companies)s::text[], %(texts)s::text[]) AS u (c, v)"
+)
+# PROVE_WRITTEN_SQL for every company of the batch: written rows missing or not byte for byte the JSONB sent.
+BATCH_PROVE_SQL = (
+    "SELECT s.c, CASE WHEN k.key_id IS NULL THEN 'missing' ELSE 'differs' END, s.t, s.i FROM %s s LEFT JOIN whatsapp_keys k "
+    "ON " + BATCH_MATCH + " LEFT JOIN LATERAL (SELECT k.value) AS row_value (v) ON true "
+    "LEFT JOIN LATERAL (SELECT s.v) AS sent (v) ON true "
+    "WHERE k.key_id IS NULL OR row_value *<> sent LIMIT 100"
+) % BATCH_STAGE
+BATCH_CREDS_TEXT_SQL = "SELECT company_id, creds::text FROM whatsapp_auth WHERE company_id = ANY(%(batch)s)"
 UNTOUCHED_SQL = (
     "SELECT count(*) FROM (SELECT company_id FROM whatsapp_auth UNION SELECT company_id FROM whatsapp_keys) c "
     "WHERE NOT company_id = ANY(%(ids)s)"
@@ -260,6 +319,14 @@ class Deferred(FailbackError):
 
 class BaseStale(Exception):
     """Delta pass, per file: the company's rows are no longer the bulk pass's (its fingerprint moved): read it whole."""
+
+
+class _LeftOut(Exception):
+    """Delta batch: companies ({company: why}) the batch leaves out (rolled back, done again without them)."""
+
+    def __init__(self, reasons):
+        super().__init__(", ".join(sorted(reasons)))
+        self.reasons = reasons
 
 
 class FileProblem(Exception):
@@ -652,13 +719,40 @@ def scan_company(root_fd, company_id):
 class ScanWorkers:
     """scan_company of many companies in forked processes, one per usable CPU (a listing is a stat per file: CPU bound
     in Python, and threads would contend for the GIL), while the parent does other work (the aggregate query).
-    start() forks; results() collects {company: (signature, why)}."""
+    start() forks; results() collects {company: (signature, why, prepared)}.
 
-    def __init__(self, root_fd, company_ids):
+    prepare: {company: recorded signature} of the companies a delta pass may import per file, and prepare(company,
+    dir_fd, stats, observed_ns) the function that does it (Failback._prepare): a company whose signature differs from
+    the recorded one is prepared from the same listing (its changed files read and checked, its digest spliced), so that
+    its directory is listed once in the whole delta pass."""
+
+    def __init__(self, root_fd, company_ids, prepare=None, recorded=None):
         self.root_fd = root_fd
         self.ids = list(company_ids)
         self.children = []  # (pid, read fd, company ids)
         self.local = None
+        self.prepare = prepare
+        self.recorded = recorded or {}
+
+    def scan(self, company_id):
+        """(signature, why not, prepared or None) of one company."""
+        if self.prepare is None or company_id not in self.recorded:
+            return scan_company(self.root_fd, company_id) + (None,)
+        try:
+            dir_fd = open_dir(COMPANY_PREFIX + company_id, self.root_fd)
+        except FileNotFoundError:
+            return None, "absent", None
+        except (OSError, SessionsError):
+            return None, "unreadable", None
+        try:
+            observed_ns = time.time_ns()
+            stats = dir_stats(dir_fd)
+            signature = directory_signature(stats)
+            if signature == self.recorded[company_id]:
+                return signature, None, None
+            return signature, None, self.prepare(company_id, dir_fd, stats, observed_ns)
+        finally:
+            os.close(dir_fd)
 
     def start(self):
         count = export_workers() if len(self.ids) >= SCAN_MIN_FORK else 1
@@ -680,7 +774,7 @@ class ScanWorkers:
             code = 1
             try:
                 os.close(read_fd)
-                write_all(write_fd, encode_json([scan_company(self.root_fd, c) for c in part]))
+                write_all(write_fd, pickle.dumps([self.scan(c) for c in part], protocol=pickle.HIGHEST_PROTOCOL))
                 code = 0
             finally:
                 os._exit(code)
@@ -688,14 +782,15 @@ class ScanWorkers:
         self.children.append((pid, read_fd, part))
 
     def results(self):
-        found = {} if self.local is None else {c: scan_company(self.root_fd, c) for c in self.local}
+        found = {} if self.local is None else {c: self.scan(c) for c in self.local}
         failed = False
         for pid, read_fd, part in self.children:
             with os.fdopen(read_fd, "rb") as pipe:
                 data = pipe.read()
             failed = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0 or failed
             if not failed:
-                found.update((c, tuple(r)) for c, r in zip(part, json.loads(data)))
+                # Pickled by a fork of this very process (same code), read from its pipe only.
+                found.update((c, tuple(r)) for c, r in zip(part, pickle.loads(data)))
         self.children = []
         if failed:
             raise FailbackError("a worker listing the company directories failed: the delta pass proves nothing, run it again")
@@ -972,6 +1067,25 @@ class SourceTree:
                                       "(Baileys would have written fresh ones)")
         return files
 
+    def prepare_changed(self, company_id, dir_fd, stats, observed_ns, ambiguous_mode, buffer_format):
+        """Delta pass, per file, from the listing the proof took (stats, listed at observed_ns): the company's changed
+        files read and checked, compared with the bulk pass's lines, its digest spliced (Prepared), so that the company is
+        written in a batch (Failback._delta_batches) without listing its directory again. None when it is not that
+        simple (no usable record, a problem, an ambiguous name, a file changed while read, a key both new and gone): the
+        company then goes the per-company way, which reads it again and says what is wrong."""
+        base, _why = self._base(company_id)
+        if base is None:
+            return None
+        listed = CompanyFiles(company_id)
+        listed.before, listed.observed_ns = stats, observed_ns
+        try:
+            files = self._read_changed(listed, dir_fd, base, ambiguous_mode)
+            if files is None or files.problems or files.changed or files.ambiguous or files.skipped:
+                return None
+            return Prepared(files, base, buffer_format, directory_signature(stats))
+        except (FileProblem, CompanyRefused, passfiles.PassFilesError, SessionsError, OSError):
+            return None
+
     def _read_file(self, files, dir_fd, name, spec, ambiguous_mode):
         files.counts["files"] += 1
         try:
@@ -1044,6 +1158,62 @@ class SourceTree:
             return None
         changed = sorted(set(now) ^ set(before)) + sorted(n for n in set(now) & set(before) if now[n] != before[n])
         return ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+
+
+class StagedKey:
+    """A key a delta batch writes: what CompanyPlan's inserts and updates hold (key_type, key_id), and the text."""
+
+    __slots__ = ("key_type", "key_id", "name", "text")
+
+    def __init__(self, key_type, key_id, name, text):
+        self.key_type, self.key_id, self.name, self.text = key_type, key_id, name, text
+
+
+class Prepared:
+    """A company of a delta pass ready to be written in a batch: its changed files against the bulk pass's record (the
+    rows of every other key are the bulk pass's, proven by the fingerprint), the texts to write, the spliced digest.
+    Built in a scan worker from the proof's listing, sent to the parent pickled: no file data, no listing kept (the
+    listing's signature only, for the check before the COMMIT when the directory's watch saw an event)."""
+
+    def __init__(self, files, base, buffer_format, signature):
+        self.company_id = files.company_id
+        self.fingerprint = base.fingerprint
+        self.signature = signature
+        self.files_read = files.counts["files"]
+        self.updates, self.inserts, self.unchanged = [], [], 0
+        changed = {}
+        for key, entry in files.keys.items():
+            line = changed[key] = entry.line()
+            recorded = base.by_name.get(entry.name)
+            position = recorded[0] if recorded is not None and base.keys[recorded[0]] == key else None
+            if position is not None and base.key_lines[position] == line:
+                self.unchanged += 1  # rewritten with the same value: its row is the bulk pass's, equal
+                continue
+            staged = StagedKey(key[0], key[1], entry.name, stored_text(key[0], entry.value(), buffer_format))
+            (self.updates if position is not None else self.inserts).append(staged)
+        self.deletes = sorted(files.deleted, key=lambda k: sort_key(*k))
+        if not set(files.deleted).isdisjoint(files.keys):
+            raise passfiles.PassFilesError("a key both gone and read")
+        # The creds: carried (the bulk pass's, its row too), or read: inserted when the bulk pass had none.
+        self.creds = self.creds_text = self.creds_value = None
+        if files.creds_carried:
+            self.creds_line = base.creds_line
+        elif files.creds is None:
+            self.creds_line = creds_line(None)
+        else:
+            self.creds_line = files.creds.line()
+            if base.creds_stat is None:
+                self.creds = "inserted"
+            elif self.creds_line != base.creds_line:
+                self.creds = "updated"
+                self.creds_value = files.creds.value()
+            if self.creds:
+                self.creds_text = stored_text(None, files.creds.value(), buffer_format)
+        if self.creds is None and files.creds is None and not files.creds_carried and base.creds_stat is not None:
+            raise passfiles.PassFilesError("creds.json is gone")
+        self.creds_present = files.creds_carried or files.creds is not None
+        lines = base.spliced(files.carried, changed)
+        self.digest = hashlib.sha256(b"".join([HEADER_LINE, self.creds_line] + lines)).hexdigest()
 
 
 class _ReadThread(threading.Thread):
@@ -1253,11 +1423,7 @@ class _HashingWriter:
 
 def write_undo_file(undo_dir, company_id, header, records):
     """<undo_dir>/failback-<company>-<UTC stamp>.jsonl.gz and its .sha256, both synced; returns the path."""
-    base = "failback-%s-%s" % (company_id, compact_stamp(utc_now()))
-    name, serial = base + ".jsonl.gz", 1
-    while os.path.lexists(os.path.join(undo_dir, name)) or os.path.lexists(os.path.join(undo_dir, name + ".sha256")):
-        serial += 1
-        name = "%s-%d.jsonl.gz" % (base, serial)
+    name = _undo_name(undo_dir, company_id, compact_stamp(utc_now()), set())
     final = os.path.join(undo_dir, name)
     tmp = os.path.join(undo_dir, ".%s.tmp-%s" % (name, secrets.token_hex(4)))
     count = 0
@@ -1283,35 +1449,107 @@ def write_undo_file(undo_dir, company_id, header, records):
         tmp = None
         write_file_atomic(final + ".sha256", ("%s  %s\n" % (hashing.digest.hexdigest(), name)).encode("ascii"), mode=0o600)
     except BaseException:
-        for path in (tmp, final if tmp is None else None):
-            if path:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+        _remove_written(tmp, final)
         raise
     fsync_dir(undo_dir)
     return final
 
 
-class UndoWriter(threading.Thread):
-    """write_undo_file in a thread (gzip and fsync release the GIL), so that the server's writes go on meanwhile."""
+def _remove_written(tmp, final):
+    """After an error: the temporary file, or the final one once renamed (tmp None)."""
+    try:
+        os.unlink(tmp if tmp is not None else final)
+    except OSError:
+        pass
 
-    def __init__(self, undo_dir, company_id, header, records):
-        super().__init__(name="baileys-dr-undo-%s" % company_id, daemon=True)
-        self.args = (undo_dir, company_id, header, records)
+
+def _undo_name(undo_dir, company_id, stamp, taken):
+    base = "failback-%s-%s" % (company_id, stamp)
+    name, serial = base + ".jsonl.gz", 1
+    while name in taken or os.path.lexists(os.path.join(undo_dir, name)) or os.path.lexists(os.path.join(undo_dir, name + ".sha256")):
+        serial += 1
+        name = "%s-%d.jsonl.gz" % (base, serial)
+    taken.add(name)
+    return name
+
+
+def _fsync_all(paths, threads=8):
+    """fsync each file; a few at a time, so that the file system's journal commits them together."""
+    def sync(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if len(paths) <= 1:
+        for path in paths:
+            sync(path)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
+        list(pool.map(sync, paths))
+
+
+def write_undo_files(undo_dir, items):
+    """The undo files of a delta batch, one per company as write_undo_file writes it (same name, format and sidecar), but
+    synced together: every file and sidecar written, fsynced, renamed, then the directory fsynced once. {company: path};
+    nothing is left behind on an error (and nothing commits before this returns)."""
+    if not items:
+        return {}
+    stamp, taken = compact_stamp(utc_now()), set()
+    staged = []  # (tmp, final) of the files, then of the sidecars
+    try:
+        sidecars = []
+        for company_id, header, records in items:
+            name = _undo_name(undo_dir, company_id, stamp, taken)
+            final = os.path.join(undo_dir, name)
+            tmp = os.path.join(undo_dir, ".%s.tmp-%s" % (name, secrets.token_hex(4)))
+            staged.append((tmp, final))
+            fd = os.open(tmp, NEW_FILE_FLAGS, 0o600)
+            with os.fdopen(fd, "wb") as raw:
+                hashing = _HashingWriter(raw)
+                with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:
+                    body = [encode_json(header).decode("utf-8")]
+                    body.extend(dumps(record) for record in records)
+                    body.append(dumps({"end": True, "records": len(records)}))
+                    gz.write(("\n".join(body) + "\n").encode("utf-8"))
+            side_tmp = os.path.join(undo_dir, ".%s.sha256.tmp-%s" % (name, secrets.token_hex(4)))
+            staged.append((side_tmp, final + ".sha256"))
+            fd = os.open(side_tmp, NEW_FILE_FLAGS, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(("%s  %s\n" % (hashing.digest.hexdigest(), name)).encode("ascii"))
+            sidecars.append((company_id, final))
+        _fsync_all([tmp for tmp, _final in staged])
+        for index, (tmp, final) in enumerate(staged):
+            os.rename(tmp, final)
+            staged[index] = (None, final)
+        fsync_dir(undo_dir)
+        return dict(sidecars)
+    except BaseException:
+        for tmp, final in staged:
+            _remove_written(tmp, final)
+        raise
+
+
+class UndoWriter(threading.Thread):
+    """write_undo_file in a thread (gzip and fsync release the GIL), so that the server's writes go on meanwhile; with
+    write=write_undo_files, the undo files of a delta batch (args: undo_dir, items)."""
+
+    def __init__(self, *args, write=write_undo_file):
+        super().__init__(name="baileys-dr-undo-%s" % (args[1] if write is write_undo_file else "batch"), daemon=True)
+        self.args, self.write = args, write
         self.path = None
         self.error = None
         self.start()
 
     def run(self):
         try:
-            self.path = write_undo_file(*self.args)
+            self.path = self.write(*self.args)
         except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
             self.error = exc
 
     def wait(self):
-        """The undo file's path once it is written and synced; its error otherwise."""
+        """The undo file's path once it is written and synced (a batch's: {company: path}); its error otherwise."""
         self.join()
         if self.error is not None:
             raise self.error
@@ -1509,6 +1747,12 @@ class Failback:
         self.lock = not check_mode  # the advisory lock: the module's connection holds it, a worker's never does
         self.workers_used = 0
         self.absent = []  # companies asked for that the tree does not hold (missing_companies=skip)
+        # Delta pass: companies prepared per file from the proof's listing, written in batches (_delta_batches); their
+        # plans (pass 1); the watch on their directories (the check before each batch's COMMIT).
+        self.prepared = {}
+        self.batch_plans = {}
+        self.watch = None
+        self.left_out = {}  # company -> why a batch left it out (it is read whole, alone)
 
     # -- the run --
     def run(self):
@@ -1525,6 +1769,8 @@ class Failback:
                     result = self._run(src)
                 finally:
                     self.tree.close()
+                    if self.watch is not None:
+                        self.watch.close()
             finally:
                 os.close(root_fd)
                 self.db.close()
@@ -1575,7 +1821,7 @@ class Failback:
         for company_id, reason in bad.items():
             outcomes[company_id].update(status="refused", error=reason)
         todo = self._prove_unchanged(src, companies, bad, outcomes) if params.get("delta_from") else companies
-        with Workers(self._workers(todo, bad), "an import worker") as workers:
+        with Workers(self._workers([c for c in todo if c not in self.prepared], bad), "an import worker") as workers:
             if workers.count < 2 or not workers.start(self._attach_worker, self._worker_task, self._detach_worker):
                 workers = None
             self.workers_used = 0 if workers is None else workers.count
@@ -1593,14 +1839,29 @@ class Failback:
 
     def _passes(self, todo, bad, outcomes, workers):
         params = self.params
-        # Pass 1, read-only: every company checked and planned before the first write.
-        planned = [(index, c) for index, c in enumerate(todo, 1) if c not in bad]
+        index_of = {c: index for index, c in enumerate(todo, 1)}
+        # Pass 1, read-only: every company checked and planned before the first write (the prepared ones in batches;
+        # a prepared one whose rows moved since the proof goes the per-company way, read whole).
+        if self.prepared:
+            self._delta_batches([c for c in todo if c in self.prepared], outcomes, write=False)
+        planned = [(index_of[c], c) for c in todo if c not in bad and c not in self.prepared]
         last = self._pass(planned, outcomes, workers, write=False)
         refused = [c for c in todo if outcomes[c]["status"] == "refused"]
         if not self.check_mode and not (refused and not params["continue_on_error"]):
-            # Pass 2: the writes, one transaction per company.
-            writes = [(index, c) for index, c in enumerate(todo, 1) if outcomes[c]["status"] not in ("refused", "deferred")]
-            self._writes(writes, outcomes, workers, last)
+            # Pass 2: the writes, one transaction per batch of prepared companies, then one per other company (and per
+            # company a batch left out: read whole, alone).
+            alone = []
+            if self.prepared:
+                alone = self._delta_batches([c for c in todo if c in self.prepared and outcomes[c]["status"] == "planned"],
+                                            outcomes, write=True)
+            if any(outcomes[c]["status"] == "failed" for c in self.prepared) and not params["continue_on_error"]:
+                for company_id in todo:
+                    if outcomes[company_id]["status"] in ("planned", None):
+                        outcomes[company_id]["status"] = "not_attempted"
+                return
+            writes = [(index_of[c], c) for c in todo if c not in self.prepared and outcomes[c]["status"] not in ("refused", "deferred")]
+            writes += [(index_of[c], c) for c in alone]
+            self._writes(writes, outcomes, None if alone else workers, None if alone else last)
         elif not self.check_mode:
             for company_id in todo:
                 if outcomes[company_id]["status"] not in ("refused", "deferred"):
@@ -1770,14 +2031,38 @@ class Failback:
                                 % (path, record["system_identifier"], self.meta["system_identifier"]))
         candidates = [c for c in companies if c not in bad and (record["companies"].get(c) or {}).get("signature")
                       and record["companies"][c].get("fingerprint")]
+        # A company whose pass files record allows it is prepared per file from the proof's own listing; its directory is
+        # watched from before that listing (the check before its batch's COMMIT).
+        per_file = not self.params.get("pass_record")
+        eligible = {}
+        if per_file:
+            for company_id in candidates:
+                entry = record["companies"][company_id]
+                if entry.get("files") and entry.get("digest"):
+                    eligible[company_id] = entry["signature"]
+                    self.tree.bases[company_id] = {"path": path, "files": entry["files"], "digest": entry["digest"],
+                                                   "fingerprint": entry["fingerprint"]}
+            if eligible:
+                self.watch = passfiles.DirectoryWatch(src)
+                for company_id in eligible:
+                    try:
+                        dir_fd = open_dir(COMPANY_PREFIX + company_id, self.tree.root_fd)
+                    except (OSError, SessionsError):
+                        continue  # no watch: listed again before the COMMIT (the listing says what is wrong)
+                    try:
+                        self.watch.add(company_id, dir_fd)
+                    finally:
+                        os.close(dir_fd)
         # The listings (forked workers) and the aggregate query (the server) run at the same time.
-        scan = ScanWorkers(self.tree.root_fd, candidates).start()
+        scan = ScanWorkers(self.tree.root_fd, candidates, self._prepare if eligible else None, eligible).start()
         try:
             fingerprints, timeline, next_xid = self._retrying("the fingerprint query", self._fingerprint_state)
         except BaseException:
             scan.reap()
             raise
         signatures = scan.results()
+        for company_id in eligible:
+            self.tree.bases.pop(company_id, None)  # set again below when the rows are still the bulk pass's
         # Row versions written on another timeline (a promoted standby, a point-in-time recovery) may reuse xids.
         same_lifetime = record.get("timeline_id") == timeline
         if not same_lifetime:
@@ -1791,7 +2076,6 @@ class Failback:
                 self.exempt[company_id] = xids
         deferred = set(record["deferred"])
         reasons, todo = {}, []
-        per_file = not self.params.get("pass_record")
         for company_id in companies:
             entry = entries.get(company_id) or {}
             if company_id in bad:
@@ -1809,6 +2093,11 @@ class Failback:
                 reason = "files changed" if signatures[company_id][1] is None else "files %s" % signatures[company_id][1]
                 if signatures[company_id][1] is None:
                     self._per_file_base(per_file, company_id, entry, fingerprints)
+                    if company_id in self.tree.bases and signatures[company_id][2] is not None:
+                        # Prepared from the proof's listing: written in a batch, without reading the directory again
+                        # (a company a batch leaves out is read whole).
+                        self.prepared[company_id] = signatures[company_id][2]
+                        self.tree.bases.pop(company_id)
             elif fingerprints.get(company_id) != entry["fingerprint"]:
                 reason = "rows changed"
             else:
@@ -1819,8 +2108,305 @@ class Failback:
             todo.append(company_id)
         self.delta = {"companies": len(companies), "unchanged_proven": len(companies) - len(todo), "imported": len(todo),
                       "not_proven": reasons, "from": path, "proof_seconds": round(time.monotonic() - started, 3),
-                      "per_file_candidates": len(self.tree.bases)}
+                      "per_file_candidates": len(self.tree.bases) + len(self.prepared), "batched": len(self.prepared),
+                      "watched": 0 if self.watch is None else len(self.watch.watched()),
+                      "watch_off": None if self.watch is None else self.watch.why}
         return todo
+
+    def _prepare(self, company_id, dir_fd, stats, observed_ns):
+        """ScanWorkers' prepare: SourceTree.prepare_changed with this run's options."""
+        return self.tree.prepare_changed(company_id, dir_fd, stats, observed_ns, self.params["ambiguous"],
+                                         self.params["buffer_format"])
+
+    # -- a delta pass's batches (the companies prepared per file) --
+    def _delta_batches(self, companies, outcomes, write):
+        """Pass 1 (write False): the prepared companies planned DELTA_BATCH at a time in read-only transactions; one
+        whose rows are no longer the bulk pass's leaves the batches (self.prepared) for the per-company way, read whole.
+        Pass 2: written, one transaction per batch; a company a batch cannot prove or whose files changed since their
+        listing is left out (the batch is done again without it). Returns the companies left out, to be written alone."""
+        alone = []
+        stop = write and not self.params["continue_on_error"]
+        for number, part in enumerate(chunks(companies, DELTA_BATCH), 1):
+            members = list(part)
+            while members:
+                what = "a delta batch of %d companies (%s)" % (len(members), "writes" if write else "plan")
+                if write:
+                    left_out = self._retrying(what, lambda: self._write_batch(number, members, outcomes))
+                else:
+                    left_out = self._retrying(what, lambda: self._plan_batch(members, outcomes))
+                if not left_out:
+                    break
+                for company_id in left_out:
+                    self.left_out[company_id] = left_out[company_id]
+                    self.prepared.pop(company_id, None)
+                    self.batch_plans.pop(company_id, None)
+                    outcomes[company_id].clear()
+                    outcomes[company_id].update(new_outcome())
+                alone.extend(sorted(left_out))
+                members = [c for c in members if c not in left_out]
+            if stop and any(outcomes[c]["status"] == "failed" for c in part):
+                break
+        return alone
+
+    def _batch_fingerprints(self, members):
+        rows = self.db.all(BATCH_FINGERPRINT_SQL, {"batch": list(members), "key_types": list(KEY_TYPES)})
+        return {c: fingerprint_text(k, h, x) for c, k, h, x in rows}
+
+    def _batch_stale(self, members):
+        """The companies of the batch whose rows are no longer the bulk pass's (their fingerprint moved)."""
+        now = self._batch_fingerprints(members)
+        return {c for c in members if now.get(c) != self.prepared[c].fingerprint}
+
+    @staticmethod
+    def _batch_keys(keys):
+        return {"companies": [k[0] for k in keys], "types": [k[1] for k in keys], "ids": [k[2] for k in keys]}
+
+    def _batch_state(self, members):
+        """({(company, type, id): (updated_at, changed after since, hashint8(xmin))} of the rows the batch replaces or
+        deletes, {company: (creds text, updated_at, changed after since)} of the creds it replaces)."""
+        keys = [(c, e.key_type, e.key_id) for c in members for e in self.prepared[c].updates]
+        keys += [(c,) + key for c in members for key in self.prepared[c].deletes]
+        exempt = [(c, x) for c in members for x in self.exempt.get(c, [])]
+        args = {"since": self.since, "exempt_c": [e[0] for e in exempt], "exempt_x": [e[1] for e in exempt]}
+        states = {}
+        for part in chunks(keys):
+            for c, t, i, updated, after, xmin_hash in self.db.all(BATCH_KEYS_STATE_SQL, dict(args, **self._batch_keys(part))):
+                states[(c, t, i)] = (updated, after, xmin_hash)
+        creds = [c for c in members if self.prepared[c].creds == "updated"]
+        creds_rows = {}
+        if creds:
+            for c, text, updated, after in self.db.all(BATCH_CREDS_STATE_SQL, dict(args, batch=creds)):
+                creds_rows[c] = (text, updated, after)
+        return states, creds_rows
+
+    def _plan_batch(self, members, outcomes):
+        """Pass 1 of a batch, read-only: each company planned from its prepared files and the rows they replace (their
+        versions, the since guard) or the creds (the identity guard). Returns {company: why} of those whose rows moved."""
+        db = self.db
+        try:
+            db.ensure(lock=self.lock)
+            db.execute(READ_ONLY_SQL)
+            stale = self._batch_stale(members)
+            states, creds_rows = self._batch_state([c for c in members if c not in stale])
+        finally:
+            db.rollback()
+        for company_id in members:
+            if company_id in stale:
+                continue
+            prepared, outcome = self.prepared[company_id], outcomes[company_id]
+            plan = CompanyPlan()
+            plan.proven = False
+            plan.updates, plan.inserts, plan.deletes = list(prepared.updates), list(prepared.inserts), list(prepared.deletes)
+            plan.unchanged, plan.creds, plan.creds_present = prepared.unchanged, prepared.creds, prepared.creds_present
+            for key in [(e.key_type, e.key_id) for e in prepared.updates] + prepared.deletes:
+                row = states.get((company_id,) + key)
+                if row is None:
+                    break  # a row the bulk pass left is gone: not the bulk pass's rows after all
+                plan.row_hashes[key] = row[2]
+                if row[1]:
+                    plan.conflicts.append({"type": key[0], "id": key[1], "updated_at": row[0]})
+            else:
+                row = creds_rows.get(company_id)
+                if prepared.creds != "updated" or row is not None:
+                    self._plan_prepared(company_id, prepared, plan, row, outcome)
+                    continue
+            stale.add(company_id)
+        return dict.fromkeys(sorted(stale), "its rows changed since the bulk pass")
+
+    def _plan_prepared(self, company_id, prepared, plan, creds_row, outcome):
+        outcome.update(read="changed_files", files_read=prepared.files_read, read_whole_because=None, ambiguous=0, _ambiguous=[])
+        if creds_row is not None:
+            # Before any write: fresh or other creds in the files never replace the registered ones of the database.
+            refusal = import_refusal(company_id, creds_row[0], prepared.creds_value, self.params.get("identity_force_companies"))
+            if refusal:
+                self._record_plan(company_id, plan, outcome)
+                outcome.update(status="refused", error="company %s: %s" % (company_id, refusal))
+                return
+            if creds_row[2]:
+                plan.conflicts.append({"type": "creds", "id": None, "updated_at": creds_row[1]})
+        plan.conflicts.sort(key=lambda c: c["updated_at"] or "")
+        self._record_plan(company_id, plan, outcome)
+        if plan.conflicts and not self.params["force"]:
+            outcome.update(status="refused", error="company %s: %s" % (company_id, self._conflict_message(plan)))
+            return
+        self.batch_plans[company_id] = plan
+        if self.check_mode:
+            outcome.update(status="would_change" if plan.writes else "unchanged", digest=prepared.digest)
+        else:
+            outcome["status"] = "planned"
+
+    def _write_batch(self, number, members, outcomes):
+        """Pass 2 of a batch, one transaction: the rows still the bulk pass's; the undo files (synced while the server
+        writes, before the COMMIT); the writes; the proof; the directories unchanged since their listing; COMMIT. Returns
+        the companies left out (the transaction rolled back, to be done again without them), {company: why}; {} once committed or failed."""
+        db = self.db
+        undo, committing, txid = {}, False, None
+        plans = {c: self.batch_plans[c] for c in members}
+        writing = [c for c in members if plans[c].writes]
+        try:
+            db.ensure(lock=self.lock)
+            for company_id in members:
+                outcomes[company_id].update(status=None, error=None, undo_file=None, digest=None)
+            txn_now, txid, xid_hash = db.one(TXN_BATCH_SQL)
+            stale = self._batch_stale(members)
+            if stale:
+                raise _LeftOut(dict.fromkeys(stale, "its rows changed since the bulk pass"))
+            for company_id in writing:
+                plans[company_id].written_by = (txid, xid_hash)
+            saving = self._save_batch(writing, plans, txn_now, txid)
+            try:
+                self._apply_batch(writing, plans)
+            finally:
+                undo = saving.wait()
+            unproven = self._prove_batch(members, plans)
+            if unproven:
+                raise _LeftOut(unproven)
+            test_hook("import_batch:%d" % number)
+            changed = self._changed_since_listing(members)
+            if changed:
+                raise _LeftOut(changed)
+            committing = True
+            db.conn.commit()
+        except _LeftOut as exc:
+            db.rollback()
+            for path in undo.values():
+                remove_undo_file(path)
+            for company_id, why in sorted(exc.reasons.items()):
+                self.warnings.append("company %s: left out of its delta batch (%s): read whole and imported alone" % (company_id, why))
+            return exc.reasons
+        except (psycopg2.Error, SessionsError, OSError, FileProblem) as exc:
+            lost = connection_lost(exc, db.conn)
+            db.rollback()
+            state = self._commit_state(txid) if committing and txid is not None else "aborted"
+            if state != "committed":
+                if state == "aborted":
+                    for path in undo.values():
+                        remove_undo_file(path)
+                    undo = {}
+                fate = "nothing of it was committed" if state == "aborted" else \
+                    "whether the COMMIT took effect is unknown (txid %s: %s); its undo file is kept" % (txid, state)
+                text = exc.pgerror if isinstance(exc, psycopg2.Error) and exc.pgerror else str(exc)
+                kind = "the database" if isinstance(exc, psycopg2.Error) else "the import"
+                for company_id in members:
+                    outcomes[company_id].update(
+                        status="failed", undo_file=undo.get(company_id), digest=None,
+                        error="company %s: %s failed in its delta batch of %d companies: %s; %s"
+                              % (company_id, kind, len(members), " ".join(str(text).split()), fate))
+                if lost and state == "aborted" and self.two_pass:
+                    raise  # retried on a new connection (_retrying): nothing of the batch was committed
+                return {}
+            self.warnings.append("a delta batch (%s): the COMMIT reported an error (%s) but the transaction committed"
+                                 % (", ".join(members[:5]), exc))
+        for company_id in members:
+            outcomes[company_id].update(status="imported" if plans[company_id].writes else "unchanged",
+                                        undo_file=undo.get(company_id), digest=self.prepared[company_id].digest)
+        return {}
+
+    def _save_batch(self, writing, plans, txn_now, txid):
+        """The rows the batch's writes replace or delete, read, and its undo files (one per company, format 1) started
+        in a thread (UndoWriter with write_undo_files)."""
+        actions = {}
+        for c in writing:
+            actions.update(((c, e.key_type, e.key_id), "updated") for e in plans[c].updates)
+            actions.update(((c,) + key, "deleted") for key in plans[c].deletes)
+        saved = {c: [] for c in writing}
+        count = 0
+        for part in chunks(sorted(actions)):
+            for c, t, i, value, created, updated, expires in self.db.all(BATCH_SAVE_KEYS_SQL, self._batch_keys(part)):
+                saved[c].append({"table": "whatsapp_keys", "action": actions[(c, t, i)], "key_type": t, "key_id": i,
+                                 "value": value, "created_at": created, "updated_at": updated, "expires_at": expires})
+                count += 1
+        if count != len(actions):
+            raise FailbackError("%d rows to save for undo but %d read back" % (len(actions), count))
+        creds = {}
+        replaced = [c for c in writing if plans[c].creds == "updated"]
+        if replaced:
+            for c, text, created, updated in self.db.all(BATCH_SAVE_CREDS_SQL, {"batch": replaced}):
+                creds[c] = {"table": "whatsapp_auth", "action": "updated", "creds": text, "created_at": created, "updated_at": updated}
+            if len(creds) != len(replaced):
+                raise FailbackError("%d creds rows to save for undo but %d read back" % (len(replaced), len(creds)))
+        items = []
+        for c in writing:
+            plan = plans[c]
+            records = [creds[c]] if plan.creds == "updated" else [{"table": "whatsapp_auth", "action": "inserted"}] \
+                if plan.creds == "inserted" else []
+            records.extend(saved[c])
+            records.extend({"table": "whatsapp_keys", "action": "inserted", "key_type": e.key_type, "key_id": e.key_id}
+                           for e in plan.inserts)
+            items.append((c, self._undo_header(c, plan, txn_now, txid), records))
+        undo_dir = self.params["undo_dir"]
+        os.makedirs(undo_dir, mode=0o700, exist_ok=True)
+        return UndoWriter(undo_dir, items, write=write_undo_files)
+
+    def _undo_header(self, company_id, plan, txn_now, txid):
+        return {"format": UNDO_FORMAT, "kind": UNDO_KIND, "company_id": company_id, "created_at": iso(utc_now()),
+                "txn_started_at": txn_now, "txid": int(txid), "system_identifier": self.meta["system_identifier"],
+                "target": self.target, "source": {"path": self.tree.path, "manifest": self.tree.kind,
+                                                  "generation": (self.tree.top or {}).get("generation")},
+                "since": self.since, "counts": {"inserted": len(plan.inserts), "updated": len(plan.updates),
+                                                "deleted": len(plan.deletes), "creds": plan.creds}}
+
+    def _apply_batch(self, writing, plans):
+        db = self.db
+        deletes = [(c,) + key for c in writing for key in plans[c].deletes]
+        deleted = sum(db.execute(BATCH_DELETE_SQL, self._batch_keys(part)) for part in chunks(deletes))
+        if deleted != len(deletes):
+            raise FailbackError("%d rows to delete but %d deleted" % (len(deletes), deleted))
+        updates = sum(len(plans[c].updates) for c in writing)
+        inserts = sum(len(plans[c].inserts) for c in writing)
+        if updates or inserts:
+            db.copy(BATCH_COPY_SQL, self._batch_lines(writing, plans))
+        for action, count in (("u", updates), ("i", inserts)):
+            done = db.execute(BATCH_WRITE_SQL[action]) if count else 0
+            if done != count:
+                raise FailbackError("%d rows to write but %d written" % (count, done))
+        for action, sql in (("updated", BATCH_CREDS_UPDATE_SQL), ("inserted", BATCH_CREDS_INSERT_SQL)):
+            companies = [c for c in writing if plans[c].creds == action]
+            if companies and db.execute(sql, {"companies": companies, "texts": [self.prepared[c].creds_text for c in companies]}) \
+                    != len(companies):
+                raise FailbackError("the creds rows were not written")
+
+    @staticmethod
+    def _batch_lines(writing, plans):
+        for c in writing:
+            for action, entries in (("u", plans[c].updates), ("i", plans[c].inserts)):
+                for e in entries:
+                    yield "%s\t%s\t%s\t%s\t%s\t%d\n" % (copy_text(c), action, copy_text(e.key_type), copy_text(e.key_id),
+                                                     copy_text(e.text), expiry_days(e.key_type))
+
+    def _prove_batch(self, members, plans):
+        """After the batch's writes, per company (_prove's checks): every written row is the JSONB of the text sent, the
+        rows not written are the bulk pass's (the fingerprint is the recorded one less the rows replaced or deleted, plus
+        the rows written), the creds read back as the files' (or the bulk pass's). {company: why not} of those that fail."""
+        reasons = {}
+        for c, kind, t, i in self.db.all(BATCH_PROVE_SQL):
+            reasons.setdefault(c, "after the writes %s %r is %s" % (t, i, "missing" if kind == "missing" else "not what was sent"))
+        now = self._batch_fingerprints(members)
+        for c in members:
+            expected = self._fingerprint_after(self.prepared[c].fingerprint, plans[c])
+            if now.get(c) != expected:
+                reasons.setdefault(c, "after the writes the rows are not the bulk pass's and the files' changes (fingerprint %s, "
+                                      "expected %s)" % (now.get(c), expected))
+        texts = dict(self.db.all(BATCH_CREDS_TEXT_SQL, {"batch": list(members)}))
+        for c in members:
+            try:
+                same = database_line(None, None, texts.get(c)) == self.prepared[c].creds_line
+            except CompanyRefused:
+                same = False
+            if not same:
+                reasons.setdefault(c, "after the writes the creds do not read back as creds.json")
+        return reasons
+
+    def _changed_since_listing(self, members):
+        """{company: why} of the companies whose directory changed since the listing their batch used: those the watch
+        saw an event in (or could not watch) are listed again and compared with it."""
+        suspects = self.watch.suspects(members) if self.watch is not None else set(members)
+        changed = {}
+        for company_id in sorted(suspects):
+            signature, why = scan_company(self.tree.root_fd, company_id)
+            if signature != self.prepared[company_id].signature:
+                changed[company_id] = "its files changed after they were listed%s" % (" (directory %s)" % why if why else "")
+        return changed
 
     def _per_file_base(self, per_file, company_id, entry, fingerprints):
         """A company whose files changed since the bulk pass but whose rows are still the bulk pass's: only its changed
@@ -2005,6 +2591,8 @@ class Failback:
         files = self._read(company_id, outcome, lambda: reader.read(company_id))
         if files is None:
             return
+        if files.whole_because is None and company_id in self.left_out:
+            files.whole_because = self.left_out[company_id]
         try:
             self._company_files(index, company_id, outcome, files, write)
         except BaseStale:

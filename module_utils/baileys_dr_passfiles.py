@@ -24,9 +24,11 @@ A stat of -1 -1 -1 marks a file not provable from the listing (written within th
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import struct
 
 from ansible.module_utils.baileys_dr_codec import sort_key
 from ansible.module_utils.baileys_dr_fs import write_file_atomic
@@ -211,3 +213,116 @@ class PassFiles:
             start = low
         out.extend(recorded[position] for position in carried[start:])
         return out
+
+
+# -- the check before a delta batch's COMMIT: what changed in the watched directories (inotify) -------------------------
+# A delta pass lists each company directory once. Between that listing and the COMMIT of the company's rows, a file
+# written by a service that was not stopped must still be seen: a watch added before the listing reports every create,
+# write, attribute change, rename and delete in the directory (and the directory's own move or removal) from then on,
+# so the check before the COMMIT reads the events instead of listing the directory again. A directory with an event, or
+# without a watch (no inotify, no /proc, the watch limit reached, a file system whose changes made elsewhere inotify does
+# not see), is listed again and compared with the listing the import used.
+
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF, IN_UNMOUNT, IN_Q_OVERFLOW, IN_IGNORED = 0x400, 0x800, 0x2000, 0x4000, 0x8000
+IN_ONLYDIR = 0x01000000
+IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF
+              | IN_MOVE_SELF)
+EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then len bytes of name)
+# statfs f_type of file systems where another host or a user-space daemon changes files without the local kernel's
+# notifications (NFS, SMB/CIFS, FUSE, 9p, Ceph, GPFS, Lustre, AFS): no watch is trusted there.
+REMOTE_FS = {0x6969: "nfs", 0xFF534D42: "cifs", 0xFE534D42: "smb2", 0x517B: "smb", 0x65735546: "fuse", 0x01021997: "9p",
+             0x00C36400: "ceph", 0x47504653: "gpfs", 0x0BD00BD0: "lustre", 0x5346414F: "afs", 0x6B414653: "afs"}
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc if hasattr(libc, "inotify_init1") and hasattr(libc, "inotify_add_watch") else None
+    except (OSError, AttributeError):
+        return None
+
+
+def file_system_type(path):
+    """statfs f_type of the file system holding path, or None."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "statfs"):
+        return None
+    buf = ctypes.create_string_buffer(512)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return struct.unpack_from("l", buf.raw, 0)[0] & 0xFFFFFFFF
+
+
+class DirectoryWatch:
+    """inotify watches on company directories; suspects() names the watched companies that may have changed since their
+    watch was added (and every company whose watch could not be added). Watches are added by directory fd
+    (/proc/self/fd/N): the directory opened without following a symbolic link is the one watched."""
+
+    def __init__(self, tree_path):
+        self.fd = None
+        self.wds = {}  # watch descriptor -> company id
+        self.changed = set()
+        self.overflow = False
+        self.why = None  # why nothing is watched, or None
+        fs_type = file_system_type(tree_path)
+        libc = _libc()
+        if libc is None:
+            self.why = "no inotify"
+        elif fs_type in REMOTE_FS:
+            self.why = "the tree is on %s (changes made elsewhere raise no inotify event)" % REMOTE_FS[fs_type]
+        else:
+            fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+            if fd < 0:
+                self.why = "inotify_init1 failed (%s)" % os.strerror(ctypes.get_errno())
+            else:
+                self.fd, self._libc = fd, libc
+
+    def add(self, company_id, dir_fd):
+        """Watch the open directory dir_fd for company_id; False (the company is then always suspect) when it cannot be."""
+        if self.fd is None:
+            return False
+        wd = self._libc.inotify_add_watch(self.fd, b"/proc/self/fd/%d" % dir_fd, WATCH_MASK | IN_ONLYDIR)
+        if wd < 0:
+            return False
+        self.wds[wd] = company_id
+        return True
+
+    def watched(self):
+        return set(self.wds.values())
+
+    def _drain(self):
+        while self.fd is not None:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            offset = 0
+            while offset + EVENT_HEADER.size <= len(data):
+                wd, mask, _cookie, length = EVENT_HEADER.unpack_from(data, offset)
+                offset += EVENT_HEADER.size + length
+                if mask & IN_Q_OVERFLOW:
+                    self.overflow = True
+                elif wd in self.wds:
+                    self.changed.add(self.wds[wd])
+                    if mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT):
+                        # The watch is gone with its directory: the company stays suspect (changed holds it).
+                        pass
+
+    def suspects(self, company_ids):
+        """The companies of company_ids that may have changed since they were watched: an event in the directory, an
+        overflowed event queue, or no watch at all."""
+        self._drain()
+        watched = set(self.wds.values())
+        if self.overflow or self.fd is None:
+            return set(company_ids)
+        return {c for c in company_ids if c in self.changed or c not in watched}
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

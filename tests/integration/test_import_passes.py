@@ -282,7 +282,10 @@ def test_a_connection_killed_once_during_a_pass_is_retried_and_the_pass_complete
     for company in COMPANIES:
         new_ids[company] = baileys_changes(sessions, company, manifest_of(sessions, company))[0]
     args = dict(changed_during_read="defer", pass_record=str(record)) if which == "bulk" else dict(delta_from=str(record))
-    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_AT", "import_company:2")
+    # The delta pass writes the companies it prepared per file in one batch (one transaction): the whole batch is retried.
+    pause, what = ("import_company:2", "company company00002 (writes)") if which == "bulk" else (
+        "import_batch:1", "a delta batch of 3 companies (writes)")
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_AT", pause)
     monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_SECONDS", "2")
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.update(result=failback(**args)))
@@ -294,7 +297,7 @@ def test_a_connection_killed_once_during_a_pass_is_retried_and_the_pass_complete
     assert ok, result.get("msg")
     assert result["committed"] == list(COMPANIES)
     (retry,) = result["retries"]
-    assert retry["what"] == "company company00002 (writes)" and retry["attempt"] == 1 and retry["waited"] == 0.5
+    assert retry["what"] == what and retry["attempt"] == 1 and retry["waited"] == 0.5
     assert "closed" in retry["error"] or "terminat" in retry["error"]
     undo_files = sorted(n for n in os.listdir(undo_dir) if n.endswith(".gz") and "company00002" in n)
     assert [os.path.basename(p) for p in result["undo_files"] if "company00002" in p] == undo_files, \
