@@ -110,6 +110,8 @@ PREFETCH_THREADS = 2
 # A full export of at least this many keys (and 2 companies) is shared among worker processes, at most this many.
 PARALLEL_MIN_KEYS = 20000
 MAX_EXPORT_WORKERS = 4
+# A standby refresh shares its work among worker processes from this many companies to refresh (and PARALLEL_MIN_KEYS keys).
+REFRESH_PARALLEL_MIN_COMPANIES = 8
 
 
 class SessionsError(Exception):
@@ -621,7 +623,7 @@ def check_space(path, estimated_bytes, files, margin):
 META_SQL = (
     "SELECT now(), (SELECT system_identifier FROM pg_control_system())::text, "
     "(SELECT timeline_id FROM pg_control_checkpoint()), pg_postmaster_start_time(), "
-    "txid_snapshot_xmax(txid_current_snapshot()), current_setting('server_encoding')"
+    "txid_snapshot_xmax(txid_current_snapshot()), current_setting('server_encoding'), txid_current_snapshot()::text"
 )
 STATS_SQL = (
     "SELECT company_id, coalesce(k.keys, 0), k.xmin_hash::text, a.xmin::text FROM "
@@ -676,7 +678,7 @@ class Snapshot:
                 self.exported = None
         with self.conn.cursor() as cur:
             self._run(cur, META_SQL)
-            now, system_identifier, timeline, started, xid, encoding = cur.fetchone()
+            now, system_identifier, timeline, started, xid, encoding, txid_snapshot = cur.fetchone()
         self.meta = {
             "kind": "postgres",
             "target": target,
@@ -686,6 +688,8 @@ class Snapshot:
             "postmaster_start_time": iso(started),
             "xid": int(xid),
             "server_encoding": encoding,
+            # The transaction's whole snapshot (xmin:xmax:running xids): a later snapshot equal to it sees the same rows.
+            "txid_snapshot": txid_snapshot,
         }
         return self.meta
 
@@ -1412,6 +1416,7 @@ class Exporter:
         self.target = target
         self.owner = owner
         self.check_mode = check_mode
+        self.source_meta = None  # what Snapshot.begin read of the server
 
     def run(self, locked=False):
         started = time.monotonic()
@@ -1445,7 +1450,7 @@ class Exporter:
         params = self.params
         snapshot = Snapshot(conn)
         # Exported, so that worker processes can read the same snapshot (FullExport).
-        meta = snapshot.begin(self.target, export=not self.check_mode)
+        meta = self.source_meta = snapshot.begin(self.target, export=not self.check_mode)
         filter_ids = params.get("companies") or None
         stats = snapshot.company_stats(filter_ids)
         for company_id, *_ in stats:
@@ -1874,6 +1879,7 @@ class Refresher:
         self._marker = None
         self.dest = None
         self.guard = DeletionGuard(params)
+        self.source_meta = None  # what Snapshot.begin read of the server
 
     def run(self):
         started = time.monotonic()
@@ -1884,7 +1890,10 @@ class Refresher:
             if current is None:
                 # First build (or an unusable tree): a complete export, staged and swapped in.
                 exporter = Exporter(dict(self.params, force=True), self.connect, self.target, self.owner, self.check_mode)
-                result = exporter.run(locked=True)
+                try:
+                    result = exporter.run(locked=True)
+                finally:
+                    self.source_meta = exporter.source_meta
                 result.update(initial_build=True, reason=why)
                 if not self.check_mode:
                     top = self._top(dest)
@@ -1930,7 +1939,7 @@ class Refresher:
                 except FileNotFoundError:
                     pass
             snapshot = Snapshot(conn)
-            meta = snapshot.begin(self.target, export=True)
+            meta = self.source_meta = snapshot.begin(self.target, export=True)
             filter_ids = params.get("companies") or None
             hostile_rows = self._hostile_rows(snapshot, filter_ids)
             stats = snapshot.company_stats(filter_ids)
@@ -1961,6 +1970,10 @@ class Refresher:
                 if company_id not in todo:
                     companies[company_id] = dict(top["companies"][company_id], fingerprint=fingerprint)
                     self.stats["companies_skipped"] += 1
+            workers = self._refresh_workers(snapshot, work, stats)
+            if workers and self._in_workers(workers, snapshot, tree, top, work, fast, interrupted, companies):
+                work = []
+            result["workers"] = workers if not work else 0
             for (index, company_id, fingerprint), (state, edit, reason) in self._prefetching(snapshot, tree, top, work, fast, interrupted):
                 if state is None:
                     companies[company_id] = self._rebuild(snapshot, tree, company_id, fingerprint, reason, index)
@@ -2098,33 +2111,7 @@ class Refresher:
             return reader
 
         def prepare(item):
-            _index, company_id, _fingerprint = item
-            entry = top["companies"].get(company_id)
-            if entry is None:
-                return None, None, "new company"
-            try:
-                if tree.lines_fd is None:
-                    raise ManifestError("no digest lines")
-                data = (read_regular(tree.companies_fd, company_id + ".json"),
-                        read_regular(tree.lines_fd, company_id + ".lines"),
-                        read_regular(tree.lines_fd, company_id + ".rows"))
-                files = (data, tuple(sha256_bytes(d) for d in data))
-                state = self._state(tree, company_id, None if interrupted else entry["manifest_sha256"], interrupted, files)
-            except (OSError, ManifestError, SessionsError) as exc:
-                return None, None, "no usable manifest: %s" % exc
-            reader = reader_of_thread()
-            edit = self._diff(reader, state, company_id, fast, reader.rows(company_id))
-            if not self.check_mode and edit.writes:
-                try:
-                    dir_fd = open_dir(COMPANY_PREFIX + company_id, tree.root_fd)
-                except (OSError, SessionsError):
-                    pass  # _update says what is wrong
-                else:
-                    try:
-                        read_ahead(dir_fd, [w[0] for w in edit.writes if w[6] is not None or w[1] is None])
-                    finally:
-                        os.close(dir_fd)
-            return state, edit, None
+            return self._prepare(reader_of_thread, tree, top, item, fast, interrupted)
 
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="baileys-dr-prefetch")
         try:
@@ -2143,6 +2130,102 @@ class Refresher:
             pool.shutdown(wait=True, cancel_futures=True)
             for conn in connections:
                 conn.close()
+
+    def _prepare(self, reader_of, tree, top, item, fast, interrupted):
+        """(state, edit, None) of a work item, or (None, None, why it is rebuilt)."""
+        _index, company_id, _fingerprint = item
+        entry = top["companies"].get(company_id)
+        if entry is None:
+            return None, None, "new company"
+        try:
+            if tree.lines_fd is None:
+                raise ManifestError("no digest lines")
+            data = (read_regular(tree.companies_fd, company_id + ".json"),
+                    read_regular(tree.lines_fd, company_id + ".lines"),
+                    read_regular(tree.lines_fd, company_id + ".rows"))
+            files = (data, tuple(sha256_bytes(d) for d in data))
+            state = self._state(tree, company_id, None if interrupted else entry["manifest_sha256"], interrupted, files)
+        except (OSError, ManifestError, SessionsError) as exc:
+            return None, None, "no usable manifest: %s" % exc
+        reader = reader_of()
+        edit = self._diff(reader, state, company_id, fast, reader.rows(company_id))
+        if not self.check_mode and edit.writes:
+            try:
+                dir_fd = open_dir(COMPANY_PREFIX + company_id, tree.root_fd)
+            except (OSError, SessionsError):
+                pass  # _update says what is wrong
+            else:
+                try:
+                    read_ahead(dir_fd, [w[0] for w in edit.writes if w[6] is not None or w[1] is None])
+                finally:
+                    os.close(dir_fd)
+        return state, edit, None
+
+    # -- many companies: worker processes --
+    def _refresh_workers(self, snapshot, work, stats):
+        """Worker processes for this refresh's work (0: the parent does it, with its prefetch threads)."""
+        if self.check_mode or not snapshot.exported or len(work) < REFRESH_PARALLEL_MIN_COMPANIES:
+            return 0
+        todo = {company_id for _index, company_id, _fingerprint in work}
+        if sum(s[1] for s in stats if s[0] in todo) < PARALLEL_MIN_KEYS:
+            return 0
+        return min(export_workers(), len(work))
+
+    def _in_workers(self, count, snapshot, tree, top, work, fast, interrupted, companies):
+        """The work shared among count forked workers (Workers), each reading the exported snapshot on a connection of
+        its own and refreshing whole companies (read the company's state, diff, write), so that the JSON work, hashing,
+        file I/O and the server's work use every core; results and counters are collected here. False when a worker
+        could not connect (max_connections, say): nothing was written, the parent does the work instead."""
+        self._ensure_marker()  # before the fork: the durable mark of a refresh under way
+
+        def attach():
+            conn = self.connect()
+            try:
+                reader = snapshot.attach(conn)
+                reader.prepare_refresh(with_md5=not fast)
+            except BaseException:
+                conn.close()
+                raise
+            # Each worker checks the space it takes as if every other took as much.
+            self.space = SpaceBudget(self.dest, self.params["space_margin"] * count)
+            return conn, reader
+
+        def do(state, position):
+            reader = state[1]
+            index, company_id, fingerprint = item = work[position]
+            before = dict(self.stats)
+            company_state, edit, reason = self._prepare(lambda: reader, tree, top, item, fast, interrupted)
+            if company_state is None:
+                entry = self._rebuild(reader, tree, company_id, fingerprint, reason, index)
+            else:
+                entry = self._update(tree, company_state, edit, company_id, fingerprint, index, strays=interrupted)
+            self._wait_unlinking()
+            test_hook("after_company:%d" % index)
+            return entry, {k: self.stats[k] - before[k] for k in self.COUNTERS}, reader.queries
+
+        def detach(state):
+            if self._unlinker is not None:
+                self._unlinker.shutdown(wait=True)
+            try:
+                state[0].rollback()
+            finally:
+                state[0].close()
+
+        queries = snapshot.queries
+
+        def accept(position, result):
+            entry, counters, used = result
+            companies[work[position][1]] = entry
+            for name, value in counters.items():
+                self.stats[name] += value
+            queries.extend(q for q in used if q not in queries)
+
+        with Workers(count, "a refresh worker") as pool:
+            if not pool.start(attach, do, detach):
+                return False
+            pool.map(list(range(len(work))), accept)
+            pool.finish()
+        return True
 
     def _state(self, tree, company_id, expected_sha256, verify_files, files):
         (manifest_data, lines_data, rows_data), (manifest_sha256, lines_sha256, rows_sha256) = files
@@ -2696,7 +2779,8 @@ class Verifier:
     which tree_drift returns.
     """
 
-    def __init__(self, path, recompute_digests=False, allow_extra=False, max_problems=100, depth="content"):
+    def __init__(self, path, recompute_digests=False, allow_extra=False, max_problems=100, depth="content",
+                 changed_since_ns=None, companies=None, extras=True):
         if depth not in VERIFY_DEPTHS:
             raise SessionsError("depth must be one of %s, got %r" % (", ".join(VERIFY_DEPTHS), depth))
         if recompute_digests and depth != "content":
@@ -2715,6 +2799,13 @@ class Verifier:
                        "extra_files": 0, "extra_companies": 0, "permission_issues": 0}
         self.drift = DriftReport()
         self.manifest_mtime_ns = None
+        # depth=structure: files modified (mtime) or changed in any way (ctime, which no utime sets back) at or after
+        # this instant are hashed, instead of those modified at or after the top manifest (a proof that a tree has not
+        # moved since an earlier manifest: prove_tree).
+        self.changed_since_ns = changed_since_ns
+        # Only these companies of the manifest (None: all); extras=False leaves entries that are no company unreported.
+        self.only = None if companies is None else set(companies)
+        self.extras = extras
 
     def problem(self, text):
         self.problem_count += 1
@@ -2807,14 +2898,17 @@ class Verifier:
                 continue
             info = os.lstat(name, dir_fd=root_fd)
             if stat.S_ISLNK(info.st_mode):
-                self.problem("%s is a symbolic link: refused" % shown_name(name))
-                self.drift.extra_company(shown_name(name), 1)
+                if self.extras:
+                    self.problem("%s is a symbolic link: refused" % shown_name(name))
+                    self.drift.extra_company(shown_name(name), 1)
                 continue
             if name.startswith(COMPANY_PREFIX) and stat.S_ISDIR(info.st_mode):
                 company_id = name[len(COMPANY_PREFIX):]
                 if company_id in listed:
                     on_disk.add(company_id)
                     continue
+            if not self.extras:
+                continue
             self.counts["extra_companies"] += 1
             if len(self.extra_companies) < self.max_problems:
                 self.extra_companies.append(shown_name(name))
@@ -2824,7 +2918,7 @@ class Verifier:
             self.problem("%d entries of the tree are not companies of the manifest: %s"
                          % (self.counts["extra_companies"], ", ".join(repr(n) for n in extra[:MAX_SHOWN])))
         keys_total = 0
-        for company_id in sorted(listed, key=lambda c: c.encode("utf-8")):
+        for company_id in sorted(listed if self.only is None else self.only & listed.keys(), key=lambda c: c.encode("utf-8")):
             entry = listed[company_id]
             self.counts["companies"] += 1
             if company_id not in on_disk:
@@ -2995,7 +3089,8 @@ class Verifier:
             missing = sizes.keys() - names
             changed = {}  # name -> (size on disk or None, why)
             suspect = []
-            since = self.manifest_mtime_ns
+            since = self.manifest_mtime_ns if self.changed_since_ns is None else self.changed_since_ns
+            ctime = self.changed_since_ns is not None
             lstat_at = functools.partial(os.stat, dir_fd=dir_fd, follow_symlinks=False)
             for name in (sizes.keys() & names) - odd.keys():
                 try:
@@ -3007,7 +3102,7 @@ class Verifier:
                     odd[name] = "a symbolic link: refused" if stat.S_ISLNK(info.st_mode) else "not a regular file"
                 elif info.st_size != sizes[name]:
                     changed[name] = info.st_size
-                elif since is None or info.st_mtime_ns >= since:
+                elif since is None or info.st_mtime_ns >= since or (ctime and info.st_ctime_ns >= since):
                     suspect.append(name)
             if suspect:
                 expected = hashes()
@@ -3090,6 +3185,85 @@ def tree_drift(path, lock_timeout=None):
     return verifier.drift.summary(verifier.problem_count)
 
 
+# prove_tree: companies per task handed to a worker, and the fewest companies worth forking for.
+PROOF_CHUNK_COMPANIES = 50
+PROOF_PARALLEL_MIN_COMPANIES = 100
+
+
+def _prove_chunk(path, changed_since_ns, companies, extras):
+    verifier = Verifier(path, depth="structure", max_problems=MAX_SHOWN, changed_since_ns=changed_since_ns,
+                        companies=companies, extras=extras)
+    try:
+        verifier.run()
+    except (OSError, SessionsError) as exc:
+        verifier.tree_problem("%s cannot be read: %s" % (path, exc))
+    return verifier.drift.summary(verifier.problem_count), verifier.problem_count
+
+
+def merge_drift(parts):
+    """One tree_drift summary of [(summary, problem count)] of disjoint sets of companies of one tree."""
+    report, problems = DriftReport(), 0
+    report.manifest = bool(parts) and all(summary["manifest"] for summary, _count in parts)
+    for summary, count in parts:
+        problems += count
+        for kind in DriftReport.KINDS:
+            report.counts[kind] += summary[kind]
+        report.drifted_companies += summary["drifted_companies"]
+        for company_id, entry in summary["companies"].items():
+            if len(report.companies) < MAX_SHOWN:
+                report.companies[company_id] = entry
+        for field, limit in (("extra_companies", MAX_SHOWN), ("missing_companies", MAX_SHOWN)):
+            shown = getattr(report, field)
+            shown.extend(name for name in summary[field] if name not in shown)
+            del shown[limit:]
+        report.other.extend(problem for problem in summary["problems"] if problem not in report.other)
+        del report.other[DRIFT_SHOWN:]
+    return report.summary(problems)
+
+
+def prove_tree(path, changed_since_ns=None, workers=None, beside=None):
+    """tree_drift(path) as the proof of a switch: a file modified (mtime) or changed at all (ctime) at or after
+    changed_since_ns is read and hashed (default: the top manifest's own mtime, as tree_drift), so that a file
+    edited in place in a tree since it was last proven (changed_since_ns: that proof's manifest mtime) is caught
+    even when a later refresh rewrote the top manifest without reading the file.
+
+    A large tree (PROOF_PARALLEL_MIN_COMPANIES companies or more) is walked by forked worker processes, a chunk of
+    companies at a time (one listing and one lstat per file is kernel time: every core helps). beside(), when given,
+    runs in this process while they walk (after the fork) and its result is returned with the drift:
+    (tree_drift summary, beside's result or None). Read-only; takes no lock (the caller holds it or owns the tree).
+    """
+    path = os.path.normpath(path)
+    count = export_workers() if workers is None else workers
+    companies = None
+    try:
+        root_fd = open_dir(path)
+        try:
+            companies = sorted(load_top_manifest(root_fd)[1]["companies"], key=lambda c: c.encode("utf-8"))
+        finally:
+            os.close(root_fd)
+    except (OSError, SessionsError):
+        pass  # the single walk below says what is wrong
+    if companies is None or count < 2 or len(companies) < PROOF_PARALLEL_MIN_COMPANIES:
+        drift = _prove_chunk(path, changed_since_ns, None, True)
+        return merge_drift([drift]), (beside() if beside is not None else None)
+    chunks = [companies[i:i + PROOF_CHUNK_COMPANIES] for i in range(0, len(companies), PROOF_CHUNK_COMPANIES)]
+    with Workers(count, "a proof worker") as pool:
+        pool.start(lambda: None, lambda _state, position: _prove_chunk(path, changed_since_ns, chunks[position], position == 0))
+        # After the fork: a thread of beside() is never copied into a worker.
+        waiting = in_thread(beside) if beside is not None else None
+        try:
+            results = pool.map(list(range(len(chunks))))
+            pool.finish()
+        except BaseException:
+            if waiting is not None:
+                try:
+                    waiting()  # not left running behind the error
+                except Exception:  # noqa: BLE001 - the walk's error is the one raised
+                    pass
+            raise
+    return merge_drift([results[i] for i in range(len(chunks))]), (waiting() if waiting is not None else None)
+
+
 def drift_files(drift):
     """Files a service added, changed or deleted in a tree (0 for None)."""
     return drift["added"] + drift["changed"] + drift["deleted"] if drift else 0
@@ -3134,13 +3308,17 @@ def swap_in_tree(src, dest, backup=None, backup_dir=None, keep_backup=True, lock
     return {"backup": kept, "replaced_drift": drift, "warning": drift_warning(drift, kept)}
 
 
-def export_tree(params, connect, target, owner, check_mode):
-    """Entry point of baileys_auth_export."""
+def export_tree(params, connect, target, owner, check_mode, observe=None):
+    """Entry point of baileys_auth_export. observe (a dict), when given, receives "source": what Snapshot.begin read
+    of the server (its txid snapshot included) for a caller that proves the copy afterwards (baileys_dr_switch)."""
     previous = os.umask(0o077)  # files 0600, directories 0700, whatever mode a create asks for
     try:
-        if params["mode"] == "standby":
-            return Refresher(params, connect, target, owner, check_mode).run()
-        return Exporter(params, connect, target, owner, check_mode).run()
+        engine = (Refresher if params["mode"] == "standby" else Exporter)(params, connect, target, owner, check_mode)
+        try:
+            return engine.run()
+        finally:
+            if observe is not None:
+                observe["source"] = engine.source_meta
     finally:
         os.umask(previous)
 

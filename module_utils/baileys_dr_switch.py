@@ -39,6 +39,8 @@ from ansible.module_utils.baileys_dr_postgres import (
 from ansible.module_utils.baileys_dr_sessions import (
     COMPANY_PREFIX,
     CREDS_FILE,
+    MANIFEST_NAME,
+    META_DIR,
     ParentLock,
     SessionsError,
     Snapshot,
@@ -47,6 +49,7 @@ from ansible.module_utils.baileys_dr_sessions import (
     export_tree,
     load_top_manifest,
     open_dir,
+    prove_tree,
     test_hook,
     tree_drift,
     verify_tree,
@@ -61,6 +64,10 @@ JOURNAL_FORMAT = 1
 RUNTIMES = ("node", "nodejs", "bun", "deno")
 # Phases of the journal, in order; a re-run resumes after the last one written.
 PHASES = ("stopped", "copied", "swapped", "switched", "started", "done")
+
+
+# What makes two Snapshot.begin metas of one server see the same rows: the same server lifetime and txid snapshot.
+SAME_ROWS_FIELDS = ("system_identifier", "timeline_id", "postmaster_start_time", "txid_snapshot")
 
 
 class SwitchError(Exception):
@@ -190,6 +197,24 @@ def own_ancestry():
         except (OSError, ValueError, IndexError):
             break
     return pids
+
+
+def same_rows(before, now):
+    """True when the transaction of now (a later Snapshot.begin) sees exactly the rows the one of before saw.
+
+    Equal txid snapshots (xmin:xmax:running xids) of one server lifetime mean that no transaction committed, aborted
+    or was given a transaction id in between: every data change (an INSERT, UPDATE, DELETE or TRUNCATE of any table)
+    is given one, so the rows visible to both are the same. Anything else (another database of the cluster written,
+    an autovacuum ANALYZE) makes them differ, and the caller compares the rows' fingerprints instead."""
+    return bool(before and now) and all(before.get(k) is not None and before.get(k) == now.get(k) for k in SAME_ROWS_FIELDS)
+
+
+def manifest_mtime_ns(tree):
+    """The mtime of a tree's top manifest (the last instant its refresh proved it), or None without one."""
+    try:
+        return os.stat(os.path.join(tree, META_DIR, MANIFEST_NAME), follow_symlinks=False).st_mtime_ns
+    except OSError:
+        return None
 
 
 def read_identities(tree):
@@ -539,16 +564,21 @@ class FailoverSwitch:
         if p["source"] == "live":
             params = engine_params(auth_export_argument_spec(), mode="standby", dest=p["standby_dir"], companies=p.get("companies"),
                                    space_margin=p["space_margin"], return_digests=True, lock_timeout=60, **self._db_params())
+            # The copy as the bulk pass left it was proven equal to its manifests when its top manifest was written: a
+            # file changed since (by anyone but this refresh, which rewrites the top manifest but reads no file it does
+            # not change) is read by the proof.
+            proven_ns = manifest_mtime_ns(p["standby_dir"])
+            observed = {}
             refreshed = retry_on_disconnect(
                 lambda: export_tree(params, lambda: connect(params, application_name="baileys-dr-switch"),
-                                    describe_target(params), s.run_as.owner, False),
+                                    describe_target(params), s.run_as.owner, False, observe=observed),
                 what="the final copy of PostgreSQL into %s" % p["standby_dir"], log=s.result.setdefault("retries", []))
             s.result["final_copy"] = {k: refreshed.get(k) for k in (
                 "files_written", "files_deleted", "companies_refreshed", "companies_rebuilt", "generation", "snapshot_at",
                 "duration_seconds") if k in refreshed}
             self.record.update(data_at=refreshed.get("snapshot_at"), source="live",
                                system_identifier=refreshed.get("system_identifier"))
-            self._prove_equal_to_database(params)
+            self._prove_equal_to_database(params, observed.get("source"), proven_ns)
         else:
             verified = verify_tree(p["standby_dir"], depth="structure")
             if not verified.get("verified"):
@@ -562,33 +592,50 @@ class FailoverSwitch:
         s.journal.phase("failover", "copied")
         s._step("copied")
 
-    def _prove_equal_to_database(self, params):
-        """Every company's row fingerprint in the frozen database equals the one the tree's manifest recorded,
-        and the tree on disk is exactly what its manifests list."""
-        conn = connect(params, application_name="baileys-dr-switch-proof")
-        try:
-            snapshot = Snapshot(conn)
-            snapshot.begin(describe_target(params))
-            # Only the companies of this host (O(companies)): the others are other hosts' and keep changing.
-            database = {company: fingerprint for company, _keys, fingerprint, _creds in
-                        snapshot.company_stats(params.get("companies") or None)}
-        finally:
-            conn.close()
+    def _prove_equal_to_database(self, params, source=None, proven_ns=None):
+        """The copy equals the frozen database: the tree on disk is exactly what its manifests list (every file
+        changed since proven_ns, the bulk pass's proof, read and hashed: what the final refresh wrote and anything
+        else), and the database still holds the rows the manifests were written from.
+
+        The database side: when the top manifest was written from the snapshot source (the final refresh's, read
+        after the stop) and a new snapshot sees the same rows (same_rows), nothing changed since and no row is read
+        again; otherwise every company's row fingerprint (one query, grouped by company) equals the manifest's. It
+        runs while worker processes walk the tree."""
+        drift, database = prove_tree(self.p["standby_dir"], proven_ns, beside=lambda: self._fingerprints(params, source))
         root_fd = open_dir(self.p["standby_dir"])
         try:
             _data, manifest = load_top_manifest(root_fd)
         finally:
             os.close(root_fd)
         tree = {company: entry.get("fingerprint") for company, entry in manifest["companies"].items()}
-        differ = sorted(company for company in set(database) | set(tree) if database.get(company) != tree.get(company))
-        if differ:
-            raise SwitchError("proof", "the copy differs from the stopped database for %d companies (%s): a writer "
-                              "outside the stopped service?" % (len(differ), ", ".join(differ[:10])))
-        drift = tree_drift(self.p["standby_dir"])
+        written = manifest.get("source") or {}
+        if database is None and any(written.get(k) != source.get(k) for k in ("system_identifier", "snapshot_at", "xid")):
+            # The manifest was not written from that snapshot: its fingerprints are compared after all.
+            database = self._fingerprints(params, None)
+        if database is not None:
+            differ = sorted(company for company in set(database) | set(tree) if database.get(company) != tree.get(company))
+            if differ:
+                raise SwitchError("proof", "the copy differs from the stopped database for %d companies (%s): a writer "
+                                  "outside the stopped service?" % (len(differ), ", ".join(differ[:10])))
         if not drift.get("clean"):
             raise SwitchError("proof", "the copy %s is not what its manifests list: %s" % (self.p["standby_dir"], drift.get("reason")))
         self.s.result["proof"] = {"companies": len(tree), "digests": {c: e.get("digest") for c, e in manifest["companies"].items()}
-                                  if len(tree) <= 1000 else None}
+                                  if len(tree) <= 1000 else None,
+                                  "database": "fingerprints" if database is not None else "unchanged since the copy's snapshot"}
+
+    @staticmethod
+    def _fingerprints(params, source):
+        """{company: row fingerprint} in the database now, or None when a snapshot taken now sees the rows of source."""
+        conn = connect(params, application_name="baileys-dr-switch-proof")
+        try:
+            snapshot = Snapshot(conn)
+            if same_rows(source, snapshot.begin(describe_target(params))):
+                return None
+            # Only the companies of this host (O(companies)): the others are other hosts' and keep changing.
+            return {company: fingerprint for company, _keys, fingerprint, _creds in
+                    snapshot.company_stats(params.get("companies") or None)}
+        finally:
+            conn.close()
 
     def _swap(self):
         s, p = self.s, self.p
