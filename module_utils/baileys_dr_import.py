@@ -138,7 +138,15 @@ BASE64_NAME_RE = re.compile(r"\A[A-Za-z0-9+=_]+\Z")
 
 # -- SQL (parameters by name; every statement is recorded in `queries`) ----------------------
 SESSION_SQL = "SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, YMD'"
+# One import or undo at a time per database; an import of listed companies (a fleet's host: companies given) excludes
+# only what touches its companies: it holds the database's lock shared and one lock per company, so the hosts of a
+# fleet fail back at once, while an import of every company, and an undo, hold the database's lock alone.
 LOCK_SQL = "SELECT pg_try_advisory_lock(hashtext(%(name)s))"
+LOCK_SHARED_SQL = "SELECT pg_try_advisory_lock_shared(hashtext(%(name)s))"
+# Every company's lock tried (no row stops the others); the companies another session holds come back.
+LOCK_COMPANIES_SQL = ("SELECT c FROM unnest(%(companies)s::text[]) AS c "
+                      "WHERE NOT pg_try_advisory_lock(hashtext(%(name)s), hashtext(c))")
+UNLOCK_ALL_SQL = "SELECT pg_advisory_unlock_all()"
 META_SQL = ("SELECT (SELECT system_identifier FROM pg_control_system())::text, now()::text, pg_is_in_recovery(), "
             "current_setting('default_transaction_read_only') = 'on', has_database_privilege(current_database(), 'TEMPORARY')")
 REFERENCED_SQL = "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND confrelid = %(table)s::regclass"
@@ -722,7 +730,7 @@ class ScanWorkers:
     start() forks; results() collects {company: (signature, why, prepared)}.
 
     prepare: {company: recorded signature} of the companies a delta pass may import per file, and prepare(company,
-    dir_fd, stats, observed_ns) the function that does it (Failback._prepare): a company whose signature differs from
+    dir_fd, stats, observed_ns, signature) the function that does it (Failback._prepare): a company whose signature differs from
     the recorded one is prepared from the same listing (its changed files read and checked, its digest spliced), so that
     its directory is listed once in the whole delta pass."""
 
@@ -750,7 +758,7 @@ class ScanWorkers:
             signature = directory_signature(stats)
             if signature == self.recorded[company_id]:
                 return signature, None, None
-            return signature, None, self.prepare(company_id, dir_fd, stats, observed_ns)
+            return signature, None, self.prepare(company_id, dir_fd, stats, observed_ns, signature)
         finally:
             os.close(dir_fd)
 
@@ -1058,7 +1066,8 @@ class SourceTree:
             listed.whole_because = "a file whose original id cannot be told for certain"
             return None
         files.carried.sort()
-        if files.keys and not files.keys.keys().isdisjoint(base.keys[position] for position in files.carried):
+        carried = set(files.carried)
+        if any(base.position_of(key) in carried for key in files.keys):
             listed.whole_because = "a changed file names a key of an unchanged one"
             return None
         files.deleted = [base.keys[position] for name, (position, _stat) in base.by_name.items() if name not in files.before]
@@ -1067,12 +1076,12 @@ class SourceTree:
                                       "(Baileys would have written fresh ones)")
         return files
 
-    def prepare_changed(self, company_id, dir_fd, stats, observed_ns, ambiguous_mode, buffer_format):
-        """Delta pass, per file, from the listing the proof took (stats, listed at observed_ns): the company's changed
-        files read and checked, compared with the bulk pass's lines, its digest spliced (Prepared), so that the company is
-        written in a batch (Failback._delta_batches) without listing its directory again. None when it is not that
-        simple (no usable record, a problem, an ambiguous name, a file changed while read, a key both new and gone): the
-        company then goes the per-company way, which reads it again and says what is wrong."""
+    def prepare_changed(self, company_id, dir_fd, stats, observed_ns, signature, ambiguous_mode, buffer_format):
+        """Delta pass, per file, from the listing the proof took (stats listed at observed_ns, their signature): the
+        company's changed files read and checked, compared with the bulk pass's lines, its digest spliced (Prepared), so
+        that the company is written in a batch (Failback._delta_batches) without listing its directory again. None when
+        it is not that simple (no usable record, a problem, an ambiguous name, a file changed while read, a key both new
+        and gone): the company then goes the per-company way, which reads it again and says what is wrong."""
         base, _why = self._base(company_id)
         if base is None:
             return None
@@ -1082,7 +1091,7 @@ class SourceTree:
             files = self._read_changed(listed, dir_fd, base, ambiguous_mode)
             if files is None or files.problems or files.changed or files.ambiguous or files.skipped:
                 return None
-            return Prepared(files, base, buffer_format, directory_signature(stats))
+            return Prepared(files, base, buffer_format, signature)
         except (FileProblem, CompanyRefused, passfiles.PassFilesError, SessionsError, OSError):
             return None
 
@@ -1302,14 +1311,28 @@ class Database:
             self.queries.append(sql)
 
     def open(self, lock):
+        """lock: False, True (the database's lock alone) or the companies of an import of listed companies."""
         self.conn = self.connect()
         self.conn.set_session(isolation_level="REPEATABLE READ")
         self.conn.set_client_encoding("UTF8")
         self.execute(SESSION_SQL)
-        if lock:
+        if lock is True:
             if not self.one(LOCK_SQL, {"name": LOCK_NAME})[0]:
                 self.conn.rollback()
                 raise FailbackError("another baileys_auth_import (import or undo) holds its lock on this database")
+            self.locked = True
+        elif lock:
+            if not self.one(LOCK_SHARED_SQL, {"name": LOCK_NAME})[0]:
+                self.conn.rollback()
+                raise FailbackError("another baileys_auth_import (an import of every company, or an undo) holds its lock on "
+                                    "this database")
+            busy = [row[0] for row in self.all(LOCK_COMPANIES_SQL, {"name": LOCK_NAME, "companies": list(lock)})]
+            if busy:
+                # Session locks outlive a rollback: the ones this run got are given back before it says no.
+                self.execute(UNLOCK_ALL_SQL)
+                self.conn.rollback()
+                raise FailbackError("another baileys_auth_import holds the lock of %d of these companies on this database: %s"
+                                    % (len(busy), ", ".join(sorted(busy)[:10]) + (", ..." if len(busy) > 10 else "")))
             self.locked = True
         self.conn.commit()
         return self
@@ -1800,6 +1823,9 @@ class Failback:
     def _run(self, src):
         params = self.params
         companies, bad, self.absent = self.tree.company_ids(params.get("companies"), params["missing_companies"])
+        if self.lock and params.get("companies"):
+            # Listed companies (a fleet's host): their own locks, beside the other hosts' imports.
+            self.lock = sorted(set(params["companies"]))
         self.db.open(lock=self.lock)
         self.meta = self.db.meta()
         read_only = read_only_reason(self.meta, self.target)
@@ -1843,23 +1869,23 @@ class Failback:
         # Pass 1, read-only: every company checked and planned before the first write (the prepared ones in batches;
         # a prepared one whose rows moved since the proof goes the per-company way, read whole).
         if self.prepared:
-            self._delta_batches([c for c in todo if c in self.prepared], outcomes, write=False)
+            self._delta_batches([c for c in todo if c in self.prepared], outcomes, index_of, write=False)
         planned = [(index_of[c], c) for c in todo if c not in bad and c not in self.prepared]
         last = self._pass(planned, outcomes, workers, write=False)
         refused = [c for c in todo if outcomes[c]["status"] == "refused"]
         if not self.check_mode and not (refused and not params["continue_on_error"]):
             # Pass 2: the writes, one transaction per batch of prepared companies, then one per other company (and per
             # company a batch left out: read whole, alone).
-            alone = []
-            if self.prepared:
-                alone = self._delta_batches([c for c in todo if c in self.prepared and outcomes[c]["status"] == "planned"],
-                                            outcomes, write=True)
-            if any(outcomes[c]["status"] == "failed" for c in self.prepared) and not params["continue_on_error"]:
+            batched, alone = set(self.prepared), []
+            if batched:
+                alone = self._delta_batches([c for c in todo if c in batched and outcomes[c]["status"] == "planned"],
+                                            outcomes, index_of, write=True)
+            if any(outcomes[c]["status"] == "failed" for c in batched) and not params["continue_on_error"]:
                 for company_id in todo:
                     if outcomes[company_id]["status"] in ("planned", None):
                         outcomes[company_id]["status"] = "not_attempted"
                 return
-            writes = [(index_of[c], c) for c in todo if c not in self.prepared and outcomes[c]["status"] not in ("refused", "deferred")]
+            writes = [(index_of[c], c) for c in todo if c not in batched and outcomes[c]["status"] not in ("refused", "deferred")]
             writes += [(index_of[c], c) for c in alone]
             self._writes(writes, outcomes, None if alone else workers, None if alone else last)
         elif not self.check_mode:
@@ -2113,25 +2139,25 @@ class Failback:
                       "watch_off": None if self.watch is None else self.watch.why}
         return todo
 
-    def _prepare(self, company_id, dir_fd, stats, observed_ns):
+    def _prepare(self, company_id, dir_fd, stats, observed_ns, signature):
         """ScanWorkers' prepare: SourceTree.prepare_changed with this run's options."""
-        return self.tree.prepare_changed(company_id, dir_fd, stats, observed_ns, self.params["ambiguous"],
+        return self.tree.prepare_changed(company_id, dir_fd, stats, observed_ns, signature, self.params["ambiguous"],
                                          self.params["buffer_format"])
 
     # -- a delta pass's batches (the companies prepared per file) --
-    def _delta_batches(self, companies, outcomes, write):
+    def _delta_batches(self, companies, outcomes, index_of, write):
         """Pass 1 (write False): the prepared companies planned DELTA_BATCH at a time in read-only transactions; one
         whose rows are no longer the bulk pass's leaves the batches (self.prepared) for the per-company way, read whole.
         Pass 2: written, one transaction per batch; a company a batch cannot prove or whose files changed since their
         listing is left out (the batch is done again without it). Returns the companies left out, to be written alone."""
         alone = []
         stop = write and not self.params["continue_on_error"]
-        for number, part in enumerate(chunks(companies, DELTA_BATCH), 1):
+        for part in chunks(companies, DELTA_BATCH):
             members = list(part)
             while members:
                 what = "a delta batch of %d companies (%s)" % (len(members), "writes" if write else "plan")
                 if write:
-                    left_out = self._retrying(what, lambda: self._write_batch(number, members, outcomes))
+                    left_out = self._retrying(what, lambda: self._write_batch(members, outcomes, index_of))
                 else:
                     left_out = self._retrying(what, lambda: self._plan_batch(members, outcomes))
                 if not left_out:
@@ -2235,7 +2261,7 @@ class Failback:
         else:
             outcome["status"] = "planned"
 
-    def _write_batch(self, number, members, outcomes):
+    def _write_batch(self, members, outcomes, index_of):
         """Pass 2 of a batch, one transaction: the rows still the bulk pass's; the undo files (synced while the server
         writes, before the COMMIT); the writes; the proof; the directories unchanged since their listing; COMMIT. Returns
         the companies left out (the transaction rolled back, to be done again without them), {company: why}; {} once committed or failed."""
@@ -2261,7 +2287,8 @@ class Failback:
             unproven = self._prove_batch(members, plans)
             if unproven:
                 raise _LeftOut(unproven)
-            test_hook("import_batch:%d" % number)
+            for company_id in members:  # the point after each company's writes, before its COMMIT: the batch's
+                test_hook("import_company:%d" % index_of[company_id])
             changed = self._changed_since_listing(members)
             if changed:
                 raise _LeftOut(changed)

@@ -37,6 +37,8 @@ from ansible.module_utils.baileys_dr_sessions import HEADER_LINE, SessionsError,
 FORMAT = 1
 KIND = "baileys-dr-pass-files"
 UNPROVEN = (-1, -1, -1)
+STAT_TEXT = "%d\t%d\t%d"
+UNPROVEN_TEXT = STAT_TEXT % UNPROVEN
 MAX_BYTES = 1 << 30
 
 # A file written twice within one tick of the file system's clock keeps its size and mtime: a listing taken between
@@ -122,6 +124,28 @@ def _json_string(field):
     return value
 
 
+class _Keys:
+    """The (type, id) of each line of a record, parsed when asked for."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, position):
+        fields = self.rows[position].split("\t", 2)
+        try:
+            return fields[0], _json_string(fields[1])
+        except ValueError:
+            raise PassFilesError("its pass files record has a damaged line") from None
+
+    def __iter__(self):
+        return (self[position] for position in range(len(self.rows)))
+
+
 class PassFiles:
     """A company's pass files record, loaded and checked (sha256 from the pass record, digest from the lines)."""
 
@@ -149,19 +173,20 @@ class PassFiles:
         self.digest = digest
         self.creds_stat = tuple(header["creds"]) if header.get("creds") else None
         self.creds_line = lines[1]
-        self.keys = []  # (type, id) in digest order
-        self.by_name = {}  # file name -> (position, (ino, size, mtime_ns))
-        for position, row in enumerate(parts[:count]):
-            fields = row.decode("utf-8", "surrogateescape").split("\t")
-            if len(fields) != 6:
-                raise PassFilesError("its pass files record has a damaged line")
-            try:
-                key_id, name = _json_string(fields[1]), _json_string(fields[2])
-                stat_ = (int(fields[3]), int(fields[4]), int(fields[5]))
-            except ValueError:
-                raise PassFilesError("its pass files record has a damaged line") from None
-            self.keys.append((fields[0], key_id))
-            self.by_name[name] = (position, stat_)
+        # The file lines decoded at once and split in C; each only as far as the name (the id parsed when asked for, the
+        # stat kept as its text, compared with the listing's as text): a delta pass loads a record per changed company.
+        block = rest[:len(rest) - len(parts[count])].decode("utf-8", "surrogateescape")
+        rows = block.split("\n")[:count]
+        self.keys = _Keys(rows)  # (type, id) in digest order
+        self.by_name = {}  # file name -> (position, "<ino>\t<size>\t<mtime_ns>")
+        try:
+            for position, row in enumerate(rows):
+                fields = row.split("\t", 3)
+                if len(fields) != 4 or fields[3].count("\t") != 2:
+                    raise ValueError("damaged")
+                self.by_name[_json_string(fields[2])] = (position, fields[3])
+        except ValueError:
+            raise PassFilesError("its pass files record has a damaged line") from None
         if len(self.by_name) != count:
             raise PassFilesError("its pass files record names a file twice")
         self.key_lines = lines[2:]
@@ -183,9 +208,21 @@ class PassFiles:
         """The record position of the file name when it has the recorded (provable) stat, so its content is the one the
         bulk pass imported; else None."""
         recorded = self.by_name.get(name)
-        if recorded is None or recorded[1] == UNPROVEN or recorded[1] != tuple(stat_[:3]):
+        if recorded is None or recorded[1] == UNPROVEN_TEXT or recorded[1] != STAT_TEXT % tuple(stat_[:3]):
             return None
         return recorded[0]
+
+    def position_of(self, key):
+        """The record position of the (type, id) key, or None: a binary search over the lines (in digest order)."""
+        wanted = sort_key(*key)
+        low, high = 0, len(self.keys)
+        while low < high:
+            middle = (low + high) // 2
+            if sort_key(*self.keys[middle]) < wanted:
+                low = middle + 1
+            else:
+                high = middle
+        return low if low < len(self.keys) and self.keys[low] == key else None
 
     def creds_unchanged(self, stat_):
         return self.creds_stat is not None and self.creds_stat != UNPROVEN and self.creds_stat == tuple(stat_[:3])

@@ -28,9 +28,11 @@ from test_import import (  # noqa: F401 - fixtures
     undo,
     undo_dir,
     wait_until,
+    warned,
 )
 
 from ansible.module_utils import baileys_dr_import as imp
+from ansible.module_utils import baileys_dr_passfiles as passfiles
 from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, psycopg2, retry_on_disconnect
 from ansible.module_utils.baileys_dr_sessions import file_content
 
@@ -283,9 +285,8 @@ def test_a_connection_killed_once_during_a_pass_is_retried_and_the_pass_complete
         new_ids[company] = baileys_changes(sessions, company, manifest_of(sessions, company))[0]
     args = dict(changed_during_read="defer", pass_record=str(record)) if which == "bulk" else dict(delta_from=str(record))
     # The delta pass writes the companies it prepared per file in one batch (one transaction): the whole batch is retried.
-    pause, what = ("import_company:2", "company company00002 (writes)") if which == "bulk" else (
-        "import_batch:1", "a delta batch of 3 companies (writes)")
-    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_AT", pause)
+    what = "company company00002 (writes)" if which == "bulk" else "a delta batch of 3 companies (writes)"
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_AT", "import_company:2")
     monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_SECONDS", "2")
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.update(result=failback(**args)))
@@ -526,3 +527,162 @@ def test_rows_changed_between_the_delta_proof_and_the_company_write_make_it_read
     assert (company["read"], company["read_whole_because"]) == ("whole", "its rows changed since the bulk pass"), company
     expected = digests_of_files(sessions, {"company00002": new_ids})
     assert database_digests(db) == expected == delta["digests"]
+
+
+# -- (g) the delta pass writes the companies it prepared per file in batches ------------------------------------------
+
+
+def changed_everywhere(failback, sessions, record):
+    """A bulk pass of the aged tree, then Baileys' changes to every company: {company: {file name: (type, id)}}."""
+    age(sessions)
+    ok, bulk = failback(changed_during_read="defer", pass_record=str(record))
+    assert ok and bulk["deferred"] == [], bulk.get("msg")
+    return {c: baileys_changes(sessions, c, manifest_of(sessions, c))[0] for c in COMPANIES}
+
+
+def undo_files_of(undo_dir):
+    return sorted(str(undo_dir / n) for n in os.listdir(undo_dir) if n.endswith(".jsonl.gz")) if undo_dir.is_dir() else []
+
+
+def test_the_delta_pass_writes_its_companies_in_one_transaction_with_an_undo_file_each_that_undo_reads(
+        db, exported, failback, undo, sessions, record):
+    new_ids = changed_everywhere(failback, sessions, record)
+    after_bulk = full_rows(db)
+    ok, delta = failback(delta_from=str(record))
+    assert ok, delta.get("msg")
+    assert delta["delta"]["batched"] == 3 and delta["delta"]["watched"] == 3 and delta["committed"] == list(COMPANIES)
+    assert {o["read"] for o in delta["companies"].values()} == {"changed_files"}
+    assert len(delta["undo_files"]) == 3 and len({undone_txid(p) for p in delta["undo_files"]}) == 1, "one transaction"
+    assert database_digests(db) == digests_of_files(sessions, new_ids) == delta["digests"]
+    ok, undone = undo(delta["undo_files"])
+    assert ok and {o["status"] for o in undone["undo_files"].values()} == {"undone"}, undone.get("msg")
+    assert full_rows(db) == after_bulk
+
+
+def test_a_company_its_batch_cannot_prove_is_left_out_and_the_others_of_the_batch_are_committed(
+        db, exported, failback, sessions, record, warned):
+    """The database changes what the import writes for one company (a trigger): the batch's proof sees it, the batch is
+    done again without that company, which is then read whole and written alone (and refused there too)."""
+    new_ids = changed_everywhere(failback, sessions, record)
+    after_bulk = full_rows(db)
+    execute(db, "CREATE FUNCTION pytest_mangle() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.company_id = 'company00002' THEN NEW.value = jsonb_build_object('mangled', true); END IF; RETURN NEW; END; $$",
+                "CREATE TRIGGER pytest_mangle BEFORE INSERT OR UPDATE ON whatsapp_keys FOR EACH ROW EXECUTE FUNCTION pytest_mangle()")
+    try:
+        ok, delta = failback(delta_from=str(record))
+    finally:
+        execute(db, "DROP TRIGGER pytest_mangle ON whatsapp_keys", "DROP FUNCTION pytest_mangle()")
+    assert not ok and "company00002" in delta["msg"] and "rolled back" in delta["msg"], delta["msg"]
+    assert delta["committed"] == ["company00001", "company00003"] and delta["failed_companies"] == ["company00002"]
+    assert any("company company00002: left out of its delta batch (after the writes" in w for w in warned), warned
+    company = delta["companies"]["company00002"]
+    assert company["read"] == "whole" and company["read_whole_because"].startswith("after the writes"), company
+    files = digests_of_files(sessions, new_ids)
+    now = database_digests(db)
+    assert {c: now[c] for c in ("company00001", "company00003")} == {c: files[c] for c in ("company00001", "company00003")}
+    assert [r for r in full_rows(db)["keys"] if r[0] == "company00002"] == [r for r in after_bulk["keys"] if r[0] == "company00002"]
+
+
+def test_rows_changed_between_the_batch_plan_and_its_transaction_make_that_company_read_whole(
+        db, exported, failback, sessions, record, monkeypatch):
+    new_ids = changed_everywhere(failback, sessions, record)
+    write_batch = imp.Failback._write_batch
+
+    def after_the_plan(self, *args):
+        if not getattr(self, "pytest_touched", False):
+            self.pytest_touched = True
+            execute(db, "UPDATE whatsapp_keys SET value = value WHERE company_id = 'company00003' AND key_type = 'pre-key' "
+                        "AND key_id = (SELECT max(key_id) FROM whatsapp_keys WHERE company_id = 'company00003' AND key_type = 'pre-key')")
+        return write_batch(self, *args)
+
+    monkeypatch.setattr(imp.Failback, "_write_batch", after_the_plan)
+    ok, delta = failback(delta_from=str(record), force=True)
+    assert ok, delta.get("msg")
+    company = delta["companies"]["company00003"]
+    assert (company["read"], company["read_whole_because"]) == ("whole", "its rows changed since the bulk pass"), company
+    assert {delta["companies"][c]["read"] for c in ("company00001", "company00002")} == {"changed_files"}
+    assert database_digests(db) == digests_of_files(sessions, new_ids) == delta["digests"]
+
+
+def paused_in_transaction(db, undo_dir, count):
+    """The import idle in its transaction (held at the hook) with count undo files synced whole."""
+    def paused():
+        with db.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'baileys-dr-import' "
+                        "AND state = 'idle in transaction'")
+            (found,) = cur.fetchone()
+        db.rollback()
+        return found == 1 and len([n for n in os.listdir(undo_dir) if n.endswith(".jsonl.gz.sha256")]) == count \
+            if undo_dir.is_dir() else False
+    return paused
+
+
+def test_a_delta_killed_between_its_batch_undo_files_and_the_commit_commits_nothing_and_a_rerun_completes(
+        db, exported, failback, undo, sessions, record, undo_dir, monkeypatch):
+    new_ids = changed_everywhere(failback, sessions, record)
+    after_bulk = full_rows(db)
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_AT", "import_company:1")
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_SECONDS", "60")
+    pid = os.fork()
+    if pid == 0:  # the module, killed at the hook: after the undo files are synced, before the COMMIT
+        try:
+            failback(delta_from=str(record))
+        finally:
+            os._exit(0)
+    try:
+        wait_until(paused_in_transaction(db, undo_dir, 3), timeout=60, what="the delta held before its batch's COMMIT")
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    monkeypatch.delenv("BAILEYS_DR_TEST_PAUSE_AT")
+    leftover = undo_files_of(undo_dir)
+    assert len(leftover) == 3 and all(imp.read_undo_file(p) for p in leftover), "synced whole before the COMMIT"
+    assert wait_until(lambda: full_rows(db) == after_bulk, what="the server rolled the batch back"), "nothing committed"
+    ok, delta = failback(delta_from=str(record))
+    assert ok and delta["committed"] == list(COMPANIES), delta.get("msg")
+    assert database_digests(db) == digests_of_files(sessions, new_ids) == delta["digests"]
+    ok, undone = undo(leftover)
+    assert ok and {o["status"] for o in undone["undo_files"].values()} == {"nothing_to_undo"}, undone
+    assert database_digests(db) == delta["digests"], "the killed run's undo files change nothing"
+
+
+@pytest.mark.parametrize("watch", ["inotify", "listing"])
+def test_a_file_rewritten_between_the_listing_and_the_commit_is_caught_and_its_company_imported_as_it_is_now(
+        db, exported, failback, sessions, record, undo_dir, monkeypatch, tmp_path, warned, watch):
+    """A file the delta pass did not read (unchanged since the bulk pass) rewritten in place, same size, while the batch
+    holds its writes: the check before the COMMIT sees it (an inotify event, or without inotify a listing again), the
+    company is left out and read whole, and PostgreSQL gets the file as it is now."""
+    new_ids = changed_everywhere(failback, sessions, record)
+    if watch == "listing":
+        monkeypatch.setattr(passfiles, "_libc", lambda: None)
+    release = tmp_path / "release"
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_AT", "import_company:1")
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_SECONDS", "60")
+    monkeypatch.setenv("BAILEYS_DR_TEST_PAUSE_UNTIL", str(release))
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=failback(delta_from=str(record))))
+    runner.start()
+    try:
+        wait_until(paused_in_transaction(db, undo_dir, 3), timeout=60, what="the delta held before its batch's COMMIT")
+        directory = sessions / "company_company00002"
+        manifest = manifest_of(sessions, "company00002")
+        name = max((n for n, e in manifest["files"].items() if e["type"] == "pre-key"), key=lambda n: int(manifest["files"][n]["id"]))
+        value = json.loads((directory / name).read_bytes())
+        old = (directory / name).read_bytes()
+        value["private"]["data"] = base64.b64encode(random.Random(3).randbytes(len(base64.b64decode(value["private"]["data"])))).decode()
+        with open(directory / name, "r+b") as fh:  # in place: same inode, same size
+            fh.write(file_content(value))
+        assert os.path.getsize(directory / name) == len(old)
+    finally:
+        release.touch()
+        runner.join(60)
+    ok, delta = outcome["result"]
+    assert ok, delta.get("msg")
+    assert delta["delta"]["watch_off"] == (None if watch == "inotify" else "no inotify")
+    company = delta["companies"]["company00002"]
+    assert company["read"] == "whole" and company["read_whole_because"] == "its files changed after they were listed", company
+    assert any("company company00002: left out of its delta batch" in w for w in warned), warned
+    assert {delta["companies"][c]["read"] for c in ("company00001", "company00003")} == {"changed_files"}
+    assert json.loads(row(db, "company00002", "pre-key", manifest["files"][name]["id"])[0])["private"]["data"] == list(
+        base64.b64decode(value["private"]["data"]))
+    assert database_digests(db) == digests_of_files(sessions, new_ids) == delta["digests"]
