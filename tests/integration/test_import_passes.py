@@ -560,7 +560,7 @@ def test_the_delta_pass_writes_its_companies_in_one_transaction_with_an_undo_fil
 
 
 def test_a_company_its_batch_cannot_prove_is_left_out_and_the_others_of_the_batch_are_committed(
-        db, exported, failback, sessions, record, warned):
+        db, exported, failback, sessions, record, undo_dir, warned):
     """The database changes what the import writes for one company (a trigger): the batch's proof sees it, the batch is
     done again without that company, which is then read whole and written alone (and refused there too)."""
     new_ids = changed_everywhere(failback, sessions, record)
@@ -574,6 +574,7 @@ def test_a_company_its_batch_cannot_prove_is_left_out_and_the_others_of_the_batc
         execute(db, "DROP TRIGGER pytest_mangle ON whatsapp_keys", "DROP FUNCTION pytest_mangle()")
     assert not ok and "company00002" in delta["msg"] and "rolled back" in delta["msg"], delta["msg"]
     assert delta["committed"] == ["company00001", "company00003"] and delta["failed_companies"] == ["company00002"]
+    assert undo_files_of(undo_dir) == sorted(delta["undo_files"]), "the undo files of the batch rolled back are removed"
     assert any("company company00002: left out of its delta batch (after the writes" in w for w in warned), warned
     company = delta["companies"]["company00002"]
     assert company["read"] == "whole" and company["read_whole_because"].startswith("after the writes"), company
