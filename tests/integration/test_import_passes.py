@@ -540,6 +540,10 @@ def changed_everywhere(failback, sessions, record):
     return {c: baileys_changes(sessions, c, manifest_of(sessions, c))[0] for c in COMPANIES}
 
 
+def counts_of(result):
+    return {c: {k: o[k] for k in ("inserted", "updated", "deleted", "unchanged", "creds")} for c, o in result["companies"].items()}
+
+
 def undo_files_of(undo_dir):
     return sorted(str(undo_dir / n) for n in os.listdir(undo_dir) if n.endswith(".jsonl.gz")) if undo_dir.is_dir() else []
 
@@ -548,8 +552,12 @@ def test_the_delta_pass_writes_its_companies_in_one_transaction_with_an_undo_fil
         db, exported, failback, undo, sessions, record):
     new_ids = changed_everywhere(failback, sessions, record)
     after_bulk = full_rows(db)
+    ok, checked = failback(delta_from=str(record), check_mode=True)
+    assert ok and {o["status"] for o in checked["companies"].values()} == {"would_change"}, checked.get("msg")
+    assert full_rows(db) == after_bulk and checked["undo_files"] == [], "check mode writes nothing"
     ok, delta = failback(delta_from=str(record))
     assert ok, delta.get("msg")
+    assert checked["digests"] == delta["digests"] and counts_of(checked) == counts_of(delta)
     assert delta["delta"]["batched"] == 3 and delta["delta"]["watched"] == 3 and delta["committed"] == list(COMPANIES)
     assert {o["read"] for o in delta["companies"].values()} == {"changed_files"}
     assert len(delta["undo_files"]) == 3 and len({undone_txid(p) for p in delta["undo_files"]}) == 1, "one transaction"
