@@ -1039,8 +1039,8 @@ class SourceTree:
         files = CompanyFiles(listed.company_id)
         files.base, files.before, files.observed_ns = base, listed.before, listed.observed_ns
         specs = None
-        for name in sorted(files.before):
-            info = files.before[name]
+        changed = []
+        for name, info in files.before.items():
             if info[3] == stat.S_IFREG:
                 if name == CREDS_FILE:
                     if base.creds_unchanged(info):
@@ -1053,6 +1053,8 @@ class SourceTree:
                         files.carried.append(position)
                         files.stats[name] = info
                         continue
+            changed.append(name)
+        for name in sorted(changed):  # read in name order, as a full read does
             recorded = base.by_name.get(name)
             if recorded is not None:
                 key_type, key_id = base.keys[recorded[0]]
