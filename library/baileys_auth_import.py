@@ -222,7 +222,9 @@ attributes:
 notes:
   - Stop the service (or keep it from writing the files) during the import; a company whose directory changes while it is
     imported is rolled back.
-  - One import or undo at a time per database (a session advisory lock).
+  - One import or undo at a time per database (a session advisory lock); an import of listed O(companies) (a fleet's host)
+    excludes only the imports of the same companies (a lock per company, the database's lock shared), so the hosts of a
+    fleet import at once, while an import of every company, and an undo, exclude every other.
   - "An import of at least 20,000 keys (the manifest's counts) and 2 companies is shared among forked worker processes,
     one per usable CPU (at most 4, the export's policy; RV(workers)): each has its own database connection and takes
     whole companies, both passes, each company still in its own transaction, its undo file written by the worker before
