@@ -273,11 +273,12 @@ BATCH_CREDS_STATE_SQL = (
     "SELECT a.company_id, a.creds::text, a.updated_at::text, " + BATCH_EXEMPT % {"table": "a"} + " "
     "FROM whatsapp_auth a WHERE a.company_id = ANY(%(batch)s)"
 )
+# The rows a batch replaces, saved for the undo in its transaction, with their versions (pass 1 planned with them).
 BATCH_SAVE_KEYS_SQL = (
-    "SELECT k.company_id, k.key_type, k.key_id, k.value::text, k.created_at::text, k.updated_at::text, k.expires_at::text "
-    "FROM " + BATCH_ROWS + " JOIN whatsapp_keys k ON " + BATCH_MATCH
+    "SELECT k.company_id, k.key_type, k.key_id, k.value::text, k.created_at::text, k.updated_at::text, k.expires_at::text, "
+    "hashint8(k.xmin::text::bigint) FROM " + BATCH_ROWS + " JOIN whatsapp_keys k ON " + BATCH_MATCH
 )
-BATCH_SAVE_CREDS_SQL = ("SELECT company_id, creds::text, created_at::text, updated_at::text FROM whatsapp_auth "
+BATCH_SAVE_CREDS_SQL = ("SELECT company_id, creds::text, created_at::text, updated_at::text, xmin::text FROM whatsapp_auth "
                         "WHERE company_id = ANY(%(batch)s)")
 BATCH_DELETE_SQL = "DELETE FROM whatsapp_keys k USING " + BATCH_ROWS + " WHERE " + BATCH_MATCH
 # The batch's staging table: STAGE's with the company in each row (c), every row written (v and d never NULL).
@@ -2180,11 +2181,6 @@ class Failback:
         rows = self.db.all(BATCH_FINGERPRINT_SQL, {"batch": list(members), "key_types": list(KEY_TYPES)})
         return {c: fingerprint_text(k, h, x) for c, k, h, x in rows}
 
-    def _batch_stale(self, members):
-        """The companies of the batch whose rows are no longer the bulk pass's (their fingerprint moved)."""
-        now = self._batch_fingerprints(members)
-        return {c for c in members if now.get(c) != self.prepared[c].fingerprint}
-
     @staticmethod
     def _batch_keys(keys):
         return {"companies": [k[0] for k in keys], "types": [k[1] for k in keys], "ids": [k[2] for k in keys]}
@@ -2209,18 +2205,18 @@ class Failback:
 
     def _plan_batch(self, members, outcomes):
         """Pass 1 of a batch, read-only: each company planned from its prepared files and the rows they replace (their
-        versions, the since guard) or the creds (the identity guard). Returns {company: why} of those whose rows moved."""
+        versions, the since guard) or the creds (the identity guard). Returns {company: why} of those whose rows are gone."""
         db = self.db
+        # The rows were the bulk pass's at the proof (the aggregate, after the stop); the batch's transaction proves they
+        # still are (_prove_batch) before its COMMIT.
         try:
             db.ensure(lock=self.lock)
             db.execute(READ_ONLY_SQL)
-            stale = self._batch_stale(members)
-            states, creds_rows = self._batch_state([c for c in members if c not in stale])
+            states, creds_rows = self._batch_state(members)
         finally:
             db.rollback()
+        stale = []
         for company_id in members:
-            if company_id in stale:
-                continue
             prepared, outcome = self.prepared[company_id], outcomes[company_id]
             plan = CompanyPlan()
             plan.proven = False
@@ -2238,8 +2234,8 @@ class Failback:
                 if prepared.creds != "updated" or row is not None:
                     self._plan_prepared(company_id, prepared, plan, row, outcome)
                     continue
-            stale.add(company_id)
-        return dict.fromkeys(sorted(stale), "its rows changed since the bulk pass")
+            stale.append(company_id)
+        return dict.fromkeys(stale, "its rows changed since the bulk pass")
 
     def _plan_prepared(self, company_id, prepared, plan, creds_row, outcome):
         outcome.update(read="changed_files", files_read=prepared.files_read, read_whole_because=None, ambiguous=0, _ambiguous=[])
@@ -2264,8 +2260,9 @@ class Failback:
             outcome["status"] = "planned"
 
     def _write_batch(self, members, outcomes, index_of):
-        """Pass 2 of a batch, one transaction: the rows still the bulk pass's; the undo files (synced while the server
-        writes, before the COMMIT); the writes; the proof; the directories unchanged since their listing; COMMIT. Returns
+        """Pass 2 of a batch, one transaction: the undo files (synced while the server writes, before the COMMIT); the
+        writes; the proof (the rows the bulk pass's and the plan's writes); the directories unchanged since their listing;
+        COMMIT. Returns
         the companies left out (the transaction rolled back, to be done again without them), {company: why}; {} once committed or failed."""
         db = self.db
         undo, committing, txid = {}, False, None
@@ -2276,9 +2273,6 @@ class Failback:
             for company_id in members:
                 outcomes[company_id].update(status=None, error=None, undo_file=None, digest=None)
             txn_now, txid, xid_hash = db.one(TXN_BATCH_SQL)
-            stale = self._batch_stale(members)
-            if stale:
-                raise _LeftOut(dict.fromkeys(stale, "its rows changed since the bulk pass"))
             for company_id in writing:
                 plans[company_id].written_by = (txid, xid_hash)
             saving = self._save_batch(writing, plans, txn_now, txid)
@@ -2339,21 +2333,24 @@ class Failback:
             actions.update(((c, e.key_type, e.key_id), "updated") for e in plans[c].updates)
             actions.update(((c,) + key, "deleted") for key in plans[c].deletes)
         saved = {c: [] for c in writing}
-        count = 0
+        moved = set()  # a row replaced or deleted is not the version pass 1 planned (and checked against since) with
         for part in chunks(sorted(actions)):
-            for c, t, i, value, created, updated, expires in self.db.all(BATCH_SAVE_KEYS_SQL, self._batch_keys(part)):
+            for c, t, i, value, created, updated, expires, xmin_hash in self.db.all(BATCH_SAVE_KEYS_SQL, self._batch_keys(part)):
                 saved[c].append({"table": "whatsapp_keys", "action": actions[(c, t, i)], "key_type": t, "key_id": i,
                                  "value": value, "created_at": created, "updated_at": updated, "expires_at": expires})
-                count += 1
-        if count != len(actions):
-            raise FailbackError("%d rows to save for undo but %d read back" % (len(actions), count))
+                if xmin_hash != plans[c].row_hashes.get((t, i)):
+                    moved.add(c)
+        moved.update(c for c in writing if len(saved[c]) != len(plans[c].updates) + len(plans[c].deletes))
         creds = {}
         replaced = [c for c in writing if plans[c].creds == "updated"]
         if replaced:
-            for c, text, created, updated in self.db.all(BATCH_SAVE_CREDS_SQL, {"batch": replaced}):
+            for c, text, created, updated, xmin in self.db.all(BATCH_SAVE_CREDS_SQL, {"batch": replaced}):
                 creds[c] = {"table": "whatsapp_auth", "action": "updated", "creds": text, "created_at": created, "updated_at": updated}
-            if len(creds) != len(replaced):
-                raise FailbackError("%d creds rows to save for undo but %d read back" % (len(replaced), len(creds)))
+                if xmin != self.prepared[c].fingerprint.rsplit(":", 1)[1]:
+                    moved.add(c)
+            moved.update(c for c in replaced if c not in creds)
+        if moved:
+            raise _LeftOut(dict.fromkeys(sorted(moved), "its rows changed since the bulk pass"))
         items = []
         for c in writing:
             plan = plans[c]
@@ -2405,8 +2402,9 @@ class Failback:
 
     def _prove_batch(self, members, plans):
         """After the batch's writes, per company (_prove's checks): every written row is the JSONB of the text sent, the
-        rows not written are the bulk pass's (the fingerprint is the recorded one less the rows replaced or deleted, plus
-        the rows written), the creds read back as the files' (or the bulk pass's). {company: why not} of those that fail."""
+        rows not written are the bulk pass's (the fingerprint, one query for the batch, is the recorded one less the rows
+        replaced or deleted, plus the rows written), the creds read back as the files' (or the bulk pass's). {company: why
+        not} of those that fail."""
         reasons = {}
         for c, kind, t, i in self.db.all(BATCH_PROVE_SQL):
             reasons.setdefault(c, "after the writes %s %r is %s" % (t, i, "missing" if kind == "missing" else "not what was sent"))
@@ -2414,8 +2412,9 @@ class Failback:
         for c in members:
             expected = self._fingerprint_after(self.prepared[c].fingerprint, plans[c])
             if now.get(c) != expected:
-                reasons.setdefault(c, "after the writes the rows are not the bulk pass's and the files' changes (fingerprint %s, "
-                                      "expected %s)" % (now.get(c), expected))
+                # One query for both: the rows were the bulk pass's in this transaction (as planned), and the writes are
+                # the plan's (any other row, or a row the plan read with another version, gives another sum).
+                reasons.setdefault(c, "its rows changed since the bulk pass")
         texts = dict(self.db.all(BATCH_CREDS_TEXT_SQL, {"batch": list(members)}))
         for c in members:
             try:
