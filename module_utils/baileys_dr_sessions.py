@@ -2172,36 +2172,43 @@ class Refresher:
         return min(export_workers(), len(work))
 
     def _in_workers(self, count, snapshot, tree, top, work, fast, interrupted, companies):
-        """The work shared among count forked workers (Workers), each reading the exported snapshot on a connection of
-        its own and refreshing whole companies (read the company's state, diff, write), so that the JSON work, hashing,
-        file I/O and the server's work use every core; results and counters are collected here. False when a worker
+        """The work shared among count forked workers (Workers): each takes every count-th company and runs the
+        pipeline a refresh runs alone (_prefetching: threads reading the next companies' state and changed rows on
+        connections of their own to the exported snapshot while it writes), so that the JSON work, hashing, file
+        I/O and the server's work use every core; results and counters are collected here. False when a worker
         could not connect (max_connections, say): nothing was written, the parent does the work instead."""
         self._ensure_marker()  # before the fork: the durable mark of a refresh under way
+        shares = [work[k::count] for k in range(count)]
 
         def attach():
+            # The parent's connections are never used in a worker: a reader of its own (rebuilds), and the prefetch
+            # threads connect (the exported snapshot's id lets them attach).
+            self._spare_readers = []
             conn = self.connect()
             try:
                 reader = snapshot.attach(conn)
-                reader.prepare_refresh(with_md5=not fast)
             except BaseException:
                 conn.close()
                 raise
+            reader.exported = snapshot.exported
             # Each worker checks the space it takes as if every other took as much.
             self.space = SpaceBudget(self.dest, self.params["space_margin"] * count)
             return conn, reader
 
         def do(state, position):
             reader = state[1]
-            index, company_id, fingerprint = item = work[position]
             before = dict(self.stats)
-            company_state, edit, reason = self._prepare(lambda: reader, tree, top, item, fast, interrupted)
-            if company_state is None:
-                entry = self._rebuild(reader, tree, company_id, fingerprint, reason, index)
-            else:
-                entry = self._update(tree, company_state, edit, company_id, fingerprint, index, strays=interrupted)
+            done = {}
+            for (index, company_id, fingerprint), (company_state, edit, reason) in self._prefetching(
+                    reader, tree, top, shares[position], fast, interrupted):
+                if company_state is None:
+                    done[company_id] = self._rebuild(reader, tree, company_id, fingerprint, reason, index)
+                else:
+                    done[company_id] = self._update(tree, company_state, edit, company_id, fingerprint, index,
+                                                    strays=interrupted)
+                test_hook("after_company:%d" % index)
             self._wait_unlinking()
-            test_hook("after_company:%d" % index)
-            return entry, {k: self.stats[k] - before[k] for k in self.COUNTERS}, reader.queries
+            return done, {k: self.stats[k] - before[k] for k in self.COUNTERS}, reader.queries
 
         def detach(state):
             if self._unlinker is not None:
@@ -2213,9 +2220,9 @@ class Refresher:
 
         queries = snapshot.queries
 
-        def accept(position, result):
-            entry, counters, used = result
-            companies[work[position][1]] = entry
+        def accept(_position, result):
+            done, counters, used = result
+            companies.update(done)
             for name, value in counters.items():
                 self.stats[name] += value
             queries.extend(q for q in used if q not in queries)
@@ -2223,7 +2230,7 @@ class Refresher:
         with Workers(count, "a refresh worker") as pool:
             if not pool.start(attach, do, detach):
                 return False
-            pool.map(list(range(len(work))), accept)
+            pool.map(list(range(count)), accept)
             pool.finish()
         return True
 
