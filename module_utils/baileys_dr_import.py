@@ -251,7 +251,7 @@ RESTORE_CREDS_UPDATE_SQL = (
 DELETE_CREDS_SQL = "DELETE FROM whatsapp_auth WHERE company_id = %(company)s"
 # -- a delta pass's batches: the companies prepared per file (Prepared) planned and written DELTA_BATCH at a time, one
 # transaction, one COPY, one proof and one fingerprint query per batch; every statement keyed by company.
-DELTA_BATCH = 50
+DELTA_BATCH = 100
 BATCH_MATCH = "k.company_id = s.c AND k.key_type = s.t AND k.key_id = s.i"
 BATCH_ROWS = "unnest(%(companies)s::text[], %(types)s::text[], %(ids)s::text[]) AS s (c, t, i)"
 # COMPANY_FINGERPRINT_SQL's columns for each company of the batch (the company first).
@@ -684,8 +684,17 @@ def listing(dir_fd):
 
 
 def dir_stats(dir_fd):
-    """{name: (inode, size, mtime_ns, file type)} of every entry of a directory."""
-    return {name: (info.st_ino, info.st_size, info.st_mtime_ns, stat.S_IFMT(info.st_mode)) for name, info in listing(dir_fd)}
+    """{name: (inode, size, mtime_ns, file type)} of every entry of a directory (listing's, without the generator: a
+    delta pass lists every file of every changed company)."""
+    found = {}
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            found[entry.name] = (info.st_ino, info.st_size, info.st_mtime_ns, stat.S_IFMT(info.st_mode))
+    return found
 
 
 # One line per entry; the names as os.scandir gives them (undecodable bytes as surrogate escapes, encoded back below).
@@ -1041,18 +1050,20 @@ class SourceTree:
         files.base, files.before, files.observed_ns = base, listed.before, listed.observed_ns
         specs = None
         changed = []
+        # base.carried(name, info) inlined (1,500 files a company): the recorded stat text equal to the listed one.
+        by_name, carried, stats, unproven, regular = base.by_name, files.carried, files.stats, passfiles.UNPROVEN_TEXT, stat.S_IFREG
         for name, info in files.before.items():
-            if info[3] == stat.S_IFREG:
+            if info[3] == regular:
                 if name == CREDS_FILE:
                     if base.creds_unchanged(info):
                         files.creds_carried = True
-                        files.stats[name] = info
+                        stats[name] = info
                         continue
                 else:
-                    position = base.carried(name, info)
-                    if position is not None:
-                        files.carried.append(position)
-                        files.stats[name] = info
+                    recorded = by_name.get(name)
+                    if recorded is not None and recorded[1] != unproven and recorded[1] == "%d\t%d\t%d" % info[:3]:
+                        carried.append(recorded[0])
+                        stats[name] = info
                         continue
             changed.append(name)
         for name in sorted(changed):  # read in name order, as a full read does

@@ -182,7 +182,7 @@ class PassFiles:
         try:
             for position, row in enumerate(rows):
                 fields = row.split("\t", 3)
-                if len(fields) != 4 or fields[3].count("\t") != 2:
+                if len(fields) != 4:
                     raise ValueError("damaged")
                 self.by_name[_json_string(fields[2])] = (position, fields[3])
         except ValueError:
