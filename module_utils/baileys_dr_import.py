@@ -1235,8 +1235,7 @@ class Prepared:
         if self.creds is None and files.creds is None and not files.creds_carried and base.creds_stat is not None:
             raise passfiles.PassFilesError("creds.json is gone")
         self.creds_present = files.creds_carried or files.creds is not None
-        lines = base.spliced(files.carried, changed)
-        self.digest = hashlib.sha256(b"".join([HEADER_LINE, self.creds_line] + lines)).hexdigest()
+        self.digest = base.spliced_digest(self.creds_line, files.carried, changed)
 
 
 class _ReadThread(threading.Thread):

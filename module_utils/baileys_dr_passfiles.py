@@ -32,7 +32,7 @@ import struct
 
 from ansible.module_utils.baileys_dr_codec import sort_key
 from ansible.module_utils.baileys_dr_fs import write_file_atomic
-from ansible.module_utils.baileys_dr_sessions import HEADER_LINE, SessionsError, split_digest_lines
+from ansible.module_utils.baileys_dr_sessions import HEADER_LINE, SessionsError
 
 FORMAT = 1
 KIND = "baileys-dr-pass-files"
@@ -146,6 +146,23 @@ class _Keys:
         return (self[position] for position in range(len(self.rows)))
 
 
+class _Lines:
+    """The digest lines of a record's keys, each with its newline (added when asked for)."""
+
+    __slots__ = ("lines", "offset")
+
+    def __init__(self, lines, offset):
+        self.lines, self.offset = lines, offset
+
+    def __len__(self):
+        return len(self.lines) - self.offset
+
+    def __getitem__(self, position):
+        if position < 0:
+            raise IndexError(position)
+        return self.lines[position + self.offset] + b"\n"
+
+
 class PassFiles:
     """A company's pass files record, loaded and checked (sha256 from the pass record, digest from the lines)."""
 
@@ -164,15 +181,17 @@ class PassFiles:
         parts = rest.split(b"\n", count)
         if len(parts) != count + 1:
             raise PassFilesError("its pass files record is truncated")
-        lines = split_digest_lines(parts[count])
-        if lines is None or len(lines) != count + 2 or lines[0] != HEADER_LINE:
+        # The digest lines split without their newlines (no copy of each): _Lines adds it back to the few asked for.
+        block = parts[count]
+        lines = block[:-1].split(b"\n") if block.endswith(b"\n") else None
+        if lines is None or len(lines) != count + 2 or lines[0] + b"\n" != HEADER_LINE:
             raise PassFilesError("its pass files record's digest lines do not match its files")
         if hashlib.sha256(parts[count]).hexdigest() != digest:
             raise PassFilesError("its pass files record's digest lines do not give the company's digest")
         self.company_id = company_id
         self.digest = digest
         self.creds_stat = tuple(header["creds"]) if header.get("creds") else None
-        self.creds_line = lines[1]
+        self.creds_line = lines[1] + b"\n"
         # The file lines decoded at once and split in C; each only as far as the name (the id parsed when asked for, the
         # stat kept as its text, compared with the listing's as text): a delta pass loads a record per changed company.
         block = rest[:len(rest) - len(parts[count])].decode("utf-8", "surrogateescape")
@@ -189,7 +208,8 @@ class PassFiles:
             raise PassFilesError("its pass files record has a damaged line") from None
         if len(self.by_name) != count:
             raise PassFilesError("its pass files record names a file twice")
-        self.key_lines = lines[2:]
+        self._lines = lines  # without newlines: header, creds, then one per key
+        self.key_lines = _Lines(lines, 2)
         self.fingerprint = None  # the company's row fingerprint the pass record holds with it (set by the caller)
 
     @classmethod
@@ -227,12 +247,11 @@ class PassFiles:
     def creds_unchanged(self, stat_):
         return self.creds_stat is not None and self.creds_stat != UNPROVEN and self.creds_stat == tuple(stat_[:3])
 
-    def spliced(self, carried, changed):
-        """The key lines of the company in digest order: the recorded line of every carried key (positions in the record,
-        ascending), the given line of every changed one ({(type, id): line}). The carried lines are in digest order
-        already: each changed line is merged in by a binary search over them (sort keys of a few entries only)."""
-        keys, recorded = self.keys, self.key_lines
-        out = []
+    def _merged(self, carried, changed):
+        """In digest order: ("carried", positions) runs of carried keys (positions in the record, ascending) and
+        ("changed", line) of every changed key ({(type, id): line}). The carried lines are in digest order already: each
+        changed line is merged in by a binary search over them (sort keys of a few entries only)."""
+        keys = self.keys
         start = 0
         for key, line in sorted(changed.items(), key=lambda item: sort_key(*item[0])):
             wanted = sort_key(*key)
@@ -243,13 +262,39 @@ class PassFiles:
                     low = middle + 1
                 else:
                     high = middle
-            out.extend(recorded[position] for position in carried[start:low])
+            yield "carried", carried[start:low]
             if low < len(carried) and keys[carried[low]] == key:
                 raise PassFilesError("the key %s %r is both carried and changed" % key)
-            out.append(line)
+            yield "changed", line
             start = low
-        out.extend(recorded[position] for position in carried[start:])
+        yield "carried", carried[start:]
+
+    def spliced(self, carried, changed):
+        """The key lines of the company in digest order: the recorded line of every carried key, the given line of every
+        changed one (_merged)."""
+        out = []
+        for kind, item in self._merged(carried, changed):
+            if kind == "changed":
+                out.append(item)
+            else:
+                out.extend(self.key_lines[position] for position in item)
         return out
+
+    def spliced_digest(self, creds_line, carried, changed):
+        """sha256 (hex) of the header line, creds_line and spliced(carried, changed): the carried lines hashed a run at a
+        time, joined from the record's lines (a slice when the run has no gap), none of them copied one by one."""
+        digest = hashlib.sha256(HEADER_LINE)
+        digest.update(creds_line)
+        lines = self._lines
+        for kind, item in self._merged(carried, changed):
+            if kind == "changed":
+                digest.update(item)
+            elif item:
+                first, last = item[0] + 2, item[-1] + 2
+                run = lines[first:last + 1] if last - first + 1 == len(item) else [lines[p + 2] for p in item]
+                digest.update(b"\n".join(run))
+                digest.update(b"\n")
+        return digest.hexdigest()
 
 
 # -- the check before a delta batch's COMMIT: what changed in the watched directories (inotify) -------------------------

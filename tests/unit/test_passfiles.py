@@ -64,6 +64,11 @@ def test_changed_lines_are_spliced_in_digest_order_and_the_gone_ones_left_out():
     assert lines == [b"zero\n", b"['pre-key','1']\n", b"['pre-key','3']\n", b"four\n", b"['pre-key','7']\n", b"nine\n", b"s\n"]
     with pytest.raises(passfiles.PassFilesError, match="both carried and changed"):
         loaded.spliced(carried, {("pre-key", "3"): b"again\n"})
+    # The digest of the spliced lines, hashed run by run from the record (a gap where pre-key 5 is gone, none, all).
+    creds = b'["creds",null]\n'
+    for runs, news in ((carried, changed), (carried, {}), ([0, 1, 2, 3], {}), ([], changed)):
+        expected = hashlib.sha256(HEADER_LINE + creds + b"".join(loaded.spliced(runs, news))).hexdigest()
+        assert loaded.spliced_digest(creds, runs, news) == expected
 
 
 @pytest.mark.parametrize("damage, message", [
