@@ -191,9 +191,15 @@ options:
         a company whose rows are still the bulk pass's (its fingerprint) and whose pass files record is sound has only its
         changed files read - those whose inode, size or mtime differ from the record's, new ones and not provable ones -
         and only their rows and those of the files gone are planned, written and proven; the other rows are proven by the
-        company's fingerprint inside the write transaction (before and after the writes), and its digest is the recorded
-        digest lines with the changed ones spliced in (RV(companies) read, files_read). A record that fails its checksum,
-        ambiguous file names or rows changed meanwhile read the company whole (read_whole_because).
+        company's fingerprint inside the write transaction, and its digest is the recorded digest lines with the changed
+        ones spliced in (RV(companies) read, files_read). Such a company is prepared from the listing the proof took (its
+        directory is listed once) and written with others, 100 companies a transaction (one COPY, one proof and one
+        fingerprint query for the batch, one undo file per company, all synced before the COMMIT); before the COMMIT an
+        inotify watch, added before the listing, tells which directories changed since, and only those are listed again
+        (all of them where inotify is missing or the tree is on a network file system). A company its batch cannot prove,
+        whose rows or files changed meanwhile, is left out of the batch (a warning) and read and written whole, alone. A
+        record that fails its checksum, ambiguous file names or rows changed meanwhile read the company whole
+        (read_whole_because).
       - The conflict guard does not count rows whose C(xmin) is one of the xids the record holds for their company (row
         versions the bulk pass wrote, or an earlier run of it whose record it replaced; any later write gives a row another
         xmin, so another writer's change still counts).
@@ -239,8 +245,8 @@ notes:
     C(txid_status) says it aborted); see RV(retries)."
   - "Test-only fault hooks, never to be set in production: C(BAILEYS_DR_TEST_PAUSE_AT=import_company:<n>) pauses
     C(BAILEYS_DR_TEST_PAUSE_SECONDS) (default 30) after the n-th company's writes (n-th of the companies the run imports:
-    a delta pass does not count those proven unchanged), before its COMMIT;
-    C(BAILEYS_DR_TEST_FAIL_AT=import_company:<n>) fails there. C(undo_company:<n>) is the same point of O(mode=undo)."
+    a delta pass does not count those proven unchanged), before its COMMIT (in a delta batch, after the batch's writes,
+    before its COMMIT); C(BAILEYS_DR_TEST_FAIL_AT=import_company:<n>) fails there (a batch then fails whole). C(undo_company:<n>) is the same point of O(mode=undo)."
 requirements:
   - psycopg2
 seealso:
@@ -415,8 +421,10 @@ delta:
   description:
     - (import, O(delta_from)) companies (in the run), unchanged_proven (skipped, no file read), imported (imported fully),
       not_proven (count by reason - files changed, rows changed, deferred by the bulk pass, not in the pass record, ...),
-      from (the record), proof_seconds (listing the directories and the aggregate query), seconds (wall time of the run),
-      per_file_candidates (companies whose changed files only are read).
+      from (the record), proof_seconds (listing the directories, reading the changed files of the companies written in
+      batches, and the aggregate query), seconds (wall time of the run), per_file_candidates (companies whose changed
+      files only are read), batched (those of them written in batches), watched (directories under an inotify watch),
+      watch_off (why none is watched, or null).
   returned: mode=import, with O(delta_from)
   type: dict
   sample: {companies: 1000, unchanged_proven: 990, imported: 10, not_proven: {files changed: 10}, seconds: 3.2}
