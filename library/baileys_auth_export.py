@@ -311,8 +311,8 @@ queries:
   type: list
   elements: str
 workers:
-  description: Worker processes that wrote the tree (0 when the module wrote it alone).
-  returned: when a tree was written in full (O(mode=live), first O(mode=standby) build)
+  description: Worker processes that wrote the tree, or shared a standby refresh's companies (0 when the module worked alone).
+  returned: when a tree was written in full (O(mode=live), first O(mode=standby) build) or a standby refresh ran
   type: int
 skipped_keys:
   description: Keys of unknown types left out (O(unknown_types=skip)).

@@ -220,7 +220,10 @@ final_copy:
   returned: when it ran
   type: dict
 proof:
-  description: (O(store=files), O(source=live)) Companies proven equal to the stopped database, and their digests (up to 1000 companies).
+  description:
+    - (O(store=files), O(source=live)) Companies proven equal to the stopped database, and their digests (up to 1000 companies).
+    - C(database) says how the database side was proven, V(unchanged since the copy's snapshot) (a snapshot taken after
+      the copy sees what the refresh's snapshot saw) or V(fingerprints) (every company's row fingerprint compared).
   returned: when it ran
   type: dict
 identities:
