@@ -400,7 +400,9 @@ import pwd
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, describe_target, psycopg2, scrub
-from ansible.module_utils.baileys_dr_sessions import SessionsError, auth_export_argument_spec, check_company_id, drift_warning, export_tree
+from ansible.module_utils.baileys_dr_auth_export import auth_export_argument_spec, export_tree
+from ansible.module_utils.baileys_dr_drift import drift_warning
+from ansible.module_utils.baileys_dr_tree import SessionsError, check_company_id
 
 
 def resolve_owner(module):

@@ -90,7 +90,9 @@ import datetime
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_sessions import ParentLock, SessionsError, drift_warning, swap_in_tree, tree_drift
+from ansible.module_utils.baileys_dr_drift import drift_warning, swap_in_tree, tree_drift
+from ansible.module_utils.baileys_dr_files import ParentLock
+from ansible.module_utils.baileys_dr_tree import SessionsError
 
 
 def _stamp():

@@ -168,7 +168,8 @@ digests:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_sessions import SessionsError, verify_tree
+from ansible.module_utils.baileys_dr_tree import SessionsError
+from ansible.module_utils.baileys_dr_verify import verify_tree
 
 
 class SessionsVerify:

@@ -43,7 +43,7 @@ from ansible.module_utils.baileys_dr_codec import (
     COMPANY_ID_RE, KEY_TYPES, PROTECTED_KEY_TYPES, SENTINEL_KEYS, tctoken_cutoff, tctoken_prunable_sql,
 )
 from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
-from ansible.module_utils.baileys_dr_sessions import test_hook
+from ansible.module_utils.baileys_dr_tree import test_hook
 
 TABLE = "whatsapp_keys"
 ARCHIVE_KIND = "baileys-dr-keys-archive"

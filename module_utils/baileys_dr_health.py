@@ -23,7 +23,7 @@ from ansible.module_utils.baileys_dr_ages import bucket_conditions
 from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, KEY_TYPES, PRE_KEYS_STORED_WARNING, PROTECTED_KEY_TYPES
 from ansible.module_utils.baileys_dr_identity import IDENTITY_SQL, health_view, identities_from_rows
 from ansible.module_utils.baileys_dr_postgres import connection_kwargs, describe_target, psycopg2, scrub
-from ansible.module_utils.baileys_dr_sessions import standby_refusal
+from ansible.module_utils.baileys_dr_deletion_guard import standby_refusal
 
 STATUSES = ("healthy", "warning", "critical")
 STATUS_VALUE = {name: index for index, name in enumerate(STATUSES)}

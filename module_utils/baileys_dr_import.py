@@ -76,40 +76,46 @@ from ansible.module_utils.baileys_dr_postgres import (
     psycopg2,
     retry_on_disconnect,
 )
-from ansible.module_utils.baileys_dr_sessions import (
+from ansible.module_utils.baileys_dr_files import (
+    NEW_FILE_FLAGS,
+    READ_FLAGS,
+    ParentLock,
+    check_dest,
+    open_dir,
+    write_all,
+)
+from ansible.module_utils.baileys_dr_manifests import (
+    load_company_manifest,
+    read_json_at,
+    validate_top_manifest,
+)
+from ansible.module_utils.baileys_dr_tree import (
     COMPANIES_DIR,
     COMPANY_PREFIX,
     CREDS_FILE,
     HEADER_LINE,
     IN_PROGRESS_NAME,
     MANIFEST_NAME,
-    PARALLEL_MIN_KEYS,
     META_DIR,
-    NEW_FILE_FLAGS,
-    READ_FLAGS,
     DigestLines,
     HostileInputError,
     ManifestError,
-    ParentLock,
     SessionsError,
-    check_dest,
     checked_key_file_name,
     compact_stamp,
     creds_line,
     encode_json,
-    export_workers,
     iso,
     key_line,
-    load_company_manifest,
-    open_dir,
     parse_iso,
-    read_json_at,
     sha256_bytes,
     test_hook,
     utc_now,
-    validate_top_manifest,
-    write_all,
+)
+from ansible.module_utils.baileys_dr_workers import (
+    PARALLEL_MIN_KEYS,
     Workers,
+    export_workers,
 )
 
 UNDO_FORMAT = 1

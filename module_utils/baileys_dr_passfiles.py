@@ -32,7 +32,7 @@ import struct
 
 from ansible.module_utils.baileys_dr_codec import sort_key
 from ansible.module_utils.baileys_dr_fs import write_file_atomic
-from ansible.module_utils.baileys_dr_sessions import HEADER_LINE, SessionsError
+from ansible.module_utils.baileys_dr_tree import HEADER_LINE, SessionsError
 
 FORMAT = 1
 KIND = "baileys-dr-pass-files"

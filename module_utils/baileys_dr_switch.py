@@ -36,24 +36,13 @@ from ansible.module_utils.baileys_dr_pm2_driver import Pm2Driver
 from ansible.module_utils.baileys_dr_pm2_process import Pm2Process, pm2_process_argument_spec, resolve_pm2_bin
 from ansible.module_utils.baileys_dr_postgres import (
     DatabaseError, connect, describe_target, postgres_argument_spec, psycopg2, retry_on_disconnect)
-from ansible.module_utils.baileys_dr_sessions import (
-    COMPANY_PREFIX,
-    CREDS_FILE,
-    MANIFEST_NAME,
-    META_DIR,
-    ParentLock,
-    SessionsError,
-    Snapshot,
-    auth_export_argument_spec,
-    drift_warning,
-    export_tree,
-    load_top_manifest,
-    open_dir,
-    prove_tree,
-    test_hook,
-    tree_drift,
-    verify_tree,
-)
+from ansible.module_utils.baileys_dr_auth_export import auth_export_argument_spec, export_tree
+from ansible.module_utils.baileys_dr_drift import drift_warning, prove_tree, tree_drift
+from ansible.module_utils.baileys_dr_files import ParentLock, open_dir
+from ansible.module_utils.baileys_dr_manifests import load_top_manifest
+from ansible.module_utils.baileys_dr_snapshot import Snapshot
+from ansible.module_utils.baileys_dr_tree import COMPANY_PREFIX, CREDS_FILE, MANIFEST_NAME, META_DIR, SessionsError, test_hook
+from ansible.module_utils.baileys_dr_verify import verify_tree
 
 # The connection options (baileys_dr_postgres) every engine of the switch is given.
 DB_OPTIONS = tuple(postgres_argument_spec())

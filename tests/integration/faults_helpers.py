@@ -112,7 +112,7 @@ def database_digests(conn):
 
 def tree_digests(path):
     """State digests of a sessions tree, recomputed from its files (fails when the tree does not verify)."""
-    from ansible.module_utils.baileys_dr_sessions import verify_tree
+    from ansible.module_utils.baileys_dr_verify import verify_tree
 
     checked = verify_tree(str(path), recompute_digests=True)
     assert checked["verified"], checked["problems"][:5]

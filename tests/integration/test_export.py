@@ -15,7 +15,7 @@ from faults_helpers import refuse_worker_connections, wait_until
 from module_harness import run_module
 
 from ansible.module_utils import baileys_dr_testdata as testdata
-from ansible.module_utils.baileys_dr_sessions import verify_tree
+from ansible.module_utils.baileys_dr_verify import verify_tree
 from ansible.module_utils.baileys_dr_store import company_digest, list_companies
 
 ODD_KEYS = [
@@ -431,11 +431,11 @@ def test_the_export_is_one_consistent_snapshot(db, db_params, export, app_root, 
 @pytest.fixture
 def parallel(monkeypatch):
     """Any export with 2 companies uses 2 workers (the real threshold is 20,000 keys)."""
-    from ansible.module_utils import baileys_dr_sessions as sessions
+    from ansible.module_utils import baileys_dr_export
 
-    monkeypatch.setattr(sessions, "PARALLEL_MIN_KEYS", 0)
-    monkeypatch.setattr(sessions, "export_workers", lambda: 2)
-    return sessions
+    monkeypatch.setattr(baileys_dr_export, "PARALLEL_MIN_KEYS", 0)
+    monkeypatch.setattr(baileys_dr_export, "export_workers", lambda: 2)
+    return baileys_dr_export
 
 
 def tree_bytes(path):
@@ -624,10 +624,10 @@ def test_a_value_nested_too_deeply_is_refused_naming_its_row_and_nothing_is_swap
     """Observation 4 of issue 15: a session value of 3,000 nested arrays. Before, the export crashed with a traceback
     ("maximum recursion depth exceeded while decoding a JSON array") that named no row."""
     if workers:
-        from ansible.module_utils import baileys_dr_sessions as sessions
+        from ansible.module_utils import baileys_dr_export
 
-        monkeypatch.setattr(sessions, "PARALLEL_MIN_KEYS", 0)
-        monkeypatch.setattr(sessions, "export_workers", lambda: 2)
+        monkeypatch.setattr(baileys_dr_export, "PARALLEL_MIN_KEYS", 0)
+        monkeypatch.setattr(baileys_dr_export, "export_workers", lambda: 2)
     with db.cursor() as cur:
         cur.execute(where, (DEEP,))
     db.commit()

@@ -20,7 +20,8 @@ from faults_helpers import (database_digests, execute, freeze, kill_server, list
 from module_harness import run_module
 
 from ansible.module_utils import baileys_dr_testdata as testdata
-from ansible.module_utils.baileys_dr_sessions import IN_PROGRESS_NAME, META_DIR, verify_tree
+from ansible.module_utils.baileys_dr_tree import IN_PROGRESS_NAME, META_DIR
+from ansible.module_utils.baileys_dr_verify import verify_tree
 
 
 def export(params, dest, **args):

@@ -16,7 +16,7 @@ from test_identity_guard import fresh_creds
 from testbed_helpers import testbed  # noqa: F401 (the fixture)
 
 from ansible.module_utils.baileys_dr_identity import CACHE_FILE
-from ansible.module_utils.baileys_dr_sessions import COMPANY_PREFIX
+from ansible.module_utils.baileys_dr_tree import COMPANY_PREFIX
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from module_harness import run_module
 
 from ansible.module_utils import baileys_dr_codec as codec
 from ansible.module_utils import baileys_dr_testdata as testdata
-from ansible.module_utils.baileys_dr_sessions import file_content
+from ansible.module_utils.baileys_dr_tree import file_content
 from ansible.module_utils.baileys_dr_store import company_digest, list_companies
 
 # Ids fixFileName mangles (known to the manifest), both Buffer encodings, unicode.

@@ -34,7 +34,7 @@ from test_import import (  # noqa: F401 - fixtures
 from ansible.module_utils import baileys_dr_import as imp
 from ansible.module_utils import baileys_dr_passfiles as passfiles
 from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, psycopg2, retry_on_disconnect
-from ansible.module_utils.baileys_dr_sessions import file_content
+from ansible.module_utils.baileys_dr_tree import file_content
 
 COMPANIES = ("company00001", "company00002", "company00003")
 

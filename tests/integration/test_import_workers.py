@@ -19,7 +19,7 @@ from test_import import failback, sessions, undo_dir  # noqa: F401 - the import 
 
 from ansible.module_utils import baileys_dr_codec as codec
 from ansible.module_utils import baileys_dr_testdata as testdata
-from ansible.module_utils.baileys_dr_sessions import file_content
+from ansible.module_utils.baileys_dr_tree import file_content
 
 COMPANIES = ["company%05d" % n for n in range(1, 6)]
 

@@ -25,7 +25,7 @@ from test_check_mode_playbooks import file_fingerprints
 from test_switch_under_traffic import audited, lost_summary
 from testbed_helpers import PlaybookRun, Writer, normal_testbed, testbed  # noqa: F401 - the module's test bed fixtures
 
-from ansible.module_utils.baileys_dr_sessions import verify_tree
+from ansible.module_utils.baileys_dr_verify import verify_tree
 
 SWITCH = "baileys_store_switch"
 pytestmark = pytest.mark.usefixtures("normal_testbed")

@@ -12,9 +12,9 @@ from faults_helpers import database_digests, execute
 from module_harness import run_module
 from test_export import tree_bytes
 
-from ansible.module_utils import baileys_dr_sessions as sessions
+from ansible.module_utils import baileys_dr_refresh
 from ansible.module_utils import baileys_dr_testdata as testdata
-from ansible.module_utils.baileys_dr_sessions import verify_tree
+from ansible.module_utils.baileys_dr_verify import verify_tree
 
 CHANGES = (
     "UPDATE whatsapp_keys SET value = value || '{\"longer\": \"by a few bytes\"}' WHERE company_id = 'company00001' "
@@ -43,11 +43,11 @@ def test_a_refresh_shared_among_workers_writes_byte_for_byte_what_one_process_wr
     for dest in (shared, alone):
         assert refresh(dest)["initial_build"]
     execute(db, *CHANGES)
-    monkeypatch.setattr(sessions, "export_workers", lambda: 2)
-    monkeypatch.setattr(sessions, "PARALLEL_MIN_KEYS", 0)
-    monkeypatch.setattr(sessions, "REFRESH_PARALLEL_MIN_COMPANIES", 1)
+    monkeypatch.setattr(baileys_dr_refresh, "export_workers", lambda: 2)
+    monkeypatch.setattr(baileys_dr_refresh, "PARALLEL_MIN_KEYS", 0)
+    monkeypatch.setattr(baileys_dr_refresh, "REFRESH_PARALLEL_MIN_COMPANIES", 1)
     in_workers = refresh(shared)
-    monkeypatch.setattr(sessions, "REFRESH_PARALLEL_MIN_COMPANIES", 10 ** 9)
+    monkeypatch.setattr(baileys_dr_refresh, "REFRESH_PARALLEL_MIN_COMPANIES", 10 ** 9)
     by_one = refresh(alone)
     assert in_workers["workers"] == 2 and by_one["workers"] == 0
     counters = ("files_written", "files_deleted", "bytes_written", "rows_fetched", "companies_refreshed", "companies_skipped")

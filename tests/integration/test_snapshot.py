@@ -13,7 +13,8 @@ import baileys_auth_export
 from module_harness import run_module
 
 from ansible.module_utils import baileys_dr_testdata as testdata
-from ansible.module_utils.baileys_dr_sessions import IN_PROGRESS_NAME, verify_tree
+from ansible.module_utils.baileys_dr_tree import IN_PROGRESS_NAME
+from ansible.module_utils.baileys_dr_verify import verify_tree
 from ansible.module_utils.baileys_dr_store import company_digest, list_companies
 
 
@@ -321,16 +322,16 @@ def test_a_key_deleted_while_another_takes_its_file_name_keeps_the_new_file(db, 
 
 
 def test_free_space_is_asked_once_per_refresh_and_too_little_is_refused_before_any_change(db, built, refresh, standby_dir, monkeypatch):
-    from ansible.module_utils import baileys_dr_sessions as sessions
+    from ansible.module_utils import baileys_dr_files
 
     calls = []
     real_statvfs = os.statvfs
-    monkeypatch.setattr(sessions.os, "statvfs", lambda path: calls.append(path) or real_statvfs(path))
+    monkeypatch.setattr(baileys_dr_files.os, "statvfs", lambda path: calls.append(path) or real_statvfs(path))
     execute(db, "UPDATE whatsapp_keys SET value = '{\"v\": 10}' WHERE key_type = 'session'")
     ok, result = refresh()
     assert ok and result["companies_refreshed"] == 3, result.get("msg")
     assert len(calls) == 1, "one statvfs for the whole run, each company's estimate taken from what it said"
-    monkeypatch.setattr(sessions, "free_space", lambda path: {"bytes": 4096, "inodes": None, "block": 4096})
+    monkeypatch.setattr(baileys_dr_files, "free_space", lambda path: {"bytes": 4096, "inodes": None, "block": 4096})
     execute(db, "UPDATE whatsapp_keys SET value = '{\"v\": 11}' WHERE key_type = 'session'")
     before = listing(standby_dir.parent)
     ok, result = refresh()
@@ -484,7 +485,8 @@ def test_the_failover_passes_refuse_a_mass_deletion_with_the_switch_engines_defa
     """baileys_store_switch runs this refresh as its final copy with engine_params(auth_export_argument_spec(), ...):
     the guard's defaults come with the spec, so a failover after a mass deletion does not copy it either."""
     from ansible.module_utils.baileys_dr_postgres import connect
-    from ansible.module_utils.baileys_dr_sessions import RefreshRefused, auth_export_argument_spec, export_tree
+    from ansible.module_utils.baileys_dr_auth_export import auth_export_argument_spec, export_tree
+    from ansible.module_utils.baileys_dr_tree import RefreshRefused
     from ansible.module_utils.baileys_dr_switch import engine_params
 
     params = engine_params(auth_export_argument_spec(), mode="standby", dest=str(standby_dir), return_digests=True,

@@ -10,7 +10,7 @@ import baileys_auth_export
 from module_harness import run_module
 
 from ansible.module_utils import baileys_dr_testdata as testdata
-from ansible.module_utils.baileys_dr_sessions import auth_export_argument_spec
+from ansible.module_utils.baileys_dr_auth_export import auth_export_argument_spec
 from ansible.module_utils.baileys_dr_switch import FailoverSwitch, SwitchError, engine_params
 
 MINE = ["company00001", "company00002"]

@@ -11,10 +11,11 @@ import pytest
 
 from faults_helpers import execute
 
-from ansible.module_utils import baileys_dr_sessions as sessions
+from ansible.module_utils import baileys_dr_drift
 from ansible.module_utils import baileys_dr_testdata as testdata
 from ansible.module_utils.baileys_dr_postgres import connect, describe_target
-from ansible.module_utils.baileys_dr_sessions import auth_export_argument_spec, export_tree, prove_tree
+from ansible.module_utils.baileys_dr_auth_export import auth_export_argument_spec, export_tree
+from ansible.module_utils.baileys_dr_drift import prove_tree, tree_drift
 from ansible.module_utils.baileys_dr_switch import FailoverSwitch, SwitchError, engine_params, manifest_mtime_ns
 
 
@@ -104,9 +105,9 @@ def test_a_row_changed_after_the_final_copy_is_caught_by_the_fingerprints(db, bu
 @pytest.fixture
 def proof_workers(monkeypatch):
     """Any tree is walked by 2 worker processes, one company per task (the real threshold is 100 companies)."""
-    monkeypatch.setattr(sessions, "PROOF_PARALLEL_MIN_COMPANIES", 1)
-    monkeypatch.setattr(sessions, "PROOF_CHUNK_COMPANIES", 1)
-    monkeypatch.setattr(sessions, "export_workers", lambda: 2)
+    monkeypatch.setattr(baileys_dr_drift, "PROOF_PARALLEL_MIN_COMPANIES", 1)
+    monkeypatch.setattr(baileys_dr_drift, "PROOF_CHUNK_COMPANIES", 1)
+    monkeypatch.setattr(baileys_dr_drift, "export_workers", lambda: 2)
 
 
 def test_the_proof_walked_by_worker_processes_finds_what_one_process_finds(bulk_pass, proof_workers):
@@ -122,7 +123,7 @@ def test_the_proof_walked_by_worker_processes_finds_what_one_process_finds(bulk_
     with open(os.path.join(standby, "company_unknown", "creds.json"), "wb") as fh:
         fh.write(b"{}")
     drift, _ = prove_tree(standby, proven_ns)
-    alone = sessions.tree_drift(standby)
+    alone = tree_drift(standby)
     assert not drift["clean"] and (drift["added"], drift["deleted"], drift["drifted_companies"]) == (2, 1, 2) == (
         alone["added"], alone["deleted"], alone["drifted_companies"])
     assert drift["extra_companies"] == alone["extra_companies"] == ["company_unknown"]

@@ -9,8 +9,9 @@ import random
 import pytest
 
 from ansible.module_utils import baileys_dr_codec as codec
-from ansible.module_utils import baileys_dr_sessions as sessions
+from ansible.module_utils.baileys_dr_manifests import entry_line, key_entry_line
 from ansible.module_utils.baileys_dr_testdata import CompanyGenerator
+from ansible.module_utils.baileys_dr_tree import creds_line, file_content, key_file_and_line, key_line
 
 
 def reference_canonical(value, key_type=None):
@@ -90,19 +91,19 @@ def test_fast_paths_give_the_reference_bytes_for_random_json_values():
         assert outcome(codec.canonical_json, value, key_type) == outcome(reference_canonical, value, key_type), value
         assert outcome(codec.canonical_json, value) == outcome(reference_canonical, value), value
         assert outcome(codec.to_base64_form, value) == outcome(reference_base64_form, value), value
-        assert outcome(sessions.file_content, value) == outcome(reference_file, value), value
-        assert outcome(sessions.key_line, key_type, key_id, value) == outcome(reference_line, key_type, key_id, value), value
+        assert outcome(file_content, value) == outcome(reference_file, value), value
+        assert outcome(key_line, key_type, key_id, value) == outcome(reference_line, key_type, key_id, value), value
         expected = (outcome(reference_file, value), outcome(reference_line, key_type, key_id, value))
         if not any(isinstance(part, type) for part in expected):
-            assert sessions.key_file_and_line(key_type, key_id, value) == expected, value
+            assert key_file_and_line(key_type, key_id, value) == expected, value
 
 
 def test_lone_surrogates_are_escaped_in_the_digest_and_fail_alike_elsewhere():
     checked = 0
     for key_type, key_id, value in random_cases(1500, "surrogates", surrogates=True):
         assert outcome(codec.canonical_json, value, key_type) == outcome(reference_canonical, value, key_type), value
-        assert outcome(sessions.key_line, key_type, key_id, value) == outcome(reference_line, key_type, key_id, value), value
-        assert outcome(sessions.file_content, value) == outcome(reference_file, value), value
+        assert outcome(key_line, key_type, key_id, value) == outcome(reference_line, key_type, key_id, value), value
+        assert outcome(file_content, value) == outcome(reference_file, value), value
         checked += "\\ud" in str(outcome(codec.canonical_json, value))
     assert checked >= 5, "the cases must hold escaped lone surrogates"
     assert codec.canonical_json(["\ud800", "x"]) == '["\\ud800","x"]'
@@ -111,11 +112,11 @@ def test_lone_surrogates_are_escaped_in_the_digest_and_fail_alike_elsewhere():
 def test_generated_company_values_take_the_fast_path_and_match_the_reference():
     generator = CompanyGenerator("fast", 1, keys=400)
     creds = generator.creds()
-    assert sessions.creds_line(creds) == ("%s\n" % reference_canonical(["creds", creds])).encode("utf-8")
+    assert creds_line(creds) == ("%s\n" % reference_canonical(["creds", creds])).encode("utf-8")
     for key_type, key_id, value, *_ in generator.key_rows():
         plain, odd = codec._plain_base64_form(value)
         assert plain is not None and not odd, "plain JSON: no fallback"
-        assert sessions.key_file_and_line(key_type, key_id, value) == (reference_file(value), reference_line(key_type, key_id, value))
+        assert key_file_and_line(key_type, key_id, value) == (reference_file(value), reference_line(key_type, key_id, value))
 
 
 @pytest.mark.parametrize("value, canonical", [
@@ -143,4 +144,4 @@ def test_key_entry_lines_are_the_manifest_lines_json_would_write():
     for name, key_type, key_id in [("session-a.json", "session", "a"), ("tctoken-Ü \"q\".json", "tctoken", "Ü \"q\""),
                                    ("x\\y.json", "pre-key", "x\\y"), ("\u2028.json", "pre-key", "\u2028")]:
         entry = {"type": key_type, "id": key_id, "sha256": "ab" * 32, "size": 12, "xmin": 734, "row_md5": "0f" * 16}
-        assert sessions.key_entry_line(name, key_type, key_id, "ab" * 32, 12, "734", "0f" * 16) == sessions.entry_line(name, entry)
+        assert key_entry_line(name, key_type, key_id, "ab" * 32, 12, "734", "0f" * 16) == entry_line(name, entry)

@@ -8,7 +8,7 @@ import pytest
 
 from ansible.module_utils import baileys_dr_passfiles as passfiles
 from ansible.module_utils.baileys_dr_codec import sort_key
-from ansible.module_utils.baileys_dr_sessions import HEADER_LINE
+from ansible.module_utils.baileys_dr_tree import HEADER_LINE
 
 SECOND = 10**9
 NOW = 1_800_000_000 * SECOND + 123_456_789

@@ -11,7 +11,7 @@ from module_harness import run_module
 from test_sessions_tree import CREDS, KEYS, build_tree, service_writes
 
 from ansible.module_utils import basic
-from ansible.module_utils import baileys_dr_sessions as sessions
+from ansible.module_utils.baileys_dr_verify import verify_tree
 
 
 def tree(path, marker):
@@ -99,7 +99,7 @@ def test_promoting_over_a_tree_the_service_wrote_into_keeps_it_counts_its_files_
     assert drift["companies"]["c1"]["changed"] == ["pre-key-1.json"]
     assert warnings == ["the replaced tree held 2 files the service wrote that the database never received "
                         "(1 added, 1 changed, and 1 deleted by it; kept in %s)" % kept]
-    assert sessions.verify_tree(live, depth="structure")["verified"], "the standby copy is live"
+    assert verify_tree(live, depth="structure")["verified"], "the standby copy is live"
 
 
 def test_promoting_over_a_clean_tree_reports_it_clean_without_a_warning(tmp_path, warnings):

@@ -12,7 +12,10 @@ import baileys_sessions_verify
 from module_harness import run_module
 from test_sessions_tree import CREDS, KEYS, build_tree
 
-from ansible.module_utils import baileys_dr_sessions as sessions
+from ansible.module_utils import baileys_dr_manifests, baileys_dr_verify
+from ansible.module_utils.baileys_dr_files import read_regular
+from ansible.module_utils.baileys_dr_tree import IN_PROGRESS_NAME, SessionsError
+from ansible.module_utils.baileys_dr_verify import verify_tree
 
 # An id whose file name JSON escapes in the manifest ('"' and '\'): its company is read by the JSON parser.
 ODD_KEYS = KEYS + [("session", 'quote"back\\slash.0', {"_sessions": {}})]
@@ -24,7 +27,7 @@ def tree(tmp_path):
 
 
 def verify(path, **kwargs):
-    return sessions.verify_tree(path, **kwargs)
+    return verify_tree(path, **kwargs)
 
 
 def company_file(tree, company, name):
@@ -85,8 +88,8 @@ def test_only_files_modified_since_the_manifest_are_read_at_the_structure_depth(
             set_mtime(company_file(tree, company, name), before)
     manifests = {"manifest.json", "c1.json", "c2.json", "c3.json"}
     reads = []
-    real = sessions.read_regular
-    monkeypatch.setattr(sessions, "read_regular", lambda dir_fd, name, *a: reads.append(name) or real(dir_fd, name, *a))
+    for module in (baileys_dr_verify, baileys_dr_manifests):  # the verifier's reads, and read_json_at's (the top manifest)
+        monkeypatch.setattr(module, "read_regular", lambda dir_fd, name, *a: reads.append(name) or read_regular(dir_fd, name, *a))
     assert verify(tree, depth="structure")["verified"]
     assert set(reads) == manifests, "no session file written before its manifest is read"
     rewrite_in_place(company_file(tree, "c2", "pre-key-1.json"))
@@ -179,7 +182,7 @@ def _broken_top_manifest(tree):
 
 
 def _interrupted(tree):
-    open(os.path.join(tree, ".baileys-dr", sessions.IN_PROGRESS_NAME), "w").write("{}")
+    open(os.path.join(tree, ".baileys-dr", IN_PROGRESS_NAME), "w").write("{}")
     return "a refresh was interrupted"
 
 
@@ -221,7 +224,7 @@ def test_a_manifest_entry_forged_into_the_chain_is_checked_like_at_the_content_d
 
 
 def test_recompute_digests_needs_the_content_depth(tree):
-    with pytest.raises(sessions.SessionsError, match="recompute_digests.*depth=content"):
+    with pytest.raises(SessionsError, match="recompute_digests.*depth=content"):
         verify(tree, depth="structure", recompute_digests=True)
     ok, result = run_module(baileys_sessions_verify, dict(path=tree, depth="structure", recompute_digests=True))
     assert not ok and "recompute_digests" in result["msg"] and "depth=content" in result["msg"]
