@@ -443,7 +443,8 @@ queries:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.baileys_dr_import import FailbackError, auth_import_argument_spec, failback, import_failure
+from ansible.module_utils.baileys_dr_failback import auth_import_argument_spec, failback, import_failure
+from ansible.module_utils.baileys_dr_failback_errors import FailbackError
 from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, describe_target, psycopg2, scrub
 from ansible.module_utils.baileys_dr_tree import SessionsError, check_company_id
 

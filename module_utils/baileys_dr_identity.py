@@ -23,6 +23,8 @@ import re
 import stat
 
 from ansible.module_utils.baileys_dr_codec import COMPANY_ID_RE, buffer_bytes
+from ansible.module_utils.baileys_dr_failback_errors import FileProblem
+from ansible.module_utils.baileys_dr_source_files import read_file_at
 
 KEY_HASH_SHOWN = 12  # hex characters of the key hash in messages (enough to tell two keys apart)
 COMPANY_PREFIX = "company_"
@@ -88,9 +90,6 @@ def database_identities(cursor, companies=None):
 def _read_regular(path):
     """Bytes of a regular file, no symbolic link followed, no FIFO waited on (the import's reader); else OSError or
     ValueError naming the problem."""
-    # Imported here: that module imports this one.
-    from ansible.module_utils.baileys_dr_import import FileProblem, read_file_at
-
     try:
         return read_file_at(None, path)[0]
     except FileProblem as exc:

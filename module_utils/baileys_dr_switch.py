@@ -29,7 +29,7 @@ import time
 from ansible.module_utils.baileys_dr_dotenv import DotenvDocument, EnvFile, EnvFileError, env_file_argument_spec
 from ansible.module_utils.baileys_dr_fs import fsync_dir, swap_in, write_file_atomic
 from ansible.module_utils.baileys_dr_identity import set_cache_aside
-from ansible.module_utils.baileys_dr_import import auth_import_argument_spec, failback, import_failure
+from ansible.module_utils.baileys_dr_failback import auth_import_argument_spec, failback, import_failure
 from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, git_tag_verify_argument_spec
 from ansible.module_utils.baileys_dr_pm2 import HealthClient, Pm2Error, find_instances
 from ansible.module_utils.baileys_dr_pm2_driver import Pm2Driver

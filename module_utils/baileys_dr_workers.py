@@ -4,7 +4,7 @@
 """Work shared among forked worker processes (Workers), and one call run in a thread beside (in_thread).
 
 Used by the full export (a company per task), the standby refresh (a share of the companies per worker), the proof of
-a tree (a chunk of companies per task) and the failback's import (baileys_dr_import).
+a tree (a chunk of companies per task) and the failback (baileys_dr_failback).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _die_with_parent():
 class Workers:
     """Forked worker processes, each with its own state (its own database connection), doing the tasks the parent hands
     out one at a time, so that JSON work, file I/O and the server's work use every core. Shared by the export
-    (ExportWorkers) and the import (baileys_dr_import).
+    (ExportWorkers) and the failback (baileys_dr_failback).
 
     start(attach, do, detach) forks; in each worker, state = attach() (its connection), then do(state, task) gives the
     (picklable) result of each task received, and detach(state) ends it. Protocol on each worker's pipe: the worker sends

@@ -674,26 +674,28 @@ def test_a_row_the_database_adds_during_the_writes_rolls_the_company_back(db, ex
 
 def test_a_run_of_one_company_reads_its_files_once_unless_they_changed_between_the_passes(db, exported, failback, sessions,
                                                                                          monkeypatch):
-    from ansible.module_utils import baileys_dr_import as imp
+    from ansible.module_utils import baileys_dr_failback as engine
+    from ansible.module_utils import baileys_dr_source_files as source_files
+    from ansible.module_utils import baileys_dr_source_tree as source_tree
 
     directory = sessions / "company_company00001"
     baileys_changes(sessions, "company00001", manifest_of(sessions, "company00001"))
     reads = []
-    original_read = imp.read_file_at
-    monkeypatch.setattr(imp, "read_file_at", lambda dir_fd, name: reads.append(name) or original_read(dir_fd, name))
+    original_read = source_files.read_file_at
+    monkeypatch.setattr(source_tree, "read_file_at", lambda dir_fd, name: reads.append(name) or original_read(dir_fd, name))
     ok, result = failback(companies=["company00001"])
     assert ok and result["committed"] == ["company00001"], result.get("msg")
     assert sorted(reads) == sorted(os.listdir(directory)), "the second pass uses the first pass's read"
     assert result["digests"]["company00001"] == database_digests(db)["company00001"]
     # A key Baileys writes between the passes: the second pass sees the directory changed and reads it again.
     (directory / "pre-key-200001.json").write_bytes(file_content({"private": {"type": "Buffer", "data": "AQ=="}}))
-    original_writes = imp.Failback._writes
+    original_writes = engine.Failback._writes
 
     def late_write(self, *args):
         (directory / "pre-key-200002.json").write_bytes(file_content({"private": {"type": "Buffer", "data": "Ag=="}}))
         return original_writes(self, *args)
 
-    monkeypatch.setattr(imp.Failback, "_writes", late_write)
+    monkeypatch.setattr(engine.Failback, "_writes", late_write)
     reads.clear()
     ok, result = failback(companies=["company00001"])
     assert ok and result["companies"]["company00001"]["inserted"] == 2, result.get("msg")

@@ -8,7 +8,7 @@ import contextlib
 
 from test_import import exported, export, failback, sessions, undo_dir  # noqa: F401 - fixtures
 
-from ansible.module_utils.baileys_dr_import import Database
+from ansible.module_utils.baileys_dr_failback_db import Database
 from ansible.module_utils.baileys_dr_postgres import connect
 
 

@@ -31,7 +31,10 @@ from test_import import (  # noqa: F401 - fixtures
     warned,
 )
 
-from ansible.module_utils import baileys_dr_import as imp
+from ansible.module_utils import baileys_dr_failback as engine
+from ansible.module_utils import baileys_dr_source_scan as source_scan
+from ansible.module_utils import baileys_dr_source_tree as source_tree
+from ansible.module_utils import baileys_dr_undo as undo_files
 from ansible.module_utils import baileys_dr_passfiles as passfiles
 from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect, psycopg2, retry_on_disconnect
 from ansible.module_utils.baileys_dr_tree import file_content
@@ -57,13 +60,13 @@ def age(sessions, seconds=60):
 def reads_of_companies(monkeypatch):
     """Company ids whose directory the module reads (the files, not a listing)."""
     seen = []
-    original = imp.SourceTree.read_company
+    original = source_tree.SourceTree.read_company
 
     def spy(self, company_id, mode):
         seen.append(company_id)
         return original(self, company_id, mode)
 
-    monkeypatch.setattr(imp.SourceTree, "read_company", spy)
+    monkeypatch.setattr(source_tree.SourceTree, "read_company", spy)
     return seen
 
 
@@ -168,7 +171,7 @@ def test_a_company_written_during_the_bulk_pass_is_deferred_and_only_it_is_read_
 
 def test_a_file_created_one_rewritten_in_place_and_one_deleted_after_the_bulk_pass_are_in_postgresql_after_the_delta(
         db, exported, failback, sessions, record, monkeypatch):
-    monkeypatch.setattr(imp, "SCAN_MIN_FORK", 1)  # the directories listed by forked workers, as in a large tree
+    monkeypatch.setattr(source_scan, "SCAN_MIN_FORK", 1)  # the directories listed by forked workers, as in a large tree
     age(sessions)
     ok, bulk = failback(changed_during_read="defer", pass_record=str(record))
     assert ok and bulk["committed"] == [] and bulk["deferred"] == [], bulk.get("msg")
@@ -243,15 +246,15 @@ def test_the_delta_pass_listing_gives_the_bulk_pass_signature_whatever_the_names
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         dir_fd = os.open("company_acme", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd)
-        stats = imp.dir_stats(dir_fd)
+        stats = source_scan.dir_stats(dir_fd)
         os.close(dir_fd)
-        signature = imp.directory_signature(stats)
-        assert imp.scan_company(root_fd, "acme") == (signature, None)
-        assert imp.directory_signature(stats, time.time_ns()) is None, "files written just now: no signature recorded"
-        assert imp.directory_signature(stats, time.time_ns() + 10**9) == signature, "listed a second after the writes"
+        signature = source_scan.directory_signature(stats)
+        assert source_scan.scan_company(root_fd, "acme") == (signature, None)
+        assert source_scan.directory_signature(stats, time.time_ns()) is None, "files written just now: no signature recorded"
+        assert source_scan.directory_signature(stats, time.time_ns() + 10**9) == signature, "listed a second after the writes"
         os.utime(directory / "pre-key-1.json", ns=(1, 1))
-        assert imp.scan_company(root_fd, "acme")[0] != signature
-        assert imp.scan_company(root_fd, "gone") == (None, "absent")
+        assert source_scan.scan_company(root_fd, "acme")[0] != signature
+        assert source_scan.scan_company(root_fd, "gone") == (None, "absent")
     finally:
         os.close(root_fd)
 
@@ -512,7 +515,7 @@ def test_rows_changed_between_the_delta_proof_and_the_company_write_make_it_read
     """Another writer touches a row of the company after the delta pass's aggregate: the per-company check inside the
     write transaction sees it, and the company is read and planned whole (its since guard then sees the change)."""
     new_ids, _files = bulk_then(failback, sessions, record)
-    proven = imp.Failback._prove_unchanged
+    proven = engine.Failback._prove_unchanged
 
     def then_a_writer(self, *args):
         todo = proven(self, *args)
@@ -520,7 +523,7 @@ def test_rows_changed_between_the_delta_proof_and_the_company_write_make_it_read
                     "AND key_id = (SELECT min(key_id) FROM whatsapp_keys WHERE company_id = 'company00002' AND key_type = 'pre-key')")
         return todo
 
-    monkeypatch.setattr(imp.Failback, "_prove_unchanged", then_a_writer)
+    monkeypatch.setattr(engine.Failback, "_prove_unchanged", then_a_writer)
     ok, delta = failback(delta_from=str(record), force=True)
     assert ok, delta.get("msg")
     company = delta["companies"]["company00002"]
@@ -602,7 +605,7 @@ def test_rows_changed_between_the_batch_plan_and_its_transaction_make_that_compa
     session = next(e["id"] for e in manifest_of(sessions, "company00003")["files"].values() if e["type"] == "session")
     where = ("key_type = 'pre-key' AND key_id = (SELECT max(key_id) FROM whatsapp_keys WHERE company_id = 'company00003' "
              "AND key_type = 'pre-key')") if touched == "a row it keeps" else "key_type = 'session' AND key_id = %(id)s"
-    write_batch = imp.Failback._write_batch
+    write_batch = engine.Failback._write_batch
 
     def after_the_plan(self, *args):
         if not getattr(self, "pytest_touched", False):
@@ -613,7 +616,7 @@ def test_rows_changed_between_the_batch_plan_and_its_transaction_make_that_compa
             db.commit()
         return write_batch(self, *args)
 
-    monkeypatch.setattr(imp.Failback, "_write_batch", after_the_plan)
+    monkeypatch.setattr(engine.Failback, "_write_batch", after_the_plan)
     ok, delta = failback(delta_from=str(record), force=True)
     assert ok, delta.get("msg")
     company = delta["companies"]["company00003"]
@@ -654,7 +657,7 @@ def test_a_delta_killed_between_its_batch_undo_files_and_the_commit_commits_noth
         os.waitpid(pid, 0)
     monkeypatch.delenv("BAILEYS_DR_TEST_PAUSE_AT")
     leftover = undo_files_of(undo_dir)
-    assert len(leftover) == 3 and all(imp.read_undo_file(p) for p in leftover), "synced whole before the COMMIT"
+    assert len(leftover) == 3 and all(undo_files.read_undo_file(p) for p in leftover), "synced whole before the COMMIT"
     assert wait_until(lambda: full_rows(db) == after_bulk, what="the server rolled the batch back"), "nothing committed"
     ok, delta = failback(delta_from=str(record))
     assert ok and delta["committed"] == list(COMPANIES), delta.get("msg")

@@ -28,11 +28,11 @@ COMPANIES = ["company%05d" % n for n in range(1, 6)]
 def workers(monkeypatch):
     """workers(n): an import of 2 companies or more uses n worker processes (the real threshold is 20,000 keys); n=0
     imports in the module's own process."""
-    from ansible.module_utils import baileys_dr_import as imp
+    from ansible.module_utils import baileys_dr_failback as engine
 
     def use(count):
-        monkeypatch.setattr(imp, "PARALLEL_MIN_KEYS", 0 if count else 10 ** 12)
-        monkeypatch.setattr(imp, "export_workers", lambda: max(count, 1))
+        monkeypatch.setattr(engine, "PARALLEL_MIN_KEYS", 0 if count else 10 ** 12)
+        monkeypatch.setattr(engine, "export_workers", lambda: max(count, 1))
     return use
 
 

@@ -14,7 +14,10 @@ import pytest
 from conftest import ROOT
 
 from ansible.module_utils import baileys_dr_codec as codec
-from ansible.module_utils import baileys_dr_import as imp
+from ansible.module_utils import baileys_dr_failback_errors as fb_errors
+from ansible.module_utils import baileys_dr_reverse_names as reverse_names
+from ansible.module_utils import baileys_dr_source_files as source_files
+from ansible.module_utils import baileys_dr_undo as undo_files
 from ansible.module_utils import baileys_dr_postgres as pg
 from ansible.module_utils import baileys_dr_testdata as testdata
 
@@ -32,13 +35,13 @@ from ansible.module_utils import baileys_dr_testdata as testdata
     ("lid-mapping-123_reverse.json", ("lid-mapping", "123_reverse")),
 ])
 def test_the_type_is_the_longest_known_prefix(name, expected):
-    assert imp.parse_key_file_name(name) == expected
+    assert reverse_names.parse_key_file_name(name) == expected
 
 
 @pytest.mark.parametrize("name", ["creds.json.bak", "evil-type-1.json", "pre-key-.json", "pre-key-1.json.tmp", "pre-key1.json",
                                   ".DS_Store", "session.json", "manifest.json"])
 def test_names_of_no_known_type_are_not_key_files(name):
-    assert imp.parse_key_file_name(name) is None
+    assert reverse_names.parse_key_file_name(name) is None
 
 
 # -- ids from names ---------------------------------------------------------------------------------------------
@@ -63,7 +66,7 @@ def test_names_of_no_known_type_are_not_key_files(name):
     ("device-list", "4917", "4917"),
 ])
 def test_ids_are_recovered_by_the_shape_of_their_type(key_type, name, key_id):
-    reverse = imp.reverse_key_name(key_type, name)
+    reverse = reverse_names.reverse_key_name(key_type, name)
     assert reverse.key_id == key_id and reverse.rule
     assert codec.fix_file_name(key_id) == name
 
@@ -84,18 +87,18 @@ def test_ids_are_recovered_by_the_shape_of_their_type(key_type, name, key_id):
     ("app-state-sync-key", "AAb__cd+e==", ["AAb__cd+e==", "AAb/cd+e=="]),  # 10 characters: not base64 either way
 ])
 def test_names_that_could_come_from_several_ids_are_ambiguous_with_their_candidates(key_type, name, candidates):
-    reverse = imp.reverse_key_name(key_type, name)
+    reverse = reverse_names.reverse_key_name(key_type, name)
     assert reverse.key_id is None and reverse.reason
     if candidates is not None:
         assert reverse.candidates == candidates and reverse.candidate_count == len(candidates)
     assert all(codec.fix_file_name(c) == name for c in reverse.candidates)
-    assert len(reverse.candidates) <= imp.MAX_CANDIDATES <= reverse.candidate_count or len(reverse.candidates) == reverse.candidate_count
+    assert len(reverse.candidates) <= reverse_names.MAX_CANDIDATES <= reverse.candidate_count or len(reverse.candidates) == reverse.candidate_count
 
 
 @pytest.mark.parametrize("name", ["a-b", "a__b", "a___b", "a____b", "x-y__z-", "--__--", "_-_-__"])
 def test_preimages_are_exactly_the_ids_fixfilename_maps_to_the_name(name):
-    found = imp.preimages(name, limit=10 ** 6)
-    assert len(found) == len(set(found)) == imp.preimage_count(name)
+    found = reverse_names.preimages(name, limit=10 ** 6)
+    assert len(found) == len(set(found)) == reverse_names.preimage_count(name)
     assert all(codec.fix_file_name(c) == name for c in found)
     # brute force over the alphabet of the name and its preimage characters
     import itertools
@@ -135,9 +138,9 @@ def test_the_reverse_never_gives_a_wrong_id_for_ids_of_baileys_shapes():
     resolved = 0
     for key_type, key_id in cases:
         name = codec.fix_file_name(key_id)
-        reverse = imp.reverse_key_name(key_type, name)
+        reverse = reverse_names.reverse_key_name(key_type, name)
         if reverse.key_id is None:
-            assert key_id in reverse.candidates or reverse.candidate_count > imp.MAX_CANDIDATES
+            assert key_id in reverse.candidates or reverse.candidate_count > reverse_names.MAX_CANDIDATES
             continue
         assert codec.fix_file_name(reverse.key_id) == name
         if not outside_baileys_shapes(key_type, key_id):
@@ -149,7 +152,7 @@ def test_the_reverse_never_gives_a_wrong_id_for_ids_of_baileys_shapes():
 def test_every_id_the_generator_makes_is_recovered():
     for gen in testdata.generate("names", 5, 400):
         for key_type, key_id, *_rest in gen.key_rows():
-            assert imp.reverse_key_name(key_type, codec.fix_file_name(key_id)).key_id == key_id, (key_type, key_id)
+            assert reverse_names.reverse_key_name(key_type, codec.fix_file_name(key_id)).key_id == key_id, (key_type, key_id)
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
@@ -163,7 +166,7 @@ def test_ids_python_recovers_are_the_ids_the_applications_reverse_gives():
     out = subprocess.run(["node", "-e", script, os.path.join(ROOT, "testbed", "app", "src", "digest.js")],
                          input=json.dumps(names), capture_output=True, text=True, check=True).stdout
     for (key_type, name), node in zip(names, json.loads(out)):
-        ours = imp.reverse_key_name(key_type, name).key_id
+        ours = reverse_names.reverse_key_name(key_type, name).key_id
         if ours is not None:
             assert not node["ambiguous"] and node["id"] == ours, (key_type, name, node)
 
@@ -184,27 +187,27 @@ def test_ids_python_recovers_are_the_ids_the_applications_reverse_gives():
     (b"{} {}", "not JSON"),
 ])
 def test_files_baileys_could_not_read_or_postgresql_could_not_store_are_refused(data, reason):
-    with pytest.raises(imp.FileProblem) as err:
-        imp.parse_file(data)
+    with pytest.raises(fb_errors.FileProblem) as err:
+        source_files.parse_file(data)
     assert reason in str(err.value)
 
 
 def test_creds_must_be_an_object_with_the_fields_initauthcreds_sets():
     for value in ([], {"registered": False}, {"noiseKey": {}, "signedIdentityKey": {}}):
-        with pytest.raises(imp.FileProblem):
-            imp.check_creds(value)
-    imp.check_creds(testdata.CompanyGenerator("c", 1).creds())
+        with pytest.raises(fb_errors.FileProblem):
+            source_files.check_creds(value)
+    source_files.check_creds(testdata.CompanyGenerator("c", 1).creds())
 
 
 def test_written_values_hold_buffers_as_the_application_writes_them_unless_base64_is_asked():
     value = {"private": {"type": "Buffer", "data": "AQI="}, "n": 1, "u8": {"0": 5, "1": 6}}
-    assert json.loads(imp.stored_text("pre-key", value, "array")) == {"private": {"type": "Buffer", "data": [1, 2]}, "n": 1,
+    assert json.loads(source_files.stored_text("pre-key", value, "array")) == {"private": {"type": "Buffer", "data": [1, 2]}, "n": 1,
                                                                       "u8": {"type": "Buffer", "data": [5, 6]}}
-    assert json.loads(imp.stored_text("pre-key", value, "base64"))["private"] == {"type": "Buffer", "data": "AQI="}
+    assert json.loads(source_files.stored_text("pre-key", value, "base64"))["private"] == {"type": "Buffer", "data": "AQI="}
     sync_key = {"keyData": "AQI=", "timestamp": "17", "extra": {"type": "Buffer", "data": "AQI="}}
-    assert json.loads(imp.stored_text("app-state-sync-key", sync_key, "array")) == sync_key, "as the file holds it"
+    assert json.loads(source_files.stored_text("app-state-sync-key", sync_key, "array")) == sync_key, "as the file holds it"
     for key_type, _key_id, row_value, *_rest in testdata.CompanyGenerator("c", 2, keys=60).key_rows():
-        assert codec.canonical_json(json.loads(imp.stored_text(key_type, row_value, "array")), key_type) == \
+        assert codec.canonical_json(json.loads(source_files.stored_text(key_type, row_value, "array")), key_type) == \
             codec.canonical_json(row_value, key_type), "the digest cannot tell the forms apart"
 
 
@@ -212,7 +215,7 @@ def test_written_values_hold_buffers_as_the_application_writes_them_unless_base6
 
 
 def header():
-    return {"format": 1, "kind": imp.UNDO_KIND, "company_id": "company00001", "txid": 7, "txn_started_at": "2025-01-01 00:00:00+00"}
+    return {"format": 1, "kind": undo_files.UNDO_KIND, "company_id": "company00001", "txid": 7, "txn_started_at": "2025-01-01 00:00:00+00"}
 
 
 RECORDS = [{"table": "whatsapp_auth", "action": "updated", "creds": "{}", "created_at": "x", "updated_at": "y"},
@@ -222,31 +225,31 @@ RECORDS = [{"table": "whatsapp_auth", "action": "updated", "creds": "{}", "creat
 
 
 def test_an_undo_file_is_gzip_json_lines_with_a_sha256_sidecar_and_reads_back(tmp_path):
-    path = imp.write_undo_file(str(tmp_path), "company00001", header(), RECORDS)
-    assert imp.UNDO_RE.match(os.path.basename(path))
+    path = undo_files.write_undo_file(str(tmp_path), "company00001", header(), RECORDS)
+    assert undo_files.UNDO_RE.match(os.path.basename(path))
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(path), os.path.basename(path) + ".sha256"]
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
-    assert imp.read_undo_file(path) == (header(), RECORDS)
-    second = imp.write_undo_file(str(tmp_path), "company00001", header(), [])
-    assert second != path and imp.read_undo_file(second) == (header(), [])
+    assert undo_files.read_undo_file(path) == (header(), RECORDS)
+    second = undo_files.write_undo_file(str(tmp_path), "company00001", header(), [])
+    assert second != path and undo_files.read_undo_file(second) == (header(), [])
 
 
 def test_a_damaged_or_truncated_undo_file_is_refused(tmp_path):
-    path = imp.write_undo_file(str(tmp_path), "company00001", header(), RECORDS)
+    path = undo_files.write_undo_file(str(tmp_path), "company00001", header(), RECORDS)
     data = open(path, "rb").read()
     open(path, "wb").write(data[:-9])
-    with pytest.raises(imp.FailbackError, match="checksum mismatch"):
-        imp.read_undo_file(path)
+    with pytest.raises(fb_errors.FailbackError, match="checksum mismatch"):
+        undo_files.read_undo_file(path)
     # A consistent sidecar does not make a file without its end record acceptable.
     body = gzip.compress(b"\n".join(json.dumps(x).encode() for x in [header()] + RECORDS) + b"\n")
     open(path, "wb").write(body)
     import hashlib
     open(path + ".sha256", "w").write("%s  %s\n" % (hashlib.sha256(body).hexdigest(), os.path.basename(path)))
-    with pytest.raises(imp.FailbackError, match="incomplete"):
-        imp.read_undo_file(path)
+    with pytest.raises(fb_errors.FailbackError, match="incomplete"):
+        undo_files.read_undo_file(path)
     os.unlink(path + ".sha256")
-    with pytest.raises(imp.FailbackError, match="sidecar"):
-        imp.read_undo_file(path)
+    with pytest.raises(fb_errors.FailbackError, match="sidecar"):
+        undo_files.read_undo_file(path)
 
 
 # -- the \u escapes JSONB refuses, and the COPY stream of the staging table ----------------------------------------------
@@ -259,13 +262,13 @@ def test_a_damaged_or_truncated_undo_file_is_refused(tmp_path):
     ('{"a": {"b": ["\\ud83d"]}}', "surrogate"),
 ])
 def test_strings_jsonb_cannot_store_are_refused_wherever_they_are(text, problem):
-    with pytest.raises(imp.FileProblem, match=problem.replace("\\", "\\\\")):
-        imp.parse_file(text.encode("utf-8"))
+    with pytest.raises(fb_errors.FileProblem, match=problem.replace("\\", "\\\\")):
+        source_files.parse_file(text.encode("utf-8"))
 
 
 @pytest.mark.parametrize("text", ['{"a": "\\\\u0000"}', '{"a": "\\ud83d\\ude00 \\u00e9"}', '{"a": "plain"}'])
 def test_an_escaped_backslash_or_a_paired_surrogate_is_not_refused(text):
-    assert imp.parse_file(text.encode("utf-8")) == json.loads(text)
+    assert source_files.parse_file(text.encode("utf-8")) == json.loads(text)
 
 
 def test_copy_text_escapes_what_copy_text_format_reads_as_control():
@@ -288,17 +291,17 @@ def test_the_copy_stream_yields_every_line_in_chunks_of_at_most_the_size_asked()
 def test_an_error_while_producing_copy_lines_ends_the_stream_and_is_kept_for_the_caller():
     def lines():
         yield "1\n"
-        raise imp.FileProblem("is not JSON")
+        raise fb_errors.FileProblem("is not JSON")
 
     stream = pg.CopyStream(lines())
     assert stream.read(100) == b"1\n" and stream.read(100) == b""
-    assert isinstance(stream.error, imp.FileProblem)
+    assert isinstance(stream.error, fb_errors.FileProblem)
 
 
 def test_an_undo_file_written_by_the_writer_thread_reads_back(tmp_path):
-    header = {"format": imp.UNDO_FORMAT, "kind": imp.UNDO_KIND, "company_id": "c1", "txid": 1}
+    header = {"format": undo_files.UNDO_FORMAT, "kind": undo_files.UNDO_KIND, "company_id": "c1", "txid": 1}
     records = [{"table": "whatsapp_keys", "action": "inserted", "key_type": "pre-key", "key_id": str(i)} for i in range(2500)]
-    path = imp.UndoWriter(str(tmp_path), "c1", header, records).wait()
-    assert imp.read_undo_file(path) == (header, records)
+    path = undo_files.UndoWriter(str(tmp_path), "c1", header, records).wait()
+    assert undo_files.read_undo_file(path) == (header, records)
     with pytest.raises(FileNotFoundError):
-        imp.UndoWriter(str(tmp_path / "missing"), "c1", header, records).wait()
+        undo_files.UndoWriter(str(tmp_path / "missing"), "c1", header, records).wait()

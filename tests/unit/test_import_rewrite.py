@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ansible.module_utils import baileys_dr_testdata as testdata
-from ansible.module_utils.baileys_dr_import import exported_array_text, parse_file, stored_text
+from ansible.module_utils.baileys_dr_source_files import exported_array_text, parse_file, stored_text
 from ansible.module_utils.baileys_dr_tree import file_content
 
 
