@@ -16,7 +16,7 @@ import re
 import secrets
 
 from ansible.module_utils.baileys_dr_files import NEW_FILE_FLAGS, open_dir, read_regular
-from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
+from ansible.module_utils.baileys_dr_fs import HashingWriter, fsync_dir, write_file_atomic
 from ansible.module_utils.baileys_dr_manifests import TreeMeta, load_company_manifest, load_top_manifest
 from ansible.module_utils.baileys_dr_tree import (
     COMPANY_PREFIX, CREDS_FILE, FILE_MODE, FORMAT, SessionsError, compact_stamp, encode_json, sha256_bytes, utc_now,
@@ -77,7 +77,7 @@ class Archiver:
             try:
                 fd = os.open(tmp, NEW_FILE_FLAGS, FILE_MODE)
                 with os.fdopen(fd, "wb") as raw:
-                    hashing = _HashingWriter(raw, digest)
+                    hashing = HashingWriter(raw, digest)
                     with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=self.compresslevel, mtime=0) as gz:
                         gz.write(encode_json({"format": FORMAT, "kind": ARCHIVE_KIND, "manifest": top}) + b"\n")
                         for company_id in sorted(top["companies"], key=lambda c: c.encode("utf-8")):
@@ -129,18 +129,3 @@ class Archiver:
         if len(archives) > self.keep:
             fsync_dir(self.archive_dir)
         return [os.path.join(self.archive_dir, a[2]) for a in archives[: self.keep]]
-
-
-class _HashingWriter:
-    """A write-only file object that hashes what passes through it."""
-
-    def __init__(self, raw, digest):
-        self.raw = raw
-        self.digest = digest
-
-    def write(self, data):
-        self.digest.update(data)
-        return self.raw.write(data)
-
-    def flush(self):
-        self.raw.flush()

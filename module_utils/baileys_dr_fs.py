@@ -65,6 +65,22 @@ def sha256_file(path, chunk=1 << 20):
 _libc = None
 
 
+class HashingWriter:
+    """A write-only file object that hashes (sha256 unless a digest is given) what passes through it to raw: a gzip
+    stream written and its file's checksum taken in one pass."""
+
+    def __init__(self, raw, digest=None):
+        self.raw = raw
+        self.digest = hashlib.sha256() if digest is None else digest
+
+    def write(self, data):
+        self.digest.update(data)
+        return self.raw.write(data)
+
+    def flush(self):
+        self.raw.flush()
+
+
 def libc():
     """The C library of this process, with errno kept (CDLL(None): no ldconfig run to find it, as find_library does)."""
     global _libc

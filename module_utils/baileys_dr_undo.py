@@ -21,7 +21,7 @@ import time
 from ansible.module_utils.baileys_dr_codec import (
     COMPANY_ID_RE,
 )
-from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
+from ansible.module_utils.baileys_dr_fs import HashingWriter, fsync_dir, write_file_atomic
 from ansible.module_utils.baileys_dr_postgres import (
     DatabaseError,
     psycopg2,
@@ -40,19 +40,6 @@ UNDO_RE = re.compile(r"\Afailback-([A-Za-z0-9_-]{1,50})-(\d{8}T\d{6}Z)(?:-\d+)?\
 # -- undo files -------------------------------------------------------------------------------------
 
 
-class _HashingWriter:
-    def __init__(self, raw):
-        self.raw = raw
-        self.digest = hashlib.sha256()
-
-    def write(self, data):
-        self.digest.update(data)
-        return self.raw.write(data)
-
-    def flush(self):
-        self.raw.flush()
-
-
 def write_undo_file(undo_dir, company_id, header, records):
     """<undo_dir>/failback-<company>-<UTC stamp>.jsonl.gz and its .sha256, both synced; returns the path."""
     name = _undo_name(undo_dir, company_id, compact_stamp(utc_now()), set())
@@ -62,7 +49,7 @@ def write_undo_file(undo_dir, company_id, header, records):
     try:
         fd = os.open(tmp, NEW_FILE_FLAGS, 0o600)
         with os.fdopen(fd, "wb") as raw:
-            hashing = _HashingWriter(raw)
+            hashing = HashingWriter(raw)
             with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:
                 gz.write(encode_json(header) + b"\n")
                 batch = []
@@ -139,7 +126,7 @@ def write_undo_files(undo_dir, items):
             staged.append((tmp, final))
             fd = os.open(tmp, NEW_FILE_FLAGS, 0o600)
             with os.fdopen(fd, "wb") as raw:
-                hashing = _HashingWriter(raw)
+                hashing = HashingWriter(raw)
                 with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:
                     body = [encode_json(header).decode("utf-8")]
                     body.extend(dumps(record) for record in records)
