@@ -29,17 +29,15 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
+from harness import ROOT
+
 REBUILDABLE = ("session", "sender-key", "sender-key-memory", "device-list", "tctoken")
 
 
 def setup_paths():
-    sys.path[:0] = [os.path.join(ROOT, "library"), os.path.join(ROOT, "tests"), os.path.join(ROOT, "testbed")]
-    import ansible.module_utils
-
-    path = os.path.join(ROOT, "module_utils")
-    if path not in ansible.module_utils.__path__:
-        ansible.module_utils.__path__.append(path)
+    harness.setup_paths()
+    sys.path.insert(0, os.path.join(ROOT, "testbed"))
 
 
 def cmd_module(args):
@@ -48,8 +46,7 @@ def cmd_module(args):
 
     import baileys_keys_cleanup
 
-    params = dict(json.loads(args.args), login_host=os.environ["PGHOST"], login_port=int(os.environ["PGPORT"]),
-                  login_user=os.environ["PGUSER"], login_db=os.environ["PGDATABASE"])
+    params = dict(json.loads(args.args), **harness.db_args())
     ok, result = run_module(baileys_keys_cleanup, params, check_mode=args.check)
     for bulky in ("queries", "deleted"):
         result.pop(bulky, None)

@@ -16,15 +16,13 @@ burner (one process spinning, killed at the end and at most BURN_SECONDS anyway)
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
-import urllib.request
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from harness import HERE, BenchError, health, log, wait_new_ready
+
 APP_NAME = "baileys-whatsapp-service"
 NOOP_PLAYBOOK = os.path.join(HERE, "noop.yml")
 FLOOR_RATIO = {1: 1.5, 1000: 2.0}
@@ -38,38 +36,23 @@ STEP_TEXT = {
 }
 
 
-def health(url):
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=2) as resp:
-            return json.load(resp)
-    except (OSError, ValueError):
-        return None
-
-
-def measure_floor(run, bench):
+def measure_floor(run):
     """Record failover_floor: Ansible's start and a bare PM2 restart onto the files, each to its end."""
-    bench.log("%s: failover floor: ansible-playbook with one no-op task" % run.keys)
+    log("%s: failover floor: ansible-playbook with one no-op task" % run.keys)
     noop, _ = run.playbook("floor-noop", NOOP_PLAYBOOK, [])
     url = "http://127.0.0.1:%d/health" % run.health_port
     before = (health(url) or {}).get("pid")
-    bench.log("%s: failover floor: pm2 restart onto the files to ready" % run.keys)
+    log("%s: failover floor: pm2 restart onto the files to ready" % run.keys)
     started = time.time()
     subprocess.run([run.pm2_bin, "restart", APP_NAME], env=run.app_env, check=True, capture_output=True, timeout=120)
-    deadline = started + READY_TIMEOUT
-    while True:
-        doc = health(url) or {}
-        if doc.get("ready") is True and doc.get("store") == "files" and doc.get("pid") not in (None, before):
-            break
-        if time.time() > deadline:
-            raise bench.BenchError("the bare pm2 restart was not ready on the files within %ds" % READY_TIMEOUT)
-        time.sleep(0.02)
+    if not wait_new_ready(url, before, READY_TIMEOUT):
+        raise BenchError("the bare pm2 restart was not ready on the files within %ds" % READY_TIMEOUT)
     restart = round(time.time() - started, 3)
     entry = {"kind": "baseline", "seconds": round(noop["seconds"] + restart, 3), "keys": run.keys,
              "ansible_noop_seconds": noop["seconds"], "pm2_restart_seconds": restart, "peak_rss_mib": None,
              "note": "ansible-playbook no-op %.2f s + pm2 restart to ready %.2f s" % (noop["seconds"], restart)}
     run.record["steps"]["failover_floor"] = entry
-    bench.log("%s: failover floor %.2f s (%s)" % (run.keys, entry["seconds"], entry["note"]))
+    log("%s: failover floor %.2f s (%s)" % (run.keys, entry["seconds"], entry["note"]))
 
 
 class CpuBurner:
@@ -85,7 +68,7 @@ class CpuBurner:
         self.proc.wait()
 
 
-def run_busy_failover(run, bench):
+def run_busy_failover(run):
     """failover_standby_busy: the same failover again, from a fresh standby copy (snapshot.yml, which arms it), with one
     busy core."""
     if run.keys > MAX_BUSY_KEYS:
@@ -98,10 +81,10 @@ def run_busy_failover(run, bench):
     try:
         run.arm()
         with CpuBurner():
-            bench.log("%s: failover from the standby copy with one busy core" % run.keys)
+            log("%s: failover from the standby copy with one busy core" % run.keys)
             entry = run.failover_playbook("failover-busy")
         run.record["steps"]["failover_standby_busy"] = entry
-        bench.log("%s: busy failover: start to ready %s s" % (run.keys, entry["rto_seconds"]))
+        log("%s: busy failover: start to ready %s s" % (run.keys, entry["rto_seconds"]))
     finally:
         run.app_teardown()
         run.save()

@@ -17,6 +17,7 @@ without them the step records why it did not run.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -24,8 +25,9 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from harness import (HERE, ROOT, BenchError, health, log, parse_events, ready_times, run_playbook,
+                     wait_new_ready)
+
 sys.path.insert(0, os.path.join(ROOT, "testbed"))
 from containers import ContainerBed, sh  # noqa: E402 - the test bed's module, by path
 
@@ -40,27 +42,17 @@ STEP_TEXT = {
     "ssh_failover": "**failover from the standby copy over SSH** (playbooks/failover.yml to a test-bed container)",
     "ssh_floor": "floor over SSH: `ansible-playbook` with one no-op task + `ssh` running a bare `pm2 restart` to ready",
 }
-# Run on the app host by the floor's ssh command: a bare restart onto the files, to ready (the pid must change).
+# Run on the app host by the floor's ssh command: a bare restart onto the files, to ready (the pid must change), with
+# the benchmark's own health and wait_new_ready (their source, sent with the script).
 RESTART_TO_READY = r"""
-import json, os, pwd, subprocess, sys, time, urllib.request
-def health():
-    try:
-        with urllib.request.urlopen(%(url)r, timeout=2) as resp:
-            return json.load(resp)
-    except (OSError, ValueError):
-        return {}
-before = health().get("pid")
+import json, pwd, subprocess, sys, time, urllib.request
+%(functions)s
+before = (health(%(url)r) or {}).get("pid")
 home = pwd.getpwnam(%(user)r).pw_dir
 subprocess.run(["runuser", "-u", %(user)r, "--", "env", "HOME=" + home, "PM2_HOME=" + home + "/.pm2", %(pm2)r, "restart",
                 %(app)r], check=True, capture_output=True)
-deadline = time.time() + %(timeout)d
-while True:
-    doc = health()
-    if doc.get("ready") is True and doc.get("store") == "files" and doc.get("pid") not in (None, before):
-        break
-    if time.time() > deadline:
-        sys.exit("not ready on the files within %(timeout)ds")
-    time.sleep(0.02)
+if not wait_new_ready(%(url)r, before, %(timeout)d):
+    sys.exit("not ready on the files within %(timeout)ds")
 """
 
 
@@ -99,21 +91,14 @@ class SshBed(ContainerBed):
         return self.exec(self.app, "cat %s/.pm2/logs/%s-out.log" % (home, APP_NAME)).stdout.splitlines()
 
 
-def playbook(bench, bed, label, playbook_path, extra=()):
-    argv = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i", bed.inventory, playbook_path,
-            "-e", json.dumps({"baileys_dr_db_password": DB_PASSWORD})]
-    for item in extra:
-        argv += ["-e", item]
-    log_path = os.path.join(bed.tmp, "%s.log" % label)
-    run = bench.measure(argv, cwd=ROOT, stdout_file=log_path, timeout=1800)
-    if run["rc"]:
-        with open(log_path, encoding="utf-8", errors="replace") as fh:
-            raise bench.BenchError("%s over SSH failed (exit %s); log %s:\n%s\n%s" % (
-                label, run["rc"], log_path, fh.read()[-4000:], run["stderr"]))
+def playbook(bed, label, playbook_path, extra=()):
+    extra = [json.dumps({"baileys_dr_db_password": DB_PASSWORD})] + list(extra)
+    run, _ = run_playbook("%s over SSH" % label, bed.inventory, playbook_path, extra,
+                          os.path.join(bed.tmp, "%s.log" % label), timeout=1800)
     return run
 
 
-def run_ssh(run, bench):
+def run_ssh(run):
     """Record ssh_failover and ssh_floor at the 1-company size."""
     if run.companies != 1:
         return
@@ -125,42 +110,43 @@ def run_ssh(run, bench):
     os.makedirs(work, exist_ok=True)
     bed = SshBed(work)
     try:
-        bench.log("%s: ssh: the container test bed (db, app with sshd; %d company x %d keys)"
+        log("%s: ssh: the container test bed (db, app with sshd; %d company x %d keys)"
                   % (run.keys, run.companies, run.per_company))
         bed.build()
         bed.start()
         bed.start_sshd()
         bed.prepare({"testbed_seed_companies": run.companies, "testbed_seed_keys_per_company": run.per_company})
         bed.write_inventory()
-        bench.log("%s: ssh: snapshot.yml over SSH (standby copy and arming, not timed)" % run.keys)
-        playbook(bench, bed, "ssh-snapshot", os.path.join(ROOT, "playbooks", "snapshot.yml"))
+        log("%s: ssh: snapshot.yml over SSH (standby copy and arming, not timed)" % run.keys)
+        playbook(bed, "ssh-snapshot", os.path.join(ROOT, "playbooks", "snapshot.yml"))
         bed.exec(bed.db, "pg_ctlcluster 15 main stop -m fast")
-        bench.log("%s: ssh: failover from the standby copy over SSH" % run.keys)
-        failover = playbook(bench, bed, "ssh-failover", os.path.join(ROOT, "playbooks", "failover.yml"),
+        log("%s: ssh: failover from the standby copy over SSH" % run.keys)
+        failover = playbook(bed, "ssh-failover", os.path.join(ROOT, "playbooks", "failover.yml"),
                             ["baileys_failover_source=standby"])
-        ready, _ = bench.ready_times(bench.parse_events(bed.app_log_lines(), ("load_finished", "verify_finished")),
+        ready, _ = ready_times(parse_events(bed.app_log_lines(), ("load_finished", "verify_finished")),
                                      failover["started_epoch"])
         if ready is None:
-            raise bench.BenchError("the application on the app container never said ready on the files after the "
+            raise BenchError("the application on the app container never said ready on the files after the "
                                    "failover over SSH")
         armed = bed.failover_armed()
         run.record["steps"]["ssh_failover"] = {"kind": "ours", "seconds": failover["seconds"], "keys": run.keys,
                                                "rto_seconds": ready, "armed": armed, "peak_rss_mib": None}
-        bench.log("%s: ssh: failover playbook %.2f s, start to ready %.2f s" % (run.keys, failover["seconds"], ready))
-        noop = playbook(bench, bed, "ssh-floor-noop", os.path.join(HERE, "noop.yml"))
-        script = RESTART_TO_READY % {"url": HEALTH_URL, "user": APP_USER, "pm2": PM2, "app": APP_NAME,
+        log("%s: ssh: failover playbook %.2f s, start to ready %.2f s" % (run.keys, failover["seconds"], ready))
+        noop = playbook(bed, "ssh-floor-noop", os.path.join(HERE, "noop.yml"))
+        script = RESTART_TO_READY % {"functions": inspect.getsource(health) + "\n" + inspect.getsource(wait_new_ready),
+                                     "url": HEALTH_URL, "user": APP_USER, "pm2": PM2, "app": APP_NAME,
                                      "timeout": READY_TIMEOUT}
         started = time.monotonic()
         restart = subprocess.run(bed.ssh_argv("python3", "-"), input=script, text=True, capture_output=True,
                                  timeout=READY_TIMEOUT + 60)
         restart_seconds = round(time.monotonic() - started, 3)
         if restart.returncode:
-            raise bench.BenchError("the bare pm2 restart over SSH failed: %s" % (restart.stderr or restart.stdout)[-2000:])
+            raise BenchError("the bare pm2 restart over SSH failed: %s" % (restart.stderr or restart.stdout)[-2000:])
         run.record["steps"]["ssh_floor"] = {
             "kind": "baseline", "seconds": round(noop["seconds"] + restart_seconds, 3), "keys": run.keys,
             "ansible_noop_seconds": noop["seconds"], "pm2_restart_seconds": restart_seconds, "peak_rss_mib": None,
             "note": "ansible-playbook no-op %.2f s + ssh pm2 restart to ready %.2f s" % (noop["seconds"], restart_seconds)}
-        bench.log("%s: ssh: floor %s" % (run.keys, run.record["steps"]["ssh_floor"]["note"]))
+        log("%s: ssh: floor %s" % (run.keys, run.record["steps"]["ssh_floor"]["note"]))
     finally:
         bed.teardown()
         run.save()

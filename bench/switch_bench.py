@@ -6,7 +6,7 @@ PostgreSQL by bench/app.yml) and testbed/bin/writer writing through its POST /si
 1. the standby copy is built first, as snapshot.yml keeps it (not timed: the role's bulk pass refreshes it);
 2. failover: the writer starts; once the application's verification is over, the writer runs --switch-idle-seconds
    against the idle service; the bulk pass runs as the role runs it (baileys_auth_export mode=standby into the standby
-   copy); 1% of the keys are changed in PostgreSQL (bench/benchmark.py change_rows, never a row the writer wrote);
+   copy); 1% of the keys are changed in PostgreSQL (bench/harness.py change_rows, never a row the writer wrote);
    baileys_store_switch runs with the options roles/baileys_failover/tasks/switch.yml gives it (store=files,
    source=live); once the writer has an acknowledgment after the start it is stopped and `writer check` runs on files;
 3. failback: the same with the writer started again (idle window at least as long as the standby build: a full pass
@@ -37,8 +37,8 @@ import time
 import urllib.error
 import urllib.request
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from harness import HERE, ROOT, BenchError, change_rows, log, measure, setup_paths
+
 WRITER = os.path.join(ROOT, "testbed", "bin", "writer")
 OPERATIONS = ("failover", "failback")
 STEP_TEXT = {
@@ -135,9 +135,8 @@ def trim(result, keep=()):
 class SwitchBench:
     """Failover then failback of the private application under the writer, on one SizeRun's cluster."""
 
-    def __init__(self, run, bench):
-        # bench: bench/benchmark.py as it runs (__main__): importing it again would make a second BenchError.
-        self.run, self.b = run, bench
+    def __init__(self, run):
+        self.run = run
         self.dir = os.path.join(run.work, "switch")
         self.ledger = os.path.join(self.dir, "ledger.jsonl")
         self.pid_file = os.path.join(self.dir, "writer.pid")
@@ -151,7 +150,7 @@ class SwitchBench:
         proc = subprocess.run([sys.executable, WRITER] + list(args), capture_output=True, text=True, timeout=600,
                               env=env or self.run.app_env)
         if check and proc.returncode:
-            raise self.b.BenchError("writer %s failed (exit %d): %s" % (args[0], proc.returncode, proc.stderr[-2000:]))
+            raise BenchError("writer %s failed (exit %d): %s" % (args[0], proc.returncode, proc.stderr[-2000:]))
         return proc
 
     def health(self):
@@ -169,7 +168,7 @@ class SwitchBench:
         deadline = time.monotonic() + QUIET_TIMEOUT
         while not self.health().get("digestsComplete"):
             if time.monotonic() > deadline:
-                raise self.b.BenchError("the application did not finish its verification in %d s" % QUIET_TIMEOUT)
+                raise BenchError("the application did not finish its verification in %d s" % QUIET_TIMEOUT)
             time.sleep(1)
 
     def requests(self):
@@ -221,25 +220,25 @@ class SwitchBench:
 
     # -- the run -----------------------------------------------------------------------------------------------------
     def run_all(self):
-        run, b = self.run, self.b
+        run = self.run
         run.discard(os.path.join(run.work, "dr"))
         run.discard(self.dir)
         os.makedirs(self.dir)
         run.app_setup()
-        b.setup_paths()
+        setup_paths()
         self.health_url = "http://127.0.0.1:%d/health" % run.health_port
         self.sessions = os.path.join(run.app_root, "baileys_sessions")
         self.standby = self.sessions + ".standby"
         self.state_dir = os.path.join(run.work, "dr", "state")
         self.state_file = os.path.join(self.state_dir, "failover-state.json")
         self.pass_record = os.path.join(self.state_dir, "failback-bulk-pass.json")
-        b.log("%s: switch: starting the private application (database mode, PM2_HOME=%s)" % (run.keys, run.pm2_home))
+        log("%s: switch: starting the private application (database mode, PM2_HOME=%s)" % (run.keys, run.pm2_home))
         run.playbook("switch-app-start", os.path.join(HERE, "app.yml"), [])
         try:
-            b.log("%s: switch: building the standby copy (snapshot.yml's job, not timed)" % run.keys)
-            built = b.measure(run.module_argv("export", {"dest": self.standby, "mode": "standby"}), env=run.env)
+            log("%s: switch: building the standby copy (snapshot.yml's job, not timed)" % run.keys)
+            built = measure(run.module_argv("export", {"dest": self.standby, "mode": "standby"}), env=run.env)
             if built["rc"]:
-                raise b.BenchError("the standby build failed: %s" % built["stdout"][-2000:])
+                raise BenchError("the standby build failed: %s" % built["stdout"][-2000:])
             self.prepared = built["seconds"]
             self.operation("failover", "export", self.failover_bulk, self.change_rows, self.failover_switch, "files",
                            self.idle)
@@ -286,7 +285,7 @@ class SwitchBench:
 
     def change_rows(self, writer_started):
         # Rows the writer wrote are left alone: changing one would be an acknowledged write lost.
-        return dict(self.b.change_rows(CHANGE_PERCENT, "uniform", seed=13, untouched_since=writer_started - 1),
+        return dict(change_rows(CHANGE_PERCENT, "uniform", seed=13, untouched_since=writer_started - 1),
                     store="postgres")
 
     def change_files(self, writer_started):
@@ -294,13 +293,13 @@ class SwitchBench:
         return dict(change_files(self.sessions, CHANGE_PERCENT, self.written_files(), cutoff), store="files")
 
     def operation(self, op, bulk_module, bulk_params, change, switch_params, store, idle):
-        run, b = self.run, self.b
+        run = self.run
         started = time.time()
         self.writer("start", "--url", self.health_url[:-len("/health")], "--ledger", self.ledger, "--pid-file",
                     self.pid_file, "--rate", str(self.rate))
         self.wait_quiet()
         idle_from = time.time()
-        b.log("%s: switch: %s, writer on, %.0f s against the idle service" % (run.keys, op, idle))
+        log("%s: switch: %s, writer on, %.0f s against the idle service" % (run.keys, op, idle))
         time.sleep(idle)  # the baseline of the throughput: a length of time, not a condition
         bulk = run.step("switch_%s_bulk" % op, run.module_argv(bulk_module, bulk_params()) + ["--full"], "ours")
         bulk["result"] = trim(bulk["result"], ("counts", "totals", "delta", "deferred"))
@@ -308,12 +307,12 @@ class SwitchBench:
             bulk["result"]["deferred"] = len(bulk["result"]["deferred"])
         b0, b1 = bulk["started_epoch"], bulk["started_epoch"] + bulk["seconds"]
         changed = change(started)
-        b.log("%s: switch: %s changed after the bulk pass: %s" % (run.keys, op, json.dumps(changed)))
+        log("%s: switch: %s changed after the bulk pass: %s" % (run.keys, op, json.dumps(changed)))
         label = "switch_%s" % op
         try:
             entry = run.step(label, run.module_argv("baileys_store_switch", switch_params(started)) + ["--full"], "ours",
                              keys=0)
-        except b.BenchError as exc:
+        except BenchError as exc:
             self.profile(op, None, str(exc))
             raise
         result = entry["result"] or {}
@@ -356,7 +355,7 @@ class SwitchBench:
                                identities=trim(result.get("identities"), ("differ",)))
         self.results[op] = entry
         run.save()
-        b.log("%s: switch: %s %s; writer: %s acknowledged, %s lost; acks/s before %s, during the bulk pass %s" % (
+        log("%s: switch: %s %s; writer: %s acknowledged, %s lost; acks/s before %s, during the bulk pass %s" % (
             run.keys, op, entry["note"], report.get("acknowledged"), report.get("lost"), rates[0], rates[1]))
         problems = [] if acked else ["no request was acknowledged in 120 s after the service said ready"]
         if report.get("lost") or check.returncode:
@@ -367,7 +366,7 @@ class SwitchBench:
                 met is False for _, _, _, met in operation_targets(run.record, op, entry)):
             self.profile(op, entry, "; ".join(problems) or None)
         if problems:
-            raise b.BenchError("%s: %s" % (op, "; ".join(problems)))
+            raise BenchError("%s: %s" % (op, "; ".join(problems)))
 
     # -- profile -----------------------------------------------------------------------------------------------------
     def profile(self, op, entry, failure):
@@ -435,8 +434,8 @@ class SwitchBench:
         run.save()
 
 
-def run_switch(run, bench):
-    SwitchBench(run, bench).run_all()
+def run_switch(run):
+    SwitchBench(run).run_all()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
