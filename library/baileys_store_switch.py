@@ -260,7 +260,8 @@ rollback:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.baileys_dr_postgres import postgres_argument_spec, scrub
-from ansible.module_utils.baileys_dr_switch import StoreSwitch, SwitchError
+from ansible.module_utils.baileys_dr_switch import StoreSwitch
+from ansible.module_utils.baileys_dr_switch_parts import SwitchError
 
 
 def main():

@@ -25,9 +25,45 @@ from ansible.module_utils.baileys_dr_postgres import (
     copy_text,
     psycopg2,
 )
-from ansible.module_utils.baileys_dr_tree import creds_line, DigestLines, HEADER_LINE, iso, key_line, SessionsError, test_hook, utc_now
-from ansible.module_utils.baileys_dr_failback_db import AMBIGUOUS_ROWS_SQL, COMPANY_FINGERPRINT_SQL, CREDS_STATE_SQL, CREDS_TEXT_SQL, DELETE_KEYS_SQL, INSERT_CREDS_SQL, INSERT_STAGED_SQL, KEYS_STATE_SELECTED_SQL, KEYS_STATE_SQL, PROVE_STAGED_SQL, PROVE_WRITTEN_SQL, READ_ONLY_SQL, SAVE_CREDS_SQL, SAVE_KEYS_SQL, STAGE_COPY_SQL, TXN_STAGE_SQL, UPDATE_CREDS_SQL, UPDATE_STAGED_SQL, VALUES_SQL, chunks
-from ansible.module_utils.baileys_dr_failback_errors import BaseStale, CompanyRefused, Deferred, FailbackError, FileProblem
+from ansible.module_utils.baileys_dr_tree import (
+    creds_line,
+    DigestLines,
+    HEADER_LINE,
+    iso,
+    key_line,
+    SessionsError,
+    test_hook,
+    utc_now,
+)
+from ansible.module_utils.baileys_dr_failback_db import (
+    AMBIGUOUS_ROWS_SQL,
+    COMPANY_FINGERPRINT_SQL,
+    CREDS_STATE_SQL,
+    CREDS_TEXT_SQL,
+    DELETE_KEYS_SQL,
+    INSERT_CREDS_SQL,
+    INSERT_STAGED_SQL,
+    KEYS_STATE_SELECTED_SQL,
+    KEYS_STATE_SQL,
+    PROVE_STAGED_SQL,
+    PROVE_WRITTEN_SQL,
+    READ_ONLY_SQL,
+    SAVE_CREDS_SQL,
+    SAVE_KEYS_SQL,
+    STAGE_COPY_SQL,
+    TXN_STAGE_SQL,
+    UPDATE_CREDS_SQL,
+    UPDATE_STAGED_SQL,
+    VALUES_SQL,
+    chunks,
+)
+from ansible.module_utils.baileys_dr_failback_errors import (
+    BaseStale,
+    CompanyRefused,
+    Deferred,
+    FailbackError,
+    FileProblem,
+)
 from ansible.module_utils.baileys_dr_pass_record import XID_WRAP, fingerprint_text
 from ansible.module_utils.baileys_dr_source_files import database_line, exported_array_text, stored_text
 from ansible.module_utils.baileys_dr_undo import UNDO_FORMAT, UNDO_KIND, UndoWriter, remove_undo_file

@@ -24,11 +24,46 @@ from ansible.module_utils.baileys_dr_postgres import (
     psycopg2,
 )
 from ansible.module_utils.baileys_dr_files import open_dir
-from ansible.module_utils.baileys_dr_tree import COMPANY_PREFIX, CREDS_FILE, encode_json, iso, SessionsError, test_hook, utc_now
+from ansible.module_utils.baileys_dr_tree import (
+    COMPANY_PREFIX,
+    CREDS_FILE,
+    encode_json,
+    iso,
+    SessionsError,
+    test_hook,
+    utc_now,
+)
 from ansible.module_utils.baileys_dr_failback_company import CompanyPlan, new_outcome
-from ansible.module_utils.baileys_dr_failback_db import BATCH_COPY_SQL, BATCH_CREDS_INSERT_SQL, BATCH_CREDS_STATE_SQL, BATCH_CREDS_TEXT_SQL, BATCH_CREDS_UPDATE_SQL, BATCH_DELETE_SQL, BATCH_FINGERPRINT_SQL, BATCH_KEYS_STATE_SQL, BATCH_PROVE_SQL, BATCH_SAVE_CREDS_SQL, BATCH_SAVE_KEYS_SQL, BATCH_WRITE_SQL, DELTA_BATCH, FINGERPRINT_SQL, READ_ONLY_SQL, TXN_BATCH_SQL, XID_STATE_SQL, chunks
+from ansible.module_utils.baileys_dr_failback_db import (
+    BATCH_COPY_SQL,
+    BATCH_CREDS_INSERT_SQL,
+    BATCH_CREDS_STATE_SQL,
+    BATCH_CREDS_TEXT_SQL,
+    BATCH_CREDS_UPDATE_SQL,
+    BATCH_DELETE_SQL,
+    BATCH_FINGERPRINT_SQL,
+    BATCH_KEYS_STATE_SQL,
+    BATCH_PROVE_SQL,
+    BATCH_SAVE_CREDS_SQL,
+    BATCH_SAVE_KEYS_SQL,
+    BATCH_WRITE_SQL,
+    DELTA_BATCH,
+    FINGERPRINT_SQL,
+    READ_ONLY_SQL,
+    TXN_BATCH_SQL,
+    XID_STATE_SQL,
+    chunks,
+)
 from ansible.module_utils.baileys_dr_failback_errors import CompanyRefused, FailbackError, FileProblem
-from ansible.module_utils.baileys_dr_pass_record import MAX_RECORD_XIDS, PASS_FORMAT, PASS_KIND, XID_WRAP, fingerprint_text, load_pass_record, record_xids
+from ansible.module_utils.baileys_dr_pass_record import (
+    MAX_RECORD_XIDS,
+    PASS_FORMAT,
+    PASS_KIND,
+    XID_WRAP,
+    fingerprint_text,
+    load_pass_record,
+    record_xids,
+)
 from ansible.module_utils.baileys_dr_source_files import database_line
 from ansible.module_utils.baileys_dr_source_scan import ScanWorkers, directory_signature, scan_company
 from ansible.module_utils.baileys_dr_undo import UNDO_FORMAT, UNDO_KIND, UndoWriter, remove_undo_file, write_undo_files

@@ -22,7 +22,19 @@ from ansible.module_utils.baileys_dr_codec import (
 from ansible.module_utils import baileys_dr_passfiles as passfiles
 from ansible.module_utils.baileys_dr_files import open_dir
 from ansible.module_utils.baileys_dr_manifests import load_company_manifest, read_json_at, validate_top_manifest
-from ansible.module_utils.baileys_dr_tree import checked_key_file_name, COMPANIES_DIR, COMPANY_PREFIX, CREDS_FILE, creds_line, HostileInputError, IN_PROGRESS_NAME, MANIFEST_NAME, ManifestError, META_DIR, SessionsError
+from ansible.module_utils.baileys_dr_tree import (
+    checked_key_file_name,
+    COMPANIES_DIR,
+    COMPANY_PREFIX,
+    CREDS_FILE,
+    creds_line,
+    HostileInputError,
+    IN_PROGRESS_NAME,
+    MANIFEST_NAME,
+    ManifestError,
+    META_DIR,
+    SessionsError,
+)
 from ansible.module_utils.baileys_dr_failback_errors import CompanyRefused, FailbackError, FileProblem
 from ansible.module_utils.baileys_dr_reverse_names import parse_key_file_name, reverse_key_name
 from ansible.module_utils.baileys_dr_source_files import CompanyFiles, FileEntry, read_file_at, stored_text

@@ -28,7 +28,21 @@ from ansible.module_utils.baileys_dr_postgres import (
 )
 from ansible.module_utils.baileys_dr_files import NEW_FILE_FLAGS
 from ansible.module_utils.baileys_dr_tree import compact_stamp, encode_json, SessionsError, test_hook, utc_now
-from ansible.module_utils.baileys_dr_failback_db import BATCH, DELETE_CREDS_SQL, DELETE_KEYS_SQL, Database, READ_ONLY_SQL, RESTORE_CREDS_SQL, RESTORE_CREDS_UPDATE_SQL, RESTORE_KEYS_SQL, SAVE_CREDS_SQL, SAVE_KEYS_SQL, TXID_STATUS_SQL, chunks, read_only_reason
+from ansible.module_utils.baileys_dr_failback_db import (
+    BATCH,
+    DELETE_CREDS_SQL,
+    DELETE_KEYS_SQL,
+    Database,
+    READ_ONLY_SQL,
+    RESTORE_CREDS_SQL,
+    RESTORE_CREDS_UPDATE_SQL,
+    RESTORE_KEYS_SQL,
+    SAVE_CREDS_SQL,
+    SAVE_KEYS_SQL,
+    TXID_STATUS_SQL,
+    chunks,
+    read_only_reason,
+)
 from ansible.module_utils.baileys_dr_failback_errors import FailbackError
 from ansible.module_utils.baileys_dr_source_files import dumps
 

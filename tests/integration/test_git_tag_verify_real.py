@@ -318,12 +318,12 @@ def lowered_module(account, **params):
     """The calling module as the switch hands it to the git engine: commands run as account (setpriv)."""
     from module_harness import set_module_args
     from ansible.module_utils.basic import AnsibleModule
-    from ansible.module_utils import baileys_dr_switch as switch
+    from ansible.module_utils import baileys_dr_switch_parts as parts
 
     with set_module_args({}):
         module = AnsibleModule(argument_spec={})
-    return switch.SubModule(module, switch.engine_params(git_tag_verify_argument_spec(), **params),
-                            switch.RunAs(account))
+    return parts.SubModule(module, parts.engine_params(git_tag_verify_argument_spec(), **params),
+                            parts.RunAs(account))
 
 
 @as_root

@@ -487,7 +487,7 @@ def test_the_failover_passes_refuse_a_mass_deletion_with_the_switch_engines_defa
     from ansible.module_utils.baileys_dr_postgres import connect
     from ansible.module_utils.baileys_dr_auth_export import auth_export_argument_spec, export_tree
     from ansible.module_utils.baileys_dr_tree import RefreshRefused
-    from ansible.module_utils.baileys_dr_switch import engine_params
+    from ansible.module_utils.baileys_dr_switch_parts import engine_params
 
     params = engine_params(auth_export_argument_spec(), mode="standby", dest=str(standby_dir), return_digests=True,
                            lock_timeout=60, **db_params)

@@ -11,7 +11,8 @@ from module_harness import run_module
 
 from ansible.module_utils import baileys_dr_testdata as testdata
 from ansible.module_utils.baileys_dr_auth_export import auth_export_argument_spec
-from ansible.module_utils.baileys_dr_switch import FailoverSwitch, SwitchError, engine_params
+from ansible.module_utils.baileys_dr_switch_failover import FailoverSwitch
+from ansible.module_utils.baileys_dr_switch_parts import SwitchError, engine_params
 
 MINE = ["company00001", "company00002"]
 

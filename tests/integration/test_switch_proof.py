@@ -16,7 +16,8 @@ from ansible.module_utils import baileys_dr_testdata as testdata
 from ansible.module_utils.baileys_dr_postgres import connect, describe_target
 from ansible.module_utils.baileys_dr_auth_export import auth_export_argument_spec, export_tree
 from ansible.module_utils.baileys_dr_drift import prove_tree, tree_drift
-from ansible.module_utils.baileys_dr_switch import FailoverSwitch, SwitchError, engine_params, manifest_mtime_ns
+from ansible.module_utils.baileys_dr_switch_failover import FailoverSwitch
+from ansible.module_utils.baileys_dr_switch_parts import SwitchError, engine_params, manifest_mtime_ns
 
 
 class Switch:

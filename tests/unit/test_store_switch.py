@@ -13,17 +13,17 @@ import pytest
 import baileys_store_switch
 from module_harness import run_module
 
-from ansible.module_utils import baileys_dr_switch as switch
+from ansible.module_utils import baileys_dr_switch_parts as parts
 from ansible.module_utils.baileys_dr_pm2_process import pm2_process_argument_spec
 
 
 def test_an_engine_gets_its_own_defaults_and_refuses_an_option_it_does_not_have():
-    params = switch.engine_params(pm2_process_argument_spec(), name="svc", state="stopped")
+    params = parts.engine_params(pm2_process_argument_spec(), name="svc", state="stopped")
     assert params["ready_timeout"] == 60 and params["env_remove"] == [] and params["name"] == "svc"
     params["env_remove"].append("X")
-    assert switch.engine_params(pm2_process_argument_spec(), name="svc")["env_remove"] == [], "defaults are copied"
+    assert parts.engine_params(pm2_process_argument_spec(), name="svc")["env_remove"] == [], "defaults are copied"
     with pytest.raises(ValueError, match="not options of that engine: no_such"):
-        switch.engine_params(pm2_process_argument_spec(), name="svc", no_such=1)
+        parts.engine_params(pm2_process_argument_spec(), name="svc", no_such=1)
 
 
 def other_account():
@@ -36,7 +36,7 @@ def other_account():
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs PM2 and git as another account")
 def test_as_root_pm2_and_git_run_as_the_application_account_with_its_home():
     account = other_account()
-    run_as = switch.RunAs(account.pw_name)
+    run_as = parts.RunAs(account.pw_name)
     argv, env = run_as.wrap(["pm2", "jlist"], {"PM2_HOME": "/x/.pm2"})
     assert argv[0].endswith("setpriv") and argv[-3:] == ["--", "pm2", "jlist"]
     assert "--reuid=%d" % account.pw_uid in argv and "--regid=%d" % account.pw_gid in argv and "--init-groups" in argv
@@ -45,13 +45,13 @@ def test_as_root_pm2_and_git_run_as_the_application_account_with_its_home():
 
 def test_the_account_the_module_runs_as_runs_its_commands_unchanged():
     me = pwd.getpwuid(os.geteuid()).pw_name
-    run_as = switch.RunAs(me)
+    run_as = parts.RunAs(me)
     assert run_as.wrap(["git", "status"], {"A": "1"}) == (["git", "status"], {"A": "1"})
 
 
 def test_an_unknown_application_account_is_refused_by_name():
-    with pytest.raises(switch.SwitchError, match="app_user no-such-user-xyz does not exist"):
-        switch.RunAs("no-such-user-xyz")
+    with pytest.raises(parts.SwitchError, match="app_user no-such-user-xyz does not exist"):
+        parts.RunAs("no-such-user-xyz")
 
 
 def test_identities_compare_registration_id_and_me_and_name_what_differs():
@@ -59,17 +59,17 @@ def test_identities_compare_registration_id_and_me_and_name_what_differs():
                 "c3": {"registrationId": 3, "me": None}}
     reported = {"identities": {"c1": {"registrationId": 7, "me": "491@s.whatsapp.net"},
                                "c2": {"registrationId": 11, "me": None}}}
-    assert switch.identity_differences(expected, reported) == [
+    assert parts.identity_differences(expected, reported) == [
         "c2: registrationId 11, expected 9", "c3: not reported by the service"]
     # Fresh credentials written over real ones: a new registrationId and no me.
     fresh = {"identities": {"c1": {"registrationId": 12345, "me": None}}}
-    assert switch.identity_differences({"c1": expected["c1"]}, fresh) == [
+    assert parts.identity_differences({"c1": expected["c1"]}, fresh) == [
         "c1: registrationId 12345, expected 7", "c1: me None, expected 491@s.whatsapp.net"]
 
 
 def test_an_application_that_reports_registration_ids_only_is_compared_on_those():
-    assert switch.identity_differences({"c1": {"registrationId": 7, "me": "x"}}, {"registrationIds": {"c1": 7}}) == []
-    assert switch.identity_differences({"c1": {"registrationId": 7, "me": "x"}}, {"registrationIds": {"c1": 8}}) == [
+    assert parts.identity_differences({"c1": {"registrationId": 7, "me": "x"}}, {"registrationIds": {"c1": 7}}) == []
+    assert parts.identity_differences({"c1": {"registrationId": 7, "me": "x"}}, {"registrationIds": {"c1": 8}}) == [
         "c1: registrationId 8, expected 7"]
 
 
@@ -78,21 +78,21 @@ def test_identities_are_read_from_each_company_creds_and_a_torn_creds_file_is_na
         (tmp_path / ("company_" + company)).mkdir()
         (tmp_path / ("company_" + company) / "creds.json").write_text(json.dumps(creds))
     (tmp_path / ".baileys-dr").mkdir()
-    assert switch.read_identities(str(tmp_path)) == {"a": {"registrationId": 1, "me": "1@s"},
+    assert parts.read_identities(str(tmp_path)) == {"a": {"registrationId": 1, "me": "1@s"},
                                                      "b": {"registrationId": 2, "me": None}}
     (tmp_path / "company_b" / "creds.json").write_text('{"registrationId": 2, "noi')
-    with pytest.raises(switch.SwitchError, match="company_b/creds.json"):
-        switch.read_identities(str(tmp_path))
+    with pytest.raises(parts.SwitchError, match="company_b/creds.json"):
+        parts.read_identities(str(tmp_path))
 
 
 def test_the_journal_keeps_the_record_and_adds_each_phase_atomically_and_privately(tmp_path):
     path = tmp_path / "state" / "failover-state.json"
-    journal = switch.Journal(str(path))
+    journal = parts.Journal(str(path))
     assert journal.load() is None and journal.switch() == {}
     journal.write({"format": 1, "env": {"USE_DATABASE_AUTH_STATE": {"present": True, "value": "true"}}})
     journal.phase("failover", "stopped")
     journal.phase("failover", "copied")
-    again = switch.Journal(str(path))
+    again = parts.Journal(str(path))
     document = again.load()
     assert document["env"]["USE_DATABASE_AUTH_STATE"]["value"] == "true"
     assert again.switch()["operation"] == "failover" and again.switch()["phase"] == "copied"
@@ -104,10 +104,10 @@ def test_the_journal_keeps_the_record_and_adds_each_phase_atomically_and_private
 
 
 def test_a_stray_instance_is_found_by_its_directory_not_an_unrelated_process(tmp_path):
-    found = switch.processes_in(str(tmp_path))
+    found = parts.processes_in(str(tmp_path))
     assert found == []
-    here = switch.processes_in(os.getcwd(), exclude=switch.own_ancestry())
-    assert all(pid not in switch.own_ancestry() for pid, _cmd, _exe in here)
+    here = parts.processes_in(os.getcwd(), exclude=parts.own_ancestry())
+    assert all(pid not in parts.own_ancestry() for pid, _cmd, _exe in here)
 
 
 def test_check_mode_says_what_it_would_do_and_touches_nothing(tmp_path):
