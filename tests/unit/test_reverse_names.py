@@ -1,8 +1,8 @@
-"""Failback without a database: key types from file names, the type-aware reverse of fixFileName, file contents, undo files."""
+"""The type-aware reverse of fixFileName without a database: key types from file names, ids from their shapes, ambiguous
+names with their candidates, and the same answers as the application's reverse."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
@@ -14,11 +14,7 @@ import pytest
 from conftest import ROOT
 
 from ansible.module_utils import baileys_dr_codec as codec
-from ansible.module_utils import baileys_dr_failback_errors as fb_errors
 from ansible.module_utils import baileys_dr_reverse_names as reverse_names
-from ansible.module_utils import baileys_dr_source_files as source_files
-from ansible.module_utils import baileys_dr_undo as undo_files
-from ansible.module_utils import baileys_dr_postgres as pg
 from ansible.module_utils import baileys_dr_testdata as testdata
 
 
@@ -169,139 +165,3 @@ def test_ids_python_recovers_are_the_ids_the_applications_reverse_gives():
         ours = reverse_names.reverse_key_name(key_type, name).key_id
         if ours is not None:
             assert not node["ambiguous"] and node["id"] == ours, (key_type, name, node)
-
-
-# -- file contents -------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty"),
-    (b"\xef\xbb\xbf{}", "byte order mark"),
-    (b'{"a": "\xff"}', "not UTF-8"),
-    (b'{"private": {"type": "Buffer", "data": "AQ', "not JSON"),
-    (b'{"x": NaN}', "not JSON"),
-    (b'{"x": Infinity}', "not JSON"),
-    (b'{"x": 1e400}', "not JSON"),
-    (b'{"x": "a\\u0000b"}', "\\u0000"),
-    (b'{"x": "\\ud800"}', "surrogate"),
-    (b"{} {}", "not JSON"),
-])
-def test_files_baileys_could_not_read_or_postgresql_could_not_store_are_refused(data, reason):
-    with pytest.raises(fb_errors.FileProblem) as err:
-        source_files.parse_file(data)
-    assert reason in str(err.value)
-
-
-def test_creds_must_be_an_object_with_the_fields_initauthcreds_sets():
-    for value in ([], {"registered": False}, {"noiseKey": {}, "signedIdentityKey": {}}):
-        with pytest.raises(fb_errors.FileProblem):
-            source_files.check_creds(value)
-    source_files.check_creds(testdata.CompanyGenerator("c", 1).creds())
-
-
-def test_written_values_hold_buffers_as_the_application_writes_them_unless_base64_is_asked():
-    value = {"private": {"type": "Buffer", "data": "AQI="}, "n": 1, "u8": {"0": 5, "1": 6}}
-    assert json.loads(source_files.stored_text("pre-key", value, "array")) == {"private": {"type": "Buffer", "data": [1, 2]}, "n": 1,
-                                                                      "u8": {"type": "Buffer", "data": [5, 6]}}
-    assert json.loads(source_files.stored_text("pre-key", value, "base64"))["private"] == {"type": "Buffer", "data": "AQI="}
-    sync_key = {"keyData": "AQI=", "timestamp": "17", "extra": {"type": "Buffer", "data": "AQI="}}
-    assert json.loads(source_files.stored_text("app-state-sync-key", sync_key, "array")) == sync_key, "as the file holds it"
-    for key_type, _key_id, row_value, *_rest in testdata.CompanyGenerator("c", 2, keys=60).key_rows():
-        assert codec.canonical_json(json.loads(source_files.stored_text(key_type, row_value, "array")), key_type) == \
-            codec.canonical_json(row_value, key_type), "the digest cannot tell the forms apart"
-
-
-# -- undo files -----------------------------------------------------------------------------------------------------
-
-
-def header():
-    return {"format": 1, "kind": undo_files.UNDO_KIND, "company_id": "company00001", "txid": 7, "txn_started_at": "2025-01-01 00:00:00+00"}
-
-
-RECORDS = [{"table": "whatsapp_auth", "action": "updated", "creds": "{}", "created_at": "x", "updated_at": "y"},
-           {"table": "whatsapp_keys", "action": "deleted", "key_type": "pre-key", "key_id": "1", "value": "{}",
-            "created_at": "x", "updated_at": "y", "expires_at": None},
-           {"table": "whatsapp_keys", "action": "inserted", "key_type": "session", "key_id": "4917.1"}]
-
-
-def test_an_undo_file_is_gzip_json_lines_with_a_sha256_sidecar_and_reads_back(tmp_path):
-    path = undo_files.write_undo_file(str(tmp_path), "company00001", header(), RECORDS)
-    assert undo_files.UNDO_RE.match(os.path.basename(path))
-    assert sorted(os.listdir(tmp_path)) == [os.path.basename(path), os.path.basename(path) + ".sha256"]
-    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
-    assert undo_files.read_undo_file(path) == (header(), RECORDS)
-    second = undo_files.write_undo_file(str(tmp_path), "company00001", header(), [])
-    assert second != path and undo_files.read_undo_file(second) == (header(), [])
-
-
-def test_a_damaged_or_truncated_undo_file_is_refused(tmp_path):
-    path = undo_files.write_undo_file(str(tmp_path), "company00001", header(), RECORDS)
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[:-9])
-    with pytest.raises(fb_errors.FailbackError, match="checksum mismatch"):
-        undo_files.read_undo_file(path)
-    # A consistent sidecar does not make a file without its end record acceptable.
-    body = gzip.compress(b"\n".join(json.dumps(x).encode() for x in [header()] + RECORDS) + b"\n")
-    open(path, "wb").write(body)
-    import hashlib
-    open(path + ".sha256", "w").write("%s  %s\n" % (hashlib.sha256(body).hexdigest(), os.path.basename(path)))
-    with pytest.raises(fb_errors.FailbackError, match="incomplete"):
-        undo_files.read_undo_file(path)
-    os.unlink(path + ".sha256")
-    with pytest.raises(fb_errors.FailbackError, match="sidecar"):
-        undo_files.read_undo_file(path)
-
-
-# -- the \u escapes JSONB refuses, and the COPY stream of the staging table ----------------------------------------------
-
-
-@pytest.mark.parametrize("text, problem", [
-    ('{"a": "x\\u0000y"}', "\\u0000"),
-    ('{"x\\u0000": 1}', "\\u0000"),
-    ('["\\udc00"]', "surrogate"),
-    ('{"a": {"b": ["\\ud83d"]}}', "surrogate"),
-])
-def test_strings_jsonb_cannot_store_are_refused_wherever_they_are(text, problem):
-    with pytest.raises(fb_errors.FileProblem, match=problem.replace("\\", "\\\\")):
-        source_files.parse_file(text.encode("utf-8"))
-
-
-@pytest.mark.parametrize("text", ['{"a": "\\\\u0000"}', '{"a": "\\ud83d\\ude00 \\u00e9"}', '{"a": "plain"}'])
-def test_an_escaped_backslash_or_a_paired_surrogate_is_not_refused(text):
-    assert source_files.parse_file(text.encode("utf-8")) == json.loads(text)
-
-
-def test_copy_text_escapes_what_copy_text_format_reads_as_control():
-    assert pg.copy_text('a\\b\tc\nd\re"') == 'a\\\\b\\tc\\nd\\re"'
-
-
-def test_the_copy_stream_yields_every_line_in_chunks_of_at_most_the_size_asked():
-    lines = ["%d\t%s\n" % (i, "é" * (i % 50)) for i in range(2000)]
-    stream = pg.CopyStream(iter(lines))
-    chunks = []
-    while True:
-        chunk = stream.read(1000)
-        if not chunk:
-            break
-        assert len(chunk) <= 1000
-        chunks.append(chunk)
-    assert b"".join(chunks).decode("utf-8") == "".join(lines) and stream.error is None
-
-
-def test_an_error_while_producing_copy_lines_ends_the_stream_and_is_kept_for_the_caller():
-    def lines():
-        yield "1\n"
-        raise fb_errors.FileProblem("is not JSON")
-
-    stream = pg.CopyStream(lines())
-    assert stream.read(100) == b"1\n" and stream.read(100) == b""
-    assert isinstance(stream.error, fb_errors.FileProblem)
-
-
-def test_an_undo_file_written_by_the_writer_thread_reads_back(tmp_path):
-    header = {"format": undo_files.UNDO_FORMAT, "kind": undo_files.UNDO_KIND, "company_id": "c1", "txid": 1}
-    records = [{"table": "whatsapp_keys", "action": "inserted", "key_type": "pre-key", "key_id": str(i)} for i in range(2500)]
-    path = undo_files.UndoWriter(str(tmp_path), "c1", header, records).wait()
-    assert undo_files.read_undo_file(path) == (header, records)
-    with pytest.raises(FileNotFoundError):
-        undo_files.UndoWriter(str(tmp_path / "missing"), "c1", header, records).wait()
