@@ -50,7 +50,7 @@ options:
       - Names (of inputs and details, at any depth) whose values are redacted; a Python regular expression, searched
         case-insensitively.
       - Default, the project's one list of secret names (module_utils/baileys_dr_secrets.py C(SECRET_NAME_PATTERN)),
-        the same as env_file and the Sentry callback use.
+        the same as baileys_env_file and the Sentry callback use.
     type: str
   redact_values:
     description:

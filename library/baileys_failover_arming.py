@@ -13,7 +13,7 @@ description:
   - Every second of a failover's preflight is outage when PostgreSQL is down. With O(state=present) (run by each standby
     refresh, role C(baileys_snapshot)) the module checks what a failover will need and writes it, atomically, as JSON at
     O(path) on the application host (beside the failover state file) -- the tag and the commit it points at, verified as
-    M(git_tag_verify) does (annotated, O(tag_commit), the file-auth code at O(marker_path) matching O(marker_regex)),
+    M(baileys_git_tag) does (annotated, O(tag_commit), the file-auth code at O(marker_path) matching O(marker_regex)),
     the C(.env) changes the failover will make (O(store_flags) from their current values to C(false)), the PM2 process
     definition (app name, pm2 binary, daemon home, the ecosystem file's sha256, and a sha256 of all of them), the standby
     copy's manifest generation and sha256, the free space, the time.
@@ -23,7 +23,7 @@ description:
     the same commit, the standby manifest has the same generation and sha256, the PM2 definition has the same hash, and
     the record is younger than O(max_age) -- and returns RV(armed) and, when not, RV(reasons). It never fails for a
     stale record; the play then runs its full preflight and prints the reasons.
-  - Git runs as M(git_tag_verify) runs it (as the repository's owner when the module runs as root; no program the
+  - Git runs as M(baileys_git_tag) runs it (as the repository's owner when the module runs as root; no program the
     repository configures).
 version_added: "0.2.0"
 author: baileys-dr contributors
@@ -114,10 +114,10 @@ options:
     type: str
   lease:
     description:
-      - Take this lease of M(baileys_dr_lock) first, in the same module run (the failover's preflight then runs one
+      - Take this lease of M(baileys_lock) first, in the same module run (the failover's preflight then runs one
         module before the switch); a live lease of another run fails the module, naming its holder, before anything
         is read.
-      - The keys of M(baileys_dr_lock)'s options C(name), C(lock_dir), C(operation), C(ttl), C(wait) and C(holder); the
+      - The keys of M(baileys_lock)'s options C(name), C(lock_dir), C(operation), C(ttl), C(wait) and C(holder); the
         action plugin of this module fills C(holder) on the control node.
     type: dict
 attributes:
@@ -130,7 +130,7 @@ attributes:
 notes:
   - The record holds no secret; C(.env) values are only those of O(store_flags).
 seealso:
-  - module: git_tag_verify
+  - module: baileys_git_tag
   - module: baileys_sessions_verify
 """
 
@@ -210,7 +210,7 @@ service:
   type: dict
   sample: {answered: true, store: postgres, ready: true}
 lease:
-  description: With O(lease), what M(baileys_dr_lock) returns for the lease taken (C(holder), C(stale_holder)...).
+  description: With O(lease), what M(baileys_lock) returns for the lease taken (C(holder), C(stale_holder)...).
   returned: lease is given
   type: dict
 standby:

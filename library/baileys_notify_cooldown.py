@@ -15,7 +15,7 @@ description:
   - One small JSON file per event in O(state_dir) (the event's sha256 names it, so a hostile event key never becomes a
     path); written atomically, 0600, in a directory that group and others cannot write (a symlink is refused).
   - Run it on the application host, whose state directory every control node shares (the roles keep it beside the
-    leases of module baileys_dr_lock); made by root under a directory the application user owns, it is given to that
+    leases of module baileys_lock); made by root under a directory the application user owns, it is given to that
     user.
   - O(state=recorded) also turns every entry of O(failures) into an Ansible warning, so that a notification that
     could not be sent is visible without failing the play.

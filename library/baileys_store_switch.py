@@ -160,7 +160,7 @@ requirements:
 seealso:
   - module: baileys_auth_export
   - module: baileys_auth_import
-  - module: pm2_process
+  - module: baileys_pm2_process
 """
 
 EXAMPLES = r"""
@@ -212,7 +212,7 @@ pm2_driver:
   type: str
   sample: one node process (pm2 7.0.4 API)
 readiness:
-  description: The readiness wait of the start (see M(pm2_process)); C(ready_at) ends the downtime.
+  description: The readiness wait of the start (see M(baileys_pm2_process)); C(ready_at) ends the downtime.
   returned: when the service was started
   type: dict
 final_copy:

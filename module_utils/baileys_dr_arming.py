@@ -28,7 +28,7 @@ import time
 
 from ansible.module_utils.baileys_dr_dotenv import DotenvDocument
 from ansible.module_utils.baileys_dr_fs import write_file_atomic
-from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, check_ref_name, git_tag_verify_argument_spec
+from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, check_ref_name, git_tag_argument_spec
 from ansible.module_utils.baileys_dr_pm2 import HealthClient
 
 RECORD_FORMAT = 1
@@ -142,7 +142,7 @@ def env_changes(app_root, flags):
 
 
 class _TagParams:
-    """The module as TagVerifier and GitRunner see it: its commands and check mode, git_tag_verify's parameters."""
+    """The module as TagVerifier and GitRunner see it: its commands and check mode, baileys_git_tag's parameters."""
 
     def __init__(self, module, params):
         self._module = module
@@ -185,7 +185,7 @@ class ArmingRecord:
     # -- reading -----------------------------------------------------------------------------------
 
     def _git(self, **values):
-        params = {name: spec.get("default") for name, spec in git_tag_verify_argument_spec().items()}
+        params = {name: spec.get("default") for name, spec in git_tag_argument_spec().items()}
         params.update(repo=self.params["app_root"], **values)
         sub = _TagParams(self.module, params)
         return sub, GitRunner(sub, self.params["app_root"])

@@ -2,10 +2,10 @@
 # Copyright: contributors to baileys-dr
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """dotenv files read exactly as the application's dotenv package reads them, and rewritten keeping
-comments, order and line endings: the engine of the env_file module (and of the store switch).
+comments, order and line endings: the engine of the baileys_env_file module (and of the store switch).
 
 EnvFile takes an AnsibleModule-like object (params, check_mode, _diff, no_log, warn, atomic_move,
-set_*_if_different); the module env_file is its thin front.
+set_*_if_different); the module baileys_env_file is its thin front.
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ class EnvFile:
             if value is not None:
                 if any(c in value for c in "\n\r\x00"):
                     raise EnvFileError("values: the value of %s holds a line break or a NUL byte; "
-                                       "env_file writes one line per key" % key)
+                                       "baileys_env_file writes one line per key" % key)
                 if not quote_style(value):
                     raise EnvFileError("values: the value of %s holds ', \", ` and \\ together; no dotenv quoting "
                                        "reads it back unchanged" % key)
@@ -391,7 +391,7 @@ class EnvFile:
         self.result["duplicates"] = duplicates
         for key in duplicates:
             count = sum(1 for assignment in document.assignments if assignment.key == key)
-            self.module.warn("%s is defined %d times in %s; dotenv uses the last definition (the one env_file "
+            self.module.warn("%s is defined %d times in %s; dotenv uses the last definition (the one baileys_env_file "
                              "updates; removing the key removes all of them)" % (key, count, self.path))
         self._previous(document)
         new_text, changed_keys = self.plan(document)
@@ -550,7 +550,7 @@ class EnvFile:
 
 
 def env_file_argument_spec():
-    """The options of env_file (a new dict per call: AnsibleModule changes the one it gets)."""
+    """The options of baileys_env_file (a new dict per call: AnsibleModule changes the one it gets)."""
     return dict(
         path=dict(type="path", required=True, aliases=["dest"]),
         values=dict(type="dict", default={}, no_log=False),

@@ -432,8 +432,8 @@ class TagVerifier:
         return self.result
 
 
-def git_tag_verify_argument_spec():
-    """The options of git_tag_verify (a new dict per call: AnsibleModule changes the one it gets)."""
+def git_tag_argument_spec():
+    """The options of baileys_git_tag (a new dict per call: AnsibleModule changes the one it gets)."""
     return dict(
         repo=dict(type="path", required=True),
         tag=dict(type="str"),

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: contributors to baileys-dr
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Leases of the baileys-dr operations, kept on the application host (the module baileys_dr_lock and its action plugin).
+"""Leases of the baileys-dr operations, kept on the application host (the module baileys_lock and its action plugin).
 
 One lease file per operation and host (``<lock_dir>/<name>.lease``, JSON) records the holder run: its run id, the
 control node, the pid of the outermost ansible-playbook (or ansible-runner) process there, the operation, when it
@@ -46,7 +46,7 @@ GUARD = ".guard"
 # Seconds between two looks at a held lease while waiting for it.
 POLL = 0.5
 
-# The options of the module and of its action plugin (DOCUMENTATION in library/baileys_dr_lock.py).
+# The options of the module and of its action plugin (DOCUMENTATION in library/baileys_lock.py).
 ARGUMENT_SPEC = dict(
     name=dict(type="str", required=True),
     state=dict(type="str", default="acquired", choices=["acquired", "renewed", "released"]),
@@ -415,7 +415,7 @@ class Lease:
 
 
 # The lease option of another module (baileys_failover_arming takes the failover's lease in its own run: one module run
-# less before the switch). The same keys as baileys_dr_lock's options.
+# less before the switch). The same keys as baileys_lock's options.
 LEASE_OPTION = dict(type="dict", options=dict(
     name=dict(type="str", required=True),
     lock_dir=dict(type="path", default="/var/lib/baileys-dr/locks"),

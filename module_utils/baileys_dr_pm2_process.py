@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: contributors to baileys-dr
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""One PM2 process brought to a state and waited for until ready: the engine of the pm2_process module
+"""One PM2 process brought to a state and waited for until ready: the engine of the baileys_pm2_process module
 (and of the store switch).
 
 Pm2Process takes an AnsibleModule-like object (params, check_mode, _diff, warn, get_bin_path, run_command);
@@ -44,7 +44,7 @@ PREDICTED_STATUS = {"start": "online", "restart": "online", "reload": "online", 
 
 
 def pm2_process_argument_spec():
-    """The options of pm2_process (a new dict per call: AnsibleModule changes the one it gets)."""
+    """The options of baileys_pm2_process (a new dict per call: AnsibleModule changes the one it gets)."""
     return dict(
         name=dict(type="str", required=True),
         state=dict(type="str", default="started", choices=["started", "restarted", "reloaded", "stopped", "absent", "info"]),

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: contributors to baileys-dr
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""What the playbooks leave on a host, pruned by retention: the engine of the baileys_dr_prune module.
+"""What the playbooks leave on a host, pruned by retention: the engine of the baileys_prune module.
 
 Every failover leaves the replaced sessions tree (`baileys_sessions.before-*`), every .env rewrite a backup
 (`.env.<pid>.<time>~`), every rehearsal its reports. A set names a directory, a glob of entry names and optionally a

@@ -3,7 +3,7 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Secrets, said once: which names hold secret values, the mask that replaces them, and secrets in free text.
 
-Used by the modules (env_file's masked diff and arguments, pm2_process's messages, the database errors, the audit
+Used by the modules (baileys_env_file's masked diff and arguments, baileys_pm2_process's messages, the database errors, the audit
 record), the audit callback and the Sentry callback (which load this file through the module_utils path).
 """
 

@@ -22,7 +22,7 @@ import os
 import time
 
 from ansible.module_utils.baileys_dr_dotenv import DotenvDocument, EnvFile, EnvFileError, env_file_argument_spec
-from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, git_tag_verify_argument_spec
+from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, git_tag_argument_spec
 from ansible.module_utils.baileys_dr_pm2 import HealthClient, Pm2Error, find_instances
 from ansible.module_utils.baileys_dr_pm2_driver import Pm2Driver
 from ansible.module_utils.baileys_dr_pm2_process import Pm2Process, pm2_process_argument_spec, resolve_pm2_bin
@@ -96,7 +96,7 @@ class StoreSwitch:
 
     def _git(self, state, **values):
         p = self.params
-        params = engine_params(git_tag_verify_argument_spec(), repo=p["app_root"], state=state, **values)
+        params = engine_params(git_tag_argument_spec(), repo=p["app_root"], state=state, **values)
         sub = SubModule(self.module, params, self.run_as)
         return TagVerifier(sub, GitRunner(sub, p["app_root"])).run()
 

@@ -1,1 +1,1 @@
-baileys_dr_lock.py
+baileys_lock.py

@@ -1,7 +1,7 @@
 """Faults around a failover run (issue 8, points 5 and 12): two runs at once, the .env rewrite killed.
 
 Real processes: ansible-playbook runs for the lease (the holder is the
-ansible-playbook process, killed with SIGKILL), the env_file module run as a
+ansible-playbook process, killed with SIGKILL), the baileys_env_file module run as a
 real module process and killed with SIGKILL in the middle of its write.
 """
 
@@ -27,7 +27,7 @@ PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 # -- 5. two failover runs at once (issue 18: the lease on the application host) ------------------------------------
 
 
-def role_task(path, module="baileys_dr_lock"):
+def role_task(path, module="baileys_lock"):
     """The failover role's own task calling module in tasks/<path>, as the role has it."""
     with open(os.path.join(ROOT, "roles", "baileys_failover", "tasks", path), encoding="utf-8") as fh:
         tasks = yaml.safe_load(fh)
@@ -182,7 +182,7 @@ runpy.run_path(%(module)r, run_name="__main__")
 
 def env_file_process(args_path, output=subprocess.DEVNULL):
     code = MODULE_RUNNER % {"library": os.path.join(ROOT, "library"), "module_utils": os.path.join(ROOT, "module_utils"),
-                            "module": os.path.join(ROOT, "library", "env_file.py")}
+                            "module": os.path.join(ROOT, "library", "baileys_env_file.py")}
     return subprocess.Popen([sys.executable, "-c", code, str(args_path)], stdout=output, stderr=output)
 
 

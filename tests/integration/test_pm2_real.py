@@ -1,4 +1,4 @@
-"""pm2_process against the real PM2 (the pinned test-bed install) in a throwaway PM2_HOME.
+"""baileys_pm2_process against the real PM2 (the pinned test-bed install) in a throwaway PM2_HOME.
 
 The application is a tiny Node HTTP server that reads its .env the way dotenv does (a variable already
 in the environment wins) and says on /health which store that gives and whether STALE_FLAG exists in
@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-import pm2_process
+import baileys_pm2_process as pm2_process
 from conftest import ROOT
 from module_harness import run_module
 from pgcluster import free_port

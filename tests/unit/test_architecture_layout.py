@@ -29,3 +29,13 @@ def test_the_layout_table_names_no_file_that_is_gone():
     gone = sorted(p for p in layout_paths() if re.match(r"^[\w./-]+$", p) and p.split("/")[0] in top
                   and not os.path.exists(os.path.join(ROOT, p.rstrip("/"))))
     assert not gone, "docs/architecture.md's layout table names missing files: %s" % ", ".join(gone)
+
+
+def test_module_and_shared_code_names_follow_the_naming_rule():
+    """docs/architecture.md, "Names": modules baileys_<object>, shared code baileys_dr_<job>; old names are links only."""
+    modules = [os.path.basename(p)[:-3] for pattern in ("library/*.py", "roles/*/library/*.py")
+               for p in glob.glob(os.path.join(ROOT, pattern)) if not os.path.islink(p)]
+    assert modules
+    assert [m for m in modules if not m.startswith("baileys_") or m.startswith("baileys_dr_")] == []
+    shared = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "module_utils", "*.py"))]
+    assert [m for m in shared if not m.startswith("baileys_dr_")] == []

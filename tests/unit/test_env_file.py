@@ -1,4 +1,4 @@
-"""env_file: dotenv keys set and removed in place, atomically, without leaking values."""
+"""baileys_env_file: dotenv keys set and removed in place, atomically, without leaking values."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-import env_file
+import baileys_env_file as env_file
 from module_harness import run_module
 
 from ansible.module_utils import basic

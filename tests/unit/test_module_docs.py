@@ -14,10 +14,11 @@ import yaml
 from conftest import ROOT
 
 LIBRARIES = [os.path.join(ROOT, "library")] + sorted(glob.glob(os.path.join(ROOT, "roles", "*", "library")))
-# Module name -> its file: the collection's modules and those a role ships.
+# Module name -> its file: the collection's modules and those a role ships (not the links that keep old names).
 MODULE_FILES = {
     f[:-3]: os.path.join(directory, f)
-    for directory in LIBRARIES for f in sorted(os.listdir(directory)) if f.endswith(".py")
+    for directory in LIBRARIES for f in sorted(os.listdir(directory))
+    if f.endswith(".py") and not os.path.islink(os.path.join(directory, f))
 }
 MODULES = sorted(MODULE_FILES)
 # What ansible-doc assumes when DOCUMENTATION leaves an attribute out, as AnsibleModule does for the spec.
@@ -142,3 +143,15 @@ def test_modules_with_database_options_use_the_connection_doc_fragment(name):
         fragments = documentation.get("extends_documentation_fragment") or []
         assert "baileys_dr_postgres" in fragments
         assert "login_password" not in (documentation.get("options") or {}), "document the connection once, in the fragment"
+
+
+def test_every_old_module_name_is_a_link_to_its_new_module_and_every_link_is_a_listed_rename():
+    """A renamed module keeps its old name for one release: a link in library/ the deprecation warning knows."""
+    from ansible.module_utils.baileys_dr_renames import RENAMED_MODULES
+
+    links = {
+        f[:-3]: os.readlink(os.path.join(directory, f))[:-3]
+        for directory in LIBRARIES for f in os.listdir(directory) if os.path.islink(os.path.join(directory, f))
+    }
+    assert links == RENAMED_MODULES
+    assert set(RENAMED_MODULES.values()) <= set(MODULES)

@@ -1,4 +1,4 @@
-"""pm2_process: exact pm2 argv per state, robust jlist parsing, readiness, and no environment value ever out.
+"""baileys_pm2_process: exact pm2 argv per state, robust jlist parsing, readiness, and no environment value ever out.
 
 PM2 outputs are the recordings in fixtures/pm2 (made by fixtures/pm2/record.py with PM2 7.0.4); the
 recorded environment of baileys-whatsapp-service holds the fake secret POSTGRES_PASSWORD=fixture-secret-123
@@ -16,7 +16,7 @@ from unittest import mock
 
 import pytest
 
-import pm2_process
+import baileys_pm2_process as pm2_process
 from ansible.module_utils import basic
 from ansible.module_utils import baileys_dr_pm2 as pm2
 from module_harness import run_module

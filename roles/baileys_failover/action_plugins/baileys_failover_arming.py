@@ -1,1 +1,1 @@
-../../../plugins/action/baileys_dr_lock.py
+../../../plugins/action/baileys_lock.py

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-import baileys_dr_lock
+import baileys_lock
 from ansible.module_utils.baileys_dr_lockfile import Lease, LockError, boot_id, holder_identity, pid_namespace, process_info
 from module_harness import run_module
 
@@ -236,11 +236,11 @@ def test_of_concurrent_takers_exactly_one_wins(tmp_path):
 def test_the_module_takes_and_releases_with_the_holder_of_the_action_plugin(tmp_path):
     holder = holder_identity(os.getpid(), os.getppid(), fallback_lives=True)
     args = dict(name="failover-app1", lock_dir=str(tmp_path / "locks"), operation="failover", holder=holder)
-    ok, taken = run_module(baileys_dr_lock, args)
+    ok, taken = run_module(baileys_lock, args)
     assert ok and taken["changed"] and taken["holder"]["run_id"] == holder["run_id"]
-    ok, refused = run_module(baileys_dr_lock, dict(args, holder=remote_holder("run-b")))
+    ok, refused = run_module(baileys_lock, dict(args, holder=remote_holder("run-b")))
     assert not ok and "run %s" % holder["run_id"] in refused["msg"] and refused["path"].endswith("failover-app1.lease")
-    ok, released = run_module(baileys_dr_lock, dict(args, state="released"))
+    ok, released = run_module(baileys_lock, dict(args, state="released"))
     assert ok and released["changed"]
 
 

@@ -1,4 +1,4 @@
-"""git_tag_verify against real git repositories made in temporary directories."""
+"""baileys_git_tag against real git repositories made in temporary directories."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import tempfile
 
 import pytest
 
-import git_tag_verify
+import baileys_git_tag
 from module_harness import run_module
 
-from ansible.module_utils.baileys_dr_git import git_tag_verify_argument_spec
+from ansible.module_utils.baileys_dr_git import git_tag_argument_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAKE_APP_REPO = os.path.join(ROOT, "testbed", "bin", "make-app-repo")
@@ -84,7 +84,7 @@ def app_repo(tmp_path):
 def verify(repo, check_mode=False, **extra):
     args = dict(repo=str(repo), tag=TAG)
     args.update(extra)
-    return run_module(git_tag_verify, args, check_mode=check_mode)
+    return run_module(baileys_git_tag, args, check_mode=check_mode)
 
 
 def head_of(repo):
@@ -258,7 +258,7 @@ def test_as_root_git_runs_neither_hooks_nor_fsmonitor_of_a_repository_another_ac
     ok, result = verify(foreign, safe_directory=True, state="checked_out", **MARKER)
     assert ok, result
     assert result["head_after"] == {"ref": None, "commit": foreign.first}
-    ok, result = run_module(git_tag_verify, dict(repo=str(foreign), state="restored", restore_ref="main",
+    ok, result = run_module(baileys_git_tag, dict(repo=str(foreign), state="restored", restore_ref="main",
                                                  safe_directory=True))
     assert ok and result["changed"], result
     assert ran(foreign.markers) == {}
@@ -322,7 +322,7 @@ def lowered_module(account, **params):
 
     with set_module_args({}):
         module = AnsibleModule(argument_spec={})
-    return parts.SubModule(module, parts.engine_params(git_tag_verify_argument_spec(), **params),
+    return parts.SubModule(module, parts.engine_params(git_tag_argument_spec(), **params),
                             parts.RunAs(account))
 
 
@@ -369,7 +369,7 @@ def test_the_application_repository_is_switched_to_the_tag_and_restored_to_main(
     ok, again = verify(app_repo, state="checked_out", expected_commit=app_repo.tag, **MARKER)
     assert ok and not again["changed"]
 
-    ok, restored = run_module(git_tag_verify, dict(repo=str(app_repo), state="restored",
+    ok, restored = run_module(baileys_git_tag, dict(repo=str(app_repo), state="restored",
                                                    restore_ref=switched["head"]["ref"]))
     assert ok and restored["changed"], restored
     assert restored["head_after"] == {"ref": "main", "commit": app_repo.main}
@@ -377,14 +377,14 @@ def test_the_application_repository_is_switched_to_the_tag_and_restored_to_main(
     assert not (app_repo / "src/stores/files.js").exists()
     assert (app_repo / ".env").read_text() == "USE_LEGACY_SUPABASE=false\n"
 
-    ok, again = run_module(git_tag_verify, dict(repo=str(app_repo), state="restored", restore_ref="main"))
+    ok, again = run_module(baileys_git_tag, dict(repo=str(app_repo), state="restored", restore_ref="main"))
     assert ok and not again["changed"]
 
 
 def test_restoring_a_detached_commit_of_the_application(app_repo):
     ok, result = verify(app_repo, tag="broken-build-v1", state="checked_out", **MARKER)
     assert ok and result["head_after"]["commit"] == app_repo.broken
-    ok, result = run_module(git_tag_verify, dict(repo=str(app_repo), state="restored", restore_ref=app_repo.tag[:12]))
+    ok, result = run_module(baileys_git_tag, dict(repo=str(app_repo), state="restored", restore_ref=app_repo.tag[:12]))
     assert ok and result["changed"], result
     assert head_of(app_repo) == (None, app_repo.tag)
 

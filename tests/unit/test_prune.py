@@ -1,11 +1,11 @@
-"""baileys_dr_prune on a real directory: what is kept, what goes, and that nothing outside a set is touched."""
+"""baileys_prune on a real directory: what is kept, what goes, and that nothing outside a set is touched."""
 
 from __future__ import annotations
 
 import os
 import time
 
-import baileys_dr_prune
+import baileys_prune
 from module_harness import run_module
 
 DAY = 86400
@@ -25,7 +25,7 @@ def make(path, age_days, tree=False):
 
 
 def prune(check_mode=False, **args):
-    return run_module(baileys_dr_prune, args, check_mode=check_mode)
+    return run_module(baileys_prune, args, check_mode=check_mode)
 
 
 def test_old_replaced_trees_beyond_the_last_ones_are_removed_and_young_ones_kept(tmp_path):

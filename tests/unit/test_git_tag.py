@@ -1,4 +1,4 @@
-"""git_tag_verify with a scripted git: the exact commands, the refusals, check mode."""
+"""baileys_git_tag with a scripted git: the exact commands, the refusals, check mode."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import git_tag_verify
+import baileys_git_tag
 from module_harness import run_module
 
 from ansible.module_utils.baileys_dr_git import GitRunner, ref_name_problem
@@ -61,7 +61,7 @@ def git(monkeypatch):
         ("rev-parse", "--verify", "--quiet", "HEAD"): [(0, MAIN_COMMIT + "\n", "")],
         ("checkout", "--quiet", "--detach", TAG_COMMIT): [(0, "", "")],
     }
-    monkeypatch.setattr(git_tag_verify, "GitRunner", ScriptedGit)
+    monkeypatch.setattr(baileys_git_tag, "GitRunner", ScriptedGit)
     return ScriptedGit
 
 
@@ -91,7 +91,7 @@ MARKER = [["cat-file", "blob", TAG_COMMIT + ":src/stores/files.js"]]
 
 
 def test_verifying_runs_exactly_these_git_commands_and_reports_the_tag(git):
-    ok, result = run_module(git_tag_verify, args(marker_path="src/stores/files.js", marker_regex="useMultiFileAuthState"))
+    ok, result = run_module(baileys_git_tag, args(marker_path="src/stores/files.js", marker_regex="useMultiFileAuthState"))
     assert ok, result
     assert git.calls == [GIT + c for c in TAG_CHECKS + MARKER + STATUS + HEAD]
     assert not result["changed"]
@@ -102,7 +102,7 @@ def test_verifying_runs_exactly_these_git_commands_and_reports_the_tag(git):
 
 def test_a_missing_tag_fails_naming_the_tag_and_the_repository(git):
     git.script[("rev-parse", "--verify", "--quiet", "refs/tags/" + TAG)] = [(1, "", "")]
-    ok, result = run_module(git_tag_verify, args())
+    ok, result = run_module(baileys_git_tag, args())
     assert not ok
     assert result["msg"] == "tag %s not found in %s" % (TAG, REPO)
     assert commands(git) == TAG_CHECKS[:2]
@@ -110,7 +110,7 @@ def test_a_missing_tag_fails_naming_the_tag_and_the_repository(git):
 
 def test_a_lightweight_tag_is_refused_when_an_annotated_one_is_required(git):
     git.script[("cat-file", "-t", TAG_OBJECT)] = [(0, "commit\n", "")]
-    ok, result = run_module(git_tag_verify, args())
+    ok, result = run_module(baileys_git_tag, args())
     assert not ok and "lightweight" in result["msg"] and TAG in result["msg"] and REPO in result["msg"]
     assert result["tag_type"] == "commit"
 
@@ -119,7 +119,7 @@ def test_a_lightweight_tag_is_accepted_with_annotated_false(git):
     git.script[("rev-parse", "--verify", "--quiet", "refs/tags/" + TAG)] = [(0, TAG_COMMIT + "\n", "")]
     git.script[("cat-file", "-t", TAG_COMMIT)] = [(0, "commit\n", "")]
     git.script[("rev-parse", "--verify", "--quiet", TAG_COMMIT + "^{commit}")] = [(0, TAG_COMMIT + "\n", "")]
-    ok, result = run_module(git_tag_verify, args(annotated=False))
+    ok, result = run_module(baileys_git_tag, args(annotated=False))
     assert ok, result
     assert result["tag_type"] == "commit" and result["tag_message"] is None
     assert ["cat-file", "tag", TAG_COMMIT] not in commands(git)
@@ -127,18 +127,18 @@ def test_a_lightweight_tag_is_accepted_with_annotated_false(git):
 
 def test_a_tag_on_something_else_than_a_commit_is_refused(git):
     git.script[("rev-parse", "--verify", "--quiet", TAG_OBJECT + "^{commit}")] = [(1, "", "")]
-    ok, result = run_module(git_tag_verify, args())
+    ok, result = run_module(baileys_git_tag, args())
     assert not ok and "does not point at a commit" in result["msg"]
 
 
 @pytest.mark.parametrize("expected", [TAG_COMMIT, TAG_COMMIT[:7], TAG_COMMIT[:12].upper()])
 def test_the_tag_on_the_expected_commit_passes(git, expected):
-    ok, result = run_module(git_tag_verify, args(expected_commit=expected))
+    ok, result = run_module(baileys_git_tag, args(expected_commit=expected))
     assert ok, result
 
 
 def test_a_moved_tag_fails_naming_both_commits(git):
-    ok, result = run_module(git_tag_verify, args(expected_commit=MAIN_COMMIT[:10]))
+    ok, result = run_module(baileys_git_tag, args(expected_commit=MAIN_COMMIT[:10]))
     assert not ok
     assert TAG_COMMIT in result["msg"] and MAIN_COMMIT[:10] in result["msg"] and "moved" in result["msg"]
     assert result["tag_commit"] == TAG_COMMIT
@@ -146,7 +146,7 @@ def test_a_moved_tag_fails_naming_both_commits(git):
 
 @pytest.mark.parametrize("expected", ["abc", "xyz1234567", "HEAD", "-1234567"])
 def test_expected_commit_that_is_not_a_commit_id_is_refused_before_running_git(git, expected):
-    ok, result = run_module(git_tag_verify, args(expected_commit=expected))
+    ok, result = run_module(baileys_git_tag, args(expected_commit=expected))
     assert not ok and "expected_commit" in result["msg"]
     assert git.calls == []
 
@@ -154,26 +154,26 @@ def test_expected_commit_that_is_not_a_commit_id_is_refused_before_running_git(g
 def test_a_marker_missing_at_the_tag_fails(git):
     git.script[("cat-file", "blob", TAG_COMMIT + ":src/stores/files.js")] = [
         (128, "", "fatal: path 'src/stores/files.js' does not exist in '%s'\n" % TAG_COMMIT)]
-    ok, result = run_module(git_tag_verify, args(marker_path="src/stores/files.js"))
+    ok, result = run_module(baileys_git_tag, args(marker_path="src/stores/files.js"))
     assert not ok
     assert "marker src/stores/files.js is absent" in result["msg"] and TAG in result["msg"]
 
 
 def test_a_marker_that_does_not_match_fails(git):
     git.script[("cat-file", "blob", TAG_COMMIT + ":src/stores/files.js")] = [(0, "module.exports = {}\n", "")]
-    ok, result = run_module(git_tag_verify, args(marker_path="./src/stores/files.js", marker_regex="useMultiFileAuthState"))
+    ok, result = run_module(baileys_git_tag, args(marker_path="./src/stores/files.js", marker_regex="useMultiFileAuthState"))
     assert not ok and "does not match 'useMultiFileAuthState'" in result["msg"]
 
 
 @pytest.mark.parametrize("path", ["/etc/passwd", "../outside", "src/../../x", ""])
 def test_a_marker_path_outside_the_repository_is_refused(git, path):
-    ok, result = run_module(git_tag_verify, args(marker_path=path))
+    ok, result = run_module(baileys_git_tag, args(marker_path=path))
     assert not ok and "marker_path" in result["msg"]
     assert git.calls == []
 
 
 def test_marker_regex_needs_marker_path(git):
-    ok, result = run_module(git_tag_verify, args(marker_regex="x"))
+    ok, result = run_module(baileys_git_tag, args(marker_regex="x"))
     assert not ok and "marker_path" in result["msg"]
 
 
@@ -186,7 +186,7 @@ def test_marker_regex_needs_marker_path(git):
     "nl\nname", "",
 ])
 def test_a_hostile_or_invalid_tag_name_never_reaches_git(git, name):
-    ok, result = run_module(git_tag_verify, args(tag=name))
+    ok, result = run_module(baileys_git_tag, args(tag=name))
     assert not ok and "not a valid git ref name" in result["msg"]
     assert git.calls == []
 
@@ -197,7 +197,7 @@ def test_ordinary_tag_names_are_accepted(name):
 
 
 def test_a_hostile_restore_ref_never_reaches_git(git):
-    ok, result = run_module(git_tag_verify, args(state="restored", restore_ref="--orphan=x"))
+    ok, result = run_module(baileys_git_tag, args(state="restored", restore_ref="--orphan=x"))
     assert not ok and "restore_ref" in result["msg"] and "not a valid git ref name" in result["msg"]
     assert git.calls == []
 
@@ -208,7 +208,7 @@ def test_a_hostile_restore_ref_never_reaches_git(git):
 def test_a_dirty_work_tree_fails_listing_up_to_ten_paths(git):
     dirty = "".join(" M src/file%02d.js\n" % i for i in range(12))
     git.script[("status", "--porcelain", "--untracked-files=no")] = [(0, dirty, "")]
-    ok, result = run_module(git_tag_verify, args(state="checked_out"))
+    ok, result = run_module(baileys_git_tag, args(state="checked_out"))
     assert not ok
     assert "12 modified tracked file(s)" in result["msg"] and "src/file09.js" in result["msg"]
     assert "src/file10.js" not in result["msg"] and "and 2 more" in result["msg"]
@@ -218,7 +218,7 @@ def test_a_dirty_work_tree_fails_listing_up_to_ten_paths(git):
 
 def test_allow_dirty_reports_the_modified_files_and_goes_on(git):
     git.script[("status", "--porcelain", "--untracked-files=no")] = [(0, " M package.json\n", "")]
-    ok, result = run_module(git_tag_verify, args(allow_dirty=True))
+    ok, result = run_module(baileys_git_tag, args(allow_dirty=True))
     assert ok and result["dirty_paths"] == [" M package.json"]
 
 
@@ -228,7 +228,7 @@ def test_allow_dirty_reports_the_modified_files_and_goes_on(git):
 def test_checking_out_detaches_head_at_the_tag_commit(git):
     git.script[("symbolic-ref", "--quiet", "HEAD")] = [(0, "refs/heads/main\n", ""), (1, "", "")]
     git.script[("rev-parse", "--verify", "--quiet", "HEAD")] = [(0, MAIN_COMMIT + "\n", ""), (0, TAG_COMMIT + "\n", "")]
-    ok, result = run_module(git_tag_verify, args(state="checked_out"))
+    ok, result = run_module(baileys_git_tag, args(state="checked_out"))
     assert ok, result
     assert commands(git) == TAG_CHECKS + STATUS + HEAD + [["checkout", "--quiet", "--detach", TAG_COMMIT]] + HEAD
     assert result["changed"]
@@ -239,13 +239,13 @@ def test_checking_out_detaches_head_at_the_tag_commit(git):
 def test_already_detached_at_the_tag_is_no_change(git):
     git.script[("symbolic-ref", "--quiet", "HEAD")] = [(1, "", "")]
     git.script[("rev-parse", "--verify", "--quiet", "HEAD")] = [(0, TAG_COMMIT + "\n", "")]
-    ok, result = run_module(git_tag_verify, args(state="checked_out"))
+    ok, result = run_module(baileys_git_tag, args(state="checked_out"))
     assert ok and not result["changed"]
     assert not any(c[0] == "checkout" for c in commands(git))
 
 
 def test_check_mode_verifies_and_reports_the_checkout_without_doing_it(git):
-    ok, result = run_module(git_tag_verify, args(state="checked_out", marker_path="src/stores/files.js"), check_mode=True)
+    ok, result = run_module(baileys_git_tag, args(state="checked_out", marker_path="src/stores/files.js"), check_mode=True)
     assert ok and result["changed"]
     assert commands(git) == TAG_CHECKS + MARKER + STATUS + HEAD
     assert result["head_after"] == {"ref": None, "commit": TAG_COMMIT}
@@ -254,19 +254,19 @@ def test_check_mode_verifies_and_reports_the_checkout_without_doing_it(git):
 
 def test_check_mode_still_fails_on_a_missing_tag(git):
     git.script[("rev-parse", "--verify", "--quiet", "refs/tags/" + TAG)] = [(1, "", "")]
-    ok, result = run_module(git_tag_verify, args(state="checked_out"), check_mode=True)
+    ok, result = run_module(baileys_git_tag, args(state="checked_out"), check_mode=True)
     assert not ok and "not found" in result["msg"]
 
 
 def test_a_failed_checkout_is_reported_with_git_s_message(git):
     git.script[("checkout", "--quiet", "--detach", TAG_COMMIT)] = [
         (1, "", "error: The following untracked working tree files would be overwritten by checkout:\n\tsrc/stores/files.js\n")]
-    ok, result = run_module(git_tag_verify, args(state="checked_out"))
+    ok, result = run_module(baileys_git_tag, args(state="checked_out"))
     assert not ok and "would be overwritten" in result["msg"] and REPO in result["msg"]
 
 
 def test_head_not_where_expected_after_checkout_fails(git):
-    ok, result = run_module(git_tag_verify, args(state="checked_out"))
+    ok, result = run_module(baileys_git_tag, args(state="checked_out"))
     assert not ok and "HEAD is" in result["msg"]
 
 
@@ -282,7 +282,7 @@ def restore_script(git, head_before, head_after):
 
 def test_restoring_a_branch_attaches_head_to_it_again(git):
     restore_script(git, ((1, "", ""), (0, TAG_COMMIT + "\n", "")), ((0, "refs/heads/main\n", ""), (0, MAIN_COMMIT + "\n", "")))
-    ok, result = run_module(git_tag_verify, dict(repo=REPO, state="restored", restore_ref="main"))
+    ok, result = run_module(baileys_git_tag, dict(repo=REPO, state="restored", restore_ref="main"))
     assert ok, result
     assert commands(git) == [["rev-parse", "--show-toplevel"]] + STATUS + HEAD + [
         ["rev-parse", "--verify", "--quiet", "refs/heads/main"], ["checkout", "--quiet", "main", "--"]] + HEAD
@@ -291,7 +291,7 @@ def test_restoring_a_branch_attaches_head_to_it_again(git):
 
 def test_restoring_the_branch_already_checked_out_is_no_change(git):
     restore_script(git, ((0, "refs/heads/main\n", ""), (0, MAIN_COMMIT + "\n", "")), ((0, "refs/heads/main\n", ""), (0, MAIN_COMMIT + "\n", "")))
-    ok, result = run_module(git_tag_verify, dict(repo=REPO, state="restored", restore_ref="refs/heads/main"))
+    ok, result = run_module(baileys_git_tag, dict(repo=REPO, state="restored", restore_ref="refs/heads/main"))
     assert ok and not result["changed"]
     assert ["checkout", "--quiet", "main", "--"] not in commands(git)
 
@@ -301,7 +301,7 @@ def test_restoring_a_commit_detaches_head_there(git):
     git.script[("rev-parse", "--verify", "--quiet", "HEAD")] = [(0, MAIN_COMMIT + "\n", ""), (0, TAG_COMMIT + "\n", "")]
     git.script[("rev-parse", "--verify", "--quiet", "refs/heads/C3F42CE")] = [(1, "", "")]
     git.script[("rev-parse", "--verify", "--quiet", "c3f42ce^{commit}")] = [(0, TAG_COMMIT + "\n", "")]
-    ok, result = run_module(git_tag_verify, dict(repo=REPO, state="restored", restore_ref="C3F42CE"))
+    ok, result = run_module(baileys_git_tag, dict(repo=REPO, state="restored", restore_ref="C3F42CE"))
     assert ok, result
     assert commands(git)[-3:] == [["checkout", "--quiet", "--detach", TAG_COMMIT]] + HEAD
     assert result["head_after"] == {"ref": None, "commit": TAG_COMMIT}
@@ -309,23 +309,23 @@ def test_restoring_a_commit_detaches_head_there(git):
 
 def test_restoring_an_unknown_ref_fails_naming_it(git):
     git.script[("rev-parse", "--verify", "--quiet", "refs/heads/release")] = [(1, "", "")]
-    ok, result = run_module(git_tag_verify, dict(repo=REPO, state="restored", restore_ref="release"))
+    ok, result = run_module(baileys_git_tag, dict(repo=REPO, state="restored", restore_ref="release"))
     assert not ok and result["msg"] == "restore_ref release is neither a branch nor a commit of %s" % REPO
 
 
 def test_restoring_with_a_tag_verifies_the_tag_too(git):
     restore_script(git, ((1, "", ""), (0, TAG_COMMIT + "\n", "")), ((0, "refs/heads/main\n", ""), (0, MAIN_COMMIT + "\n", "")))
-    ok, result = run_module(git_tag_verify, args(state="restored", restore_ref="main"))
+    ok, result = run_module(baileys_git_tag, args(state="restored", restore_ref="main"))
     assert ok and commands(git)[:len(TAG_CHECKS)] == TAG_CHECKS
 
 
 def test_restore_ref_with_another_state_is_an_error(git):
-    ok, result = run_module(git_tag_verify, args(restore_ref="main"))
+    ok, result = run_module(baileys_git_tag, args(restore_ref="main"))
     assert not ok and "only used with state: restored" in result["msg"]
 
 
 def test_tag_is_required_to_verify_or_check_out(git):
-    ok, result = run_module(git_tag_verify, dict(repo=REPO, state="checked_out"))
+    ok, result = run_module(baileys_git_tag, dict(repo=REPO, state="checked_out"))
     assert not ok and "tag" in result["msg"]
 
 
@@ -333,14 +333,14 @@ def test_tag_is_required_to_verify_or_check_out(git):
 
 
 def test_a_repo_that_is_not_a_directory_fails_before_running_git(git, tmp_path):
-    ok, result = run_module(git_tag_verify, dict(repo=str(tmp_path / "missing"), tag=TAG))
+    ok, result = run_module(baileys_git_tag, dict(repo=str(tmp_path / "missing"), tag=TAG))
     assert not ok and result["msg"] == "repo %s is not a directory" % (tmp_path / "missing")
     assert git.calls == []
 
 
 def test_a_directory_inside_another_work_tree_is_refused(git):
     git.script[("rev-parse", "--show-toplevel")] = [(0, "/srv\n", "")]
-    ok, result = run_module(git_tag_verify, args())
+    ok, result = run_module(baileys_git_tag, args())
     assert not ok and "not the top directory" in result["msg"] and "/srv" in result["msg"]
     assert commands(git) == [["rev-parse", "--show-toplevel"]]
 
@@ -348,12 +348,12 @@ def test_a_directory_inside_another_work_tree_is_refused(git):
 def test_a_repository_of_another_user_suggests_safe_directory(git):
     git.script[("rev-parse", "--show-toplevel")] = [
         (128, "", "fatal: detected dubious ownership in repository at '/srv/app'\n")]
-    ok, result = run_module(git_tag_verify, args())
+    ok, result = run_module(baileys_git_tag, args())
     assert not ok and "dubious ownership" in result["msg"] and "safe_directory: true" in result["msg"]
 
 
 def test_safe_directory_passes_the_repository_to_every_git_command(git):
-    ok, result = run_module(git_tag_verify, args(safe_directory=True))
+    ok, result = run_module(baileys_git_tag, args(safe_directory=True))
     assert ok, result
     assert git.calls and all(call[:len(SAFE) + 4] == SAFE + ["-c", "safe.directory=" + REPO, "-C", REPO]
                              for call in git.calls)

@@ -1,0 +1,1 @@
+../../../plugins/action/baileys_lock.py
