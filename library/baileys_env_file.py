@@ -76,17 +76,6 @@ options:
         C(backup_file).
     type: bool
     default: false
-  mode:
-    description:
-      - Mode of the file, octal (C('0600')) or symbolic (C(u=rw,g=r)), as for M(ansible.builtin.file).
-      - Default, the mode the file has, or C(0600) for a new file.
-    type: raw
-  owner:
-    description: Owner of the file (name or uid). Default, the file's owner (the module's user for a new file).
-    type: str
-  group:
-    description: Group of the file (name or gid). Default, the file's group.
-    type: str
   follow:
     description: Edit the file a symbolic link at O(path) points at, instead of replacing the link.
     type: bool
@@ -123,6 +112,8 @@ options:
     description: The rest of the record written to O(record_path) (shown in the task's arguments, so no secrets).
     type: dict
     default: {}
+extends_documentation_fragment:
+  - ansible.builtin.files
 attributes:
   check_mode:
     support: full
@@ -242,6 +233,8 @@ class EnvFileModule(AnsibleModule):
 def main():
     module = EnvFileModule(
         argument_spec=env_file_argument_spec(),
+        # mode, owner, group, SELinux context, attributes, unsafe_writes: the standard file arguments, as ini_file takes them.
+        add_file_common_args=True,
         supports_check_mode=True,
     )
     warn_if_renamed(module)

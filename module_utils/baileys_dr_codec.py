@@ -351,27 +351,17 @@ def _fast_dict(value, odd):
     raw = _fast_buffer_bytes(value)
     if raw is not None:
         return _base64_buffer(raw)
-    out = None
-    for name, item in value.items():
-        kind = type(item)
-        if kind is dict:
-            new = _fast_dict(item, odd)
-        elif kind is list:
-            new = _fast_list(item, odd)
-        else:
-            if kind not in _PLAIN:
-                odd.append(kind)
-            continue
-        if new is not item:
-            if out is None:
-                out = value.copy()
-            out[name] = new
-    return value if out is None else out
+    return _fast_items(value, value.items(), odd)
 
 
 def _fast_list(value, odd):
+    return _fast_items(value, enumerate(value), odd)
+
+
+def _fast_items(value, items, odd):
+    """value with its Buffers rewritten, copied only when one is (items: its (key or index, item) pairs)."""
     out = None
-    for index, item in enumerate(value):
+    for key, item in items:
         kind = type(item)
         if kind is dict:
             new = _fast_dict(item, odd)
@@ -384,7 +374,7 @@ def _fast_list(value, odd):
         if new is not item:
             if out is None:
                 out = value.copy()
-            out[index] = new
+            out[key] = new
     return value if out is None else out
 
 

@@ -16,6 +16,7 @@ import re
 import tempfile
 import time
 
+from ansible.module_utils.basic import FILE_COMMON_ARGUMENTS
 from ansible.module_utils.baileys_dr_fs import fsync_dir, write_file_atomic
 from ansible.module_utils.baileys_dr_secrets import MASK, SECRET_NAME_PATTERN
 from ansible.module_utils.common.text.converters import to_bytes
@@ -531,13 +532,12 @@ class EnvFile:
         fsync_dir(directory)
 
     def set_attributes(self, changed):
-        if self.params["mode"] is not None:
-            changed = self.module.set_mode_if_different(self.path, self.params["mode"], changed)
-        if self.params["owner"] is not None:
-            changed = self.module.set_owner_if_different(self.path, self.params["owner"], changed)
-        if self.params["group"] is not None:
-            changed = self.module.set_group_if_different(self.path, self.params["group"], changed)
-        return changed
+        """The standard file arguments (add_file_common_args) applied as ini_file applies them. The store switch runs
+        this engine without them: the file keeps its mode, owner and group."""
+        if all(self.params.get(name) is None for name in FILE_COMMON_ARGUMENTS if name != "unsafe_writes"):
+            return changed
+        file_args = self.module.load_file_common_arguments(self.params, path=self.path)
+        return self.module.set_fs_attributes_if_different(file_args, changed)
 
     def invocation(self):
         """The module arguments as echoed in the result: secret values masked."""
@@ -557,9 +557,6 @@ def env_file_argument_spec():
         state=dict(type="str", default="present", choices=["present", "absent"]),
         create=dict(type="bool", default=False),
         backup=dict(type="bool", default=False),
-        mode=dict(type="raw"),
-        owner=dict(type="str"),
-        group=dict(type="str"),
         follow=dict(type="bool", default=True),
         secret_keys_regex=dict(type="str"),
         return_previous=dict(type="bool", default=False),

@@ -27,11 +27,11 @@ PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 # -- 5. two failover runs at once (issue 18: the lease on the application host) ------------------------------------
 
 
-def role_task(path, module="baileys_lock"):
-    """The failover role's own task calling module in tasks/<path>, as the role has it."""
+def role_task(path):
+    """The failover role's own lock task in tasks/<path> (the shared role's lock entry point), as the role has it."""
     with open(os.path.join(ROOT, "roles", "baileys_failover", "tasks", path), encoding="utf-8") as fh:
         tasks = yaml.safe_load(fh)
-    (task,) = [t for t in tasks if module in t]
+    (task,) = [t for t in tasks if t.get("ansible.builtin.import_role", {}).get("tasks_from") == "lock"]
     return task
 
 
@@ -49,14 +49,14 @@ def failover_like_playbook(tmp_path):
 
 
 def playbook(path, lock_dir, hold, wait=0, **popen):
-    """ansible-playbook on path; the holder is named on the control node by the action plugin the failover role ships,
+    """ansible-playbook on path; the holder is named on the control node by the action plugin the shared role ships,
     as the role runs it."""
     argv = [PLAYBOOK_BIN, "-i", "localhost,", "-c", "local", "-v", str(path),
             "-e", json.dumps({"baileys_dr_lock_dir": str(lock_dir), "baileys_dr_lock_ttl": 600, "baileys_dr_lock_wait": wait,
                               # The role's own lease task (with the arming record in use, the arming module takes it).
                               "baileys_failover_use_arming": False, "hold": hold, "ansible_python_interpreter": sys.executable})]
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
-    env["ANSIBLE_ACTION_PLUGINS"] = os.path.join(ROOT, "roles", "baileys_failover", "action_plugins")
+    env["ANSIBLE_ACTION_PLUGINS"] = os.path.join(ROOT, "roles", "baileys_dr", "action_plugins")
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -163,7 +163,7 @@ def test_a_snapshot_or_cleanup_that_fails_gives_its_lease_back(tmp_path, operati
     run = playbook(path, lock_dir, 0)
     out, _ = run.communicate(timeout=120)
     assert run.returncode != 0 and "PostgreSQL does not answer" in out, out
-    assert "Release the %s lock" % operation in out, out
+    assert "Lock: %s released" % operation in out, out
     assert (lock_dir / ".guard").exists(), "the lease was taken"
     assert not (lock_dir / ("%s-localhost.lease" % operation)).exists(), "the failed run gave its lease back"
 

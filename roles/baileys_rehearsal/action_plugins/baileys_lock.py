@@ -1,1 +1,0 @@
-../../../plugins/action/baileys_lock.py
