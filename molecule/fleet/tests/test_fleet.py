@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 import verify_helpers  # noqa: E402
 from verify_helpers import (  # noqa: E402
     APP_ROOT, TAG, as_app_user, assert_no_acknowledged_write_lost, assert_writer_saw_the_switch, database_digests, env_values,
-    epoch, git_commit_of, git_head, readiness, writer_ledger,
+    epoch, git_commit_of, git_head, pm2_process, readiness, writer_ledger,
 )
 
 # This scenario's own containers (molecule.yml).
@@ -134,11 +134,16 @@ def test_in_the_broken_run_the_others_failed_over_and_the_refused_host_kept_serv
         return
     check, window, span = result["check"], result["stats"]["window"], result["switch"]
     assert result["store"] == check["store"] == "postgres" and check["passed"] and check["lost"] == 0, check
-    # Its service was never stopped: every request of the writer from the run's start on was acknowledged.
-    assert window["failed"] == 0 and window["acknowledged"] >= 10, window
-    during = [r for r in writer_ledger(host) if span["stop_began_at"] <= epoch(r["sent"]) and epoch(r["done"]) <= span["ready_at"]]
-    assert {r["outcome"] for r in during} == {"ack"}, [r for r in during if r["outcome"] != "ack"][:3]
-    assert {r["company"] for r in during} == set(companies_of(BROKEN)), "the writer wrote to both its companies during the run"
+    # Its service was never stopped: the process PM2 ran before the run still runs, never restarted (the last failback
+    # had nothing to do on it), and the writer kept being acknowledged. A request may time out on a loaded machine while
+    # the service is slow to answer: not a stop, and not a loss (the check above found every acknowledged write).
+    before, process = json.loads(host.file("/root/fleet-broken.json").content_string), pm2_process(host)
+    assert (process["pid"], process["pm2_env"]["restart_time"]) == (before["pid"], before["restart_time"]), before
+    assert window["acknowledged"] >= 10, window
+    ledger = writer_ledger(host)
+    during = [r for r in ledger if span["stop_began_at"] <= epoch(r["sent"]) and epoch(r["done"]) <= span["ready_at"]]
+    acked = [r for r in during if r["outcome"] == "ack"]
+    assert {r["company"] for r in acked} == set(companies_of(BROKEN)), "the writer wrote to both its companies during the run"
 
 
 # -- all back ----------------------------------------------------------------------------------------------------------
