@@ -68,6 +68,15 @@ def test_the_one_host_and_the_three_host_failovers_each_switched_the_hosts_they_
             assert entry["companies"] == 2 and entry["scope"] == companies_of(entry["host"]), entry
 
 
+def test_the_timed_failovers_started_armed_from_the_refresh_the_schedule_would_have_made():
+    # converge refreshed the standby copies (snapshot.yml) just before each timed run, as the schedule does: each host
+    # confirmed its arming record instead of the full preflight, and the refresh is not in the wall time.
+    for snapshot, failover, hosts in (("one-snapshot", "one-failover", 1), ("all-snapshot", "all-failover", 3)):
+        assert runs()[snapshot]["rc"] == 0 and runs()[snapshot]["ended_at"] <= runs()[failover]["started_at"]
+        output = run_output(failover)
+        assert output.count("armed since") == hosts and "Not armed" not in output, output[-3000:]
+
+
 def test_the_three_hosts_failed_over_at_the_same_time_not_in_turn():
     hosts = runs()["all-failover"]["report"]["hosts"]
     # Every host's run overlaps every other's: the last to start started before the first to end ended.
