@@ -29,9 +29,15 @@ requirements:
   - prometheus_client on the target (Debian package C(python3-prometheus-client))
 options:
   path:
-    description: The textfile; it should end in C(.prom) and its directory must exist.
+    description: The textfile; it should end in C(.prom). Its directory must exist, unless O(create_dir).
     type: path
     required: true
+  create_dir:
+    description:
+      - Create the textfile's directory (and its parents, mode C(0755)) when it is missing, so that a report costs one
+        module run. In check mode the directory is reported as to be created, not made.
+    type: bool
+    default: false
   metrics:
     description: The samples to set.
     type: list
@@ -112,6 +118,10 @@ content_changed:
   description: Whether the text differs from the file's (owner/group/mode changes aside).
   returned: always
   type: bool
+created_dir:
+  description: The directory O(create_dir) created (or would create, in check mode).
+  returned: when the directory was missing
+  type: str
 """
 
 import os
@@ -149,8 +159,17 @@ class Textfile:
 
     def run(self):
         directory = os.path.dirname(os.path.abspath(self.path))
+        created_dir = False
         if not os.path.isdir(directory):
-            self.module.fail_json(msg="path %s: directory %s does not exist" % (self.path, directory))
+            if not self.params["create_dir"]:
+                self.module.fail_json(msg="path %s: directory %s does not exist" % (self.path, directory))
+            try:
+                if not self.module.check_mode:
+                    os.makedirs(directory, mode=0o755)
+            except OSError as exc:
+                self.module.fail_json(msg="path %s: directory %s cannot be created: %s"
+                                          % (self.path, directory, exc.strerror or exc))
+            created_dir = directory
         if os.path.isdir(self.path):
             self.module.fail_json(msg="path %s is a directory" % self.path)
         try:
@@ -162,7 +181,10 @@ class Textfile:
             self.module.fail_json(msg=str(exc))
         after = render(merged)
         content_changed = after != before
-        result = dict(path=self.path, samples=samples(merged), content_changed=content_changed, changed=content_changed)
+        result = dict(path=self.path, samples=samples(merged), content_changed=content_changed,
+                      changed=content_changed or bool(created_dir))
+        if created_dir:
+            result["created_dir"] = created_dir
         if self.module._diff:
             result["diff"] = dict(before_header=self.path, after_header=self.path,
                                   before=(before or b"").decode("utf-8", "replace"), after=after.decode("utf-8"))
@@ -189,6 +211,7 @@ def main():
                 increment=dict(type="bool", default=False),
             )),
             merge=dict(type="bool", default=True),
+            create_dir=dict(type="bool", default=False),
         ),
         add_file_common_args=True,
         supports_check_mode=True,

@@ -157,6 +157,30 @@ def test_a_missing_directory_is_named(tmp_path):
     assert not ok and str(tmp_path / "absent") in result["msg"]
 
 
+def test_create_dir_makes_the_missing_directory_0755_in_the_same_run(tmp_path):
+    prom = tmp_path / "collector" / "textfile" / "m.prom"
+    ok, result = write(prom, [gauge(LAST_SUCCESS, 1000)], create_dir=True)
+    assert ok and result["changed"] and result["created_dir"] == str(prom.parent)
+    assert oct(os.stat(prom.parent).st_mode & 0o777) == oct(0o755)
+    assert values(prom) == {(LAST_SUCCESS, OP): 1000}
+    ok, again = write(prom, [gauge(LAST_SUCCESS, 1000)], create_dir=True)
+    assert ok and not again["changed"] and "created_dir" not in again
+
+
+def test_create_dir_in_check_mode_reports_the_directory_and_makes_nothing(tmp_path):
+    prom = tmp_path / "collector" / "m.prom"
+    ok, result = write(prom, [gauge(LAST_SUCCESS, 1000)], check_mode=True, create_dir=True)
+    assert ok and result["changed"] and result["created_dir"] == str(prom.parent)
+    assert result["samples"] and not prom.parent.exists()
+
+
+def test_a_directory_that_cannot_be_created_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    ok, result = write(blocker / "dir" / "m.prom", [gauge(LAST_SUCCESS, 1)], create_dir=True)
+    assert not ok and str(blocker / "dir") in result["msg"] and "cannot be created" in result["msg"]
+
+
 def test_label_values_are_escaped_and_read_back_unchanged(tmp_path):
     prom = tmp_path / "m.prom"
     hostile = 'a "quoted"\\ value\nwith a newline'
