@@ -112,6 +112,12 @@ options:
   health_url:
     description: With O(state=verify), the service's readiness endpoint, read once (RV(service)).
     type: str
+  ping_database:
+    description:
+      - With O(state=verify), connect once to PostgreSQL with the connection options (RV(database)), to tell whether the failover
+        can copy from the live database, without a module run of its own before the switch.
+    type: bool
+    default: false
   lease:
     description:
       - Take this lease of M(baileys_lock) first, in the same module run (the failover's preflight then runs one
@@ -120,6 +126,8 @@ options:
       - The keys of M(baileys_lock)'s options C(name), C(lock_dir), C(operation), C(ttl), C(wait) and C(holder); the
         action plugin of this module fills C(holder) on the control node.
     type: dict
+extends_documentation_fragment:
+  - baileys_dr_postgres
 attributes:
   check_mode:
     support: full
@@ -162,6 +170,11 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+database:
+  description: With O(ping_database), whether PostgreSQL answered (C(available)) and why not (C(problem), no secret).
+  returned: when O(ping_database)
+  type: dict
+  sample: {available: false, problem: "cannot connect to PostgreSQL at db:5432/baileys: Connection refused"}
 armed:
   description: V(present), whether every check passed; V(verify), whether the record still holds.
   returned: always
@@ -223,10 +236,11 @@ standby:
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.baileys_dr_arming import ArmingError, ArmingRecord, arming_argument_spec
 from ansible.module_utils.baileys_dr_lockfile import LEASE_OPTION, take_lease
+from ansible.module_utils.baileys_dr_postgres import postgres_argument_spec
 
 
 def main():
-    module = AnsibleModule(argument_spec=dict(arming_argument_spec(), lease=LEASE_OPTION),
+    module = AnsibleModule(argument_spec=dict(arming_argument_spec(), lease=LEASE_OPTION, **postgres_argument_spec()),
                            required_by=dict(marker_regex="marker_path"), supports_check_mode=True)
     lease = take_lease(module, module.params["lease"]) if module.params["lease"] else None
     engine = ArmingRecord(module)

@@ -30,6 +30,7 @@ from ansible.module_utils.baileys_dr_dotenv import DotenvDocument
 from ansible.module_utils.baileys_dr_fs import write_file_atomic
 from ansible.module_utils.baileys_dr_git import GitError, GitRunner, TagVerifier, check_ref_name, git_tag_argument_spec
 from ansible.module_utils.baileys_dr_pm2 import HealthClient
+from ansible.module_utils.baileys_dr_postgres import DatabaseError, connect
 
 RECORD_FORMAT = 1
 # The standby copy's top manifest (docs/architecture.md, "The sessions tree and its manifest").
@@ -302,6 +303,8 @@ class ArmingRecord:
             self.result["journal"] = read_journal(p["state_file"])
         if p["health_url"]:
             self.result["service"] = read_service(p["health_url"])
+        if p["ping_database"]:
+            self.result["database"] = ping_database(p)
         record, problem = self.load()
         reasons = [problem] if problem else []
         now = self.clock()
@@ -427,6 +430,24 @@ def read_service(url, timeout=2.0):
     return {"answered": status is not None, "store": doc.get("store"), "ready": doc.get("ready") is True}
 
 
+def ping_database(params, connector=None):
+    """{available, problem} of one connection to PostgreSQL (the connection options of params): whether a failover can
+    copy from the live database, answered in the arming run instead of a module run of its own."""
+    try:
+        conn = (connector or connect)(params, application_name="baileys-dr-failover-ping", autocommit=True)
+    except DatabaseError as exc:
+        return {"available": False, "problem": str(exc)}
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            cur.fetchone()
+    except Exception as exc:  # a server that accepts the connection but cannot answer is not available
+        return {"available": False, "problem": "PostgreSQL accepted the connection but did not answer: %s" % type(exc).__name__}
+    finally:
+        conn.close()
+    return {"available": True, "problem": None}
+
+
 def arming_argument_spec():
     """The options of baileys_failover_arming (a new dict per call)."""
     return dict(
@@ -452,4 +473,5 @@ def arming_argument_spec():
         max_age=dict(type="int", default=3600),
         state_file=dict(type="path"),
         health_url=dict(type="str"),
+        ping_database=dict(type="bool", default=False),
     )

@@ -255,3 +255,50 @@ def test_the_failover_takes_its_lease_in_the_arming_run_and_a_live_holder_refuse
     ok, refused = run_module(baileys_failover_arming, args(host, state="verify", lease=other))
     assert not ok and refused["msg"].startswith("failover on this host refused: failover holds the lease")
     assert "run run-a" in refused["msg"] and "armed" not in refused
+
+
+def test_the_confirmation_also_says_whether_postgresql_answers_without_leaking_the_password(host):
+    arm(host)
+    # Nothing listens on port 1: refused at once, as a stopped database is.
+    result = verify(host, ping_database=True, login_host="127.0.0.1", login_port=1, login_user="baileys",
+                    login_password="s3cret-pw-9931", login_db="baileys", connect_timeout=2)
+    assert result["armed"], "the record still holds: only the database is gone"
+    assert result["database"]["available"] is False
+    assert "127.0.0.1" in result["database"]["problem"]
+    assert "s3cret-pw-9931" not in json.dumps(result)
+    assert "database" not in verify(host), "no connection unless asked"
+
+
+def test_a_database_that_answers_is_available():
+    from ansible.module_utils import baileys_dr_arming
+
+    class Cursor:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def execute(self, sql):
+            self.sql = sql
+
+        def fetchone(self):
+            return (1,)
+
+    class Conn:
+        closed = False
+
+        def cursor(self):
+            return Cursor()
+
+        def close(self):
+            Conn.closed = True
+
+    seen = {}
+
+    def connector(params, application_name, autocommit):
+        seen.update(application_name=application_name, autocommit=autocommit, host=params["login_host"])
+        return Conn()
+
+    assert baileys_dr_arming.ping_database({"login_host": "db"}, connector=connector) == {"available": True, "problem": None}
+    assert seen == {"application_name": "baileys-dr-failover-ping", "autocommit": True, "host": "db"} and Conn.closed
