@@ -159,7 +159,7 @@ class Textfile:
 
     def run(self):
         directory = os.path.dirname(os.path.abspath(self.path))
-        created_dir = False
+        created_dir = None
         if not os.path.isdir(directory):
             if not self.params["create_dir"]:
                 self.module.fail_json(msg="path %s: directory %s does not exist" % (self.path, directory))
@@ -182,8 +182,8 @@ class Textfile:
         after = render(merged)
         content_changed = after != before
         result = dict(path=self.path, samples=samples(merged), content_changed=content_changed,
-                      changed=content_changed or bool(created_dir))
-        if created_dir:
+                      changed=content_changed or created_dir is not None)
+        if created_dir is not None:
             result["created_dir"] = created_dir
         if self.module._diff:
             result["diff"] = dict(before_header=self.path, after_header=self.path,

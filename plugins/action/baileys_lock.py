@@ -47,7 +47,8 @@ class ActionModule(ActionBase):
         result = super().run(tmp, task_vars)
         module_name = self._task.action.rsplit(".", 1)[-1]
         module_args = dict(self._task.args)
-        if module_name in ("baileys_lock", "baileys_dr_lock"):
+        # The lease module under its name or its old one (module_utils/baileys_dr_renames.py).
+        if _module_util("baileys_dr_renames").RENAMED_MODULES.get(module_name, module_name) == "baileys_lock":
             lockfile = self._lockfile()
             # Unknown options are refused by the validation (no _VALID_ARGS: the spec lives in module_utils).
             self.validate_argument_spec(argument_spec=lockfile.ARGUMENT_SPEC)

@@ -12,11 +12,10 @@ import subprocess
 import sys
 
 import yaml
+from conftest import ROOT
+from testbed_helpers import PLAYBOOK_BIN
 
 from ansible.module_utils.baileys_dr_renames import REMOVED_IN, RENAMED_MODULES
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 
 
 def run_playbook(tmp_path, tasks):
